@@ -1,0 +1,18 @@
+"""An atomic package store for workflow engines that share Redis."""
+
+from kvstore.contract import PackageStore
+from kvstore.errors import BackendError, SerializationError, StoreError
+from kvstore.memory_store import InMemoryPackageStore
+from kvstore.records import PackageRecord, PackageRouteRecord
+from kvstore.redis_store import RedisPackageStore
+
+__all__ = [
+    "BackendError",
+    "InMemoryPackageStore",
+    "PackageRecord",
+    "PackageRouteRecord",
+    "PackageStore",
+    "RedisPackageStore",
+    "SerializationError",
+    "StoreError",
+]

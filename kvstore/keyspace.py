@@ -1,0 +1,102 @@
+"""Where every key of a namespace lives, and how text becomes key bytes.
+
+=================  ======  ===============================================================
+key                type    holds
+=================  ======  ===============================================================
+``{ns}:format``    string  the layout version of the namespace (``1``); written by the
+                           first write, checked by every call
+``{ns}:packages``  zset    one member per stored package, all with score 0, so the set is
+                           ordered by member bytes: ``<stamp> <type>\\0<hash>``
+``{ns}:pkg:<id>``  hash    one package: ``archive`` (raw bytes) and ``deployed_at``
+                           (``<stamp>``); ``<id>`` is ``<type>\\0<hash>``
+``{ns}:routes``    hash    field ``<type>``, value ``<hash>``: where each route points
+=================  ======  ===============================================================
+
+``<stamp>`` is ``deployed_at`` in UTC as fixed-width ISO 8601 text,
+``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (27 bytes for every year from 1 to 9999), so byte order
+is time order to the microsecond, which a double score could not give beyond about
+285 years from 1970. After it, ``<type>\\0<hash>`` breaks ties: NUL is the smallest byte
+and never occurs in a type, and UTF-8 byte order is code-point order, so members sort
+exactly as ``(deployed_at, workflow_type, content_hash)``. Types and hashes are stored as
+their UTF-8 bytes; the single NUL keeps ``("a:b", "c")`` and ``("a", "b:c")`` apart.
+
+Every key begins with the hash tag ``{ns}``: a namespace sits in one cluster slot, so
+each Lua script's keys are always on one node. A namespace cannot contain ``{`` or
+``}``, so the tag always ends where the namespace does and no two namespaces share a key.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+
+FORMAT_VERSION = b"1"
+STAMP_LENGTH = 27
+
+_NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+
+
+def check_namespace(namespace: object) -> str:
+    if not isinstance(namespace, str):
+        raise TypeError(f"namespace must be str, not {type(namespace).__name__}")
+    if not _NAMESPACE.fullmatch(namespace):
+        raise ValueError(
+            f"namespace must be 1 to 64 of A-Z a-z 0-9 _ . : - (no braces), not {namespace!r}"
+        )
+    return namespace
+
+
+def encode_stamp(instant: datetime) -> bytes:
+    """``instant`` (aware, UTC) as the 27 bytes that sort in time order."""
+    # strftime's %Y does not zero-pad years before 1000 on every platform.
+    return (
+        f"{instant.year:04d}-{instant.month:02d}-{instant.day:02d}T{instant.hour:02d}:"
+        f"{instant.minute:02d}:{instant.second:02d}.{instant.microsecond:06d}Z"
+    ).encode("ascii")
+
+
+def decode_stamp(stamp: bytes) -> datetime:
+    """The aware UTC datetime ``encode_stamp`` was given; ``ValueError`` if malformed."""
+    if len(stamp) != STAMP_LENGTH or not stamp.endswith(b"Z"):
+        raise ValueError(f"not a stamp: {stamp!r}")
+    return datetime.strptime(stamp[:-1].decode("ascii"), "%Y-%m-%dT%H:%M:%S.%f").replace(
+        tzinfo=timezone.utc
+    )
+
+
+def row_id(workflow_type: str, content_hash: str) -> bytes:
+    return workflow_type.encode("utf-8") + b"\x00" + content_hash.encode("utf-8")
+
+
+def split_row_id(row: bytes) -> tuple[str, str]:
+    """``(workflow_type, content_hash)`` of a row id; ``ValueError`` if it is not one."""
+    workflow_type, sep, content_hash = row.partition(b"\x00")
+    if not sep or not workflow_type or not content_hash or b"\x00" in content_hash:
+        raise ValueError(f"not a row id: {row!r}")
+    return workflow_type.decode("utf-8"), content_hash.decode("utf-8")
+
+
+def index_member(stamp: bytes, row: bytes) -> bytes:
+    return stamp + b" " + row
+
+
+def split_index_member(member: bytes) -> tuple[bytes, bytes]:
+    """``(stamp, row id)`` of an index member; ``ValueError`` if it is not one."""
+    if len(member) <= STAMP_LENGTH + 1 or member[STAMP_LENGTH : STAMP_LENGTH + 1] != b" ":
+        raise ValueError(f"not an index member: {member!r}")
+    return member[:STAMP_LENGTH], member[STAMP_LENGTH + 1 :]
+
+
+class Keyspace:
+    """The keys of one namespace."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = check_namespace(namespace)
+        self.prefix = b"{" + namespace.encode("ascii") + b"}:"
+        self.format = self.prefix + b"format"
+        self.index = self.prefix + b"packages"
+        self.routes = self.prefix + b"routes"
+        self._row_prefix = self.prefix + b"pkg:"
+
+    def row(self, row: bytes) -> bytes:
+        return self._row_prefix + row

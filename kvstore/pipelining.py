@@ -1,0 +1,144 @@
+"""Coalescing of concurrent calls into pipelines over a bounded number of connections.
+
+Thousands of tasks can share one store: each call joins a queue, and at most ``lanes``
+of them at a time send everything queued as one pipeline and hand every caller its own
+replies. A lone call is sent as a plain command, so it costs what the raw client costs.
+Only ``lanes`` connections are ever in use, so no call fails because a pool ran out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.exceptions import ResponseError
+
+if sys.version_info >= (3, 11):
+    from asyncio import timeout as _deadline
+else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
+    from async_timeout import timeout as _deadline
+
+Command = tuple[Any, ...]
+
+
+@dataclass(eq=False)
+class _Pending:
+    commands: Sequence[Command]
+    future: asyncio.Future[list[Any]]
+    size: int = field(default=0)
+
+
+class Pipeliner:
+    """Sends units of commands for many concurrent callers.
+
+    ``run(unit)`` returns one reply per command of the unit; a command the server
+    refused comes back as its ``ResponseError`` value, so it fails no neighbour. A
+    failure of the connection or of the deadline raises ``translate(exc)`` for every
+    unit of that pipeline.
+
+    Units may be sent again after a cancelled caller interrupted a pipeline, so every
+    unit must be idempotent.
+    """
+
+    def __init__(
+        self,
+        client: Any,
+        *,
+        lanes: int,
+        timeout: float | None,
+        translate: Callable[[BaseException], Exception],
+        max_units: int = 1024,
+        max_bytes: int = 8 << 20,
+    ) -> None:
+        self._client = client
+        self._lanes = lanes
+        self._timeout = timeout
+        self._translate = translate
+        self._max_units = max_units
+        self._max_bytes = max_bytes
+        self._queue: deque[_Pending] = deque()
+        self._busy = 0
+        self._drainers: set[asyncio.Task[None]] = set()
+
+    async def run(self, commands: Sequence[Command]) -> list[Any]:
+        size = sum(len(a) for c in commands for a in c if isinstance(a, bytes))
+        pending = _Pending(commands, asyncio.get_running_loop().create_future(), size)
+        self._queue.append(pending)
+        try:
+            if self._busy < self._lanes:
+                await self._lead(pending.future)
+            return await pending.future
+        except asyncio.CancelledError:
+            pending.future.cancel()
+            raise
+
+    async def _lead(self, until: asyncio.Future[list[Any]] | None) -> None:
+        self._busy += 1
+        try:
+            while self._queue and not (until is not None and until.done()):
+                await self._flush(self._take_batch())
+        finally:
+            self._busy -= 1
+            if self._queue and self._busy < self._lanes:
+                # Whoever queued behind a departing leader must not wait for a new caller.
+                task = asyncio.get_running_loop().create_task(self._lead(None))
+                self._drainers.add(task)
+                task.add_done_callback(self._drainers.discard)
+
+    def _take_batch(self) -> list[_Pending]:
+        batch: list[_Pending] = []
+        size = 0
+        while self._queue and len(batch) < self._max_units:
+            pending = self._queue[0]
+            if pending.future.done():  # its caller was cancelled
+                self._queue.popleft()
+                continue
+            if batch and size + pending.size > self._max_bytes:
+                break
+            batch.append(self._queue.popleft())
+            size += pending.size
+        return batch
+
+    async def _flush(self, batch: list[_Pending]) -> None:
+        if not batch:
+            return
+        commands = [c for p in batch for c in p.commands]
+        try:
+            async with _deadline(self._timeout):
+                replies = await self._send(commands)
+        except asyncio.CancelledError:
+            # The leading caller was cancelled mid-flight: the others' units go back to
+            # the front of the queue, in order, to be sent again.
+            self._queue.extendleft(p for p in reversed(batch) if not p.future.done())
+            raise
+        except Exception as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(self._translate(exc))
+            return
+        start = 0
+        for p in batch:
+            end = start + len(p.commands)
+            if not p.future.done():
+                p.future.set_result(replies[start:end])
+            start = end
+
+    async def _send(self, commands: list[Command]) -> list[Any]:
+        if len(commands) == 1:
+            try:
+                return [await self._client.execute_command(*commands[0])]
+            except ResponseError as exc:
+                return [exc]
+        pipe = self._client.pipeline(transaction=False)
+        for command in commands:
+            pipe.execute_command(*command)
+        return list(await pipe.execute(raise_on_error=False))
+
+    async def aclose(self) -> None:
+        for task in list(self._drainers):
+            task.cancel()
+        await asyncio.gather(*self._drainers, return_exceptions=True)

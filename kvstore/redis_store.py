@@ -1,0 +1,328 @@
+"""The package store over Redis, Valkey, a Redis Cluster or fakeredis.
+
+Writes are single Lua script calls (``lua/``), so a deploy's row, index entry and
+routes change together or not at all. The keys are laid out in ``kvstore.keyspace``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from types import TracebackType
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import NoScriptError, ResponseError
+
+from kvstore.errors import BackendError, SerializationError
+from kvstore.keyspace import (
+    FORMAT_VERSION,
+    Keyspace,
+    decode_stamp,
+    encode_stamp,
+    index_member,
+    row_id,
+    split_index_member,
+    split_row_id,
+)
+from kvstore.pipelining import Command, Pipeliner
+from kvstore.records import (
+    PackageRecord,
+    PackageRouteRecord,
+    check_instant,
+    check_route_types,
+    check_text,
+)
+from kvstore.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
+
+_ROW_FIELDS = (b"archive", b"deployed_at")
+
+
+class RedisPackageStore:
+    """A ``PackageStore`` over one namespace of a Redis-protocol server.
+
+    ``client`` is a ``redis.asyncio.Redis``, a ``redis.asyncio.cluster.RedisCluster`` or
+    a ``fakeredis.FakeAsyncRedis``, made with ``decode_responses=False``. The store
+    never closes a client it was given.
+
+    Any number of tasks may share one store: concurrent calls are coalesced into
+    pipelines on at most ``lanes`` connections at once, so none fails for want of a
+    pooled connection. Each pipeline is bounded by ``timeout`` seconds (``None``: no
+    bound); past it, or on any server or connection failure, the call raises
+    ``BackendError``, whose message never carries a password.
+    """
+
+    def __init__(
+        self,
+        client: Redis | RedisCluster,
+        *,
+        namespace: str = "aion",
+        timeout: float | None = 10.0,
+        lanes: int = 2,
+    ) -> None:
+        if not isinstance(client, (Redis, RedisCluster)):
+            raise TypeError(
+                "client must be a redis.asyncio.Redis or RedisCluster, "
+                f"not {type(client).__name__}"
+            )
+        options = _connection_options(client)
+        if options.get("decode_responses"):
+            raise ValueError("client must be made with decode_responses=False: archives are bytes")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
+        if lanes < 1:
+            raise ValueError(f"lanes must be at least 1, not {lanes!r}")
+        self._keys = Keyspace(namespace)
+        self._client = client
+        self._owns_client = False
+        password = options.get("password")
+        self._secrets = [password] if isinstance(password, str) and password else []
+        self._server = _describe_server(client, options)
+        self._pipeliner = Pipeliner(client, lanes=lanes, timeout=timeout, translate=self._backend_error)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        namespace: str = "aion",
+        timeout: float | None = 10.0,
+        lanes: int = 2,
+        **client_options: Any,
+    ) -> RedisPackageStore:
+        """A store with a client of its own, which ``aclose`` closes.
+
+        ``url`` is ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for
+        TLS, or ``unix://path``; ``client_options`` go to ``redis.asyncio.Redis``.
+        Connecting is bounded by ``timeout`` too.
+        """
+        if not isinstance(url, str):
+            raise TypeError(f"url must be str, not {type(url).__name__}")
+        options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        options.update(client_options)
+        options["decode_responses"] = False
+        try:
+            client = Redis.from_url(url, **options)
+        except ValueError:
+            raise ValueError(f"url is not a Redis URL: {_redact_url(url)}") from None
+        store = cls(client, namespace=namespace, timeout=timeout, lanes=lanes)
+        store._owns_client = True
+        return store
+
+    @property
+    def namespace(self) -> str:
+        return self._keys.namespace
+
+    def __repr__(self) -> str:
+        return f"RedisPackageStore(namespace={self.namespace!r}, server={self._server!r})"
+
+    async def aclose(self) -> None:
+        """Stop the store's own work and close the client if the store made it."""
+        await self._pipeliner.aclose()
+        if self._owns_client:
+            await self._client.aclose()
+
+    async def __aenter__(self) -> RedisPackageStore:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # Writes: one script call each.
+
+    async def put_package(self, record: PackageRecord) -> None:
+        await self.put_package_with_routes(record, ())
+
+    async def put_package_with_routes(
+        self, record: PackageRecord, route_workflow_types: Iterable[str]
+    ) -> None:
+        if not isinstance(record, PackageRecord):
+            raise TypeError(f"record must be PackageRecord, not {type(record).__name__}")
+        types = dict.fromkeys([record.workflow_type, *check_route_types(route_workflow_types)])
+        stamp = encode_stamp(check_instant(record.deployed_at, "deployed_at"))
+        row = row_id(record.workflow_type, record.content_hash)
+        k = self._keys
+        await self._script(
+            PUT_PACKAGE,
+            [k.format, k.index, k.routes, k.row(row)],
+            [
+                FORMAT_VERSION,
+                row,
+                stamp,
+                record.archive,
+                record.content_hash.encode("utf-8"),
+                *(t.encode("utf-8") for t in types),
+            ],
+        )
+
+    async def delete_package(self, workflow_type: str, content_hash: str) -> None:
+        row = row_id(check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))
+        k = self._keys
+        await self._script(DELETE_PACKAGE, [k.format, k.index, k.row(row)], [FORMAT_VERSION, row])
+
+    async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
+        route = PackageRouteRecord(workflow_type, content_hash)
+        k = self._keys
+        await self._script(
+            PUT_ROUTE,
+            [k.format, k.routes],
+            [FORMAT_VERSION, route.workflow_type.encode("utf-8"), route.content_hash.encode("utf-8")],
+        )
+
+    # Reads: plain commands, each unit led by a check of the layout marker.
+
+    async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
+        row = row_id(check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))
+        key = self._keys.row(row)
+        archive, stamp = await self._read((b"HMGET", key, *_ROW_FIELDS))
+        if archive is None and stamp is None:
+            return None
+        return self._record(key, row, archive, stamp)
+
+    async def get_package_route(self, workflow_type: str) -> str | None:
+        field = check_text(workflow_type, "workflow_type").encode("utf-8")
+        value = await self._read((b"HGET", self._keys.routes, field))
+        return None if value is None else self._text(value, f"{self._keys.routes!r} field {field!r}")
+
+    async def list_package_routes(self) -> list[PackageRouteRecord]:
+        pairs = await self._read((b"HGETALL", self._keys.routes))
+        where = repr(self._keys.routes)
+        routes = [
+            PackageRouteRecord(self._text(t, f"{where} field {t!r}"), self._text(h, f"{where} field {t!r}"))
+            for t, h in pairs.items()
+        ]
+        routes.sort(key=lambda r: r.workflow_type)
+        return routes
+
+    async def list_packages(self) -> list[PackageRecord]:
+        return [record async for record in self.iter_packages()]
+
+    async def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
+        """Every record in ``list_packages`` order, fetched ``chunk`` rows at a time.
+
+        Memory is bounded by a chunk, not by the catalogue. The index is walked by
+        member, not by rank, so a row that exists from start to end is returned exactly
+        once even while others are written or deleted; a row written meanwhile may or
+        may not appear.
+        """
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk must be a positive int, not {chunk!r}")
+        k = self._keys
+        members: list[bytes] = await self._read(self._next_members(b"-", chunk))
+        while members:
+            rows = [split_index_member(self._member(m)) for m in members]
+            fetch: list[Command] = [(b"HMGET", k.row(row), *_ROW_FIELDS) for _, row in rows]
+            last = len(members) == chunk
+            if last:
+                fetch.append(self._next_members(b"(" + members[-1], chunk))
+            replies = await self._unit(fetch)
+            for (stamp, row), (archive, stored_stamp) in zip(rows, replies):
+                # Gone, or re-put under another stamp since the index was read: it is
+                # listed where it now belongs, or not at all, but never twice.
+                if stored_stamp == stamp:
+                    yield self._record(k.row(row), row, archive, stored_stamp)
+            members = replies[-1] if last else []
+
+    def _next_members(self, after: bytes, chunk: int) -> Command:
+        return (b"ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
+
+    # The wire.
+
+    async def _script(self, script: Script, keys: list[bytes], args: list[bytes]) -> Any:
+        (reply,) = await self._pipeliner.run([script.evalsha(keys, args)])
+        if isinstance(reply, NoScriptError):
+            # The server lost its script cache (restart, failover, SCRIPT FLUSH):
+            # EVAL sends the body and caches it again.
+            (reply,) = await self._pipeliner.run([script.eval(keys, args)])
+        return self._reply(reply)
+
+    async def _read(self, command: Command) -> Any:
+        (reply,) = await self._unit([command])
+        return reply
+
+    async def _unit(self, commands: list[Command]) -> list[Any]:
+        """Replies to ``commands``, sent with a check that the layout is ours."""
+        found, *replies = await self._pipeliner.run([(b"GET", self._keys.format), *commands])
+        if found is not None and found != FORMAT_VERSION:
+            raise self._layout_error(found)
+        return [self._reply(r) for r in replies]
+
+    def _reply(self, reply: Any) -> Any:
+        if isinstance(reply, ResponseError):
+            message = str(reply)
+            if message.startswith("KVSTORE_FORMAT "):
+                raise self._layout_error(message.removeprefix("KVSTORE_FORMAT ").encode())
+            raise self._backend_error(reply)
+        return reply
+
+    def _layout_error(self, found: bytes) -> SerializationError:
+        return SerializationError(
+            f"{self._keys.format!r} says layout {found!r}; this kvstore reads and writes "
+            f"layout {FORMAT_VERSION!r} and will not touch the namespace"
+        )
+
+    def _backend_error(self, exc: BaseException) -> BackendError:
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        redacted = _redact(message, self._secrets)
+        error = BackendError(f"{self._server}: {redacted}")
+        if redacted == message:
+            error.__cause__ = exc
+        return error
+
+    # Decoding what the server holds.
+
+    def _record(self, key: bytes, row: bytes, archive: Any, stamp: Any) -> PackageRecord:
+        if not isinstance(archive, bytes) or not isinstance(stamp, bytes):
+            raise SerializationError(f"{key!r} is missing its archive or deployed_at")
+        try:
+            workflow_type, content_hash = split_row_id(row)
+            return PackageRecord(workflow_type, content_hash, archive, decode_stamp(stamp))
+        except ValueError as exc:
+            raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
+
+    def _member(self, member: Any) -> bytes:
+        if not isinstance(member, bytes):
+            raise SerializationError(f"{self._keys.index!r} holds a non-bytes member")
+        return member
+
+    def _text(self, value: Any, where: str) -> str:
+        try:
+            return bytes(value).decode("utf-8")
+        except (TypeError, UnicodeDecodeError) as exc:
+            raise SerializationError(f"{where} is not UTF-8 text: {value!r}") from exc
+
+
+def _connection_options(client: Redis | RedisCluster) -> dict[str, Any]:
+    if isinstance(client, RedisCluster):
+        return dict(client.get_connection_kwargs())
+    return dict(client.connection_pool.connection_kwargs)
+
+
+def _describe_server(client: Redis | RedisCluster, options: dict[str, Any]) -> str:
+    if isinstance(client, RedisCluster):
+        return "redis cluster"
+    if "path" in options:
+        return f"unix://{options['path']}"
+    if "host" in options:
+        return f"{options['host']}:{options.get('port', 6379)}"
+    return type(client).__name__
+
+
+def _redact(text: str, secrets: list[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "***")
+    return text
+
+
+def _redact_url(url: str) -> str:
+    scheme, sep, rest = url.partition("://")
+    credentials, at, location = rest.rpartition("@")
+    if not sep or not at:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}://{user}:***@{location}"

@@ -1,0 +1,54 @@
+"""The Lua scripts, one per atomic server operation, loaded from the package's resources.
+
+A script's file name is ``<name>-<number of KEYS>.lua``; its header documents each
+``KEYS[i]``, ``ARGV[i]`` and every reply.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from importlib import resources
+from importlib.abc import Traversable
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Script:
+    name: str
+    numkeys: int
+    body: bytes
+    sha: bytes
+
+    def evalsha(self, keys: list[bytes], args: list[bytes]) -> tuple[bytes | int, ...]:
+        return (b"EVALSHA", self.sha, self.numkeys, *keys, *args)
+
+    def eval(self, keys: list[bytes], args: list[bytes]) -> tuple[bytes | int, ...]:
+        return (b"EVAL", self.body, self.numkeys, *keys, *args)
+
+
+def _script_folder() -> Traversable:
+    # Built distributions carry the scripts inside the package; a source checkout
+    # (an editable install) keeps them in the top-level lua/ folder beside it.
+    packaged = resources.files("kvstore") / "lua"
+    if packaged.is_dir():
+        return packaged
+    return Path(__file__).resolve().parent.parent / "lua"
+
+
+def load_scripts() -> dict[str, Script]:
+    scripts: dict[str, Script] = {}
+    for entry in _script_folder().iterdir():
+        if not entry.name.endswith(".lua"):
+            continue
+        name, _, numkeys = entry.name[: -len(".lua")].rpartition("-")
+        body = entry.read_bytes()
+        sha = hashlib.sha1(body).hexdigest().encode("ascii")
+        scripts[name] = Script(name, int(numkeys), body, sha)
+    return scripts
+
+
+SCRIPTS = load_scripts()
+PUT_PACKAGE = SCRIPTS["put_package"]
+DELETE_PACKAGE = SCRIPTS["delete_package"]
+PUT_ROUTE = SCRIPTS["put_route"]

@@ -1,0 +1,27 @@
+--[[
+  Remove one package row and its index entry, atomically; routes are not touched.
+
+  KEYS[1]  {ns}:format    layout marker
+  KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
+  KEYS[3]  {ns}:pkg:<row id>  the package row (hash)
+
+  ARGV[1]  layout version the caller writes
+  ARGV[2]  row id, "<type>\0<hash>"
+
+  Reply:
+    1  the row was removed
+    0  there was no such row (a no-op)
+    error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
+]]
+local found = redis.call('GET', KEYS[1])
+if found and found ~= ARGV[1] then
+  return redis.error_reply('KVSTORE_FORMAT ' .. found)
+end
+
+local stamp = redis.call('HGET', KEYS[3], 'deployed_at')
+if not stamp then
+  return 0
+end
+redis.call('ZREM', KEYS[2], stamp .. ' ' .. ARGV[2])
+redis.call('DEL', KEYS[3])
+return 1
