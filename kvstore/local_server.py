@@ -97,7 +97,9 @@ class LocalServer:
                 return self
             time.sleep(0.05)
         self.kill()
-        raise LocalServerError(f"{self.binary.name} did not answer on port {self.port} in {timeout}s")
+        raise LocalServerError(
+            f"{self.binary.name} did not answer on port {self.port} in {timeout}s"
+        )
 
     @property
     def running(self) -> bool:

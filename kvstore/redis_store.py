@@ -20,7 +20,6 @@ from kvstore.keyspace import (
     Keyspace,
     decode_stamp,
     encode_stamp,
-    index_member,
     row_id,
     split_index_member,
     split_row_id,
@@ -62,8 +61,7 @@ class RedisPackageStore:
     ) -> None:
         if not isinstance(client, (Redis, RedisCluster)):
             raise TypeError(
-                "client must be a redis.asyncio.Redis or RedisCluster, "
-                f"not {type(client).__name__}"
+                f"client must be a redis.asyncio.Redis or RedisCluster, not {type(client).__name__}"
             )
         options = _connection_options(client)
         if options.get("decode_responses"):
@@ -78,7 +76,9 @@ class RedisPackageStore:
         password = options.get("password")
         self._secrets = [password] if isinstance(password, str) and password else []
         self._server = _describe_server(client, options)
-        self._pipeliner = Pipeliner(client, lanes=lanes, timeout=timeout, translate=self._backend_error)
+        self._pipeliner = Pipeliner(
+            client, lanes=lanes, timeout=timeout, translate=self._backend_error
+        )
 
     @classmethod
     def from_url(
@@ -161,7 +161,9 @@ class RedisPackageStore:
         )
 
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
-        row = row_id(check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))
+        row = row_id(
+            check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
+        )
         k = self._keys
         await self._script(DELETE_PACKAGE, [k.format, k.index, k.row(row)], [FORMAT_VERSION, row])
 
@@ -171,13 +173,19 @@ class RedisPackageStore:
         await self._script(
             PUT_ROUTE,
             [k.format, k.routes],
-            [FORMAT_VERSION, route.workflow_type.encode("utf-8"), route.content_hash.encode("utf-8")],
+            [
+                FORMAT_VERSION,
+                route.workflow_type.encode("utf-8"),
+                route.content_hash.encode("utf-8"),
+            ],
         )
 
     # Reads: plain commands, each unit led by a check of the layout marker.
 
     async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
-        row = row_id(check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))
+        row = row_id(
+            check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
+        )
         key = self._keys.row(row)
         archive, stamp = await self._read((b"HMGET", key, *_ROW_FIELDS))
         if archive is None and stamp is None:
@@ -187,13 +195,17 @@ class RedisPackageStore:
     async def get_package_route(self, workflow_type: str) -> str | None:
         field = check_text(workflow_type, "workflow_type").encode("utf-8")
         value = await self._read((b"HGET", self._keys.routes, field))
-        return None if value is None else self._text(value, f"{self._keys.routes!r} field {field!r}")
+        return (
+            None if value is None else self._text(value, f"{self._keys.routes!r} field {field!r}")
+        )
 
     async def list_package_routes(self) -> list[PackageRouteRecord]:
         pairs = await self._read((b"HGETALL", self._keys.routes))
         where = repr(self._keys.routes)
         routes = [
-            PackageRouteRecord(self._text(t, f"{where} field {t!r}"), self._text(h, f"{where} field {t!r}"))
+            PackageRouteRecord(
+                self._text(t, f"{where} field {t!r}"), self._text(h, f"{where} field {t!r}")
+            )
             for t, h in pairs.items()
         ]
         routes.sort(key=lambda r: r.workflow_type)
@@ -221,7 +233,8 @@ class RedisPackageStore:
             if last:
                 fetch.append(self._next_members(b"(" + members[-1], chunk))
             replies = await self._unit(fetch)
-            for (stamp, row), (archive, stored_stamp) in zip(rows, replies):
+            fetched = replies[: len(rows)]
+            for (stamp, row), (archive, stored_stamp) in zip(rows, fetched, strict=True):
                 # Gone, or re-put under another stamp since the index was read: it is
                 # listed where it now belongs, or not at all, but never twice.
                 if stored_stamp == stamp:

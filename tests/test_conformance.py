@@ -51,6 +51,8 @@ class _RoutesUnsorted(InMemoryPackageStore):
         (_RoutesUnsorted, "routes_list_in_code_point_order"),
     ],
 )
-async def test_suite_catches_a_broken_store(broken: type[InMemoryPackageStore], scenario: str) -> None:
+async def test_suite_catches_a_broken_store(
+    broken: type[InMemoryPackageStore], scenario: str
+) -> None:
     with pytest.raises(ConformanceError, match=scenario):
         await run_scenario(scenario, broken)
