@@ -70,6 +70,7 @@ class Pipeliner:
         self._queue.append(pending)
         try:
             if self._busy < self._lanes:
+                self._busy += 1
                 await self._lead(pending.future)
             return await pending.future
         except asyncio.CancelledError:
@@ -77,7 +78,11 @@ class Pipeliner:
             raise
 
     async def _lead(self, until: asyncio.Future[list[Any]] | None) -> None:
-        self._busy += 1
+        """Send batches until ``until`` is done (or the queue is empty), then free the lane.
+
+        The caller has already taken the lane (``_busy``), so a leader that is scheduled
+        but not yet running still counts against ``lanes``.
+        """
         try:
             while self._queue and not (until is not None and until.done()):
                 await self._flush(self._take_batch())
@@ -85,6 +90,7 @@ class Pipeliner:
             self._busy -= 1
             if self._queue and self._busy < self._lanes:
                 # Whoever queued behind a departing leader must not wait for a new caller.
+                self._busy += 1
                 task = asyncio.get_running_loop().create_task(self._lead(None))
                 self._drainers.add(task)
                 task.add_done_callback(self._drainers.discard)

@@ -1,0 +1,282 @@
+"""What the Redis store promises beyond the shared contract: keys, layout, errors, load."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+from redis.crc import key_slot
+
+from kvstore import (
+    BackendError,
+    PackageRecord,
+    RedisPackageStore,
+    SerializationError,
+    StoreError,
+)
+from kvstore.keyspace import Keyspace, row_id
+from kvstore.local_server import LocalServer
+
+from .conftest import SERVERS, fresh_namespace
+
+T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def pkg(
+    workflow_type: str, content_hash: str, archive: bytes = b"zip", n: int = 0
+) -> PackageRecord:
+    return PackageRecord(workflow_type, content_hash, archive, T0 + timedelta(microseconds=n))
+
+
+@pytest.fixture(params=["fakeredis", *SERVERS])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """A raw client on fakeredis or on each real server, to look behind the store."""
+    if request.param == "fakeredis":
+        raw: Redis = fakeredis.FakeAsyncRedis()
+    else:
+        raw = Redis.from_url(request.getfixturevalue(f"{request.param}_server").url)
+    yield raw
+    await raw.aclose()
+
+
+async def test_every_key_of_a_namespace_sits_in_one_slot(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package_with_routes(pkg("a:b", "{x}"), ["c d"])
+    await store.put_package(pkg("é", "h", n=1))
+    keys = [k async for k in client.scan_iter(match=f"{{{store.namespace}}}:*")]
+    assert len(keys) == 5  # format, index, routes and two rows
+    assert {key_slot(k) for k in keys} == {key_slot(store.namespace.encode())}
+
+
+async def test_two_namespaces_on_one_server_never_see_each_other(client: Redis) -> None:
+    first, second = (RedisPackageStore(client, namespace=fresh_namespace()) for _ in range(2))
+    await first.put_package(pkg("order", "h1"))
+    await second.put_package(pkg("order", "h2"))
+    await second.delete_package("order", "h1")
+    assert [r.content_hash for r in await first.list_packages()] == ["h1"]
+    assert [r.content_hash for r in await second.list_packages()] == ["h2"]
+    assert await first.get_package_route("order") == "h1"
+    assert await second.get_package_route("order") == "h2"
+
+
+async def test_keyspace_is_as_documented(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1", b"bytes"))
+    ns = store.namespace
+    assert await client.get(f"{{{ns}}}:format") == b"1"
+    assert await client.zrange(f"{{{ns}}}:packages", 0, -1, withscores=True) == [
+        (b"2026-03-01T00:00:00.000000Z order\x00h1", 0.0)
+    ]
+    assert await client.hgetall(f"{{{ns}}}:pkg:order\x00h1") == {
+        b"archive": b"bytes",
+        b"deployed_at": b"2026-03-01T00:00:00.000000Z",
+    }
+    assert await client.hgetall(f"{{{ns}}}:routes") == {b"order": b"h1"}
+
+
+@pytest.mark.parametrize("namespace", ["", "a{b", "a}b", "with space", "x" * 65, "é"])
+def test_a_namespace_that_could_break_the_hash_tag_is_refused(namespace: str) -> None:
+    with pytest.raises(ValueError, match="namespace"):
+        Keyspace(namespace)
+
+
+async def test_a_newer_layout_is_refused_by_every_call(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    await client.set(f"{{{store.namespace}}}:format", b"2")
+    calls = [
+        store.put_package(pkg("order", "h2", n=1)),
+        store.put_package_route("order", "h2"),
+        store.delete_package("order", "h1"),
+        store.get_package("order", "h1"),
+        store.get_package_route("order"),
+        store.list_packages(),
+        store.list_package_routes(),
+    ]
+    for call in calls:
+        with pytest.raises(SerializationError, match=r"format.*layout b'2'"):
+            await call
+    await client.set(f"{{{store.namespace}}}:format", b"1")
+    assert [r.content_hash for r in await store.list_packages()] == ["h1"]
+    assert await store.get_package_route("order") == "h1"
+
+
+async def test_undecodable_data_raises_serialization_error_naming_the_key(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    row = f"{{{store.namespace}}}:pkg:order\x00h1"
+    await client.hset(row, "deployed_at", b"yesterday")
+    with pytest.raises(SerializationError, match="pkg:order"):
+        await store.get_package("order", "h1")
+    await client.hdel(row, "archive")
+    with pytest.raises(SerializationError, match="pkg:order"):
+        await store.get_package("order", "h1")
+    await client.hset(f"{{{store.namespace}}}:routes", b"billing", b"\xff\xfe")
+    with pytest.raises(SerializationError, match="routes"):
+        await store.list_package_routes()
+    with pytest.raises(SerializationError, match="routes"):
+        await store.get_package_route("billing")
+
+
+async def test_a_server_error_is_a_backend_error(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.set(f"{{{store.namespace}}}:routes", b"not a hash")
+    with pytest.raises(BackendError, match="WRONGTYPE"):
+        await store.put_package_route("order", "h1")
+    with pytest.raises(BackendError, match="WRONGTYPE"):
+        await store.list_package_routes()
+
+
+async def test_scripts_are_loaded_again_after_the_server_lost_them(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    await client.script_flush()
+    await store.put_package(pkg("order", "h2", n=1))
+    await client.script_flush()
+    await store.delete_package("order", "h1")
+    await client.script_flush()
+    await store.put_package_route("order", "h1")
+    assert [r.content_hash for r in await store.list_packages()] == ["h2"]
+    assert await store.get_package_route("order") == "h1"
+
+
+async def test_a_decoding_client_is_refused() -> None:
+    with pytest.raises(ValueError, match="decode_responses"):
+        RedisPackageStore(fakeredis.FakeAsyncRedis(decode_responses=True))
+
+
+def test_a_client_of_another_kind_is_refused() -> None:
+    with pytest.raises(TypeError, match="client"):
+        RedisPackageStore(object())  # type: ignore[arg-type]
+
+
+async def test_thousands_of_tasks_share_one_store_over_a_tiny_pool(server: LocalServer) -> None:
+    # Two pooled connections for 5,000 concurrent calls: a store that opened one
+    # connection per call would fail with "Too many connections".
+    raw = Redis.from_url(server.url, max_connections=2)
+    async with RedisPackageStore(raw, namespace=fresh_namespace()) as store:
+        records = [pkg(f"t{i % 7}", f"h{i}", bytes([i % 256]) * 100, i) for i in range(5000)]
+        await asyncio.gather(*(store.put_package(r) for r in records))
+        routes = await asyncio.gather(*(store.get_package_route(f"t{i}") for i in range(7)))
+        assert await store.list_packages() == records
+        assert all(route is not None for route in routes)
+    await raw.aclose()
+
+
+async def test_one_refused_call_never_fails_its_neighbours(client: Redis) -> None:
+    good = RedisPackageStore(client, namespace=fresh_namespace())
+    broken = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.set(f"{{{broken.namespace}}}:routes", b"not a hash")
+    outcomes = await asyncio.gather(
+        *(
+            (broken if i % 10 == 0 else good).put_package(pkg("order", f"h{i}", n=i))
+            for i in range(500)
+        ),
+        return_exceptions=True,
+    )
+    failed = [i for i, o in enumerate(outcomes) if o is not None]
+    assert failed == list(range(0, 500, 10))
+    assert all(isinstance(outcomes[i], BackendError) for i in failed)
+    assert len(await good.list_packages()) == 450
+
+
+async def test_a_cancelled_caller_does_not_lose_its_neighbours_calls(server: LocalServer) -> None:
+    async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+        for round_ in range(20):
+            tasks = [
+                asyncio.create_task(store.put_package(pkg("t", f"{round_}-{i}", n=i)))
+                for i in range(200)
+            ]
+            await asyncio.sleep(0)
+            for task in tasks[::3]:
+                task.cancel()
+            outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+            kept = {f"{round_}-{i}" for i, o in enumerate(outcomes) if o is None}
+            listed = {r.content_hash for r in await store.list_packages()}
+            assert kept <= listed
+
+
+async def test_iter_packages_walks_chunks_in_order_while_others_delete(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    records = [pkg(f"t{i % 3}", f"h{i:04d}", n=i) for i in range(250)]
+    for record in records:
+        await store.put_package(record)
+    seen = []
+    async for record in store.iter_packages(chunk=16):
+        seen.append(record)
+        if len(seen) % 16 == 1:
+            # Remove rows already listed: ranks shift, yet nothing unlisted may be skipped.
+            await store.delete_package(seen[0].workflow_type, seen[-1].content_hash)
+            await store.delete_package(record.workflow_type, record.content_hash)
+    assert seen == records
+
+
+async def test_unreachable_server_fails_within_the_timeout() -> None:
+    with LocalServer() as doomed:
+        url = doomed.url
+    store = RedisPackageStore.from_url(url, namespace=fresh_namespace(), timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as caught:
+        await store.get_package_route("order")
+    assert time.monotonic() - started < 5
+    assert isinstance(caught.value, StoreError)
+    await store.aclose()
+
+
+async def test_a_silent_server_fails_within_the_timeout(server: LocalServer) -> None:
+    async with RedisPackageStore.from_url(
+        server.url, namespace=fresh_namespace(), timeout=0.3
+    ) as store:
+        blocker = Redis.from_url(server.url)
+        await blocker.client_pause(1500, all=True)  # the server stops answering anyone
+        started = time.monotonic()
+        with pytest.raises(BackendError):
+            await store.put_package(pkg("order", "h1"))
+        assert time.monotonic() - started < 1.2
+        await blocker.client_unpause()
+        await store.put_package(pkg("order", "h1"))
+        assert await store.get_package_route("order") == "h1"
+        await blocker.aclose()
+
+
+async def test_no_password_in_errors_or_repr() -> None:
+    secret = "s3cret-Pa55"
+    with LocalServer(settings={"requirepass": "the-real-one"}) as locked:
+        bad = RedisPackageStore.from_url(
+            f"redis://:{secret}@127.0.0.1:{locked.port}", namespace=fresh_namespace()
+        )
+        assert secret not in repr(bad)
+        with pytest.raises(BackendError) as caught:
+            await bad.put_package(pkg("order", "h1"))
+        assert secret not in str(caught.value)
+        assert secret not in repr(caught.value.__cause__)
+        await bad.aclose()
+        good = RedisPackageStore.from_url(
+            f"redis://:the-real-one@127.0.0.1:{locked.port}", namespace=fresh_namespace()
+        )
+        await good.put_package(pkg("order", "h1"))
+        assert "the-real-one" not in repr(good)
+        await good.aclose()
+    with pytest.raises(ValueError) as bad_url:
+        RedisPackageStore.from_url(f"http://:{secret}@127.0.0.1:1")
+    assert secret not in str(bad_url.value)
+
+
+async def test_aclose_leaves_a_given_client_open(client: Redis) -> None:
+    async with RedisPackageStore(client, namespace=fresh_namespace()) as store:
+        await store.put_package(pkg("order", "h1"))
+    assert await client.ping()
+
+
+async def test_large_archive_round_trips_on_a_real_server(server: LocalServer) -> None:
+    archive = bytes(range(256)) * (64 * 1024 * 3)  # 48 MiB
+    async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+        await store.put_package(pkg("big", "h", archive))
+        got = await store.get_package("big", "h")
+        assert got is not None and got.archive == archive
+    assert row_id("big", "h") == b"big\x00h"
