@@ -1,0 +1,79 @@
+"""Properties of the key encoding: injective, and ordered as the contract orders records."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timezone
+
+import fakeredis
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore import InMemoryPackageStore, PackageRecord, RedisPackageStore
+from kvstore.keyspace import (
+    decode_stamp,
+    encode_stamp,
+    index_member,
+    row_id,
+    split_index_member,
+    split_row_id,
+)
+
+texts = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1
+)
+instants = st.datetimes(timezones=st.just(timezone.utc))
+
+
+@given(texts, texts, texts, texts)
+def test_row_ids_are_injective(t1: str, h1: str, t2: str, h2: str) -> None:
+    assert (row_id(t1, h1) == row_id(t2, h2)) == ((t1, h1) == (t2, h2))
+    assert split_row_id(row_id(t1, h1)) == (t1, h1)
+
+
+@given(instants)
+def test_stamps_round_trip_in_every_year(instant: datetime) -> None:
+    assert decode_stamp(encode_stamp(instant)) == instant
+    assert len(encode_stamp(instant)) == 27
+
+
+@given(instants, texts, texts, instants, texts, texts)
+def test_index_members_sort_as_records_do(
+    d1: datetime, t1: str, h1: str, d2: datetime, t2: str, h2: str
+) -> None:
+    m1 = index_member(encode_stamp(d1), row_id(t1, h1))
+    m2 = index_member(encode_stamp(d2), row_id(t2, h2))
+    assert (m1 < m2) == ((d1, t1, h1) < (d2, t2, h2))
+    assert split_index_member(m1) == (encode_stamp(d1), row_id(t1, h1))
+
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("put"), st.sampled_from("abc"), st.sampled_from("xyz"), instants),
+        st.tuples(st.just("delete"), st.sampled_from("abc"), st.sampled_from("xyz")),
+        st.tuples(st.just("route"), st.sampled_from("abcd"), st.sampled_from("xyz")),
+    ),
+    max_size=30,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(operations)
+def test_redis_store_agrees_with_the_reference_store(ops: list[tuple[object, ...]]) -> None:
+    async def apply_all() -> None:
+        reference = InMemoryPackageStore()
+        redis = RedisPackageStore(fakeredis.FakeAsyncRedis())
+        for n, op in enumerate(ops):
+            for store in (reference, redis):
+                if op[0] == "put":
+                    _, t, h, at = op
+                    record = PackageRecord(str(t), str(h), f"{n}".encode(), at)  # type: ignore[arg-type]
+                    await store.put_package(record)
+                elif op[0] == "delete":
+                    await store.delete_package(str(op[1]), str(op[2]))
+                else:
+                    await store.put_package_route(str(op[1]), str(op[2]))
+        assert await redis.list_packages() == await reference.list_packages()
+        assert await redis.list_package_routes() == await reference.list_package_routes()
+
+    asyncio.run(apply_all())

@@ -1,0 +1,50 @@
+"""The Lua scripts ship inside the built wheel and sdist, and load from there."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
+
+
+def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path) -> None:
+    source = tmp_path / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*cache*", "dist"))
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "hatchling", "build", "-d", str(dist)],
+        cwd=source,
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = dist.glob("*.whl")
+    (sdist,) = dist.glob("*.tar.gz")
+    with zipfile.ZipFile(wheel) as archive:
+        assert (
+            sorted(Path(n).name for n in archive.namelist() if n.startswith("kvstore/lua/"))
+            == SCRIPTS
+        )
+        archive.extractall(tmp_path / "installed")
+    with tarfile.open(sdist) as archive:
+        assert sorted(Path(n).name for n in archive.getnames() if "/lua/" in n) == SCRIPTS
+
+    loaded = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import kvstore.scripts as s; print(s._script_folder()); print(sorted(s.SCRIPTS))",
+        ],
+        cwd=tmp_path,
+        env={"PYTHONPATH": str(tmp_path / "installed"), "PATH": ""},
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
+    assert loaded[0] == str(tmp_path / "installed" / "kvstore" / "lua")
+    assert loaded[1] == str(sorted(name.rpartition("-")[0] for name in SCRIPTS))
