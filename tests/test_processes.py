@@ -19,6 +19,8 @@ import asyncio, hashlib, json, random, sys
 from datetime import datetime, timedelta, timezone
 from kvstore import PackageRecord, RedisPackageStore
 
+START = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
 def archive(t, h, at):
     seed = hashlib.sha256(f"{t}|{h}|{at.isoformat()}".encode()).digest()
     return seed * (1 + seed[0] * 40)
@@ -33,7 +35,7 @@ async def main(url, ns, me, count):
                 await store.delete_package(t, h)
                 acked.pop(f"{t}|{h}", None)
                 continue
-            at = datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(microseconds=rng.randrange(10**9))
+            at = START + timedelta(microseconds=rng.randrange(10**9))
             await store.put_package(PackageRecord(t, h, archive(t, h, at), at))
             acked[f"{t}|{h}"] = at.isoformat()
     print(json.dumps(acked))
