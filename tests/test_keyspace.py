@@ -19,9 +19,7 @@ from kvstore.keyspace import (
     split_row_id,
 )
 
-texts = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), min_size=1
-)
+texts = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1)
 instants = st.datetimes(timezones=st.just(timezone.utc))
 
 
