@@ -9,13 +9,20 @@ Only ``lanes`` connections are ever in use, so no call fails because a pool ran 
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from redis.exceptions import ResponseError
+from redis.exceptions import (
+    ClusterDownError,
+    ConnectionError,
+    ResponseError,
+    TimeoutError,
+    TryAgainError,
+)
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _deadline
@@ -25,11 +32,24 @@ else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
 Command = tuple[Any, ...]
 
 
+# Failures after which the same commands may well succeed: the connection broke or
+# stalled, the server is loading or failing over, a cluster slot is moving.
+TRANSIENT = (
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    OSError,
+    ClusterDownError,
+    TryAgainError,
+)
+
+
 @dataclass(eq=False)
 class _Pending:
     commands: Sequence[Command]
     future: asyncio.Future[list[Any]]
-    size: int = field(default=0)
+    size: int
+    retry_until: float
 
 
 class Pipeliner:
@@ -37,11 +57,12 @@ class Pipeliner:
 
     ``run(unit)`` returns one reply per command of the unit; a command the server
     refused comes back as its ``ResponseError`` value, so it fails no neighbour. A
-    failure of the connection or of the deadline raises ``translate(exc)`` for every
-    unit of that pipeline.
+    failure of the connection or of the deadline (``timeout`` seconds per attempt) is
+    retried with capped, jittered exponential backoff for up to ``retry_budget`` seconds
+    after the call began, then raises ``translate(exc)`` for every unit still waiting.
 
-    Units may be sent again after a cancelled caller interrupted a pipeline, so every
-    unit must be idempotent.
+    Units may be sent again (after a transient failure, or after a cancelled caller
+    interrupted a pipeline), so every unit must be idempotent.
     """
 
     def __init__(
@@ -51,6 +72,8 @@ class Pipeliner:
         lanes: int,
         timeout: float | None,
         translate: Callable[[BaseException], Exception],
+        retry_budget: float = 0.0,
+        backoff: tuple[float, float] = (0.02, 1.0),
         max_units: int = 1024,
         max_bytes: int = 8 << 20,
     ) -> None:
@@ -58,6 +81,9 @@ class Pipeliner:
         self._lanes = lanes
         self._timeout = timeout
         self._translate = translate
+        self._retry_budget = retry_budget
+        self._backoff_base, self._backoff_cap = backoff
+        self._failures = 0
         self._max_units = max_units
         self._max_bytes = max_bytes
         self._queue: deque[_Pending] = deque()
@@ -66,7 +92,8 @@ class Pipeliner:
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
         size = sum(len(a) for c in commands for a in c if isinstance(a, bytes))
-        pending = _Pending(commands, asyncio.get_running_loop().create_future(), size)
+        loop = asyncio.get_running_loop()
+        pending = _Pending(commands, loop.create_future(), size, loop.time() + self._retry_budget)
         self._queue.append(pending)
         try:
             if self._busy < self._lanes:
@@ -122,16 +149,30 @@ class Pipeliner:
             self._queue.extendleft(p for p in reversed(batch) if not p.future.done())
             raise
         except Exception as exc:
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(self._translate(exc))
+            await self._fail(batch, exc)
             return
+        self._failures = 0
         start = 0
         for p in batch:
             end = start + len(p.commands)
             if not p.future.done():
                 p.future.set_result(replies[start:end])
             start = end
+
+    async def _fail(self, batch: list[_Pending], exc: Exception) -> None:
+        now = asyncio.get_running_loop().time()
+        waiting = [p for p in batch if not p.future.done()]
+        retry = [p for p in waiting if now < p.retry_until] if isinstance(exc, TRANSIENT) else []
+        for p in waiting:
+            if p not in retry:
+                p.future.set_exception(self._translate(exc))
+        if not retry:
+            return
+        self._failures += 1
+        delay = min(self._backoff_cap, self._backoff_base * 2 ** (self._failures - 1))
+        delay *= random.uniform(0.5, 1.0)
+        self._queue.extendleft(reversed(retry))
+        await asyncio.sleep(min(delay, max(p.retry_until for p in retry) - now))
 
     async def _send(self, commands: list[Command]) -> list[Any]:
         if len(commands) == 1:
