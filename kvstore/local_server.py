@@ -25,7 +25,8 @@ def valkey_binary() -> Path:
     return Path(get_binary_path())
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -54,7 +55,7 @@ class LocalServer:
         self.binary = Path(binary) if binary is not None else valkey_binary()
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-server-")).resolve()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.settings = {"save": "", "appendonly": "no", **(settings or {})}
         self._process: subprocess.Popen[bytes] | None = None
 

@@ -20,11 +20,11 @@ class Script:
     body: bytes
     sha: bytes
 
-    def evalsha(self, keys: list[bytes], args: list[bytes]) -> tuple[bytes | int, ...]:
-        return (b"EVALSHA", self.sha, self.numkeys, *keys, *args)
+    def evalsha(self, keys: list[bytes], args: list[bytes]) -> tuple[str | bytes | int, ...]:
+        return ("EVALSHA", self.sha, self.numkeys, *keys, *args)
 
-    def eval(self, keys: list[bytes], args: list[bytes]) -> tuple[bytes | int, ...]:
-        return (b"EVAL", self.body, self.numkeys, *keys, *args)
+    def eval(self, keys: list[bytes], args: list[bytes]) -> tuple[str | bytes | int, ...]:
+        return ("EVAL", self.body, self.numkeys, *keys, *args)
 
 
 def _script_folder() -> Traversable:
