@@ -32,6 +32,14 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _resp(*args: str) -> bytes:
+    parts = [f"*{len(args)}\r\n".encode()]
+    for arg in args:
+        data = arg.encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 class LocalServerError(RuntimeError):
     """The server binary could not be started or did not answer in time."""
 
@@ -39,8 +47,10 @@ class LocalServerError(RuntimeError):
 class LocalServer:
     """One server process bound to 127.0.0.1.
 
-    ``settings`` are server configuration directives (``{"appendonly": "yes"}``); the
-    defaults keep nothing on disk. ``start`` may be called again after ``stop`` or
+    ``settings`` are server configuration directives (``{"appendonly": "yes"}``), each
+    value passed as one argument; the defaults keep nothing on disk. ``start`` returns
+    once the server answers PING (after AUTH, given ``requirepass``), that is, once it
+    has loaded its files. ``start`` may be called again after ``stop`` or
     ``kill``: the server comes back on the same port from the files in ``data_dir``.
     """
 
@@ -78,7 +88,7 @@ class LocalServer:
         args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1"]
         args += ["--dir", str(self.data_dir), "--daemonize", "no", "--logfile", ""]
         for name, value in self.settings.items():
-            args += [f"--{name}", *value.split(" ")] if value else [f"--{name}", ""]
+            args += [f"--{name}", value]
         with open(self.log_path, "ab") as log:
             try:
                 self._process = subprocess.Popen(
@@ -107,14 +117,24 @@ class LocalServer:
         return self._process is not None and self._process.poll() is None
 
     def _answers_ping(self) -> bool:
+        # PING, after AUTH when the server wants a password: a server still loading its
+        # files answers -LOADING (or, unauthenticated, -NOAUTH), and is not ready yet.
+        password = self.settings.get("requirepass")
+        commands: list[tuple[str, ...]] = [("AUTH", password)] if password else []
+        commands.append(("PING",))
+        request = b"".join(_resp(*c) for c in commands)
+        reply = b""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1.0) as sock:
-                sock.sendall(b"PING\r\n")
-                reply = sock.recv(64)
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+                sock.sendall(request)
+                while reply.count(b"\r\n") < len(commands):
+                    chunk = sock.recv(256)
+                    if not chunk:
+                        break
+                    reply += chunk
         except OSError:
             return False
-        # A password-protected server answers NOAUTH, which is alive enough.
-        return reply.startswith((b"+PONG", b"-NOAUTH", b"-AUTH"))
+        return reply.endswith(b"+PONG\r\n")
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut down cleanly (SIGTERM): the server writes what its settings say to."""

@@ -1,0 +1,161 @@
+"""The command line's own server: Valkey on loopback, its data in one folder.
+
+Guarantees:
+
+* One command at a time per folder: ``EmbeddedServer`` takes an exclusive, non-blocking
+  ``flock`` on ``kvstore.lock`` in the folder before the server starts, and holds it until
+  the server has stopped. A second command gets ``FolderInUse`` at once, never a wait.
+* A server left running by a command that was killed outright (it holds no lock, but
+  still writes to the folder) is detected through its pid file and refused, so two
+  servers never append to the same files.
+* The append-only file is on with ``appendfsync always``: once a command has said a
+  write is done, it is on disk, even if the machine fails before the clean stop.
+* ``start`` returns only once the server has loaded its files and serves commands.
+* The server listens on 127.0.0.1 only and requires a password made fresh for each run,
+  so other local users cannot reach the catalogue while a command runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import secrets
+from pathlib import Path
+from types import TracebackType
+
+from kvstore.local_server import LocalServer, LocalServerError
+
+LOCK_NAME = "kvstore.lock"
+PID_NAME = "server.pid"
+LOAD_TIMEOUT = 300.0  # seconds a large catalogue may take to load from disk
+
+__all__ = ["EmbeddedServer", "FolderInUse", "LocalServerError", "default_data_dir"]
+
+
+class FolderInUse(Exception):
+    """Another command holds the data folder, or a stray server still writes to it."""
+
+
+def default_data_dir() -> Path:
+    """``$KVSTORE_DATA_DIR``, else ``$XDG_DATA_HOME/kvstore``, else ``~/.local/share/kvstore``."""
+    explicit = os.environ.get("KVSTORE_DATA_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base).expanduser() / "kvstore"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class EmbeddedServer:
+    """A locked, persistent server over ``data_dir``; use it as a context manager.
+
+    ``url`` carries the run's password: hand it to the store, never print it.
+    ``stop`` and ``start`` may be called inside the block (the lock stays held).
+    """
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir.expanduser().resolve()
+        self._lock_fd: int | None = None
+        self._password = secrets.token_hex(16)
+        self._server: LocalServer | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the embedded server is not started")
+        return f"redis://:{self._password}@127.0.0.1:{self._server.port}"
+
+    @property
+    def address(self) -> str:
+        """Where the server listens, without the password: safe to print."""
+        return "not started" if self._server is None else f"127.0.0.1:{self._server.port}"
+
+    def _lock(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self.data_dir / LOCK_NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.read(fd, 32).decode("ascii", "replace").strip()
+            os.close(fd)
+            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            by = f" (pid {holder})" if holder.isdigit() else ""
+            raise FolderInUse(
+                f"{self.data_dir} is in use by another kvstore command{by}; wait for it to finish"
+            ) from None
+        # The holder's pid, only to name it in the refusal above.
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.ftruncate(self._lock_fd, 0)
+            os.close(self._lock_fd)  # closing the last descriptor releases the flock
+            self._lock_fd = None
+
+    def _refuse_stray_server(self) -> None:
+        # The server removes its pid file on a clean stop; one naming a live process
+        # means a server outlived a killed command and still owns the files.
+        try:
+            text = (self.data_dir / PID_NAME).read_text().strip()
+        except (FileNotFoundError, UnicodeDecodeError):
+            return
+        if text.isdigit() and _pid_alive(int(text)):
+            raise FolderInUse(
+                f"a server left by an interrupted command (pid {text}) still runs on "
+                f"{self.data_dir}; stop it (kill {text}) and retry"
+            )
+
+    def start(self) -> None:
+        """Start (or restart) the server; the folder must be locked already."""
+        if self._server is None:
+            self._refuse_stray_server()
+            self._server = LocalServer(
+                data_dir=self.data_dir,
+                settings={
+                    "appendonly": "yes",
+                    "appendfsync": "always",
+                    "requirepass": self._password,
+                    "pidfile": PID_NAME,  # relative: the server runs in data_dir
+                },
+            )
+        # start() returns once the server has loaded its files and answers commands.
+        self._server.start(timeout=LOAD_TIMEOUT)
+
+    def stop(self) -> None:
+        """Stop cleanly (SIGTERM): the server flushes its append-only file first."""
+        if self._server is not None:
+            self._server.stop()
+
+    def __enter__(self) -> EmbeddedServer:
+        self._lock()
+        try:
+            self.start()
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            self.stop()
+        finally:
+            self._unlock()
