@@ -1,16 +1,21 @@
 """Where every key of a namespace lives, and how text becomes key bytes.
 
-=================  ======  ===============================================================
-key                type    holds
-=================  ======  ===============================================================
-``{ns}:format``    string  the layout version of the namespace (``1``); written by the
-                           first write, checked by every call
-``{ns}:packages``  zset    one member per stored package, all with score 0, so the set is
-                           ordered by member bytes: ``<stamp> <type>\\0<hash>``
-``{ns}:pkg:<id>``  hash    one package: ``archive`` (raw bytes) and ``deployed_at``
-                           (``<stamp>``); ``<id>`` is ``<type>\\0<hash>``
-``{ns}:routes``    hash    field ``<type>``, value ``<hash>``: where each route points
-=================  ======  ===============================================================
+=======================  =======  ==========================================================
+key                      type     holds
+=======================  =======  ==========================================================
+``{ns}:format``          string   the layout version of the namespace (``1``); written by
+                                  the first write, checked by every call
+``{ns}:packages``        zset     one member per stored package, all with score 0, so the
+                                  set is ordered by member bytes: ``<stamp> <type>\\0<hash>``
+``{ns}:pkg:<id>``        hash     one package: ``archive`` (raw bytes) and ``deployed_at``
+                                  (``<stamp>``); ``<id>`` is ``<type>\\0<hash>``
+``{ns}:routes``          hash     field ``<type>``, value ``<hash>``: where each route points
+``{ns}:route-version``   string   a counter, raised (``INCR``) by the same script that writes
+                                  routes: the version of the routes table
+``{ns}:route-changes``   channel  not a key: each script that writes routes publishes
+                                  ``<version>\\0<hash>\\0<type>[\\0<type>...]`` here, so
+                                  route caches follow the table in version order
+=======================  =======  ==========================================================
 
 ``<stamp>`` is ``deployed_at`` in UTC as fixed-width ISO 8601 text,
 ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (27 bytes for every year from 1 to 9999), so byte order
@@ -96,6 +101,10 @@ class Keyspace:
         self.format = self.prefix + b"format"
         self.index = self.prefix + b"packages"
         self.routes = self.prefix + b"routes"
+        self.route_version = self.prefix + b"route-version"
+        # A channel, not a key; it carries the hash tag so the sharded form (SPUBLISH)
+        # can later route it to the namespace's slot.
+        self.route_changes = self.prefix + b"route-changes"
         self._row_prefix = self.prefix + b"pkg:"
 
     def row(self, row: bytes) -> bytes:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from redis.exceptions import (
+    AuthenticationError,
     ClusterDownError,
     ConnectionError,
     ResponseError,
@@ -33,7 +34,8 @@ Command = tuple[Any, ...]
 
 
 # Failures after which the same commands may well succeed: the connection broke or
-# stalled, the server is loading or failing over, a cluster slot is moving.
+# stalled, the server is loading or failing over, a cluster slot is moving. A refused
+# password is a connection error too, but trying it again cannot help.
 TRANSIENT = (
     ConnectionError,
     TimeoutError,
@@ -162,7 +164,8 @@ class Pipeliner:
     async def _fail(self, batch: list[_Pending], exc: Exception) -> None:
         now = asyncio.get_running_loop().time()
         waiting = [p for p in batch if not p.future.done()]
-        retry = [p for p in waiting if now < p.retry_until] if isinstance(exc, TRANSIENT) else []
+        transient = isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
+        retry = [p for p in waiting if now < p.retry_until] if transient else []
         for p in waiting:
             if p not in retry:
                 p.future.set_exception(self._translate(exc))

@@ -12,6 +12,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
@@ -32,7 +34,9 @@ from kvstore.records import (
     check_route_types,
     check_text,
 )
+from kvstore.route_cache import RouteCache, RouteWatch
 from kvstore.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
+from kvstore.urls import client_from_url
 
 _ROW_FIELDS = (b"archive", b"deployed_at")
 
@@ -49,6 +53,14 @@ class RedisPackageStore:
     pooled connection. Each pipeline is bounded by ``timeout`` seconds (``None``: no
     bound); past it, or on any server or connection failure, the call raises
     ``BackendError``, whose message never carries a password.
+
+    With ``cache_routes=True`` (single-node servers and fakeredis), the store keeps every
+    route of the namespace in memory, kept true by the changes the write scripts publish
+    (``kvstore.route_cache``): ``get_package_route`` answers from memory while the
+    subscription is healthy and from the server otherwise, a store always sees its own
+    writes, and another store's write is seen as soon as its message arrives (a
+    silently dead subscription is noticed within about ``2 * route_health_interval``
+    seconds). ``watch_routes`` then yields route writes as they happen.
     """
 
     def __init__(
@@ -58,6 +70,11 @@ class RedisPackageStore:
         namespace: str = "aion",
         timeout: float | None = 10.0,
         lanes: int = 2,
+        retry_budget: float = 5.0,
+        min_replicas: int = 0,
+        replica_timeout: float = 1.0,
+        cache_routes: bool = False,
+        route_health_interval: float = 1.0,
     ) -> None:
         if not isinstance(client, (Redis, RedisCluster)):
             raise TypeError(
@@ -70,6 +87,18 @@ class RedisPackageStore:
             raise ValueError(f"timeout must be positive or None, not {timeout!r}")
         if lanes < 1:
             raise ValueError(f"lanes must be at least 1, not {lanes!r}")
+        if retry_budget < 0:
+            raise ValueError(f"retry_budget must not be negative, not {retry_budget!r}")
+        if min_replicas < 0 or replica_timeout <= 0:
+            raise ValueError(
+                "min_replicas must not be negative and replica_timeout must be positive, not "
+                f"{min_replicas!r} and {replica_timeout!r}"
+            )
+        if min_replicas and isinstance(client, RedisCluster):
+            # WAIT names no key, so a cluster client cannot route it to the shard written.
+            raise ValueError("min_replicas needs a single-primary client, not a cluster")
+        if cache_routes and isinstance(client, RedisCluster):
+            raise ValueError("cache_routes needs a single-node client; not yet on a cluster")
         self._keys = Keyspace(namespace)
         self._client = client
         self._owns_client = False
@@ -77,8 +106,21 @@ class RedisPackageStore:
         self._secrets = [password] if isinstance(password, str) and password else []
         self._server = _describe_server(client, options)
         self._pipeliner = Pipeliner(
-            client, lanes=lanes, timeout=timeout, translate=self._backend_error
+            client,
+            lanes=lanes,
+            timeout=timeout,
+            retry_budget=retry_budget,
+            translate=self._backend_error,
         )
+        self._wait: Command | None = None
+        if min_replicas:
+            self._wait = ("WAIT", min_replicas, round(replica_timeout * 1000))
+        self._route_cache: RouteCache | None = None
+        if cache_routes:
+            assert isinstance(client, Redis)
+            self._route_cache = RouteCache(
+                client, self._keys, timeout=timeout, health_interval=route_health_interval
+            )
 
     @classmethod
     def from_url(
@@ -88,24 +130,42 @@ class RedisPackageStore:
         namespace: str = "aion",
         timeout: float | None = 10.0,
         lanes: int = 2,
+        retry_budget: float = 5.0,
+        min_replicas: int = 0,
+        replica_timeout: float = 1.0,
+        cache_routes: bool = False,
+        route_health_interval: float = 1.0,
         **client_options: Any,
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
 
-        ``url`` is ``redis://[[user]:password@]host[:port][/db]``, ``rediss://`` for
-        TLS, or ``unix://path``; ``client_options`` go to ``redis.asyncio.Redis``.
-        Connecting is bounded by ``timeout`` too.
+        ``url`` is one of the forms ``kvstore.urls`` lists: ``redis://``, ``rediss://``
+        (TLS), ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``.
+        ``client_options`` go to the client (``ssl_ca_certs=...``, ``max_connections=...``).
+        Connecting is bounded by ``timeout`` too, and the client's own retries are off,
+        so ``retry_budget`` alone decides how long a call keeps trying.
         """
         if not isinstance(url, str):
             raise TypeError(f"url must be str, not {type(url).__name__}")
-        options: dict[str, Any] = {"socket_connect_timeout": timeout, "socket_timeout": timeout}
+        options: dict[str, Any] = {
+            "socket_connect_timeout": timeout,
+            "socket_timeout": timeout,
+            "retry": Retry(NoBackoff(), 0),
+        }
         options.update(client_options)
         options["decode_responses"] = False
-        try:
-            client = Redis.from_url(url, **options)
-        except ValueError:
-            raise ValueError(f"url is not a Redis URL: {_redact_url(url)}") from None
-        store = cls(client, namespace=namespace, timeout=timeout, lanes=lanes)
+        client = client_from_url(url, options)
+        store = cls(
+            client,
+            namespace=namespace,
+            timeout=timeout,
+            lanes=lanes,
+            retry_budget=retry_budget,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
+            cache_routes=cache_routes,
+            route_health_interval=route_health_interval,
+        )
         store._owns_client = True
         return store
 
@@ -118,6 +178,8 @@ class RedisPackageStore:
 
     async def aclose(self) -> None:
         """Stop the store's own work and close the client if the store made it."""
+        if self._route_cache is not None:
+            await self._route_cache.aclose()
         await self._pipeliner.aclose()
         if self._owns_client:
             await self._client.aclose()
@@ -147,18 +209,21 @@ class RedisPackageStore:
         stamp = encode_stamp(check_instant(record.deployed_at, "deployed_at"))
         row = row_id(record.workflow_type, record.content_hash)
         k = self._keys
-        await self._script(
+        _, version = await self._script(
             PUT_PACKAGE,
-            [k.format, k.index, k.routes, k.row(row)],
+            [k.format, k.index, k.routes, k.row(row), k.route_version],
             [
                 FORMAT_VERSION,
                 row,
                 stamp,
                 record.archive,
                 record.content_hash.encode("utf-8"),
+                k.route_changes,
                 *(t.encode("utf-8") for t in types),
             ],
         )
+        if self._route_cache is not None:
+            self._route_cache.note_write(version, record.content_hash, types)
 
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         row = row_id(
@@ -170,15 +235,18 @@ class RedisPackageStore:
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
         k = self._keys
-        await self._script(
+        _, version = await self._script(
             PUT_ROUTE,
-            [k.format, k.routes],
+            [k.format, k.routes, k.route_version],
             [
                 FORMAT_VERSION,
                 route.workflow_type.encode("utf-8"),
                 route.content_hash.encode("utf-8"),
+                k.route_changes,
             ],
         )
+        if self._route_cache is not None:
+            self._route_cache.note_write(version, route.content_hash, (route.workflow_type,))
 
     # Reads: plain commands, each unit led by a check of the layout marker.
 
@@ -187,20 +255,47 @@ class RedisPackageStore:
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
         key = self._keys.row(row)
-        archive, stamp = await self._read((b"HMGET", key, *_ROW_FIELDS))
+        archive, stamp = await self._read(("HMGET", key, *_ROW_FIELDS))
         if archive is None and stamp is None:
             return None
         return self._record(key, row, archive, stamp)
 
     async def get_package_route(self, workflow_type: str) -> str | None:
-        field = check_text(workflow_type, "workflow_type").encode("utf-8")
-        value = await self._read((b"HGET", self._keys.routes, field))
+        checked = check_text(workflow_type, "workflow_type")
+        cache = self._route_cache
+        if cache is not None:
+            if cache.live:
+                return cache.routes.get(checked)
+            cache.start()  # not live yet, or recovering: the server answers meanwhile
+        field = checked.encode("utf-8")
+        value = await self._read(("HGET", self._keys.routes, field))
         return (
             None if value is None else self._text(value, f"{self._keys.routes!r} field {field!r}")
         )
 
+    def watch_routes(self) -> RouteWatch:
+        """An async iterator of route writes to the namespace (needs ``cache_routes``).
+
+        Registered when called (call it inside a running event loop): first every
+        route, then each write, in the order the server applied them, including those
+        of other stores; see ``kvstore.route_cache.RouteWatch`` for the exact promise.
+        """
+        if self._route_cache is None:
+            raise RuntimeError("watch_routes needs a store made with cache_routes=True")
+        return self._route_cache.watch()
+
+    async def route_cache_ready(self, timeout: float = 10.0) -> bool:
+        """Whether lookups are answered from memory, waiting up to ``timeout`` seconds.
+
+        ``False`` at once for a store without ``cache_routes``. Lookups are correct
+        either way; this only tells whether they cost a round trip.
+        """
+        if self._route_cache is None:
+            return False
+        return await self._route_cache.wait_live(timeout)
+
     async def list_package_routes(self) -> list[PackageRouteRecord]:
-        pairs = await self._read((b"HGETALL", self._keys.routes))
+        pairs = await self._read(("HGETALL", self._keys.routes))
         where = repr(self._keys.routes)
         routes = [
             PackageRouteRecord(
@@ -228,7 +323,7 @@ class RedisPackageStore:
         members: list[bytes] = await self._read(self._next_members(b"-", chunk))
         while members:
             rows = [split_index_member(self._member(m)) for m in members]
-            fetch: list[Command] = [(b"HMGET", k.row(row), *_ROW_FIELDS) for _, row in rows]
+            fetch: list[Command] = [("HMGET", k.row(row), *_ROW_FIELDS) for _, row in rows]
             last = len(members) == chunk
             if last:
                 fetch.append(self._next_members(b"(" + members[-1], chunk))
@@ -242,17 +337,28 @@ class RedisPackageStore:
             members = replies[-1] if last else []
 
     def _next_members(self, after: bytes, chunk: int) -> Command:
-        return (b"ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
+        return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
 
     # The wire.
 
     async def _script(self, script: Script, keys: list[bytes], args: list[bytes]) -> Any:
-        (reply,) = await self._pipeliner.run([script.evalsha(keys, args)])
+        reply, *acks = await self._pipeliner.run(self._with_wait(script.evalsha(keys, args)))
         if isinstance(reply, NoScriptError):
             # The server lost its script cache (restart, failover, SCRIPT FLUSH):
             # EVAL sends the body and caches it again.
-            (reply,) = await self._pipeliner.run([script.eval(keys, args)])
-        return self._reply(reply)
+            reply, *acks = await self._pipeliner.run(self._with_wait(script.eval(keys, args)))
+        result = self._reply(reply)
+        if self._wait is not None:
+            acked, wanted = self._reply(acks[0]), self._wait[1]
+            if acked < wanted:
+                raise BackendError(
+                    f"{self._server}: {acked} of {wanted} replicas acknowledged the write in "
+                    f"{self._wait[2]} ms; it is applied on the primary but a failover may lose it"
+                )
+        return result
+
+    def _with_wait(self, command: Command) -> list[Command]:
+        return [command] if self._wait is None else [command, self._wait]
 
     async def _read(self, command: Command) -> Any:
         (reply,) = await self._unit([command])
@@ -260,7 +366,8 @@ class RedisPackageStore:
 
     async def _unit(self, commands: list[Command]) -> list[Any]:
         """Replies to ``commands``, sent with a check that the layout is ours."""
-        found, *replies = await self._pipeliner.run([(b"GET", self._keys.format), *commands])
+        found, *replies = await self._pipeliner.run([("GET", self._keys.format), *commands])
+        found = self._reply(found)
         if found is not None and found != FORMAT_VERSION:
             raise self._layout_error(found)
         return [self._reply(r) for r in replies]
@@ -323,6 +430,9 @@ def _describe_server(client: Redis | RedisCluster, options: dict[str, Any]) -> s
         return f"unix://{options['path']}"
     if "host" in options:
         return f"{options['host']}:{options.get('port', 6379)}"
+    service = getattr(client.connection_pool, "service_name", None)
+    if isinstance(service, str):
+        return f"sentinel service {service}"
     return type(client).__name__
 
 
@@ -330,12 +440,3 @@ def _redact(text: str, secrets: list[str]) -> str:
     for secret in secrets:
         text = text.replace(secret, "***")
     return text
-
-
-def _redact_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    credentials, at, location = rest.rpartition("@")
-    if not sep or not at:
-        return url
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user}:***@{location}"

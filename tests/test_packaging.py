@@ -15,7 +15,9 @@ SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
 
 def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path) -> None:
     source = tmp_path / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "*cache*", "dist"))
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".git", "__pycache__", ".*_cache", "dist")
+    )
     dist = tmp_path / "dist"
     subprocess.run(
         [sys.executable, "-m", "hatchling", "build", "-d", str(dist)],

@@ -1,0 +1,56 @@
+--[[
+  Store one package and re-point routes at it, in one atomic step, and announce the
+  route change to every route cache of the namespace.
+
+  KEYS[1]  {ns}:format    layout marker
+  KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
+  KEYS[3]  {ns}:routes    routes (hash, type -> content hash)
+  KEYS[4]  {ns}:pkg:<row id>  the package row (hash)
+  KEYS[5]  {ns}:route-version  version of the routes table (counter)
+
+  ARGV[1]  layout version the caller writes
+  ARGV[2]  row id, "<type>\0<hash>"
+  ARGV[3]  deployed_at stamp, 27 bytes
+  ARGV[4]  archive bytes
+  ARGV[5]  content hash the routes point at
+  ARGV[6]  {ns}:route-changes, the channel the change is published on
+  ARGV[7..] workflow types whose routes are re-pointed (at least one)
+
+  Publishes on ARGV[6], after every write: "<version>\0<hash>\0<type>[\0<type>...]"
+  (types and hashes never contain NUL), <version> being the new value of KEYS[5].
+
+  Reply:
+    {1, version}  a new row was stored; version is the routes table's new version
+    {0, version}  an existing row was replaced
+    error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
+]]
+local found = redis.call('GET', KEYS[1])
+if found and found ~= ARGV[1] then
+  return redis.error_reply('KVSTORE_FORMAT ' .. found)
+end
+if not found then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+
+local old = redis.call('HGET', KEYS[4], 'deployed_at')
+if old and old ~= ARGV[3] then
+  redis.call('ZREM', KEYS[2], old .. ' ' .. ARGV[2])
+end
+redis.call('HSET', KEYS[4], 'archive', ARGV[4], 'deployed_at', ARGV[3])
+redis.call('ZADD', KEYS[2], 0, ARGV[3] .. ' ' .. ARGV[2])
+local change = {'', ARGV[5]}
+for i = 7, #ARGV do
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[5])
+  change[#change + 1] = ARGV[i]
+end
+-- The counter and the message are written with the routes, so a cache that holds
+-- version N holds exactly the table the server held at N.
+local version = redis.call('INCR', KEYS[5])
+change[1] = string.format('%d', version)
+-- Plain PUBLISH reaches subscribers on every node of a cluster; SPUBLISH is the sharded
+-- form that keeps the message on the namespace's shard (the channel carries its tag).
+redis.call('PUBLISH', ARGV[6], table.concat(change, '\0'))
+if old then
+  return {0, version}
+end
+return {1, version}

@@ -1,0 +1,36 @@
+--[[
+  Point one workflow type's route at a content hash; no archive is touched. The change
+  is announced to every route cache of the namespace.
+
+  KEYS[1]  {ns}:format    layout marker
+  KEYS[2]  {ns}:routes    routes (hash, type -> content hash)
+  KEYS[3]  {ns}:route-version  version of the routes table (counter)
+
+  ARGV[1]  layout version the caller writes
+  ARGV[2]  workflow type
+  ARGV[3]  content hash
+  ARGV[4]  {ns}:route-changes, the channel the change is published on
+
+  Publishes on ARGV[4], after the write: "<version>\0<hash>\0<type>" (types and hashes
+  never contain NUL), <version> being the new value of KEYS[3].
+
+  Reply:
+    {1, version}  the route is new; version is the routes table's new version
+    {0, version}  an existing route was re-pointed (or already pointed there)
+    error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
+]]
+local found = redis.call('GET', KEYS[1])
+if found and found ~= ARGV[1] then
+  return redis.error_reply('KVSTORE_FORMAT ' .. found)
+end
+if not found then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+
+local created = redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+-- Counter and message go with the write, so a cache at version N holds the table at N.
+local version = redis.call('INCR', KEYS[3])
+-- Plain PUBLISH reaches subscribers on every node of a cluster; SPUBLISH is the sharded
+-- form that keeps the message on the namespace's shard (the channel carries its tag).
+redis.call('PUBLISH', ARGV[4], string.format('%d', version) .. '\0' .. ARGV[3] .. '\0' .. ARGV[2])
+return {created, version}

@@ -1,0 +1,92 @@
+"""The whole contract on a real three-primary Redis Cluster started on loopback."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from typing import Any
+
+import pytest
+import redis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+from kvstore import PackageRecord, RedisPackageStore
+from kvstore.conformance import SCENARIOS, T0, run_scenario
+from kvstore.local_server import LocalServer, free_port
+
+from .conftest import fresh_namespace
+
+SLOTS = 16384
+
+
+def command(client: redis.Redis, *args: object) -> Any:
+    return client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[LocalServer]]:
+    """Three primaries of the bundled Valkey, each serving a third of the slots."""
+    settings = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}
+    with ExitStack() as stack:
+        # The bus port defaults to port + 10000, which may not exist for a high free port.
+        nodes = [
+            stack.enter_context(
+                LocalServer(settings={**settings, "cluster-port": str(free_port())})
+            )
+            for _ in range(3)
+        ]
+        clients = [redis.Redis(port=n.port) for n in nodes]
+        for i, client in enumerate(clients):
+            command(client, "CLUSTER", "ADDSLOTSRANGE", i * SLOTS // 3, (i + 1) * SLOTS // 3 - 1)
+            bus = nodes[0].settings["cluster-port"]
+            command(client, "CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus)
+        deadline = time.monotonic() + 30
+        while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
+            assert time.monotonic() < deadline, "the cluster did not converge in 30 s"
+            time.sleep(0.1)
+        for client in clients:
+            client.close()
+        yield nodes
+
+
+def cluster_url(nodes: list[LocalServer]) -> str:
+    return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_cluster_keeps_the_promise(cluster: list[LocalServer], scenario: str) -> None:
+    url = cluster_url(cluster)
+    await run_scenario(
+        scenario, lambda: RedisPackageStore.from_url(url, namespace=fresh_namespace())
+    )
+
+
+async def test_a_given_cluster_client_works_and_stays_open(cluster: list[LocalServer]) -> None:
+    client = RedisCluster(host="127.0.0.1", port=cluster[1].port)
+    async with RedisPackageStore(client, namespace=fresh_namespace()) as store:
+        await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+        assert await store.get_package_route("order") == "h1"
+    assert await client.ping()
+    await client.aclose()
+
+
+async def test_namespaces_spread_over_shards_and_each_stays_in_one_slot(
+    cluster: list[LocalServer],
+) -> None:
+    namespaces = [fresh_namespace() for _ in range(12)]
+    shards = {key_slot(ns.encode()) * 3 // SLOTS for ns in namespaces}
+    assert len(shards) > 1
+    client = RedisCluster(host="127.0.0.1", port=cluster[0].port)
+    for ns in namespaces:
+        async with RedisPackageStore(client, namespace=ns) as store:
+            await store.put_package_with_routes(PackageRecord("a:b", "{c}", b"", T0), ["x y"])
+        slot = key_slot(ns.encode())
+        owner = client.get_node_from_key(f"{{{ns}}}")
+        keys = await client.execute_command(
+            "CLUSTER", "GETKEYSINSLOT", slot, 100, target_nodes=owner
+        )
+        assert len(keys) >= 4 and all(k.startswith(b"{" + ns.encode() + b"}:") for k in keys)
+        assert {key_slot(k) for k in keys} == {slot}
+    await client.aclose()

@@ -1,0 +1,380 @@
+"""Route caching: stores that answer route lookups from memory and stay true.
+
+Every test runs on real servers (and fakeredis where it has what the test needs); a
+store's cache is checked against what another store wrote, never against a mock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timedelta, timezone
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, SerializationError
+from kvstore.conformance import BAD_TEXT, SCENARIOS, run_scenario
+from kvstore.keyspace import Keyspace
+from kvstore.route_cache import RouteWatch
+
+from .conftest import SERVERS, fresh_namespace
+
+T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+# A generous bound for a change to cross from one store to another; the bench measures
+# the real figure (milliseconds) against its 50 ms target.
+VISIBLE_WITHIN = 2.0
+
+StoreFactory = Callable[..., RedisPackageStore]
+
+
+def pkg(workflow_type: str, content_hash: str, n: int = 0) -> PackageRecord:
+    return PackageRecord(workflow_type, content_hash, b"zip", T0 + timedelta(microseconds=n))
+
+
+@pytest.fixture(params=["fakeredis", *SERVERS])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def store_factory(request: pytest.FixtureRequest, backend: str) -> StoreFactory:
+    """Stores on one server (or one fakeredis server): ``factory(namespace, **options)``."""
+    if backend == "fakeredis":
+        fake_server = fakeredis.FakeServer()
+        return lambda namespace, **options: RedisPackageStore(
+            fakeredis.FakeAsyncRedis(server=fake_server), namespace=namespace, **options
+        )
+    url = request.getfixturevalue(f"{backend}_server").url
+    return lambda namespace, **options: RedisPackageStore.from_url(
+        url, namespace=namespace, **options
+    )
+
+
+@pytest.fixture
+async def stores(
+    request: pytest.FixtureRequest, backend: str
+) -> AsyncIterator[Callable[..., RedisPackageStore]]:
+    """A factory of stores on one namespace of one server, each closed after the test."""
+    factory = store_factory(request, backend)
+    namespace = fresh_namespace()
+    made: list[RedisPackageStore] = []
+
+    def make(**options: object) -> RedisPackageStore:
+        store = factory(namespace, **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.aclose()
+
+
+@pytest.fixture
+async def raw(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[str], Redis]]:
+    """A raw client on a named real server, to act behind the stores' backs."""
+    clients: list[Redis] = []
+
+    def connect(server: str) -> Redis:
+        client = Redis.from_url(request.getfixturevalue(f"{server}_server").url)
+        clients.append(client)
+        return client
+
+    yield connect
+    for client in clients:
+        await client.aclose()
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within: float = VISIBLE_WITHIN) -> bool:
+    """Whether ``check`` holds at some poll before ``within`` seconds have passed."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    for _ in range(100_000):
+        if await check():
+            return True
+        if loop.time() > end:
+            return False
+        await asyncio.sleep(0.001)
+    return False
+
+
+async def next_routes(watch: RouteWatch, count: int) -> list[PackageRouteRecord]:
+    async def take() -> list[PackageRouteRecord]:
+        return [await watch.__anext__() for _ in range(count)]
+
+    return await asyncio.wait_for(take(), VISIBLE_WITHIN)
+
+
+# The whole contract, with caching on.
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["cold", "live"])
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_cached_store_keeps_the_contract(
+    request: pytest.FixtureRequest, backend: str, scenario: str, warm: bool
+) -> None:
+    factory = store_factory(request, backend)
+
+    async def make() -> RedisPackageStore:
+        store = factory(fresh_namespace(), cache_routes=True)
+        if warm:
+            assert await store.route_cache_ready(VISIBLE_WITHIN)
+        return store
+
+    await run_scenario(scenario, make)
+
+
+# Staleness: another store's write becomes visible, and never through a dead stream.
+
+
+async def test_a_route_written_elsewhere_becomes_visible(stores: StoreFactory) -> None:
+    writer, reader = stores(), stores(cache_routes=True)
+    await writer.put_package(pkg("order", "h1"))
+    assert await reader.route_cache_ready(VISIBLE_WITHIN)
+    assert await reader.get_package_route("order") == "h1"  # from the snapshot
+
+    def sees(workflow_type: str, content_hash: str) -> Callable[[], Awaitable[bool]]:
+        async def check() -> bool:
+            return await reader.get_package_route(workflow_type) == content_hash
+
+        return check
+
+    await writer.put_package(pkg("order", "h2", 1))
+    assert await eventually(sees("order", "h2"))
+    await writer.put_package_route("order", "h1")
+    assert await eventually(sees("order", "h1"))
+    await writer.put_package_with_routes(pkg("multi", "h3", 2), ["billing"])
+    assert await eventually(sees("billing", "h3"))
+    assert await reader.get_package_route("multi") == "h3"
+    assert await reader.get_package_route("never") is None
+    assert await reader.route_cache_ready(0), "it stayed live, so those answers were cached"
+    assert await reader.list_package_routes() == await writer.list_package_routes()
+
+
+async def test_a_store_reads_its_own_writes_at_once(stores: StoreFactory) -> None:
+    store = stores(cache_routes=True)
+    assert await store.route_cache_ready(VISIBLE_WITHIN)
+    # No pause between write and read: the script's reply updates the cache.
+    for i in range(50):
+        await store.put_package_route("order", f"h{i}")
+        assert await store.get_package_route("order") == f"h{i}"
+        await store.put_package(pkg(f"type-{i}", f"p{i}", i))
+        assert await store.get_package_route(f"type-{i}") == f"p{i}"
+
+
+async def test_many_writers_converge_to_the_server(stores: StoreFactory) -> None:
+    readers = [stores(cache_routes=True) for _ in range(2)]
+    writers = [stores(cache_routes=True), stores()]
+    for reader in readers:
+        assert await reader.route_cache_ready(VISIBLE_WITHIN)
+    await asyncio.gather(
+        *(
+            writer.put_package_route(f"type-{i % 7}", f"h{i}-{w}")
+            for i in range(300)
+            for w, writer in enumerate(writers)
+        )
+    )
+    truth = await writers[1].list_package_routes()
+
+    for store in [*readers, writers[0]]:
+
+        async def agrees(store: RedisPackageStore = store) -> bool:
+            found = [await store.get_package_route(r.workflow_type) for r in truth]
+            return found == [r.content_hash for r in truth]
+
+        assert await eventually(agrees)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_while_the_subscription_is_down_lookups_ask_the_server(
+    stores: StoreFactory, raw: Callable[[str], Redis], backend: str, server: str
+) -> None:
+    if backend != server:
+        pytest.skip("one real server at a time")
+    cached, writer = stores(cache_routes=True), stores()
+    await writer.put_package_route("order", "old")
+    assert await cached.route_cache_ready(VISIBLE_WITHIN)
+    assert await cached.get_package_route("order") == "old"
+    admin = raw(server)
+    assert await admin.client_kill_filter(_type="pubsub") >= 1
+    # The change is published while no subscription exists, so it is never delivered:
+    # only asking the server gives the new value, and it must be given at once.
+    await writer.put_package_route("order", "new")
+    assert await cached.get_package_route("order") == "new"
+    # It resubscribes and reloads in full, then answers from memory again.
+    assert await cached.route_cache_ready(VISIBLE_WITHIN)
+    assert await cached.get_package_route("order") == "new"
+    await writer.put_package_route("order", "newer")
+
+    async def follows() -> bool:
+        return await cached.get_package_route("order") == "newer"
+
+    assert await eventually(follows)
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_a_silently_stalled_subscription_is_noticed_by_the_health_check(
+    stores: StoreFactory, raw: Callable[[str], Redis], backend: str, server: str
+) -> None:
+    if backend != server:
+        pytest.skip("one real server at a time")
+    cached = stores(cache_routes=True, route_health_interval=0.1)
+    assert await cached.route_cache_ready(VISIBLE_WITHIN)
+    admin = raw(server)
+    # A paused server answers nothing, PING included, yet the connection stays open.
+    await admin.client_pause(1500, all=True)
+
+    async def down() -> bool:
+        return not await cached.route_cache_ready(0)
+
+    assert await eventually(down, within=1.0), "no reply to PING for two intervals"
+    assert await cached.route_cache_ready(5.0), "live again once the server answers"
+
+
+async def test_a_skipped_version_makes_the_cache_reload(stores: StoreFactory, backend: str) -> None:
+    cached, writer = stores(cache_routes=True), stores()
+    await writer.put_package_route("order", "h1")
+    assert await cached.route_cache_ready(VISIBLE_WITHIN)
+    # A message three versions ahead: versions in between were never seen, so the
+    # cache must not trust it, and must take the table from the server instead.
+    keys = Keyspace(cached.namespace)
+    client = cached._client
+    await client.publish(keys.route_changes, b"4\x00forged\x00order")
+    await writer.put_package_route("billing", "h2")
+
+    async def reloaded() -> bool:
+        return await cached.get_package_route("billing") == "h2"
+
+    assert await eventually(reloaded)
+    assert await cached.get_package_route("order") == "h1"
+
+
+async def test_a_foreign_layout_keeps_the_cache_off(stores: StoreFactory) -> None:
+    cached = stores(cache_routes=True)
+    await cached._client.set(Keyspace(cached.namespace).format, b"9")
+    with pytest.raises(SerializationError, match="layout"):
+        await cached.get_package_route("order")
+    assert not await cached.route_cache_ready(0.3)
+    with pytest.raises(SerializationError, match="layout"):
+        await cached.get_package_route("order")
+
+
+async def test_cached_lookup_refuses_what_the_uncached_one_refuses(stores: StoreFactory) -> None:
+    cached, plain = stores(cache_routes=True), stores()
+    assert await cached.route_cache_ready(VISIBLE_WITHIN)
+    for bad, kind in BAD_TEXT:
+        errors = []
+        for store in (cached, plain):
+            with pytest.raises(kind) as caught:
+                await store.get_package_route(bad)  # type: ignore[arg-type]
+            errors.append(str(caught.value))
+        assert errors[0] == errors[1], bad
+        assert "workflow_type" in errors[0]
+
+
+# Watching routes.
+
+
+async def test_watch_yields_the_table_then_every_route_write(stores: StoreFactory) -> None:
+    writer, watcher = stores(cache_routes=True), stores(cache_routes=True)
+    await writer.put_package_route("b-existing", "h0")
+    await writer.put_package_route("a-existing", "h0")
+    assert await watcher.route_cache_ready(VISIBLE_WITHIN)
+    async with watcher.watch_routes() as watch:
+        assert await next_routes(watch, 2) == [
+            PackageRouteRecord("a-existing", "h0"),
+            PackageRouteRecord("b-existing", "h0"),
+        ]
+        await writer.put_package(pkg("order", "h1"))
+        await writer.put_package_with_routes(pkg("multi", "h2", 1), ["billing", "order"])
+        await writer.put_package_route("order", "h1")
+        await watcher.put_package_route("own", "h3")  # the watcher's own write too
+        assert await next_routes(watch, 6) == [
+            PackageRouteRecord("order", "h1"),
+            PackageRouteRecord("multi", "h2"),
+            PackageRouteRecord("billing", "h2"),
+            PackageRouteRecord("order", "h2"),
+            PackageRouteRecord("order", "h1"),
+            PackageRouteRecord("own", "h3"),
+        ]
+
+
+async def test_watch_made_before_the_cache_loads_starts_from_the_table(
+    stores: StoreFactory,
+) -> None:
+    writer = stores()
+    await writer.put_package_route("order", "h1")
+    watcher = stores(cache_routes=True)
+    watch = watcher.watch_routes()
+    await writer.put_package_route("billing", "h2")
+    seen = await next_routes(watch, 2)
+    assert sorted(seen, key=lambda r: r.workflow_type) == [
+        PackageRouteRecord("billing", "h2"),
+        PackageRouteRecord("order", "h1"),
+    ]
+    await watch.aclose()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_watch_catches_up_after_the_subscription_is_lost(
+    stores: StoreFactory, raw: Callable[[str], Redis], backend: str, server: str
+) -> None:
+    if backend != server:
+        pytest.skip("one real server at a time")
+    writer, watcher = stores(), stores(cache_routes=True)
+    await writer.put_package_route("order", "h1")
+    assert await watcher.route_cache_ready(VISIBLE_WITHIN)
+    watch = watcher.watch_routes()
+    assert await next_routes(watch, 1) == [PackageRouteRecord("order", "h1")]
+    await raw(server).client_kill_filter(_type="pubsub")
+    await writer.put_package_route("order", "h2")
+    # Delivered as a write (if the new subscription was up in time) or as a change
+    # found by the reload (if not): once either way.
+    assert await next_routes(watch, 1) == [PackageRouteRecord("order", "h2")]
+    await writer.put_package_route("billing", "h3")
+    assert await next_routes(watch, 1) == [PackageRouteRecord("billing", "h3")]
+    await watch.aclose()
+
+
+async def test_closing_the_store_ends_watches_and_the_subscription(
+    request: pytest.FixtureRequest, backend: str
+) -> None:
+    store = store_factory(request, backend)(fresh_namespace(), cache_routes=True)
+    assert await store.route_cache_ready(VISIBLE_WITHIN)
+    watch = store.watch_routes()
+    task = store._route_cache._task if store._route_cache else None
+    assert task is not None and not task.done()
+    await store.aclose()
+    assert task.done()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(watch.__anext__(), VISIBLE_WITHIN)
+    with pytest.raises(RuntimeError, match="closed"):
+        store.watch_routes()
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_closing_the_store_releases_its_subscription_on_the_server(
+    request: pytest.FixtureRequest, raw: Callable[[str], Redis], server: str
+) -> None:
+    admin = raw(server)
+
+    async def subscribers() -> int:
+        return len(await admin.client_list(_type="pubsub"))
+
+    before = await subscribers()
+    store = store_factory(request, server)(fresh_namespace(), cache_routes=True)
+    assert await store.route_cache_ready(VISIBLE_WITHIN)
+    assert await subscribers() == before + 1
+    await store.aclose()
+
+    async def released() -> bool:
+        return await subscribers() == before
+
+    assert await eventually(released)
+
+
+async def test_watch_needs_caching_on(stores: StoreFactory) -> None:
+    store = stores()
+    with pytest.raises(RuntimeError, match="cache_routes"):
+        store.watch_routes()
+    assert not await store.route_cache_ready(0)
