@@ -1,0 +1,7 @@
+"""Benchmarks of ``RedisPackageStore`` against raw redis-py on the same server.
+
+``python -m bench`` starts its own server on loopback, times each figure for the store
+and for the same work done with raw redis-py calls (the floor), and prints medians over
+several rounds with the ratio and its target. Every ratio compares figures measured in
+the same run on the same server; absolute times depend on the machine, ratios much less.
+"""
