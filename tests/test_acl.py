@@ -1,0 +1,155 @@
+"""Least privilege: a store needs only ``STORE_USER_RULE``, and it keeps a user in its namespace.
+
+The rule was found by trying: the whole contract, a route cache and ``min_replicas`` run
+as a user that has nothing else, and the server refuses nothing they ask; each command
+in it is one the store sends or one its scripts call (scripts run with the caller's
+rights). ``{ns}`` stands for the namespace's hash tag, braces included: the rule of
+namespace ``aion`` grants the keys ``{aion}:*`` and the channel ``{aion}:route-changes``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import NoPermissionError
+
+from kvstore import BackendError, PackageRecord, PackageRouteRecord, RedisPackageStore
+from kvstore.conformance import run_package_store_suite
+from kvstore.local_server import LocalServer
+
+from .conftest import fresh_namespace
+from .topology import raw_command
+
+STORE_USER_RULE = (
+    "resetkeys ~{ns}:* resetchannels &{ns}:route-changes -@all "
+    "+evalsha +eval +get +set +hget +hset +hmget +hgetall +del +zadd +zrem +zrangebylex "
+    "+incr +publish +subscribe +ping +multi +exec +wait"
+)
+
+# redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store
+# needs no such right (and Redis 7.0 has no such command to grant).
+NOT_NEEDED = {"client|setinfo"}
+
+T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
+
+
+def rule_for(namespace: str) -> list[str]:
+    return STORE_USER_RULE.replace("{ns}", "{" + namespace + "}").split()
+
+
+class Users:
+    """Store users made on one server, each with the rule of its own namespace."""
+
+    def __init__(self, server: LocalServer, admin: Redis) -> None:
+        self.server = server
+        self.admin = admin
+        self.names: list[str] = []
+
+    async def add(self, namespace: str) -> str:
+        """A URL that logs in as a new user holding only the rule of ``namespace``."""
+        name, password = f"engine-{namespace}", secrets.token_hex(8)
+        await raw_command(self.admin, "ACL", "SETUSER", name, "on", f">{password}")
+        await raw_command(self.admin, "ACL", "SETUSER", name, *rule_for(namespace))
+        self.names.append(name)
+        return f"redis://{name}:{password}@127.0.0.1:{self.server.port}"
+
+    async def store(self, namespace: str, **options: float | bool) -> RedisPackageStore:
+        url = await self.add(namespace)
+        return RedisPackageStore.from_url(url, namespace=namespace, **options)  # type: ignore[arg-type]
+
+    async def refusals(self) -> list[str]:
+        """What the server refused these users, as ``reason:object``, beyond ``NOT_NEEDED``."""
+        found = []
+        for entry in await raw_command(self.admin, "ACL", "LOG", "128"):
+            fields = (
+                entry
+                if isinstance(entry, dict)
+                else dict(zip(entry[::2], entry[1::2], strict=True))
+            )
+            user, reason, what = (fields[k].decode() for k in (b"username", b"reason", b"object"))
+            if user in self.names and what not in NOT_NEEDED:
+                found.append(f"{reason}:{what}")
+        return found
+
+
+@pytest.fixture
+async def users(server: LocalServer) -> AsyncIterator[Users]:
+    async with Redis(port=server.port) as admin:
+        made = Users(server, admin)
+        await raw_command(admin, "ACL", "LOG", "RESET")
+        try:
+            yield made
+        finally:
+            for name in made.names:
+                await raw_command(admin, "ACL", "DELUSER", name)
+
+
+async def test_the_whole_contract_holds_for_a_user_with_only_the_rule(users: Users) -> None:
+    # With the script cache empty, the scripts are sent by EVAL as the user too.
+    await raw_command(users.admin, "SCRIPT", "FLUSH")
+    await run_package_store_suite(lambda: users.store(fresh_namespace()))
+    assert await users.refusals() == []
+
+
+async def test_a_route_cache_lives_on_the_rule(users: Users) -> None:
+    namespace = fresh_namespace()
+    cached = await users.store(namespace, cache_routes=True, route_health_interval=0.1)
+    async with cached, await users.store(namespace) as writer:
+        async with cached.watch_routes() as watch:
+            assert await cached.route_cache_ready(timeout=10)
+            await asyncio.sleep(0.5)  # quiet: the cache PINGs the server several times
+            await writer.put_package_route("order", "h1")
+            seen = await asyncio.wait_for(anext(watch), timeout=10)
+        assert seen == PackageRouteRecord("order", "h1")
+        assert await cached.route_cache_ready(timeout=0)
+    assert await users.refusals() == []
+
+
+async def test_the_rule_lets_a_store_wait_for_replicas(users: Users) -> None:
+    # This server has no replica: WAIT is answered (0 acknowledged), not refused.
+    async with await users.store(fresh_namespace(), min_replicas=1, replica_timeout=0.1) as waiting:
+        with pytest.raises(BackendError, match="0 of 1 replicas acknowledged"):
+            await waiting.put_package(PackageRecord("order", "h1", b"PK", T0))
+    assert await users.refusals() == []
+
+
+async def test_a_read_the_server_refuses_raises_backend_error(users: Users) -> None:
+    # Every read is led by a check of the layout marker; the server refusing that check is
+    # a failure of the server, not a namespace holding another layout.
+    url = await users.add(fresh_namespace())
+    async with RedisPackageStore.from_url(
+        url, namespace=fresh_namespace(), retry_budget=0
+    ) as store:
+        with pytest.raises(BackendError, match="NoPermissionError"):
+            await store.get_package("order", "h1")
+
+
+async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> None:
+    mine, theirs = fresh_namespace(), fresh_namespace()
+    owner = RedisPackageStore(users.admin, namespace=theirs)
+    record = PackageRecord("order", "h1", b"theirs", T0)
+    await owner.put_package(record)
+    url = await users.add(mine)
+    async with Redis.from_url(url) as raw:
+        with pytest.raises(NoPermissionError):
+            await raw.hgetall(f"{{{theirs}}}:routes")
+        with pytest.raises(NoPermissionError):
+            await raw.hset(f"{{{theirs}}}:routes", "order", "forged")
+        with pytest.raises(NoPermissionError):
+            await raw_command(raw, "KEYS", "*")
+    async with RedisPackageStore.from_url(url, namespace=theirs, retry_budget=0) as intruder:
+        with pytest.raises(BackendError):
+            await intruder.get_package_route("order")
+        with pytest.raises(BackendError):
+            await intruder.list_packages()
+        with pytest.raises(BackendError):
+            await intruder.put_package(PackageRecord("order", "h2", b"forged", T0))
+        with pytest.raises(BackendError):
+            await intruder.delete_package("order", "h1")
+    assert await owner.list_packages() == [record]
+    assert await owner.list_package_routes() == [PackageRouteRecord("order", "h1")]

@@ -1,0 +1,181 @@
+"""A Sentinel-managed primary fails over under load, and no acknowledged put is lost.
+
+Every server here is a real process on 127.0.0.1: a primary, one replica and three
+Sentinels (quorum 2). Stores write with ``min_replicas=1``, so a put is acknowledged only
+once the replica has it; the replica is the node the Sentinels promote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import traceback
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore.local_server import free_port
+
+from .conftest import SERVERS, fresh_namespace
+from .topology import (
+    SentinelGroup,
+    Writer,
+    check_outcome,
+    eventually,
+    raw_command,
+    replicated_pair,
+    server_binary,
+    wait_in_sync,
+)
+
+T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=SERVERS)
+def binary(request: pytest.FixtureRequest) -> Path:
+    return server_binary(request.param)
+
+
+@pytest.fixture
+async def group(binary: Path, tmp_path: Path) -> AsyncIterator[SentinelGroup]:
+    with SentinelGroup(binary, tmp_path) as started:
+        await started.wait_watching(within=20)
+        yield started
+
+
+def sentinel_store(group: SentinelGroup, namespace: str) -> RedisPackageStore:
+    return RedisPackageStore.from_url(
+        group.url(),
+        namespace=namespace,
+        min_replicas=1,
+        replica_timeout=0.5,
+        timeout=2.0,
+        retry_budget=3.0,
+    )
+
+
+async def test_acknowledged_puts_survive_a_failover_and_the_same_stores_carry_on(
+    group: SentinelGroup,
+) -> None:
+    namespace = fresh_namespace()
+    stores = [sentinel_store(group, namespace) for _ in range(3)]
+    writers = [Writer(f"engine-{i}", stores[i % len(stores)]) for i in range(6)]
+    stop = asyncio.Event()
+    tasks = [asyncio.create_task(writer.run(stop, limit=20_000)) for writer in writers]
+    try:
+        await eventually(
+            lambda: all(len(w.acked) >= 10 for w in writers),
+            within=20,
+            what="every writer acknowledged before the failover",
+        )
+        old_port = group.primary.port
+        group.primary.kill()
+        new_port = await group.wait_promoted(old_port, within=30)
+        assert new_port == group.replica.port, "the only replica is promoted"
+        # The failed node rejoins as a replica of the new primary, so WAIT can be met again.
+        group.primary.settings["replicaof"] = f"127.0.0.1 {new_port}"
+        await asyncio.to_thread(group.primary.start)
+        before = {w.name: len(w.acked) for w in writers}
+        await eventually(
+            lambda: all(len(w.acked) >= before[w.name] + 10 for w in writers),
+            within=30,
+            what="every writer acknowledged on the new primary through the same store",
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=30)
+    try:
+        for store in stores:
+            await check_outcome(store, writers)
+    finally:
+        for store in stores:
+            await store.aclose()
+    async with RedisPackageStore.from_url(group.replica.url, namespace=namespace) as direct:
+        stored = await check_outcome(direct, writers)
+    assert stored >= sum(len(w.acked) for w in writers)
+
+
+async def test_a_put_no_replica_acknowledged_raises_backend_error(
+    binary: Path, tmp_path: Path
+) -> None:
+    primary, replica = replicated_pair(binary, tmp_path)
+    with primary, replica:
+        wait_in_sync(replica.port, within=15)
+        async with RedisPackageStore.from_url(
+            primary.url, namespace=fresh_namespace(), min_replicas=1, replica_timeout=0.3
+        ) as store:
+            await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            replica.stop()
+            with pytest.raises(BackendError, match="0 of 1 replicas acknowledged"):
+                await store.put_package(PackageRecord("order", "h2", b"PK", T0))
+
+
+def messages(exc: BaseException) -> Iterator[str]:
+    """Every text an exception and the exceptions chained to it show."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        current = todo.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield str(current)
+        yield repr(current)
+        yield from map(str, current.args)
+        todo += [current.__cause__, current.__context__]
+    yield "".join(traceback.format_exception_only(exc))
+
+
+async def add_user(port: int, user: str, password: str) -> None:
+    async with Redis(port=port) as admin:
+        await raw_command(admin, "ACL", "SETUSER", user, "on", f">{password}", "~*", "&*", "+@all")
+
+
+async def test_a_password_in_a_sentinel_or_cluster_url_never_shows(tmp_path: Path) -> None:
+    secret = "Pw-n0t-f0r-l0gs"
+    binary = server_binary("valkey")
+    with SentinelGroup(binary, tmp_path) as group:
+        await group.wait_watching(within=20)
+        # A user the primary knows: the store works, and shows no password.
+        await add_user(group.primary.port, "engine", secret)
+        async with RedisPackageStore.from_url(
+            group.url(f"engine:{secret}@"), namespace=fresh_namespace()
+        ) as store:
+            await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            assert secret not in repr(store)
+        # A user it does not know: the refusal shows no password either.
+        wrong = RedisPackageStore.from_url(
+            group.url(f"nobody:{secret}@"), namespace=fresh_namespace(), retry_budget=0.3
+        )
+        assert secret not in repr(wrong)
+        with pytest.raises(BackendError) as refused:
+            await wrong.put_package(PackageRecord("order", "h1", b"PK", T0))
+        await wrong.aclose()
+        for text in messages(refused.value):
+            assert secret not in text
+    nobody_there = free_port()
+    cluster = RedisPackageStore.from_url(
+        f"redis+cluster://engine:{secret}@127.0.0.1:{nobody_there}",
+        namespace=fresh_namespace(),
+        timeout=0.5,
+        retry_budget=0.3,
+    )
+    assert secret not in repr(cluster)
+    with pytest.raises(BackendError) as unreachable:
+        await cluster.get_package_route("order")
+    await cluster.aclose()
+    for text in messages(unreachable.value):
+        assert secret not in text
+    for bad in [
+        f"redis+sentinel://engine:{secret}@127.0.0.1:1",  # no service
+        f"redis+sentinel://engine:{secret}@127.0.0.1:1/svc/zero",  # a db that is no number
+        f"redis+cluster://engine:{secret}@127.0.0.1",  # no port
+        f"redis+sentinel://engine:{secret}@127.0.0.1:1,127.0.0.1/svc",  # one node without
+    ]:
+        with pytest.raises(ValueError) as refused_url:
+            RedisPackageStore.from_url(bad, namespace=fresh_namespace())
+        for text in messages(refused_url.value):
+            assert secret not in text, bad

@@ -1,0 +1,494 @@
+"""Servers the store is proven against: Sentinel groups, TLS servers, and a checkable workload.
+
+``LocalServer`` starts a data node from command-line settings. A Sentinel needs a config
+file it can rewrite, and a TLS-only server answers no plain ``PING``, so both are started
+here by ``ServerProcess``, with the readiness probe they need. Everything binds 127.0.0.1.
+
+``Writer`` is the workload of the failure tests: each writer owns its workflow types and
+deploys versions of them in increasing ``deployed_at``, remembering only the puts the
+store acknowledged, so that after any failure ``check_outcome`` can tell exactly what
+must be stored and where every route must point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import shutil
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from kvstore import BackendError, PackageRecord, PackageStore
+from kvstore.local_server import LocalServer, LocalServerError, free_port, valkey_binary
+
+
+def server_binary(name: str) -> Path:
+    """The binary of server ``name`` (``valkey`` or ``redis``); skips the test if absent."""
+    if name == "valkey":
+        return valkey_binary()
+    found = shutil.which("redis-server")
+    if found is None:
+        pytest.skip("redis-server is not on the PATH (.ci/run installs it)")
+    return Path(found)
+
+
+# Waits on a probe are bounded by their timeout; a probe's own I/O by this.
+_PROBE_TIMEOUT = 1.0
+
+
+def answers_ping(port: int) -> bool:
+    """Whether a plain-TCP server on 127.0.0.1:``port`` answers ``PING``."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=_PROBE_TIMEOUT) as sock:
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def answers_tls_ping(port: int, ca_file: Path) -> bool:
+    """Whether a TLS server on 127.0.0.1:``port`` whose certificate ``ca_file`` signed answers."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=_PROBE_TIMEOUT) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(b"PING\r\n")
+            return sock.recv(64).startswith(b"+PONG")
+    except (OSError, ssl.SSLError):
+        return False
+
+
+class ServerProcess:
+    """One server process started with ``args``, ready once ``ready()`` says so.
+
+    Its output goes to ``server.log`` in ``data_dir``. ``start`` may be called again
+    after ``stop`` or ``kill``.
+    """
+
+    def __init__(self, args: list[str], *, data_dir: Path, ready: Callable[[], bool]) -> None:
+        self.args = args
+        self.data_dir = data_dir
+        self._ready = ready
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def log_path(self) -> Path:
+        return self.data_dir / "server.log"
+
+    def start(self, timeout: float = 15.0) -> ServerProcess:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            self._process = subprocess.Popen(
+                self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                self._process = None
+                raise LocalServerError(f"{self.args[0]} exited at start:\n{self.log_tail()}")
+            if self._ready():
+                return self
+            time.sleep(0.05)
+        self.kill()
+        raise LocalServerError(f"{self.args[0]} was not ready in {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+
+    def kill(self) -> None:
+        if self._process is not None:
+            self._process.kill()
+            self._process.wait()
+            self._process = None
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+def sentinel_process(
+    binary: Path, data_dir: Path, *, primary_port: int, service: str, quorum: int
+) -> tuple[ServerProcess, int]:
+    """A Sentinel watching ``service`` at 127.0.0.1:``primary_port``, and its port.
+
+    Its config file lives in ``data_dir``, where the Sentinel rewrites it with what it
+    learns (peers, replicas, the current primary).
+    """
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    config = data_dir / "sentinel.conf"
+    config.write_text(
+        "\n".join(
+            [
+                f"port {port}",
+                "bind 127.0.0.1",
+                f'dir "{data_dir}"',
+                "daemonize no",
+                f"sentinel monitor {service} 127.0.0.1 {primary_port} {quorum}",
+                f"sentinel down-after-milliseconds {service} 500",
+                f"sentinel failover-timeout {service} 5000",
+                f"sentinel parallel-syncs {service} 1",
+                "",
+            ]
+        )
+    )
+    process = ServerProcess(
+        [str(binary), str(config), "--sentinel"],
+        data_dir=data_dir,
+        ready=lambda: answers_ping(port),
+    )
+    return process, port
+
+
+async def raw_command(client: Redis, *args: str) -> Any:
+    """The server's reply to ``args``, sent as they are."""
+    return await client.execute_command(*args)  # type: ignore[no-untyped-call]
+
+
+def wait_in_sync(replica_port: int, *, within: float) -> None:
+    """Return once the replica on ``replica_port`` is connected to its primary."""
+    deadline = time.monotonic() + within
+    with SyncRedis(port=replica_port, socket_timeout=_PROBE_TIMEOUT) as replica:
+        while time.monotonic() < deadline:
+            role = replica.execute_command("ROLE")
+            if role[0] == b"slave" and role[3] == b"connected":
+                return
+            time.sleep(0.05)
+    raise AssertionError(f"the replica on port {replica_port} did not sync within {within}s")
+
+
+async def eventually(
+    check: Callable[[], bool | Awaitable[bool]], *, within: float, what: str
+) -> None:
+    """Return once ``check()`` is true; fail naming ``what`` after ``within`` seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while True:
+        result = check()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: not within {within}s")
+        await asyncio.sleep(0.1)
+
+
+# A full sync starts at once instead of waiting 5 s for more replicas to join it.
+DATA_NODE_SETTINGS = {"repl-diskless-sync-delay": "0"}
+
+
+def replicated_pair(binary: Path, root: Path) -> tuple[LocalServer, LocalServer]:
+    """A primary and a replica of it (not started), with data dirs under ``root``."""
+    primary = LocalServer(binary, data_dir=root / "primary", settings=DATA_NODE_SETTINGS)
+    replica = LocalServer(
+        binary,
+        data_dir=root / "replica",
+        settings={**DATA_NODE_SETTINGS, "replicaof": f"127.0.0.1 {primary.port}"},
+    )
+    return primary, replica
+
+
+class SentinelGroup:
+    """A primary, one replica and ``sentinels`` Sentinels watching them as ``service``."""
+
+    def __init__(
+        self, binary: Path, root: Path, *, service: str = "svc", sentinels: int = 3
+    ) -> None:
+        self.service = service
+        self.primary, self.replica = replicated_pair(binary, root)
+        quorum = sentinels // 2 + 1
+        made = [
+            sentinel_process(
+                binary,
+                root / f"sentinel-{i}",
+                primary_port=self.primary.port,
+                service=service,
+                quorum=quorum,
+            )
+            for i in range(sentinels)
+        ]
+        self.sentinels = [process for process, _ in made]
+        self.sentinel_ports = [port for _, port in made]
+
+    def url(self, credentials: str = "") -> str:
+        nodes = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        return f"redis+sentinel://{credentials}{nodes}/{self.service}"
+
+    def __enter__(self) -> SentinelGroup:
+        try:
+            self.primary.start()
+            self.replica.start()
+            # Sentinels started after the first sync see a healthy replica at once.
+            wait_in_sync(self.replica.port, within=15.0)
+            for sentinel in self.sentinels:
+                sentinel.start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for sentinel in self.sentinels:
+            sentinel.kill()
+        self.replica.kill()
+        self.primary.kill()
+
+    async def _ask_each_sentinel(self, *command: str) -> list[object]:
+        replies: list[object] = []
+        for port in self.sentinel_ports:
+            async with Redis(port=port, socket_timeout=_PROBE_TIMEOUT) as sentinel:
+                replies.append(await raw_command(sentinel, *command))
+        return replies
+
+    async def primary_ports(self) -> list[int | None]:
+        """Where each Sentinel says the primary is (``None``: it cannot say)."""
+        ports: list[int | None] = []
+        try:
+            replies = await self._ask_each_sentinel(
+                "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
+            )
+        except (OSError, RedisError):
+            return [None] * len(self.sentinel_ports)
+        for reply in replies:
+            ports.append(int(reply[1]) if isinstance(reply, list | tuple) else None)
+        return ports
+
+    async def watching(self) -> bool:
+        """Whether every Sentinel knows every other and sees the replica in sync."""
+        try:
+            peers = await self._ask_each_sentinel("SENTINEL", "SENTINELS", self.service)
+            replicas = await self._ask_each_sentinel("SENTINEL", "REPLICAS", self.service)
+        except (OSError, RedisError):
+            return False
+        others = len(self.sentinels) - 1
+        if not all(isinstance(p, list) and len(p) == others for p in peers):
+            return False
+        for seen in replicas:
+            if not isinstance(seen, list) or len(seen) != 1:
+                return False
+            fields = _fields(seen[0])
+            if fields.get(b"flags") != b"slave" or fields.get(b"master-link-status") != b"ok":
+                return False
+        return True
+
+    async def wait_watching(self, within: float) -> None:
+        await eventually(self.watching, within=within, what="sentinels watching the group")
+
+    async def wait_promoted(self, old_port: int, within: float) -> int:
+        """The port of the new primary, once every Sentinel names it and it is one."""
+        found: list[int] = []
+
+        async def promoted() -> bool:
+            ports = set(await self.primary_ports())
+            if len(ports) != 1 or None in ports or old_port in ports:
+                return False
+            (port,) = ports
+            assert port is not None
+            async with Redis(port=port, socket_timeout=_PROBE_TIMEOUT) as node:
+                role = await raw_command(node, "ROLE")
+            if role[0] != b"master":
+                return False
+            found.append(port)
+            return True
+
+        await eventually(promoted, within=within, what=f"a primary other than port {old_port}")
+        return found[-1]
+
+
+def _fields(reply: object) -> dict[object, object]:
+    """A Sentinel's description of an instance: a map in RESP3, a flat list in RESP2."""
+    if isinstance(reply, dict):
+        return dict(reply)
+    assert isinstance(reply, list)
+    return dict(zip(reply[::2], reply[1::2], strict=True))
+
+
+# TLS.
+
+
+@dataclass(frozen=True)
+class Certificates:
+    """A throw-away CA and a server certificate it signed for IP address 127.0.0.1."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+
+
+_SERVER_EXTENSIONS = """\
+subjectAltName = IP:127.0.0.1
+basicConstraints = critical, CA:FALSE
+keyUsage = critical, digitalSignature, keyEncipherment
+extendedKeyUsage = serverAuth
+authorityKeyIdentifier = keyid
+subjectKeyIdentifier = hash
+"""
+
+
+def make_certificates(directory: Path) -> Certificates:
+    """Certificates made with the ``openssl`` command; skips the test if it is absent."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("the openssl command is not on the PATH; it makes the test certificates")
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.crt", directory / "ca.key"
+    cert, key, request = (
+        directory / "server.crt",
+        directory / "server.key",
+        directory / "server.csr",
+    )
+    extensions = directory / "server.ext"
+    extensions.write_text(_SERVER_EXTENSIONS)
+    new_key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    ca_extensions = "basicConstraints=critical,CA:TRUE keyUsage=critical,keyCertSign,cRLSign"
+
+    def run(*args: str | Path) -> None:
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True, timeout=60)
+
+    ca_subject = ["-subj", "/CN=kvstore-test-ca", "-days", "2"]
+    for extension in ca_extensions.split():
+        ca_subject += ["-addext", extension]
+    run("req", "-x509", *new_key, *ca_subject, "-keyout", ca_key, "-out", ca)
+    run("req", *new_key, "-subj", "/CN=127.0.0.1", "-keyout", key, "-out", request)
+    signing: list[str | Path] = ["-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-days", "2"]
+    run("x509", "-req", *signing, "-in", request, "-extfile", extensions, "-out", cert)
+    return Certificates(ca, cert, key)
+
+
+def tls_server_process(
+    binary: Path, data_dir: Path, certificates: Certificates
+) -> tuple[ServerProcess, int]:
+    """A server that speaks TLS only (``port 0``), without client certificates, and its port."""
+    port = free_port()
+    settings = {
+        "port": "0",
+        "tls-port": str(port),
+        "bind": "127.0.0.1",
+        "dir": str(data_dir),
+        "save": "",
+        "appendonly": "no",
+        "tls-cert-file": str(certificates.server_cert),
+        "tls-key-file": str(certificates.server_key),
+        "tls-ca-cert-file": str(certificates.ca),
+        "tls-auth-clients": "no",
+    }
+    args = [str(binary)] + [
+        part for name, value in settings.items() for part in (f"--{name}", value)
+    ]
+    process = ServerProcess(
+        args, data_dir=data_dir, ready=lambda: answers_tls_ping(port, certificates.ca)
+    )
+    return process, port
+
+
+# The workload.
+
+T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
+
+
+def archive_of(workflow_type: str, content_hash: str) -> bytes:
+    """The archive deployed as ``(workflow_type, content_hash)``: 32 B to 64 KiB."""
+    seed = hashlib.sha256(f"{workflow_type}|{content_hash}".encode()).digest()
+    return seed * (1 + int.from_bytes(seed[:2], "big") % 2048)
+
+
+def deployed_at_of(content_hash: str) -> datetime:
+    """Version ``v<n>`` is deployed ``n`` milliseconds after ``T0``."""
+    return T0 + timedelta(milliseconds=int(content_hash.removeprefix("v")))
+
+
+@dataclass
+class Writer:
+    """Deploys versions ``v0, v1, ...`` of its own types, round robin, through ``store``."""
+
+    name: str
+    store: PackageStore
+    type_count: int = 3
+    acked: dict[tuple[str, str], PackageRecord] = field(default_factory=dict)
+    failures: list[str] = field(default_factory=list)
+    attempts: int = 0
+
+    @property
+    def types(self) -> list[str]:
+        return [f"{self.name}-type-{i}" for i in range(self.type_count)]
+
+    def record(self, n: int) -> PackageRecord:
+        workflow_type, content_hash = self.types[n % self.type_count], f"v{n}"
+        archive = archive_of(workflow_type, content_hash)
+        return PackageRecord(workflow_type, content_hash, archive, deployed_at_of(content_hash))
+
+    async def run(self, stop: asyncio.Event, *, limit: int = 100_000) -> None:
+        """Put one version after another until ``stop`` is set or ``limit`` are tried.
+
+        A put that raised ``BackendError`` may or may not have been applied; it is not
+        remembered, and the next version follows it.
+        """
+        while not stop.is_set() and self.attempts < limit:
+            record = self.record(self.attempts)
+            self.attempts += 1
+            try:
+                await self.store.put_package(record)
+            except BackendError as exc:
+                self.failures.append(str(exc))
+                await asyncio.sleep(0.02)
+                continue
+            self.acked[(record.workflow_type, record.content_hash)] = record
+
+
+async def check_outcome(store: PackageStore, writers: Iterable[Writer]) -> int:
+    """Assert what the writers leave behind; return how many records are stored.
+
+    Every acknowledged put is stored, byte for byte; every stored record is one a writer
+    put, whole; and each type's route points at the newest stored version of the type,
+    which a put that stored its row without its route (or the reverse) would break.
+    """
+    writers = list(writers)
+    stored = {(r.workflow_type, r.content_hash): r for r in await store.list_packages()}
+    for writer in writers:
+        missing = [key for key in writer.acked if key not in stored]
+        assert not missing, f"{writer.name}: acknowledged puts lost: {missing[:5]}"
+        changed = [key for key, record in writer.acked.items() if stored[key] != record]
+        assert not changed, f"{writer.name}: acknowledged puts changed: {changed[:5]}"
+    for (workflow_type, content_hash), record in stored.items():
+        assert record.archive == archive_of(workflow_type, content_hash), "a torn archive"
+        assert record.deployed_at == deployed_at_of(content_hash), "a torn deployed_at"
+    newest: dict[str, PackageRecord] = {}
+    for record in stored.values():
+        current = newest.get(record.workflow_type)
+        if current is None or record.deployed_at > current.deployed_at:
+            newest[record.workflow_type] = record
+    routes = {r.workflow_type: r.content_hash for r in await store.list_package_routes()}
+    expected = {t: r.content_hash for t, r in newest.items()}
+    assert routes == expected, "every route points at the newest stored version of its type"
+    owned = {t for w in writers for t in w.types}
+    assert set(routes) <= owned, "no route of a type nobody wrote"
+    return len(stored)
