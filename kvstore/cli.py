@@ -465,7 +465,9 @@ def _server_url(args: argparse.Namespace) -> Iterator[str]:
 
 def _open(url: str, namespace: str, timeout: float) -> RedisPackageStore:
     try:
-        return RedisPackageStore.from_url(url, namespace=namespace, timeout=timeout)
+        return RedisPackageStore.from_url(
+            url, namespace=namespace, timeout=timeout, retry_budget=timeout
+        )
     except ValueError as exc:  # a bad URL or namespace; the message never shows a password
         raise CliError(str(exc), EXIT_USAGE) from None
 
@@ -524,7 +526,7 @@ def _add_connection(parser: argparse.ArgumentParser, top: bool) -> None:
         "--timeout",
         type=_positive,
         default=5.0 if top else argparse.SUPPRESS,
-        help="seconds to wait for the server (default 5)",
+        help="seconds to wait for the server, retries included (default 5)",
     )
 
 
