@@ -62,11 +62,10 @@ def encode_stamp(instant: datetime) -> bytes:
 
 def decode_stamp(stamp: bytes) -> datetime:
     """The aware UTC datetime ``encode_stamp`` was given; ``ValueError`` if malformed."""
-    if len(stamp) != STAMP_LENGTH or not stamp.endswith(b"Z"):
+    if len(stamp) != STAMP_LENGTH or stamp[10:11] != b"T" or stamp[-1:] != b"Z":
         raise ValueError(f"not a stamp: {stamp!r}")
-    return datetime.strptime(stamp[:-1].decode("ascii"), "%Y-%m-%dT%H:%M:%S.%f").replace(
-        tzinfo=timezone.utc
-    )
+    # fromisoformat is C code, several times faster than strptime; listings decode many.
+    return datetime.fromisoformat(stamp[:-1].decode("ascii")).replace(tzinfo=timezone.utc)
 
 
 def row_id(workflow_type: str, content_hash: str) -> bytes:

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import random
-import sys
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,11 +23,6 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
-
-if sys.version_info >= (3, 11):
-    from asyncio import timeout as _deadline
-else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
-    from async_timeout import timeout as _deadline
 
 Command = tuple[Any, ...]
 
@@ -44,6 +38,51 @@ TRANSIENT = (
     ClusterDownError,
     TryAgainError,
 )
+
+
+class _Deadlines:
+    """Cancels the tasks whose attempt outlives its deadline, with one timer for all.
+
+    ``asyncio.timeout`` costs a timer per attempt, a tenth of a loopback round trip; here
+    an attempt costs a dictionary entry, and the deadline is kept to within a quarter of
+    ``timeout`` late. An expired attempt raises ``TimeoutError`` in its task.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = timeout
+        self._tick = timeout / 4
+        self._running: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def run(self, attempt: Awaitable[list[Any]]) -> list[Any]:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        self._running[task] = loop.time() + self._timeout
+        if self._timer is None:
+            self._timer = loop.call_later(self._tick, self._check)
+        try:
+            return await attempt
+        except asyncio.CancelledError:
+            if task not in self._expired:
+                raise
+            uncancel = getattr(task, "uncancel", None)  # Python 3.11 and newer
+            if uncancel is not None:
+                uncancel()
+            raise TimeoutError(f"no reply within {self._timeout} s") from None
+        finally:
+            self._expired.discard(task)
+            del self._running[task]
+
+    def _check(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        for task, deadline in self._running.items():
+            if deadline <= now and task not in self._expired:
+                self._expired.add(task)
+                task.cancel()
+        self._timer = loop.call_later(self._tick, self._check) if self._running else None
 
 
 @dataclass(eq=False)
@@ -83,6 +122,7 @@ class Pipeliner:
         self._lanes = lanes
         self._timeout = timeout
         self._translate = translate
+        self._deadlines = None if timeout is None else _Deadlines(timeout)
         self._retry_budget = retry_budget
         self._backoff_base, self._backoff_cap = backoff
         self._failures = 0
@@ -93,9 +133,17 @@ class Pipeliner:
         self._drainers: set[asyncio.Task[None]] = set()
 
     async def run(self, commands: Sequence[Command]) -> list[Any]:
-        size = sum(len(a) for c in commands for a in c if isinstance(a, bytes))
         loop = asyncio.get_running_loop()
-        pending = _Pending(commands, loop.create_future(), size, loop.time() + self._retry_budget)
+        retry_until = loop.time() + self._retry_budget
+        if not self._queue and self._busy < self._lanes:
+            # Nobody is waiting and a lane is free: send at once, without queueing.
+            self._busy += 1
+            try:
+                return await self._run_alone(commands, retry_until)
+            finally:
+                self._release_lane()
+        size = sum(len(a) for c in commands for a in c if isinstance(a, bytes))
+        pending = _Pending(commands, loop.create_future(), size, retry_until)
         self._queue.append(pending)
         try:
             if self._busy < self._lanes:
@@ -105,6 +153,20 @@ class Pipeliner:
         except asyncio.CancelledError:
             pending.future.cancel()
             raise
+
+    async def _run_alone(self, commands: Sequence[Command], retry_until: float) -> list[Any]:
+        while True:
+            error: Exception | None = None
+            try:
+                return await self._attempt(commands)
+            except Exception as exc:
+                delay = self._retry_delay(exc, retry_until)
+                if delay is None:
+                    error = self._translate(exc)
+                else:
+                    await asyncio.sleep(delay)
+            if error is not None:
+                raise error  # outside the handler: the raw exception is no implicit context
 
     async def _lead(self, until: asyncio.Future[list[Any]] | None) -> None:
         """Send batches until ``until`` is done (or the queue is empty), then free the lane.
@@ -116,13 +178,16 @@ class Pipeliner:
             while self._queue and not (until is not None and until.done()):
                 await self._flush(self._take_batch())
         finally:
-            self._busy -= 1
-            if self._queue and self._busy < self._lanes:
-                # Whoever queued behind a departing leader must not wait for a new caller.
-                self._busy += 1
-                task = asyncio.get_running_loop().create_task(self._lead(None))
-                self._drainers.add(task)
-                task.add_done_callback(self._drainers.discard)
+            self._release_lane()
+
+    def _release_lane(self) -> None:
+        self._busy -= 1
+        if self._queue and self._busy < self._lanes:
+            # Whoever queued behind a departing leader must not wait for a new caller.
+            self._busy += 1
+            task = asyncio.get_running_loop().create_task(self._lead(None))
+            self._drainers.add(task)
+            task.add_done_callback(self._drainers.discard)
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -141,10 +206,8 @@ class Pipeliner:
     async def _flush(self, batch: list[_Pending]) -> None:
         if not batch:
             return
-        commands = [c for p in batch for c in p.commands]
         try:
-            async with _deadline(self._timeout):
-                replies = await self._send(commands)
+            replies = await self._attempt([c for p in batch for c in p.commands])
         except asyncio.CancelledError:
             # The leading caller was cancelled mid-flight: the others' units go back to
             # the front of the queue, in order, to be sent again.
@@ -153,7 +216,6 @@ class Pipeliner:
         except Exception as exc:
             await self._fail(batch, exc)
             return
-        self._failures = 0
         start = 0
         for p in batch:
             end = start + len(p.commands)
@@ -162,22 +224,37 @@ class Pipeliner:
             start = end
 
     async def _fail(self, batch: list[_Pending], exc: Exception) -> None:
-        now = asyncio.get_running_loop().time()
         waiting = [p for p in batch if not p.future.done()]
-        transient = isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
-        retry = [p for p in waiting if now < p.retry_until] if transient else []
+        if not waiting:
+            return
+        delay = self._retry_delay(exc, max(p.retry_until for p in waiting))
+        now = asyncio.get_running_loop().time()
+        retry = [p for p in waiting if delay is not None and now < p.retry_until]
         for p in waiting:
             if p not in retry:
                 p.future.set_exception(self._translate(exc))
-        if not retry:
-            return
+        if delay is not None:
+            self._queue.extendleft(reversed(retry))
+            await asyncio.sleep(delay)
+
+    def _retry_delay(self, exc: Exception, retry_until: float) -> float | None:
+        """How long to back off before trying again, or ``None`` to give up."""
+        now = asyncio.get_running_loop().time()
+        transient = isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
+        if not transient or now >= retry_until:
+            return None
         self._failures += 1
         delay = min(self._backoff_cap, self._backoff_base * 2 ** (self._failures - 1))
-        delay *= random.uniform(0.5, 1.0)
-        self._queue.extendleft(reversed(retry))
-        await asyncio.sleep(min(delay, max(p.retry_until for p in retry) - now))
+        jittered: float = delay * random.uniform(0.5, 1.0)
+        return min(jittered, retry_until - now)
 
-    async def _send(self, commands: list[Command]) -> list[Any]:
+    async def _attempt(self, commands: Sequence[Command]) -> list[Any]:
+        send = self._send(commands)
+        replies = await (send if self._deadlines is None else self._deadlines.run(send))
+        self._failures = 0
+        return replies
+
+    async def _send(self, commands: Sequence[Command]) -> list[Any]:
         if len(commands) == 1:
             try:
                 return [await self._client.execute_command(*commands[0])]

@@ -7,6 +7,7 @@ routes change together or not at all. The keys are laid out in ``kvstore.keyspac
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterable
+from datetime import timezone
 from types import TracebackType
 from typing import Any
 
@@ -30,7 +31,6 @@ from kvstore.pipelining import Command, Pipeliner
 from kvstore.records import (
     PackageRecord,
     PackageRouteRecord,
-    check_instant,
     check_route_types,
     check_text,
 )
@@ -147,9 +147,10 @@ class RedisPackageStore:
         """
         if not isinstance(url, str):
             raise TypeError(f"url must be str, not {type(url).__name__}")
+        # No socket_timeout: the pipeliner's deadline already bounds every attempt, and
+        # redis-py would pay for a second one on every send.
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
-            "socket_timeout": timeout,
             "retry": Retry(NoBackoff(), 0),
         }
         options.update(client_options)
@@ -198,15 +199,17 @@ class RedisPackageStore:
     # Writes: one script call each.
 
     async def put_package(self, record: PackageRecord) -> None:
-        await self.put_package_with_routes(record, ())
+        await self._put(record, (_checked(record).workflow_type,))
 
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
     ) -> None:
-        if not isinstance(record, PackageRecord):
-            raise TypeError(f"record must be PackageRecord, not {type(record).__name__}")
-        types = dict.fromkeys([record.workflow_type, *check_route_types(route_workflow_types)])
-        stamp = encode_stamp(check_instant(record.deployed_at, "deployed_at"))
+        types = [_checked(record).workflow_type, *check_route_types(route_workflow_types)]
+        await self._put(record, tuple(dict.fromkeys(types)))
+
+    async def _put(self, record: PackageRecord, types: tuple[str, ...]) -> None:
+        # The record checked its fields when it was made; deployed_at is aware and in range.
+        stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
         row = row_id(record.workflow_type, record.content_hash)
         k = self._keys
         _, version = await self._script(
@@ -219,7 +222,7 @@ class RedisPackageStore:
                 record.archive,
                 record.content_hash.encode("utf-8"),
                 k.route_changes,
-                *(t.encode("utf-8") for t in types),
+                *[t.encode("utf-8") for t in types],
             ],
         )
         if self._route_cache is not None:
@@ -342,23 +345,25 @@ class RedisPackageStore:
     # The wire.
 
     async def _script(self, script: Script, keys: list[bytes], args: list[bytes]) -> Any:
-        reply, *acks = await self._pipeliner.run(self._with_wait(script.evalsha(keys, args)))
-        if isinstance(reply, NoScriptError):
+        wait = self._wait
+        replies = await self._pipeliner.run(
+            [script.evalsha(keys, args)] if wait is None else [script.evalsha(keys, args), wait]
+        )
+        if isinstance(replies[0], NoScriptError):
             # The server lost its script cache (restart, failover, SCRIPT FLUSH):
             # EVAL sends the body and caches it again.
-            reply, *acks = await self._pipeliner.run(self._with_wait(script.eval(keys, args)))
-        result = self._reply(reply)
-        if self._wait is not None:
-            acked, wanted = self._reply(acks[0]), self._wait[1]
+            replies = await self._pipeliner.run(
+                [script.eval(keys, args)] if wait is None else [script.eval(keys, args), wait]
+            )
+        result = self._reply(replies[0])
+        if wait is not None:
+            acked, wanted = self._reply(replies[1]), wait[1]
             if acked < wanted:
                 raise BackendError(
                     f"{self._server}: {acked} of {wanted} replicas acknowledged the write in "
-                    f"{self._wait[2]} ms; it is applied on the primary but a failover may lose it"
+                    f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
                 )
         return result
-
-    def _with_wait(self, command: Command) -> list[Command]:
-        return [command] if self._wait is None else [command, self._wait]
 
     async def _read(self, command: Command) -> Any:
         (reply,) = await self._unit([command])
@@ -415,6 +420,12 @@ class RedisPackageStore:
             return bytes(value).decode("utf-8")
         except (TypeError, UnicodeDecodeError) as exc:
             raise SerializationError(f"{where} is not UTF-8 text: {value!r}") from exc
+
+
+def _checked(record: PackageRecord) -> PackageRecord:
+    if not isinstance(record, PackageRecord):
+        raise TypeError(f"record must be PackageRecord, not {type(record).__name__}")
+    return record
 
 
 def _connection_options(client: Redis | RedisCluster) -> dict[str, Any]:
