@@ -132,7 +132,8 @@ class Pipeliner:
         self._busy = 0
         self._drainers: set[asyncio.Task[None]] = set()
 
-    async def run(self, commands: Sequence[Command]) -> list[Any]:
+    async def run(self, commands: Sequence[Command], size: int = 0) -> list[Any]:
+        """The replies to ``commands``; ``size`` is about how many bytes they carry."""
         loop = asyncio.get_running_loop()
         retry_until = loop.time() + self._retry_budget
         if not self._queue and self._busy < self._lanes:
@@ -142,7 +143,6 @@ class Pipeliner:
                 return await self._run_alone(commands, retry_until)
             finally:
                 self._release_lane()
-        size = sum(len(a) for c in commands for a in c if isinstance(a, bytes))
         pending = _Pending(commands, loop.create_future(), size, retry_until)
         self._queue.append(pending)
         try:

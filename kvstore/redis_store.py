@@ -224,6 +224,7 @@ class RedisPackageStore:
                 k.route_changes,
                 *[t.encode("utf-8") for t in types],
             ],
+            len(record.archive),  # what makes a pipeline heavy
         )
         if self._route_cache is not None:
             self._route_cache.note_write(version, record.content_hash, types)
@@ -344,16 +345,20 @@ class RedisPackageStore:
 
     # The wire.
 
-    async def _script(self, script: Script, keys: list[bytes], args: list[bytes]) -> Any:
+    async def _script(
+        self, script: Script, keys: list[bytes], args: list[bytes], size: int = 0
+    ) -> Any:
         wait = self._wait
         replies = await self._pipeliner.run(
-            [script.evalsha(keys, args)] if wait is None else [script.evalsha(keys, args), wait]
+            [script.evalsha(keys, args)] if wait is None else [script.evalsha(keys, args), wait],
+            size,
         )
         if isinstance(replies[0], NoScriptError):
             # The server lost its script cache (restart, failover, SCRIPT FLUSH):
             # EVAL sends the body and caches it again.
             replies = await self._pipeliner.run(
-                [script.eval(keys, args)] if wait is None else [script.eval(keys, args), wait]
+                [script.eval(keys, args)] if wait is None else [script.eval(keys, args), wait],
+                size,
             )
         result = self._reply(replies[0])
         if wait is not None:
