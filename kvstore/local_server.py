@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
@@ -61,8 +62,16 @@ class LocalServer:
         data_dir: str | Path | None = None,
         port: int | None = None,
         settings: dict[str, str] | None = None,
+        config_file: str | Path | None = None,
+        sentinel: bool = False,
+        tls_ca: str | Path | None = None,
     ) -> None:
         self.binary = Path(binary) if binary is not None else valkey_binary()
+        # A Sentinel needs a config file of its own, which it rewrites as it learns.
+        self.config_file = None if config_file is None else Path(config_file)
+        self.sentinel = sentinel
+        # With a CA, the server speaks TLS only, on ``port``, and is probed over TLS.
+        self.tls_ca = None if tls_ca is None else Path(tls_ca)
         self._own_dir = data_dir is None
         self.data_dir = Path(data_dir or tempfile.mkdtemp(prefix="kvstore-server-")).resolve()
         self.port = port or free_port()
@@ -71,7 +80,8 @@ class LocalServer:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
+        scheme = "redis" if self.tls_ca is None else "rediss"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -85,8 +95,23 @@ class LocalServer:
         if self.running:
             raise LocalServerError(f"server on port {self.port} is already running")
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1"]
-        args += ["--dir", str(self.data_dir), "--daemonize", "no", "--logfile", ""]
+        args = [str(self.binary)]
+        args += [] if self.config_file is None else [str(self.config_file)]
+        args += ["--sentinel"] if self.sentinel else []
+        ports = ["--port", str(self.port)]
+        if self.tls_ca is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port)]
+        args += [
+            *ports,
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            "",
+        ]
         for name, value in self.settings.items():
             args += [f"--{name}", value]
         with open(self.log_path, "ab") as log:
@@ -125,16 +150,27 @@ class LocalServer:
         request = b"".join(_resp(*c) for c in commands)
         reply = b""
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2.0) as sock:
+            with self._connect() as sock:
                 sock.sendall(request)
                 while reply.count(b"\r\n") < len(commands):
                     chunk = sock.recv(256)
                     if not chunk:
                         break
                     reply += chunk
-        except OSError:
+        except OSError:  # ssl.SSLError included
             return False
         return reply.endswith(b"+PONG\r\n")
+
+    def _connect(self) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", self.port), timeout=2.0)
+        if self.tls_ca is None:
+            return sock
+        context = ssl.create_default_context(cafile=str(self.tls_ca))
+        try:
+            return context.wrap_socket(sock, server_hostname="127.0.0.1")
+        except BaseException:
+            sock.close()
+            raise
 
     def stop(self, timeout: float = 15.0) -> None:
         """Shut down cleanly (SIGTERM): the server writes what its settings say to."""

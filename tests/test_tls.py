@@ -18,7 +18,7 @@ from kvstore import BackendError, PackageRecord, PackageRouteRecord, RedisPackag
 from kvstore.conformance import run_package_store_suite
 
 from .conftest import fresh_namespace
-from .topology import Certificates, make_certificates, server_binary, tls_server_process
+from .topology import Certificates, make_certificates, server_binary, tls_only_server
 
 T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
 
@@ -49,12 +49,8 @@ def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsServer]:
     binary = server_binary("redis")
     root = tmp_path_factory.mktemp("tls")
     certificates = make_certificates(root / "certificates")
-    process, port = tls_server_process(binary, root / "data", certificates)
-    process.start()
-    try:
-        yield TlsServer(port, certificates)
-    finally:
-        process.stop()
+    with tls_only_server(binary, root / "data", certificates) as server:
+        yield TlsServer(server.port, certificates)
 
 
 async def test_the_whole_contract_holds_over_tls(tls_server: TlsServer) -> None:

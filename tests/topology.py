@@ -1,8 +1,8 @@
 """Servers the store is proven against: Sentinel groups, TLS servers, and a checkable workload.
 
-``LocalServer`` starts a data node from command-line settings. A Sentinel needs a config
-file it can rewrite, and a TLS-only server answers no plain ``PING``, so both are started
-here by ``ServerProcess``, with the readiness probe they need. Everything binds 127.0.0.1.
+Every process is a ``LocalServer``: data nodes from command-line settings, Sentinels
+from a config file they can rewrite, TLS-only servers probed over TLS. Everything binds
+127.0.0.1.
 
 ``Writer`` is the workload of the failure tests: each writer owns its workflow types and
 deploys versions of them in increasing ``deployed_at``, remembering only the puts the
@@ -16,8 +16,6 @@ import asyncio
 import hashlib
 import inspect
 import shutil
-import socket
-import ssl
 import subprocess
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -33,7 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kvstore import BackendError, PackageRecord, PackageStore
-from kvstore.local_server import LocalServer, LocalServerError, free_port, valkey_binary
+from kvstore.local_server import LocalServer, free_port, valkey_binary
 
 
 def server_binary(name: str) -> Path:
@@ -46,92 +44,14 @@ def server_binary(name: str) -> Path:
     return Path(found)
 
 
-# Waits on a probe are bounded by their timeout; a probe's own I/O by this.
+# A probe's own I/O is bounded by this.
 _PROBE_TIMEOUT = 1.0
-
-
-def answers_ping(port: int) -> bool:
-    """Whether a plain-TCP server on 127.0.0.1:``port`` answers ``PING``."""
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=_PROBE_TIMEOUT) as sock:
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def answers_tls_ping(port: int, ca_file: Path) -> bool:
-    """Whether a TLS server on 127.0.0.1:``port`` whose certificate ``ca_file`` signed answers."""
-    context = ssl.create_default_context(cafile=str(ca_file))
-    try:
-        with (
-            socket.create_connection(("127.0.0.1", port), timeout=_PROBE_TIMEOUT) as raw,
-            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
-        ):
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
-    except (OSError, ssl.SSLError):
-        return False
-
-
-class ServerProcess:
-    """One server process started with ``args``, ready once ``ready()`` says so.
-
-    Its output goes to ``server.log`` in ``data_dir``. ``start`` may be called again
-    after ``stop`` or ``kill``.
-    """
-
-    def __init__(self, args: list[str], *, data_dir: Path, ready: Callable[[], bool]) -> None:
-        self.args = args
-        self.data_dir = data_dir
-        self._ready = ready
-        self._process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def log_path(self) -> Path:
-        return self.data_dir / "server.log"
-
-    def start(self, timeout: float = 15.0) -> ServerProcess:
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:
-            self._process = subprocess.Popen(
-                self.args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._process.poll() is not None:
-                self._process = None
-                raise LocalServerError(f"{self.args[0]} exited at start:\n{self.log_tail()}")
-            if self._ready():
-                return self
-            time.sleep(0.05)
-        self.kill()
-        raise LocalServerError(f"{self.args[0]} was not ready in {timeout}s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
-
-    def kill(self) -> None:
-        if self._process is not None:
-            self._process.kill()
-            self._process.wait()
-            self._process = None
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._process is not None:
-            self._process.terminate()
-            try:
-                self._process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self._process.kill()
-                self._process.wait()
-            self._process = None
 
 
 def sentinel_process(
     binary: Path, data_dir: Path, *, primary_port: int, service: str, quorum: int
-) -> tuple[ServerProcess, int]:
-    """A Sentinel watching ``service`` at 127.0.0.1:``primary_port``, and its port.
+) -> LocalServer:
+    """A Sentinel watching ``service`` at 127.0.0.1:``primary_port`` (not started).
 
     Its config file lives in ``data_dir``, where the Sentinel rewrites it with what it
     learns (peers, replicas, the current primary).
@@ -154,12 +74,9 @@ def sentinel_process(
             ]
         )
     )
-    process = ServerProcess(
-        [str(binary), str(config), "--sentinel"],
-        data_dir=data_dir,
-        ready=lambda: answers_ping(port),
+    return LocalServer(
+        binary, data_dir=data_dir, port=port, config_file=config, sentinel=True, settings={}
     )
-    return process, port
 
 
 async def raw_command(client: Redis, *args: str) -> Any:
@@ -218,7 +135,7 @@ class SentinelGroup:
         self.service = service
         self.primary, self.replica = replicated_pair(binary, root)
         quorum = sentinels // 2 + 1
-        made = [
+        self.sentinels = [
             sentinel_process(
                 binary,
                 root / f"sentinel-{i}",
@@ -228,11 +145,9 @@ class SentinelGroup:
             )
             for i in range(sentinels)
         ]
-        self.sentinels = [process for process, _ in made]
-        self.sentinel_ports = [port for _, port in made]
 
     def url(self, credentials: str = "") -> str:
-        nodes = ",".join(f"127.0.0.1:{port}" for port in self.sentinel_ports)
+        nodes = ",".join(f"127.0.0.1:{sentinel.port}" for sentinel in self.sentinels)
         return f"redis+sentinel://{credentials}{nodes}/{self.service}"
 
     def __enter__(self) -> SentinelGroup:
@@ -264,7 +179,7 @@ class SentinelGroup:
 
     async def _ask_each_sentinel(self, *command: str) -> list[object]:
         replies: list[object] = []
-        for port in self.sentinel_ports:
+        for port in (sentinel.port for sentinel in self.sentinels):
             async with Redis(port=port, socket_timeout=_PROBE_TIMEOUT) as sentinel:
                 replies.append(await raw_command(sentinel, *command))
         return replies
@@ -277,7 +192,7 @@ class SentinelGroup:
                 "SENTINEL", "GET-MASTER-ADDR-BY-NAME", self.service
             )
         except (OSError, RedisError):
-            return [None] * len(self.sentinel_ports)
+            return [None] * len(self.sentinels)
         for reply in replies:
             ports.append(int(reply[1]) if isinstance(reply, list | tuple) else None)
         return ports
@@ -384,30 +299,19 @@ def make_certificates(directory: Path) -> Certificates:
     return Certificates(ca, cert, key)
 
 
-def tls_server_process(
-    binary: Path, data_dir: Path, certificates: Certificates
-) -> tuple[ServerProcess, int]:
-    """A server that speaks TLS only (``port 0``), without client certificates, and its port."""
-    port = free_port()
-    settings = {
-        "port": "0",
-        "tls-port": str(port),
-        "bind": "127.0.0.1",
-        "dir": str(data_dir),
-        "save": "",
-        "appendonly": "no",
-        "tls-cert-file": str(certificates.server_cert),
-        "tls-key-file": str(certificates.server_key),
-        "tls-ca-cert-file": str(certificates.ca),
-        "tls-auth-clients": "no",
-    }
-    args = [str(binary)] + [
-        part for name, value in settings.items() for part in (f"--{name}", value)
-    ]
-    process = ServerProcess(
-        args, data_dir=data_dir, ready=lambda: answers_tls_ping(port, certificates.ca)
+def tls_only_server(binary: Path, data_dir: Path, certificates: Certificates) -> LocalServer:
+    """A server that speaks TLS only, without client certificates (not started)."""
+    return LocalServer(
+        binary,
+        data_dir=data_dir,
+        tls_ca=certificates.ca,
+        settings={
+            "tls-cert-file": str(certificates.server_cert),
+            "tls-key-file": str(certificates.server_key),
+            "tls-ca-cert-file": str(certificates.ca),
+            "tls-auth-clients": "no",
+        },
     )
-    return process, port
 
 
 # The workload.
