@@ -282,3 +282,17 @@ async def test_large_archive_round_trips_on_a_real_server(server: LocalServer) -
         got = await store.get_package("big", "h")
         assert got is not None and got.archive == archive
     assert row_id("big", "h") == b"big\x00h"
+
+
+async def test_a_call_rides_out_a_short_outage_within_its_retry_budget() -> None:
+    with LocalServer(settings={"appendonly": "yes"}) as flaky:
+        async with RedisPackageStore.from_url(
+            flaky.url, namespace=fresh_namespace(), timeout=1.0, retry_budget=10.0
+        ) as store:
+            await store.put_package(pkg("order", "h1"))
+            flaky.stop()
+            restart = asyncio.get_running_loop().call_later(0.5, flaky.start)
+            await store.put_package(pkg("order", "h2", n=1))  # sent while the server is down
+            assert restart.when() <= asyncio.get_running_loop().time()
+            assert [r.content_hash for r in await store.list_packages()] == ["h1", "h2"]
+            assert await store.get_package_route("order") == "h2"
