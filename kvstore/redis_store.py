@@ -50,9 +50,16 @@ class RedisPackageStore:
 
     Any number of tasks may share one store: concurrent calls are coalesced into
     pipelines on at most ``lanes`` connections at once, so none fails for want of a
-    pooled connection. Each pipeline is bounded by ``timeout`` seconds (``None``: no
-    bound); past it, or on any server or connection failure, the call raises
-    ``BackendError``, whose message never carries a password.
+    pooled connection. Each attempt is bounded by ``timeout`` seconds (``None``: no
+    bound). Transient failures (a broken or stalled connection, a loading server, a
+    failover) are retried with capped, jittered backoff for ``retry_budget`` seconds;
+    then, and on any other failure of the server, the call raises ``BackendError``,
+    whose message never carries a password. Every operation is idempotent, which is
+    what makes retrying safe.
+
+    With ``min_replicas=N`` every write also waits for ``N`` replicas to acknowledge it
+    (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
+    seconds: the write is then on the primary but could be lost in a failover.
 
     With ``cache_routes=True`` (single-node servers and fakeredis), the store keeps every
     route of the namespace in memory, kept true by the changes the write scripts publish
