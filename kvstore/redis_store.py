@@ -306,13 +306,17 @@ class RedisPackageStore:
         return await self._route_cache.wait_live(timeout)
 
     async def list_package_routes(self) -> list[PackageRouteRecord]:
-        pairs = await self._read(("HGETALL", self._keys.routes))
+        reply = await self._read(("HGETALL", self._keys.routes))
+        # A flat list in RESP2 from a single node, a map in RESP3 or through a cluster client.
+        pairs = (
+            reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
+        )
         where = repr(self._keys.routes)
         routes = [
             PackageRouteRecord(
                 self._text(t, f"{where} field {t!r}"), self._text(h, f"{where} field {t!r}")
             )
-            for t, h in pairs.items()
+            for t, h in pairs
         ]
         routes.sort(key=lambda r: r.workflow_type)
         return routes

@@ -19,6 +19,7 @@ from kvstore import (
     SerializationError,
     StoreError,
 )
+from kvstore.conformance import run_package_store_suite
 from kvstore.keyspace import Keyspace, row_id
 from kvstore.local_server import LocalServer
 
@@ -296,3 +297,11 @@ async def test_a_call_rides_out_a_short_outage_within_its_retry_budget() -> None
             assert restart.when() <= asyncio.get_running_loop().time()
             assert [r.content_hash for r in await store.list_packages()] == ["h1", "h2"]
             assert await store.get_package_route("order") == "h2"
+
+
+async def test_a_resp3_client_keeps_the_whole_contract(valkey_server: LocalServer) -> None:
+    await run_package_store_suite(
+        lambda: RedisPackageStore(
+            Redis.from_url(valkey_server.url, protocol=3), namespace=fresh_namespace()
+        )
+    )
