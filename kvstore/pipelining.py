@@ -97,7 +97,7 @@ class _Deadlines:
         self._timer = loop.call_later(self._tick, self._check) if self._running else None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Pending:
     commands: Sequence[Command]
     future: asyncio.Future[list[Any]]
@@ -127,7 +127,7 @@ class Pipeliner:
         translate: Callable[[BaseException], Exception],
         retry_budget: float = 0.0,
         backoff: tuple[float, float] = (0.02, 1.0),
-        max_units: int = 1024,
+        max_units: int = 256,
         max_bytes: int = 8 << 20,
     ) -> None:
         self._client = client

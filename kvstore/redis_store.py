@@ -154,10 +154,11 @@ class RedisPackageStore:
         """
         if not isinstance(url, str):
             raise TypeError(f"url must be str, not {type(url).__name__}")
-        # No socket_timeout: the pipeliner's deadline already bounds every attempt, and
-        # redis-py would pay for a second one on every send.
+        # No socket timeout: the pipeliner's deadline already bounds every attempt, and
+        # redis-py would pay for a second timer on every send and every read.
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
+            "socket_timeout": None,
             "retry": Retry(NoBackoff(), 0),
         }
         options.update(client_options)
@@ -219,7 +220,7 @@ class RedisPackageStore:
         stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
         row = row_id(record.workflow_type, record.content_hash)
         k = self._keys
-        _, version = await self._script(
+        version = await self._script(
             PUT_PACKAGE,
             [k.format, k.index, k.routes, k.row(row), k.route_version],
             [
@@ -246,7 +247,7 @@ class RedisPackageStore:
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
         k = self._keys
-        _, version = await self._script(
+        version = await self._script(
             PUT_ROUTE,
             [k.format, k.routes, k.route_version],
             [

@@ -20,8 +20,7 @@
   (types and hashes never contain NUL), <version> being the new value of KEYS[5].
 
   Reply:
-    {1, version}  a new row was stored; version is the routes table's new version
-    {0, version}  an existing row was replaced
+    version  the routes table's new version (an integer; one, so replies parse fast)
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
 local found = redis.call('GET', KEYS[1])
@@ -50,7 +49,4 @@ change[1] = string.format('%d', version)
 -- Plain PUBLISH reaches subscribers on every node of a cluster; SPUBLISH is the sharded
 -- form that keeps the message on the namespace's shard (the channel carries its tag).
 redis.call('PUBLISH', ARGV[6], table.concat(change, '\0'))
-if old then
-  return {0, version}
-end
-return {1, version}
+return version

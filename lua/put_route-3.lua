@@ -15,8 +15,7 @@
   never contain NUL), <version> being the new value of KEYS[3].
 
   Reply:
-    {1, version}  the route is new; version is the routes table's new version
-    {0, version}  an existing route was re-pointed (or already pointed there)
+    version  the routes table's new version (an integer; one, so replies parse fast)
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
 local found = redis.call('GET', KEYS[1])
@@ -27,10 +26,10 @@ if not found then
   redis.call('SET', KEYS[1], ARGV[1])
 end
 
-local created = redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- Counter and message go with the write, so a cache at version N holds the table at N.
 local version = redis.call('INCR', KEYS[3])
 -- Plain PUBLISH reaches subscribers on every node of a cluster; SPUBLISH is the sharded
 -- form that keeps the message on the namespace's shard (the channel carries its tag).
 redis.call('PUBLISH', ARGV[4], string.format('%d', version) .. '\0' .. ARGV[3] .. '\0' .. ARGV[2])
-return {created, version}
+return version
