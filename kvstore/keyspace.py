@@ -101,8 +101,8 @@ class Keyspace:
         self.index = self.prefix + b"packages"
         self.routes = self.prefix + b"routes"
         self.route_version = self.prefix + b"route-version"
-        # A channel, not a key; it carries the hash tag so the sharded form (SPUBLISH)
-        # can later route it to the namespace's slot.
+        # A channel, not a key; it carries the hash tag so that sharded publish (SPUBLISH)
+        # keeps it on the namespace's shard.
         self.route_changes = self.prefix + b"route-changes"
         self._row_prefix = self.prefix + b"pkg:"
 

@@ -61,7 +61,7 @@ class RedisPackageStore:
     (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
     seconds: the write is then on the primary but could be lost in a failover.
 
-    With ``cache_routes=True`` (single-node servers and fakeredis), the store keeps every
+    With ``cache_routes=True`` (on a single node, Sentinel or a cluster), the store keeps every
     route of the namespace in memory, kept true by the changes the write scripts publish
     (``kvstore.route_cache``): ``get_package_route`` answers from memory while the
     subscription is healthy and from the server otherwise, a store always sees its own
@@ -104,8 +104,6 @@ class RedisPackageStore:
         if min_replicas and isinstance(client, RedisCluster):
             # WAIT names no key, so a cluster client cannot route it to the shard written.
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
-        if cache_routes and isinstance(client, RedisCluster):
-            raise ValueError("cache_routes needs a single-node client; not yet on a cluster")
         self._keys = Keyspace(namespace)
         self._client = client
         self._owns_client = False
@@ -124,7 +122,6 @@ class RedisPackageStore:
             self._wait = ("WAIT", min_replicas, round(replica_timeout * 1000))
         self._route_cache: RouteCache | None = None
         if cache_routes:
-            assert isinstance(client, Redis)
             self._route_cache = RouteCache(
                 client, self._keys, timeout=timeout, health_interval=route_health_interval
             )

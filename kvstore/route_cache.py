@@ -4,8 +4,8 @@ The scripts that write routes (``lua/put_package-5.lua``, ``lua/put_route-3.lua`
 the namespace's route version (``{ns}:route-version``) and publish the change, with that
 version, on ``{ns}:route-changes`` in the same atomic step. A ``RouteCache``:
 
-1. subscribes to the channel and waits for the server to confirm it, so every change
-   from then on reaches it;
+1. subscribes to the channel (``SSUBSCRIBE``: the scripts publish with ``SPUBLISH``) and
+   waits for the server to confirm it, so every change from then on reaches it;
 2. reads the routes and the version in one ``MULTI``/``EXEC`` (a snapshot at version V);
 3. applies, in order, each message above V, skipping those at or below V (already in
    the snapshot). A message that skips a version means one was lost: it reloads.
@@ -24,14 +24,17 @@ so a store always reads its own writes. Every entry remembers the version that s
 and is only replaced by a higher one, so writes applied from the reply and from the
 channel, in whatever order they arrive, leave the newest value.
 
-The cache needs a single-node client (``redis.asyncio.Redis`` or fakeredis). On a
-cluster the scripts' plain ``PUBLISH`` still reaches every node's subscribers; the
-sharded form (``SSUBSCRIBE``/``SPUBLISH``) is the planned cluster route.
+On a single node (``redis.asyncio.Redis``, Sentinel, fakeredis) the cache subscribes and
+reads through the store's client. On a cluster the channel carries the namespace's hash
+tag, so its messages stay on the shard that holds the namespace: each session opens a
+client of its own to that shard's primary, found anew, so a failover or a moved slot
+(after which the server ends shard subscriptions) is followed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import sys
 from collections import deque
@@ -39,8 +42,9 @@ from collections.abc import Iterable
 from types import TracebackType
 from typing import Any, Final
 
-from redis.asyncio import Redis
+from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -61,6 +65,16 @@ _MAX_RETRY = 2.0
 _DEFAULT_SETUP_TIMEOUT = 10.0
 
 
+def _init_parameters(cls: type) -> set[str]:
+    """The keyword arguments ``cls(...)`` takes, through every ``__init__`` it inherits."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        init = klass.__dict__.get("__init__")
+        if init is not None:
+            names.update(inspect.signature(init).parameters)
+    return names - {"self", "args", "kwargs"}
+
+
 class RouteCacheError(Exception):
     """The subscription or its snapshot failed; the cache is not live until it recovers."""
 
@@ -75,7 +89,7 @@ class RouteCache:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         keys: Keyspace,
         *,
         timeout: float | None,
@@ -85,6 +99,8 @@ class RouteCache:
         if health_interval <= 0:
             raise ValueError(f"health_interval must be positive, not {health_interval!r}")
         self._client = client
+        # The single node that serves the namespace's slot, for the session under way.
+        self._node: Redis | None = None
         self._keys = keys
         self._setup_timeout = timeout if timeout is not None else _DEFAULT_SETUP_TIMEOUT
         self._health_interval = health_interval
@@ -187,7 +203,8 @@ class RouteCache:
 
     async def _follow(self) -> None:
         """Subscribe, load, and follow the channel until something fails."""
-        pubsub = self._client.pubsub()
+        node = self._node = await self._node_client()
+        pubsub = node.pubsub()
         saved_retry: Retry | None = None
         try:
             await pubsub.connect()  # type: ignore[no-untyped-call]
@@ -198,7 +215,7 @@ class RouteCache:
             saved_retry = connection.retry
             connection.retry = Retry(NoBackoff(), 0, supported_errors=())
             async with _deadline(self._setup_timeout):
-                await pubsub.subscribe(self._keys.route_changes)
+                await pubsub.ssubscribe(self._keys.route_changes)
                 await self._confirmed(pubsub)
                 await self._reload()
             self._session_went_live = True
@@ -208,6 +225,30 @@ class RouteCache:
             if saved_retry is not None and pubsub.connection is not None:
                 pubsub.connection.retry = saved_retry
             await pubsub.aclose()  # type: ignore[no-untyped-call]
+            self._node = None
+            if node is not self._client:
+                await node.aclose()
+
+    async def _node_client(self) -> Redis:
+        """The client of the node whose shard holds the namespace (its channel included)."""
+        if isinstance(self._client, Redis):
+            return self._client
+        # A cluster: a client of its own to the primary that serves the namespace's slot,
+        # found anew each session, so a moved slot or a failover is followed.
+        await self._client.initialize()
+        node = self._client.get_node_from_key(self._keys.route_changes.decode("ascii"))
+        if node is None:
+            raise RouteCacheError(f"no cluster node serves {self._keys.route_changes!r}")
+        options: dict[str, Any] = dict(self._client.get_connection_kwargs())
+        connection_class = options.pop("connection_class", Connection)
+        # The cluster's connection options include its own (callbacks, pool sizes): keep
+        # those a connection of this class takes, credentials and TLS among them.
+        accepted = _init_parameters(connection_class)
+        options = {k: v for k, v in options.items() if k in accepted}
+        pool = ConnectionPool(
+            connection_class=connection_class, host=node.host, port=node.port, **options
+        )
+        return Redis.from_pool(pool)  # closing the client closes the pool
 
     async def _confirmed(self, pubsub: PubSub) -> None:
         # The server sends the confirmation before any message of the channel.
@@ -215,7 +256,7 @@ class RouteCache:
             message = await pubsub.get_message(timeout=self._setup_timeout)
             if message is None:
                 break
-            if message["type"] == "subscribe":
+            if message["type"] == "ssubscribe":
                 return
         raise RouteCacheError("the server did not confirm the subscription")
 
@@ -235,10 +276,13 @@ class RouteCache:
                 continue
             awaiting_pong = False
             kind = message["type"]
-            if kind == "message":
+            if kind == "smessage":
                 await self._on_message(message["data"])
-            elif kind == "subscribe":
+            elif kind == "ssubscribe":
                 raise RouteCacheError("the subscription was re-established: changes may be lost")
+            elif kind == "sunsubscribe":
+                # The server drops shard subscribers when their slot moves to another node.
+                raise RouteCacheError("the server ended the subscription: its slot moved")
 
     async def _on_message(self, data: Any) -> None:
         if not isinstance(data, bytes):
@@ -293,7 +337,8 @@ class RouteCache:
 
     async def _snapshot(self) -> tuple[int, dict[str, str]]:
         keys = self._keys
-        pipe = self._client.pipeline(transaction=True)
+        assert self._node is not None, "snapshots are taken within a session"
+        pipe = self._node.pipeline(transaction=True)
         pipe.get(keys.format)
         pipe.get(keys.route_version)
         pipe.hgetall(keys.routes)

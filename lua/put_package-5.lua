@@ -16,7 +16,7 @@
   ARGV[6]  {ns}:route-changes, the channel the change is published on
   ARGV[7..] workflow types whose routes are re-pointed (at least one)
 
-  Publishes on ARGV[6], after every write: "<version>\0<hash>\0<type>[\0<type>...]"
+  Publishes (SPUBLISH) on ARGV[6], after every write: "<version>\0<hash>\0<type>[\0<type>...]"
   (types and hashes never contain NUL), <version> being the new value of KEYS[5].
 
   Reply:
@@ -46,7 +46,7 @@ end
 -- version N holds exactly the table the server held at N.
 local version = redis.call('INCR', KEYS[5])
 change[1] = string.format('%d', version)
--- Plain PUBLISH reaches subscribers on every node of a cluster; SPUBLISH is the sharded
--- form that keeps the message on the namespace's shard (the channel carries its tag).
-redis.call('PUBLISH', ARGV[6], table.concat(change, '\0'))
+-- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
+-- stays on the shard that holds the namespace, where its route caches subscribe.
+redis.call('SPUBLISH', ARGV[6], table.concat(change, '\0'))
 return version

@@ -11,7 +11,7 @@
   ARGV[3]  content hash
   ARGV[4]  {ns}:route-changes, the channel the change is published on
 
-  Publishes on ARGV[4], after the write: "<version>\0<hash>\0<type>" (types and hashes
+  Publishes (SPUBLISH) on ARGV[4], after the write: "<version>\0<hash>\0<type>" (types and hashes
   never contain NUL), <version> being the new value of KEYS[3].
 
   Reply:
@@ -29,7 +29,7 @@ end
 redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
 -- Counter and message go with the write, so a cache at version N holds the table at N.
 local version = redis.call('INCR', KEYS[3])
--- Plain PUBLISH reaches subscribers on every node of a cluster; SPUBLISH is the sharded
--- form that keeps the message on the namespace's shard (the channel carries its tag).
-redis.call('PUBLISH', ARGV[4], string.format('%d', version) .. '\0' .. ARGV[3] .. '\0' .. ARGV[2])
+-- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
+-- stays on the shard that holds the namespace, where its route caches subscribe.
+redis.call('SPUBLISH', ARGV[4], string.format('%d', version) .. '\0' .. ARGV[3] .. '\0' .. ARGV[2])
 return version

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
@@ -90,3 +91,34 @@ async def test_namespaces_spread_over_shards_and_each_stays_in_one_slot(
         assert len(keys) >= 4 and all(k.startswith(b"{" + ns.encode() + b"}:") for k in keys)
         assert {key_slot(k) for k in keys} == {slot}
     await client.aclose()
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+async def test_cluster_keeps_the_promise_with_route_caching(
+    cluster: list[LocalServer], scenario: str
+) -> None:
+    url = cluster_url(cluster)
+    await run_scenario(
+        scenario,
+        lambda: RedisPackageStore.from_url(url, namespace=fresh_namespace(), cache_routes=True),
+    )
+
+
+async def test_route_caches_follow_writes_on_the_namespace_shard(
+    cluster: list[LocalServer],
+) -> None:
+    url = cluster_url(cluster)
+    namespaces = [fresh_namespace() for _ in range(6)]  # spread over the shards
+    for ns in namespaces:
+        async with (
+            RedisPackageStore.from_url(url, namespace=ns, cache_routes=True) as reader,
+            RedisPackageStore.from_url(url, namespace=ns) as writer,
+        ):
+            assert await reader.route_cache_ready(10)
+            async with reader.watch_routes() as watch:
+                await writer.put_package(PackageRecord("order", "h1", b"zip", T0))
+                await writer.put_package_route("order", "h0")
+                seen = [await asyncio.wait_for(watch.__anext__(), 10) for _ in range(2)]
+            assert [r.content_hash for r in seen] == ["h1", "h0"]
+            assert await reader.get_package_route("order") == "h0"
+            assert await reader.route_cache_ready(0), "answered from memory"
