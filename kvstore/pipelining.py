@@ -41,14 +41,33 @@ TRANSIENT = (
 )
 
 
+# Bulk strings of short text arguments, so those that recur in every call (command names,
+# keys, script digests) are formatted once; emptied whenever it fills.
+_BULK_CACHE: dict[bytes | str, bytes] = {}
+_BULK_CACHE_LIMIT = 4096
+_SHORT = 64
+
+
 def pack_commands(commands: Sequence[Command]) -> bytes:
     """``commands`` in the Redis protocol: each an array of bulk strings."""
     parts: list[bytes] = []
+    append = parts.append
+    cache = _BULK_CACHE
     for command in commands:
-        parts.append(b"*%d\r\n" % len(command))
+        append(b"*%d\r\n" % len(command))
         for arg in command:
-            data = arg if isinstance(arg, bytes) else str(arg).encode()
-            parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+            if type(arg) is bytes and len(arg) > _SHORT:  # an archive: never cached
+                append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+                continue
+            bulk = cache.get(arg)
+            if bulk is None:
+                data = arg if isinstance(arg, bytes) else str(arg).encode()
+                bulk = b"$%d\r\n%b\r\n" % (len(data), data)
+                if isinstance(arg, (bytes, str)) and len(data) <= _SHORT:
+                    if len(cache) >= _BULK_CACHE_LIMIT:
+                        cache.clear()  # one-off values filled it; the recurring come back
+                    cache[arg] = bulk
+            append(bulk)
     return b"".join(parts)
 
 
