@@ -151,7 +151,6 @@ class Pipeliner:
     ) -> None:
         self._client = client
         self._lanes = lanes
-        self._timeout = timeout
         self._translate = translate
         self._deadlines = None if timeout is None else _Deadlines(timeout)
         # Commands go straight onto a pooled connection, except on a cluster client.
