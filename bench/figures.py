@@ -97,14 +97,14 @@ def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
     """The EVALSHA the store sends for ``put_package(r)``, built outside the timing."""
     row = row_id(r.workflow_type, r.content_hash)
     return PUT_PACKAGE.evalsha(
-        [keys.format, keys.index, keys.routes, keys.row(row), keys.route_version],
+        [keys.format, keys.index, keys.routes, keys.route_version, keys.row(row)],
         [
             FORMAT_VERSION,
+            keys.route_changes,
             row,
             encode_stamp(r.deployed_at),
             r.archive,
             r.content_hash.encode(),
-            keys.route_changes,
             r.workflow_type.encode(),
         ],
     )

@@ -53,11 +53,17 @@ def check_namespace(namespace: object) -> str:
 
 def encode_stamp(instant: datetime) -> bytes:
     """``instant`` (aware, UTC) as the 27 bytes that sort in time order."""
-    # strftime's %Y does not zero-pad years before 1000 on every platform.
-    return (
-        f"{instant.year:04d}-{instant.month:02d}-{instant.day:02d}T{instant.hour:02d}:"
-        f"{instant.minute:02d}:{instant.second:02d}.{instant.microsecond:06d}Z"
-    ).encode("ascii")
+    # Formatted by hand: strftime's %Y does not zero-pad years before 1000 on every
+    # platform, and bytes formatting costs a third of isoformat on every put.
+    return b"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
+        instant.year,
+        instant.month,
+        instant.day,
+        instant.hour,
+        instant.minute,
+        instant.second,
+        instant.microsecond,
+    )
 
 
 def decode_stamp(stamp: bytes) -> datetime:

@@ -25,8 +25,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-Command = tuple[Any, ...]
-
+from kvstore.protocol import Command, flatten, pack_commands
 
 # Failures after which the same commands may well succeed: the connection broke or
 # stalled, the server is loading or failing over, a cluster slot is moving. A refused
@@ -39,36 +38,6 @@ TRANSIENT = (
     ClusterDownError,
     TryAgainError,
 )
-
-
-# Bulk strings of short text arguments, so those that recur in every call (command names,
-# keys, script digests) are formatted once; emptied whenever it fills.
-_BULK_CACHE: dict[bytes | str, bytes] = {}
-_BULK_CACHE_LIMIT = 4096
-_SHORT = 64
-
-
-def pack_commands(commands: Sequence[Command]) -> bytes:
-    """``commands`` in the Redis protocol: each an array of bulk strings."""
-    parts: list[bytes] = []
-    append = parts.append
-    cache = _BULK_CACHE
-    for command in commands:
-        append(b"*%d\r\n" % len(command))
-        for arg in command:
-            if type(arg) is bytes and len(arg) > _SHORT:  # an archive: never cached
-                append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-                continue
-            bulk = cache.get(arg)
-            if bulk is None:
-                data = arg if isinstance(arg, bytes) else str(arg).encode()
-                bulk = b"$%d\r\n%b\r\n" % (len(data), data)
-                if isinstance(arg, (bytes, str)) and len(data) <= _SHORT:
-                    if len(cache) >= _BULK_CACHE_LIMIT:
-                        cache.clear()  # one-off values filled it; the recurring come back
-                    cache[arg] = bulk
-            append(bulk)
-    return b"".join(parts)
 
 
 class _Deadlines:
@@ -292,12 +261,12 @@ class Pipeliner:
         # A cluster client: redis-py routes each command to the node of its slot.
         if len(commands) == 1:
             try:
-                return [await self._client.execute_command(*commands[0])]
+                return [await self._client.execute_command(*flatten(commands[0]))]
             except ResponseError as exc:
                 return [exc]
         pipe = self._client.pipeline(transaction=False)
         for command in commands:
-            pipe.execute_command(*command)
+            pipe.execute_command(*flatten(command))
         return list(await pipe.execute(raise_on_error=False))
 
     @staticmethod

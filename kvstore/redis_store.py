@@ -27,7 +27,8 @@ from kvstore.keyspace import (
     split_index_member,
     split_row_id,
 )
-from kvstore.pipelining import Command, Pipeliner
+from kvstore.pipelining import Pipeliner
+from kvstore.protocol import Command, Recurring
 from kvstore.records import (
     PackageRecord,
     PackageRouteRecord,
@@ -38,7 +39,8 @@ from kvstore.route_cache import RouteCache, RouteWatch
 from kvstore.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
 from kvstore.urls import client_from_url
 
-_ROW_FIELDS = (b"archive", b"deployed_at")
+_HMGET_ROW = Recurring("HMGET")
+_ROW_FIELDS = Recurring(b"archive", b"deployed_at")
 
 
 class RedisPackageStore:
@@ -104,7 +106,15 @@ class RedisPackageStore:
         if min_replicas and isinstance(client, RedisCluster):
             # WAIT names no key, so a cluster client cannot route it to the shard written.
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
-        self._keys = Keyspace(namespace)
+        self._keys = k = Keyspace(namespace)
+        # What every call of a kind shares, formatted once (see each script's header).
+        self._put_head = PUT_PACKAGE.head(k.format, k.index, k.routes, k.route_version)
+        self._put_shared = Recurring(FORMAT_VERSION, k.route_changes)
+        self._route_head = PUT_ROUTE.head(
+            k.format, k.routes, k.route_version, FORMAT_VERSION, k.route_changes
+        )
+        self._delete_head = DELETE_PACKAGE.head(k.format, k.index)
+        self._format_check = (Recurring("GET", k.format),)
         self._client = client
         self._owns_client = False
         password = options.get("password")
@@ -216,19 +226,18 @@ class RedisPackageStore:
         # The record checked its fields when it was made; deployed_at is aware and in range.
         stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
         row = row_id(record.workflow_type, record.content_hash)
-        k = self._keys
         version = await self._script(
             PUT_PACKAGE,
-            [k.format, k.index, k.routes, k.row(row), k.route_version],
-            [
-                FORMAT_VERSION,
+            (
+                self._put_head,
+                self._keys.row(row),
+                self._put_shared,
                 row,
                 stamp,
                 record.archive,
                 record.content_hash.encode("utf-8"),
-                k.route_changes,
                 *[t.encode("utf-8") for t in types],
-            ],
+            ),
             len(record.archive),  # what makes a pipeline heavy
         )
         if self._route_cache is not None:
@@ -238,21 +247,19 @@ class RedisPackageStore:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        k = self._keys
-        await self._script(DELETE_PACKAGE, [k.format, k.index, k.row(row)], [FORMAT_VERSION, row])
+        await self._script(
+            DELETE_PACKAGE, (self._delete_head, self._keys.row(row), FORMAT_VERSION, row)
+        )
 
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
-        k = self._keys
         version = await self._script(
             PUT_ROUTE,
-            [k.format, k.routes, k.route_version],
-            [
-                FORMAT_VERSION,
+            (
+                self._route_head,
                 route.workflow_type.encode("utf-8"),
                 route.content_hash.encode("utf-8"),
-                k.route_changes,
-            ],
+            ),
         )
         if self._route_cache is not None:
             self._route_cache.note_write(version, route.content_hash, (route.workflow_type,))
@@ -264,7 +271,7 @@ class RedisPackageStore:
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
         key = self._keys.row(row)
-        archive, stamp = await self._read(("HMGET", key, *_ROW_FIELDS))
+        archive, stamp = await self._read((_HMGET_ROW, key, _ROW_FIELDS))
         if archive is None and stamp is None:
             return None
         return self._record(key, row, archive, stamp)
@@ -336,7 +343,7 @@ class RedisPackageStore:
         members: list[bytes] = await self._read(self._next_members(b"-", chunk))
         while members:
             rows = [split_index_member(self._member(m)) for m in members]
-            fetch: list[Command] = [("HMGET", k.row(row), *_ROW_FIELDS) for _, row in rows]
+            fetch: list[Command] = [(_HMGET_ROW, k.row(row), _ROW_FIELDS) for _, row in rows]
             last = len(members) == chunk
             if last:
                 fetch.append(self._next_members(b"(" + members[-1], chunk))
@@ -354,20 +361,15 @@ class RedisPackageStore:
 
     # The wire.
 
-    async def _script(
-        self, script: Script, keys: list[bytes], args: list[bytes], size: int = 0
-    ) -> Any:
+    async def _script(self, script: Script, command: Command, size: int = 0) -> Any:
         wait = self._wait
-        replies = await self._pipeliner.run(
-            [script.evalsha(keys, args)] if wait is None else [script.evalsha(keys, args), wait],
-            size,
-        )
+        replies = await self._pipeliner.run((command,) if wait is None else (command, wait), size)
         if isinstance(replies[0], NoScriptError):
             # The server lost its script cache (restart, failover, SCRIPT FLUSH):
             # EVAL sends the body and caches it again.
+            command = script.eval_instead(command)
             replies = await self._pipeliner.run(
-                [script.eval(keys, args)] if wait is None else [script.eval(keys, args), wait],
-                size,
+                (command,) if wait is None else (command, wait), size
             )
         result = self._reply(replies[0])
         if wait is not None:
@@ -385,7 +387,7 @@ class RedisPackageStore:
 
     async def _unit(self, commands: list[Command]) -> list[Any]:
         """Replies to ``commands``, sent with a check that the layout is ours."""
-        found, *replies = await self._pipeliner.run([("GET", self._keys.format), *commands])
+        found, *replies = await self._pipeliner.run([self._format_check, *commands])
         found = self._reply(found)
         if found is not None and found != FORMAT_VERSION:
             raise self._layout_error(found)

@@ -12,6 +12,8 @@ from importlib import resources
 from importlib.abc import Traversable
 from pathlib import Path
 
+from kvstore.protocol import Command, Recurring, flatten
+
 
 @dataclass(frozen=True)
 class Script:
@@ -20,11 +22,17 @@ class Script:
     body: bytes
     sha: bytes
 
-    def evalsha(self, keys: list[bytes], args: list[bytes]) -> tuple[str | bytes | int, ...]:
+    def evalsha(self, keys: list[bytes], args: list[bytes]) -> Command:
         return ("EVALSHA", self.sha, self.numkeys, *keys, *args)
 
-    def eval(self, keys: list[bytes], args: list[bytes]) -> tuple[str | bytes | int, ...]:
-        return ("EVAL", self.body, self.numkeys, *keys, *args)
+    def head(self, *leading: bytes) -> Recurring:
+        """``EVALSHA``, the digest, the key count and the ``leading`` keys and arguments
+        that every call of a namespace shares, formatted once."""
+        return Recurring("EVALSHA", self.sha, self.numkeys, *leading)
+
+    def eval_instead(self, command: Command) -> Command:
+        """The ``EVAL`` of this script's ``EVALSHA`` ``command``, for a server that lost it."""
+        return ("EVAL", self.body, *flatten(command)[2:])
 
 
 def _script_folder() -> Traversable:

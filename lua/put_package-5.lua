@@ -2,22 +2,25 @@
   Store one package and re-point routes at it, in one atomic step, and announce the
   route change to every route cache of the namespace.
 
+  The namespace's keys and arguments come first and the package's after, so a caller
+  can format the part every put shares once.
+
   KEYS[1]  {ns}:format    layout marker
   KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
   KEYS[3]  {ns}:routes    routes (hash, type -> content hash)
-  KEYS[4]  {ns}:pkg:<row id>  the package row (hash)
-  KEYS[5]  {ns}:route-version  version of the routes table (counter)
+  KEYS[4]  {ns}:route-version  version of the routes table (counter)
+  KEYS[5]  {ns}:pkg:<row id>  the package row (hash)
 
   ARGV[1]  layout version the caller writes
-  ARGV[2]  row id, "<type>\0<hash>"
-  ARGV[3]  deployed_at stamp, 27 bytes
-  ARGV[4]  archive bytes
-  ARGV[5]  content hash the routes point at
-  ARGV[6]  {ns}:route-changes, the channel the change is published on
+  ARGV[2]  {ns}:route-changes, the channel the change is published on
+  ARGV[3]  row id, "<type>\0<hash>"
+  ARGV[4]  deployed_at stamp, 27 bytes
+  ARGV[5]  archive bytes
+  ARGV[6]  content hash the routes point at
   ARGV[7..] workflow types whose routes are re-pointed (at least one)
 
-  Publishes (SPUBLISH) on ARGV[6], after every write: "<version>\0<hash>\0<type>[\0<type>...]"
-  (types and hashes never contain NUL), <version> being the new value of KEYS[5].
+  Publishes (SPUBLISH) on ARGV[2], after every write: "<version>\0<hash>\0<type>[\0<type>...]"
+  (types and hashes never contain NUL), <version> being the new value of KEYS[4].
 
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
@@ -31,22 +34,22 @@ if not found then
   redis.call('SET', KEYS[1], ARGV[1])
 end
 
-local old = redis.call('HGET', KEYS[4], 'deployed_at')
-if old and old ~= ARGV[3] then
-  redis.call('ZREM', KEYS[2], old .. ' ' .. ARGV[2])
+local old = redis.call('HGET', KEYS[5], 'deployed_at')
+if old and old ~= ARGV[4] then
+  redis.call('ZREM', KEYS[2], old .. ' ' .. ARGV[3])
 end
-redis.call('HSET', KEYS[4], 'archive', ARGV[4], 'deployed_at', ARGV[3])
-redis.call('ZADD', KEYS[2], 0, ARGV[3] .. ' ' .. ARGV[2])
-local change = {'', ARGV[5]}
+redis.call('HSET', KEYS[5], 'archive', ARGV[5], 'deployed_at', ARGV[4])
+redis.call('ZADD', KEYS[2], 0, ARGV[4] .. ' ' .. ARGV[3])
+local change = {'', ARGV[6]}
 for i = 7, #ARGV do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[5])
+  redis.call('HSET', KEYS[3], ARGV[i], ARGV[6])
   change[#change + 1] = ARGV[i]
 end
 -- The counter and the message are written with the routes, so a cache that holds
 -- version N holds exactly the table the server held at N.
-local version = redis.call('INCR', KEYS[5])
+local version = redis.call('INCR', KEYS[4])
 change[1] = string.format('%d', version)
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.
-redis.call('SPUBLISH', ARGV[6], table.concat(change, '\0'))
+redis.call('SPUBLISH', ARGV[2], table.concat(change, '\0'))
 return version

@@ -7,11 +7,11 @@
   KEYS[3]  {ns}:route-version  version of the routes table (counter)
 
   ARGV[1]  layout version the caller writes
-  ARGV[2]  workflow type
-  ARGV[3]  content hash
-  ARGV[4]  {ns}:route-changes, the channel the change is published on
+  ARGV[2]  {ns}:route-changes, the channel the change is published on
+  ARGV[3]  workflow type
+  ARGV[4]  content hash
 
-  Publishes (SPUBLISH) on ARGV[4], after the write: "<version>\0<hash>\0<type>" (types and hashes
+  Publishes (SPUBLISH) on ARGV[2], after the write: "<version>\0<hash>\0<type>" (types and hashes
   never contain NUL), <version> being the new value of KEYS[3].
 
   Reply:
@@ -26,10 +26,10 @@ if not found then
   redis.call('SET', KEYS[1], ARGV[1])
 end
 
-redis.call('HSET', KEYS[2], ARGV[2], ARGV[3])
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 -- Counter and message go with the write, so a cache at version N holds the table at N.
 local version = redis.call('INCR', KEYS[3])
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.
-redis.call('SPUBLISH', ARGV[4], string.format('%d', version) .. '\0' .. ARGV[3] .. '\0' .. ARGV[2])
+redis.call('SPUBLISH', ARGV[2], string.format('%d', version) .. '\0' .. ARGV[4] .. '\0' .. ARGV[3])
 return version

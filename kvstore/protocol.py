@@ -1,0 +1,68 @@
+"""Commands in the Redis protocol, with the arguments that recur in every call formatted once.
+
+A command is a tuple of arguments: ``bytes``, ``str``, ``int``, or ``Recurring``, a run
+of arguments that many calls share (a command name, a script digest, a namespace's
+keys). The run is formatted when the store is made, so a call only formats what is its
+own: on a put, that halves the client's packing work.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+Command = tuple[Any, ...]
+
+
+def _bulk(arg: bytes | str | int) -> bytes:
+    data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class Recurring:
+    """A run of ``args`` that stands for all of them in a command, formatted once."""
+
+    __slots__ = ("args", "packed")
+
+    def __init__(self, *args: bytes | str | int) -> None:
+        if not args:
+            raise ValueError("a recurring run needs at least one argument")
+        self.args = args
+        self.packed = b"".join(_bulk(arg) for arg in args)
+
+    def __repr__(self) -> str:
+        return f"Recurring{self.args!r}"
+
+
+def flatten(command: Command) -> Command:
+    """``command`` with every ``Recurring`` run spelled out, as a client method takes it."""
+    if not any(type(arg) is Recurring for arg in command):
+        return command
+    flat: list[Any] = []
+    for arg in command:
+        if type(arg) is Recurring:
+            flat.extend(arg.args)
+        else:
+            flat.append(arg)
+    return tuple(flat)
+
+
+def pack_commands(commands: Sequence[Command]) -> bytes:
+    """``commands`` in the Redis protocol: each an array of bulk strings."""
+    parts: list[bytes] = []
+    append = parts.append
+    for command in commands:
+        count = len(command)
+        head = len(parts)
+        append(b"")  # the array header, once its length is known
+        for arg in command:
+            kind = type(arg)
+            if kind is bytes:
+                append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+            elif kind is Recurring:
+                append(arg.packed)
+                count += len(arg.args) - 1
+            else:
+                append(_bulk(arg))
+        parts[head] = b"*%d\r\n" % count
+    return b"".join(parts)
