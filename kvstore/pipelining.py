@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import (
@@ -26,6 +26,8 @@ from redis.exceptions import (
 )
 
 from kvstore.protocol import Command, flatten, pack_commands
+
+T = TypeVar("T")
 
 # Failures after which the same commands may well succeed: the connection broke or
 # stalled, the server is loading or failing over, a cluster slot is moving. A refused
@@ -55,11 +57,17 @@ class _Deadlines:
         self._expired: set[asyncio.Task[Any]] = set()
         self._timer: asyncio.TimerHandle | None = None
 
-    async def run(self, attempt: Awaitable[list[Any]]) -> list[Any]:
+    def deadline(self) -> float:
+        """When an attempt that begins now must be over."""
+        return asyncio.get_running_loop().time() + self._timeout
+
+    async def run(self, attempt: Awaitable[T], deadline: float | None = None) -> T:
+        """``attempt``, cancelled and turned into ``TimeoutError`` if not over by
+        ``deadline`` (by default, ``timeout`` from now)."""
         task = asyncio.current_task()
         assert task is not None
         loop = asyncio.get_running_loop()
-        self._running[task] = loop.time() + self._timeout
+        self._running[task] = self.deadline() if deadline is None else deadline
         if self._timer is None:
             self._timer = loop.call_later(self._tick, self._check)
         try:
@@ -93,17 +101,47 @@ class _Pending:
     retry_until: float
 
 
+@dataclass(eq=False, slots=True)
+class _Batch:
+    units: list[_Pending]
+    size: int
+    deadline: float | None  # when the server's replies must all have come
+
+
+class _Lane:
+    """A pooled connection the pipeliner holds, with the batches sent on it whose replies
+    are still to be read, in the order they were sent."""
+
+    __slots__ = ("connection", "in_flight", "lock", "reader", "size", "units")
+
+    def __init__(self) -> None:
+        self.connection: Any = None
+        self.in_flight: deque[_Batch] = deque()
+        # Units and bytes in flight, or taken by a writer that has not sent them yet.
+        self.units = 0
+        self.size = 0
+        self.lock = asyncio.Lock()  # one writer at a time, so replies come in sent order
+        self.reader: asyncio.Task[None] | None = None
+
+
 class Pipeliner:
     """Sends units of commands for many concurrent callers.
 
     ``run(unit)`` returns one reply per command of the unit; a command the server
     refused comes back as its ``ResponseError`` value, so it fails no neighbour. A
-    failure of the connection or of the deadline (``timeout`` seconds per attempt) is
-    retried with capped, jittered exponential backoff for up to ``retry_budget`` seconds
-    after the call began, then raises ``translate(exc)`` for every unit still waiting.
+    failure of the connection or of the deadline (``timeout`` seconds from the moment a
+    unit is sent) is retried with capped, jittered exponential backoff for up to
+    ``retry_budget`` seconds after the call began, then raises ``translate(exc)``.
 
-    Units may be sent again (after a transient failure, or after a cancelled caller
-    interrupted a pipeline), so every unit must be idempotent.
+    A call that finds a connection idle is sent at once, by its own task. Others are
+    queued and sent together, in batches of up to ``max_units`` units and ``max_bytes``
+    bytes: by the call that fills a batch, or, at the latest, once the event loop has run
+    every task that was ready. Each of the ``lanes`` connections carries up to sixteen
+    batches or twice ``max_bytes`` at a time and has one reader that hands the replies
+    out in order, so the server works on the first batches while the client is still
+    building the next ones.
+
+    Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
 
     def __init__(
@@ -119,76 +157,93 @@ class Pipeliner:
         max_bytes: int = 8 << 20,
     ) -> None:
         self._client = client
-        self._lanes = lanes
         self._translate = translate
         self._deadlines = None if timeout is None else _Deadlines(timeout)
-        # Commands go straight onto a pooled connection, except on a cluster client.
-        self._pool = None if isinstance(client, RedisCluster) else client.connection_pool
+        # Commands go straight onto pooled connections, except on a cluster client, which
+        # routes them itself and carries one batch per lane at a time.
+        self._pool: Any = None if isinstance(client, RedisCluster) else client.connection_pool
+        self._room = (
+            (max_units, max_bytes) if self._pool is None else (16 * max_units, 2 * max_bytes)
+        )
+        self._lanes = [_Lane() for _ in range(lanes)]
         self._retry_budget = retry_budget
         self._backoff_base, self._backoff_cap = backoff
         self._failures = 0
+        self._resume_at = 0.0  # after a transient failure, nothing is sent before this
         self._max_units = max_units
         self._max_bytes = max_bytes
         self._queue: deque[_Pending] = deque()
-        self._busy = 0
-        self._drainers: set[asyncio.Task[None]] = set()
+        self._flush_planned = False
+        self._writing = False
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._discards: set[asyncio.Task[None]] = set()
+        self._closed = False
 
     async def run(self, commands: Sequence[Command], size: int = 0) -> list[Any]:
         """The replies to ``commands``; ``size`` is about how many bytes they carry."""
+        if self._closed:
+            raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
-        retry_until = loop.time() + self._retry_budget
-        if not self._queue and self._busy < self._lanes:
-            # Nobody is waiting and a lane is free: send at once, without queueing.
-            self._busy += 1
-            try:
-                return await self._run_alone(commands, retry_until)
-            finally:
-                self._release_lane()
-        pending = _Pending(commands, loop.create_future(), size, retry_until)
-        self._queue.append(pending)
+        pending = _Pending(commands, loop.create_future(), size, loop.time() + self._retry_budget)
+        queue = self._queue
+        queue.append(pending)
         try:
-            if self._busy < self._lanes:
-                self._busy += 1
-                await self._lead(pending.future)
+            lane = None
+            if (len(queue) == 1 or len(queue) >= self._max_units) and not self._paused():
+                # Alone on an idle connection, or the last of a full batch: send now, in
+                # this task, so the server starts before the other ready tasks have run.
+                lane = self._free_lane(idle=len(queue) == 1)
+            if lane is not None:
+                await self._write(lane, self._take_batch())
+            else:
+                self._plan_flush()
             return await pending.future
         except asyncio.CancelledError:
             pending.future.cancel()
             raise
 
-    async def _run_alone(self, commands: Sequence[Command], retry_until: float) -> list[Any]:
-        while True:
-            error: Exception | None = None
-            try:
-                return await self._attempt(commands)
-            except Exception as exc:
-                delay = self._retry_delay(exc, retry_until)
-                if delay is None:
-                    error = self._translate(exc)
-                else:
-                    await asyncio.sleep(delay)
-            if error is not None:
-                raise error  # outside the handler: the raw exception is no implicit context
+    # Sending.
 
-    async def _lead(self, until: asyncio.Future[list[Any]] | None) -> None:
-        """Send batches until ``until`` is done (or the queue is empty), then free the lane.
+    def _paused(self) -> bool:
+        return self._resume_at > asyncio.get_running_loop().time()
 
-        The caller has already taken the lane (``_busy``), so a leader that is scheduled
-        but not yet running still counts against ``lanes``.
-        """
+    def _free_lane(self, *, idle: bool) -> _Lane | None:
+        units, size = self._room
+        best = None
+        for lane in self._lanes:
+            if lane.lock.locked():
+                continue
+            if lane.units == 0:
+                return lane
+            if idle or lane.units >= units or lane.size >= size:
+                continue
+            if best is None or lane.units < best.units:
+                best = lane
+        return best
+
+    def _plan_flush(self) -> None:
+        if not self._flush_planned:
+            self._flush_planned = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_planned = False
+        if self._closed or self._writing or not self._queue:
+            return
+        if self._paused():
+            return  # the failure that paused sending planned a flush for its end
+        self._writing = True
+        self._spawn(self._write_queued())
+
+    async def _write_queued(self) -> None:
         try:
-            while self._queue and not (until is not None and until.done()):
-                await self._flush(self._take_batch())
+            while self._queue and not self._paused():
+                lane = self._free_lane(idle=False)
+                if lane is None:
+                    return  # every lane is full: its reader plans the next flush
+                await self._write(lane, self._take_batch())
         finally:
-            self._release_lane()
-
-    def _release_lane(self) -> None:
-        self._busy -= 1
-        if self._queue and self._busy < self._lanes:
-            # Whoever queued behind a departing leader must not wait for a new caller.
-            self._busy += 1
-            task = asyncio.get_running_loop().create_task(self._lead(None))
-            self._drainers.add(task)
-            task.add_done_callback(self._drainers.discard)
+            self._writing = False
 
     def _take_batch(self) -> list[_Pending]:
         batch: list[_Pending] = []
@@ -204,61 +259,73 @@ class Pipeliner:
             size += pending.size
         return batch
 
-    async def _flush(self, batch: list[_Pending]) -> None:
-        if not batch:
+    async def _write(self, lane: _Lane, units: list[_Pending]) -> None:
+        if not units:
             return
+        batch = _Batch(
+            units,
+            sum(p.size for p in units),
+            None if self._deadlines is None else self._deadlines.deadline(),
+        )
+        lane.units += len(units)  # before any wait, so no one else counts on this room
+        lane.size += batch.size
+        sent = False
         try:
-            replies = await self._attempt([c for p in batch for c in p.commands])
+            async with lane.lock:
+                if self._pool is None:
+                    replies = await self._within(self._send_cluster(units), batch.deadline)
+                else:
+                    if lane.connection is None:
+                        lane.connection = await self._within(
+                            self._pool.get_connection(), batch.deadline
+                        )
+                    connection = lane.connection
+                    lane.in_flight.append(batch)
+                    sent = True  # from here on the lane answers for the batch
+                    data = pack_commands([c for p in units for c in p.commands])
+                    await self._within(
+                        connection.send_packed_command(data, check_health=False), batch.deadline
+                    )
+                    if lane.reader is None and lane.connection is connection:
+                        lane.reader = self._spawn(self._read(lane, connection))
+                    return
         except asyncio.CancelledError:
-            # The leading caller was cancelled mid-flight: the others' units go back to
-            # the front of the queue, in order, to be sent again.
-            self._queue.extendleft(p for p in reversed(batch) if not p.future.done())
+            # The caller that was writing was cancelled: the others go again, at once. A
+            # write cut short leaves its connection in an unknown state, so what was in
+            # flight on it goes again too.
+            if sent:
+                self._lane_failed(lane, None)
+            else:
+                self._release(lane, batch)
+                self._requeue(units)
             raise
         except Exception as exc:
-            await self._fail(batch, exc)
+            if sent:
+                self._lane_failed(lane, exc)
+            else:
+                self._release(lane, batch)
+                self._failed(units, exc)
             return
-        start = 0
-        for p in batch:
-            end = start + len(p.commands)
-            if not p.future.done():
-                p.future.set_result(replies[start:end])
-            start = end
+        finally:
+            if self._queue:
+                self._plan_flush()  # whoever queued while this lane was busy
+        # A cluster client: the replies are in.
+        self._release(lane, batch)
+        self._delivered(units, replies)
 
-    async def _fail(self, batch: list[_Pending], exc: Exception) -> None:
-        waiting = [p for p in batch if not p.future.done()]
-        if not waiting:
-            return
-        delay = self._retry_delay(exc, max(p.retry_until for p in waiting))
-        now = asyncio.get_running_loop().time()
-        retry = [p for p in waiting if delay is not None and now < p.retry_until]
-        for p in waiting:
-            if p not in retry:
-                p.future.set_exception(self._translate(exc))
-        if delay is not None:
-            self._queue.extendleft(reversed(retry))
-            await asyncio.sleep(delay)
+    @staticmethod
+    def _release(lane: _Lane, batch: _Batch) -> None:
+        lane.units -= len(batch.units)
+        lane.size -= batch.size
 
-    def _retry_delay(self, exc: Exception, retry_until: float) -> float | None:
-        """How long to back off before trying again, or ``None`` to give up."""
-        now = asyncio.get_running_loop().time()
-        transient = isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
-        if not transient or now >= retry_until:
-            return None
-        self._failures += 1
-        delay = min(self._backoff_cap, self._backoff_base * 2 ** (self._failures - 1))
-        jittered: float = delay * random.uniform(0.5, 1.0)
-        return min(jittered, retry_until - now)
+    async def _within(self, attempt: Awaitable[T], deadline: float | None) -> T:
+        if self._deadlines is None:
+            return await attempt
+        return await self._deadlines.run(attempt, deadline)
 
-    async def _attempt(self, commands: Sequence[Command]) -> list[Any]:
-        send = self._send(commands)
-        replies = await (send if self._deadlines is None else self._deadlines.run(send))
-        self._failures = 0
-        return replies
-
-    async def _send(self, commands: Sequence[Command]) -> list[Any]:
-        if self._pool is not None:
-            return await self._send_on_connection(self._pool, commands)
-        # A cluster client: redis-py routes each command to the node of its slot.
+    async def _send_cluster(self, units: list[_Pending]) -> list[Any]:
+        # redis-py routes each command to the node of its slot.
+        commands = [c for p in units for c in p.commands]
         if len(commands) == 1:
             try:
                 return [await self._client.execute_command(*flatten(commands[0]))]
@@ -269,28 +336,129 @@ class Pipeliner:
             pipe.execute_command(*flatten(command))
         return list(await pipe.execute(raise_on_error=False))
 
-    @staticmethod
-    async def _send_on_connection(pool: Any, commands: Sequence[Command]) -> list[Any]:
-        # Packing the commands here and reading the replies off one pooled connection
-        # costs half of what redis-py's pipeline does for the same bytes on the wire.
-        connection = await pool.get_connection()
+    # Receiving.
+
+    async def _read(self, lane: _Lane, connection: Any) -> None:
         try:
-            await connection.send_packed_command(pack_commands(commands))
-            replies: list[Any] = []
-            for _ in commands:
-                try:
-                    replies.append(await connection.read_response())
-                except ResponseError as exc:
-                    replies.append(exc)
-            return replies
-        except BaseException:
-            # A connection left between a request and its replies must not be reused.
-            await connection.disconnect(nowait=True)
-            raise
+            while lane.in_flight and lane.connection is connection:
+                batch = lane.in_flight[0]
+                count = sum(len(p.commands) for p in batch.units)
+                replies = await self._within(_read_replies(connection, count), batch.deadline)
+                lane.in_flight.popleft()
+                self._release(lane, batch)
+                self._delivered(batch.units, replies)
+                if self._queue:
+                    self._plan_flush()  # the room this batch leaves may be waited for
+        except Exception as exc:
+            if lane.connection is connection:
+                self._lane_failed(lane, exc)
         finally:
-            await pool.release(connection)
+            if lane.reader is asyncio.current_task():
+                lane.reader = None
+
+    def _delivered(self, units: list[_Pending], replies: list[Any]) -> None:
+        self._failures = 0
+        start = 0
+        for p in units:
+            end = start + len(p.commands)
+            if not p.future.done():
+                p.future.set_result(replies[start:end])
+            start = end
+
+    # Failing.
+
+    def _lane_failed(self, lane: _Lane, exc: BaseException | None) -> None:
+        """Drop the lane's connection; what was in flight on it is retried or failed
+        as ``exc`` allows (``None``: sent again at once, for no fault of the server)."""
+        connection, lane.connection = lane.connection, None
+        batches = list(lane.in_flight)
+        lane.in_flight.clear()
+        for batch in batches:
+            self._release(lane, batch)
+        reader, lane.reader = lane.reader, None
+        if reader is not None and reader is not asyncio.current_task():
+            reader.cancel()
+        if connection is not None:
+            # Not one of _tasks: closing the store must not stop it halfway.
+            discard = asyncio.get_running_loop().create_task(self._discard(connection))
+            self._discards.add(discard)
+            discard.add_done_callback(self._discards.discard)
+        units = [p for b in batches for p in b.units]
+        if exc is None:
+            self._requeue(units)
+        else:
+            self._failed(units, exc)
+
+    async def _discard(self, connection: Any) -> None:
+        # A connection left between a request and its replies must not be reused.
+        await connection.disconnect(nowait=True)
+        await self._pool.release(connection)
+
+    def _requeue(self, units: list[_Pending]) -> None:
+        self._queue.extendleft(reversed([p for p in units if not p.future.done()]))
+        self._plan_flush()
+
+    def _failed(self, units: list[_Pending], exc: BaseException) -> None:
+        waiting = [p for p in units if not p.future.done()]
+        if not waiting:
+            return
+        loop = asyncio.get_running_loop()
+        delay = self._retry_delay(exc, max(p.retry_until for p in waiting))
+        now = loop.time()
+        retry = [p for p in waiting if delay is not None and now < p.retry_until]
+        for p in waiting:
+            if p not in retry:
+                p.future.set_exception(self._translate(exc))
+        if delay is not None and retry:
+            self._queue.extendleft(reversed(retry))
+            self._resume_at = max(self._resume_at, now + delay)
+            loop.call_later(delay, self._plan_flush)
+
+    def _retry_delay(self, exc: BaseException, retry_until: float) -> float | None:
+        """How long to back off before trying again, or ``None`` to give up."""
+        now = asyncio.get_running_loop().time()
+        transient = isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
+        if self._closed or not transient or now >= retry_until:
+            return None
+        self._failures += 1
+        delay = min(self._backoff_cap, self._backoff_base * 2 ** (self._failures - 1))
+        jittered: float = delay * random.uniform(0.5, 1.0)
+        return min(jittered, retry_until - now)
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     async def aclose(self) -> None:
-        for task in list(self._drainers):
+        """Fail whatever still waits, and give the connections back to the pool."""
+        self._closed = True
+        for task in list(self._tasks):
             task.cancel()
-        await asyncio.gather(*self._drainers, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._discards, return_exceptions=True)
+        closed = ConnectionError("the store was closed")
+        waiting = list(self._queue)
+        self._queue.clear()
+        for lane in self._lanes:
+            waiting.extend(p for b in lane.in_flight for p in b.units)
+            connection, lane.connection = lane.connection, None
+            if connection is not None:
+                if lane.in_flight:
+                    await connection.disconnect(nowait=True)
+                await self._pool.release(connection)
+            lane.in_flight.clear()
+            lane.units = lane.size = 0
+        for p in waiting:
+            if not p.future.done():
+                p.future.set_exception(self._translate(closed))
+
+
+async def _read_replies(connection: Any, count: int) -> list[Any]:
+    replies: list[Any] = []
+    for _ in range(count):
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies

@@ -305,3 +305,36 @@ async def test_a_resp3_client_keeps_the_whole_contract(valkey_server: LocalServe
             Redis.from_url(valkey_server.url, protocol=3), namespace=fresh_namespace()
         )
     )
+
+
+async def test_connections_killed_mid_burst_lose_no_call(server: LocalServer) -> None:
+    # Batches are pipelined several deep on each connection; when the server drops the
+    # connections, everything in flight on them is sent again, and every call completes.
+    killer = Redis.from_url(server.url)
+    async with RedisPackageStore.from_url(
+        server.url, namespace=fresh_namespace(), timeout=2.0, retry_budget=10.0
+    ) as store:
+        await store.put_package(pkg("t", "warm"))
+        records = [pkg(f"t{i % 5}", f"h{i:05d}", bytes(2048), i) for i in range(6000)]
+        puts = asyncio.gather(*(store.put_package(r) for r in records))
+        killed = 0
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            killed += await killer.client_kill_filter(_type="normal", skipme=True)
+        await puts
+        assert killed > 0
+        listed = {r.content_hash for r in await store.list_packages()}
+        assert listed >= {r.content_hash for r in records}
+    await killer.aclose()
+
+
+async def test_closing_the_store_fails_the_calls_still_waiting(server: LocalServer) -> None:
+    store = RedisPackageStore.from_url(server.url, namespace=fresh_namespace())
+    calls = [asyncio.ensure_future(store.put_package(pkg("t", f"h{i}", n=i))) for i in range(3000)]
+    await asyncio.sleep(0)
+    await store.aclose()
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 10)
+    assert all(o is None or isinstance(o, BackendError) for o in outcomes)
+    assert any(isinstance(o, BackendError) for o in outcomes)
+    with pytest.raises(BackendError, match="closed"):
+        await store.put_package(pkg("t", "late"))
