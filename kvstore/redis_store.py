@@ -51,8 +51,8 @@ class RedisPackageStore:
     never closes a client it was given.
 
     Any number of tasks may share one store: concurrent calls are coalesced into
-    pipelines on at most ``lanes`` connections at once, so none fails for want of a
-    pooled connection. Each attempt is bounded by ``timeout`` seconds (``None``: no
+    pipelines on at most ``lanes`` connections, which the store holds from its first
+    call until ``aclose()``, so none fails for want of a pooled connection. Each attempt is bounded by ``timeout`` seconds (``None``: no
     bound). Transient failures (a broken or stalled connection, a loading server, a
     failover) are retried with capped, jittered backoff for ``retry_budget`` seconds;
     then, and on any other failure of the server, the call raises ``BackendError``,
