@@ -52,12 +52,13 @@ class RedisPackageStore:
 
     Any number of tasks may share one store: concurrent calls are coalesced into
     pipelines on at most ``lanes`` connections, which the store holds from its first
-    call until ``aclose()``, so none fails for want of a pooled connection. Each attempt is bounded by ``timeout`` seconds (``None``: no
-    bound). Transient failures (a broken or stalled connection, a loading server, a
-    failover) are retried with capped, jittered backoff for ``retry_budget`` seconds;
-    then, and on any other failure of the server, the call raises ``BackendError``,
-    whose message never carries a password. Every operation is idempotent, which is
-    what makes retrying safe.
+    call until ``aclose()``, so none fails for want of a pooled connection. Each
+    attempt is bounded by ``timeout`` seconds (``None``: no bound). Transient failures
+    (a broken or stalled connection, a loading server, a failover) are retried with
+    capped, jittered backoff for ``retry_budget`` seconds; then, and on any other
+    failure of the server, the call raises ``BackendError``, whose message never
+    carries a password. Every operation is idempotent, which is what makes retrying
+    safe. Calls still waiting when the store is closed raise ``BackendError``.
 
     With ``min_replicas=N`` every write also waits for ``N`` replicas to acknowledge it
     (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
