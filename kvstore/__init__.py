@@ -3,12 +3,13 @@
 from kvstore.contract import PackageStore
 from kvstore.errors import BackendError, SerializationError, StoreError
 from kvstore.memory_store import InMemoryPackageStore
-from kvstore.records import PackageRecord, PackageRouteRecord
+from kvstore.records import PackageHead, PackageRecord, PackageRouteRecord
 from kvstore.redis_store import RedisPackageStore
 
 __all__ = [
     "BackendError",
     "InMemoryPackageStore",
+    "PackageHead",
     "PackageRecord",
     "PackageRouteRecord",
     "PackageStore",

@@ -128,7 +128,7 @@ async def _find(
 
     With ``any_type``, a package stored under another type counts too: an archive
     deployed with ``--also`` is stored once, under its first type. A prefix costs a
-    scan of the catalogue, so it is tried only when the exact hash is not stored.
+    scan of the catalogue's heads, so it is tried only when the exact hash is not stored.
     """
     record = await store.get_package(workflow_type, text)
     if record is not None:
@@ -136,7 +136,7 @@ async def _find(
     type_known = False
     same: set[str] = set()
     other: dict[str, str] = {}  # hash -> a type that holds it
-    async for candidate in store.iter_packages(chunk=100):
+    async for candidate in store.iter_package_heads():
         mine = candidate.workflow_type == workflow_type
         type_known = type_known or mine
         if not candidate.content_hash.startswith(text):
@@ -167,9 +167,9 @@ async def _holders(store: RedisPackageStore, hashes: set[str]) -> dict[str, set[
     """For each of ``hashes`` that some package has, the types storing it (one scan)."""
     found: dict[str, set[str]] = {}
     if hashes:
-        async for record in store.iter_packages(chunk=100):
-            if record.content_hash in hashes:
-                found.setdefault(record.content_hash, set()).add(record.workflow_type)
+        async for head in store.iter_package_heads():
+            if head.content_hash in hashes:
+                found.setdefault(head.content_hash, set()).add(head.workflow_type)
     return found
 
 
@@ -206,12 +206,11 @@ def cmd_ls(args: argparse.Namespace) -> Action:
         routed_by: dict[str, list[str]] = {}
         for route in await store.list_package_routes():
             routed_by.setdefault(route.content_hash, []).append(route.workflow_type)
-        # Everything but the archives, which can be large.
         rows: list[tuple[str, str, int, datetime, list[str]]] = []
-        async for r in store.iter_packages(chunk=100):
-            if wanted is None or r.workflow_type == wanted:
-                by = routed_by.get(r.content_hash, [])
-                rows.append((r.workflow_type, r.content_hash, len(r.archive), r.deployed_at, by))
+        async for h in store.iter_package_heads():  # archives stay on the server
+            if wanted is None or h.workflow_type == wanted:
+                by = routed_by.get(h.content_hash, [])
+                rows.append((h.workflow_type, h.content_hash, h.size, h.deployed_at, by))
         if args.json:
             keys = ("workflow_type", "content_hash", "size", "deployed_at", "routed_by")
             _json(

@@ -70,6 +70,17 @@ class PackageRouteRecord:
         check_text(self.content_hash, "content_hash")
 
 
+@dataclass(frozen=True)
+class PackageHead:
+    """A stored package without its archive: what a listing shows, at a fraction of the
+    bytes. ``size`` is the archive's length in bytes."""
+
+    workflow_type: str
+    content_hash: str
+    deployed_at: datetime
+    size: int
+
+
 def check_route_types(value: object) -> list[str]:
     """Return the workflow types of ``put_package_with_routes`` as a list, each checked."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):

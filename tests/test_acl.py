@@ -27,8 +27,8 @@ from .topology import raw_command
 
 STORE_USER_RULE = (
     "resetkeys ~{ns}:* resetchannels &{ns}:route-changes -@all "
-    "+evalsha +eval +get +set +hget +hset +hmget +hgetall +del +zadd +zrem +zrangebylex "
-    "+incr +spublish +ssubscribe +ping +multi +exec +wait"
+    "+evalsha +eval +get +set +hget +hset +hmget +hstrlen +hgetall +del +zadd +zrem "
+    "+zrangebylex +incr +spublish +ssubscribe +ping +multi +exec +wait"
 )
 
 # redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store
@@ -115,6 +115,14 @@ async def test_the_rule_lets_a_store_wait_for_replicas(users: Users) -> None:
     async with await users.store(fresh_namespace(), min_replicas=1, replica_timeout=0.1) as waiting:
         with pytest.raises(BackendError, match="0 of 1 replicas acknowledged"):
             await waiting.put_package(PackageRecord("order", "h1", b"PK", T0))
+    assert await users.refusals() == []
+
+
+async def test_heads_are_listed_on_the_rule(users: Users) -> None:
+    async with await users.store(fresh_namespace()) as store:
+        await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+        heads = [h async for h in store.iter_package_heads()]
+        assert [(h.content_hash, h.size) for h in heads] == [("h1", 2)]
     assert await users.refusals() == []
 
 

@@ -14,6 +14,7 @@ from redis.crc import key_slot
 
 from kvstore import (
     BackendError,
+    PackageHead,
     PackageRecord,
     RedisPackageStore,
     SerializationError,
@@ -215,6 +216,24 @@ async def test_iter_packages_walks_chunks_in_order_while_others_delete(client: R
             await store.delete_package(seen[0].workflow_type, seen[-1].content_hash)
             await store.delete_package(record.workflow_type, record.content_hash)
     assert seen == records
+
+
+async def test_heads_list_what_iter_packages_lists_without_the_archives(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    records = [pkg(f"t{i % 3}", f"h{i:03d}", bytes(i * 37), n=i) for i in range(40)]
+    for record in records:
+        await store.put_package(record)
+    await store.put_package(pkg("t0", "h000", b"again", n=99))  # re-put: moves to the end
+    await store.delete_package("t1", "h001")
+    expected = [
+        PackageHead(r.workflow_type, r.content_hash, r.deployed_at, len(r.archive))
+        for r in await store.list_packages()
+    ]
+    assert [h async for h in store.iter_package_heads(chunk=7)] == expected
+    assert expected[-1] == PackageHead("t0", "h000", T0 + timedelta(microseconds=99), 5)
+    assert PackageHead("t0", "h000", T0, 0) not in expected
+    with pytest.raises(ValueError, match="chunk"):
+        await anext(store.iter_package_heads(chunk=0))
 
 
 async def test_unreachable_server_fails_within_the_timeout() -> None:
