@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 
 import fakeredis
 import pytest
+import redis
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
@@ -357,3 +358,29 @@ async def test_closing_the_store_fails_the_calls_still_waiting(server: LocalServ
     assert any(isinstance(o, BackendError) for o in outcomes)
     with pytest.raises(BackendError, match="closed"):
         await store.put_package(pkg("t", "late"))
+
+
+async def test_a_full_batch_reaches_the_server_before_the_tasks_behind_it_start(
+    server: LocalServer,
+) -> None:
+    # The call that fills a batch sends it from its own task. A probe among the tasks that
+    # gather starts later blocks the event loop and polls the server on a connection of its
+    # own: the first batch must already be there, though no reply has been read yet.
+    namespace = fresh_namespace()
+    keys = Keyspace(namespace)
+    seen: list[int] = []
+
+    async def probe() -> None:
+        with redis.Redis(port=server.port) as sync:
+            for _ in range(200):  # at most about two seconds
+                seen.append(int(sync.zcard(keys.index)))
+                if seen[-1] >= 256:
+                    return
+                time.sleep(0.01)
+
+    async with RedisPackageStore.from_url(server.url, namespace=namespace) as store:
+        await store.put_package(pkg("t", "warm"))  # the first connection is open
+        calls = [store.put_package(pkg("t", f"h{i}", n=i)) for i in range(600)]
+        await asyncio.gather(*calls[:400], probe(), *calls[400:])
+        assert seen[-1] >= 256
+        assert len(await store.list_packages()) == 601
