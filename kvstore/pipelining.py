@@ -1,9 +1,10 @@
 """Coalescing of concurrent calls into pipelines over a bounded number of connections.
 
-Thousands of tasks can share one store: each call joins a queue, and at most ``lanes``
-of them at a time send everything queued as one pipeline and hand every caller its own
-replies. A lone call is sent as a plain command, so it costs what the raw client costs.
-Only ``lanes`` connections are ever in use, so no call fails because a pool ran out.
+Thousands of tasks can share one store: calls are queued and sent together in batches,
+pipelined several deep on at most ``lanes`` held connections, and each caller gets its
+own replies. A call that finds a connection idle is sent at once as a plain command, so
+it costs what the raw client costs. Only ``lanes`` connections are ever in use, so no
+call fails because a pool ran out.
 """
 
 from __future__ import annotations
@@ -240,7 +241,7 @@ class Pipeliner:
             while self._queue and not self._paused():
                 lane = self._free_lane(idle=False)
                 if lane is None:
-                    return  # every lane is full: its reader plans the next flush
+                    return  # each lane's reader, or writer, plans a flush when done
                 await self._write(lane, self._take_batch())
         finally:
             self._writing = False
