@@ -54,7 +54,8 @@ def check_namespace(namespace: object) -> str:
 def encode_stamp(instant: datetime) -> bytes:
     """``instant`` (aware, UTC) as the 27 bytes that sort in time order."""
     # Formatted by hand: strftime's %Y does not zero-pad years before 1000 on every
-    # platform, and bytes formatting costs a third of isoformat on every put.
+    # platform. Bytes formatting, once per put, takes about half the time of an f-string
+    # and its encoding.
     return b"%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (
         instant.year,
         instant.month,
