@@ -381,9 +381,7 @@ class Pipeliner:
             reader.cancel()
         if connection is not None:
             # Not one of _tasks: closing the store must not stop it halfway.
-            discard = asyncio.get_running_loop().create_task(self._discard(connection))
-            self._discards.add(discard)
-            discard.add_done_callback(self._discards.discard)
+            self._spawn(self._discard(connection), self._discards)
         units = [p for b in batches for p in b.units]
         if exc is None:
             self._requeue(units)
@@ -426,10 +424,14 @@ class Pipeliner:
         jittered: float = delay * random.uniform(0.5, 1.0)
         return min(jittered, retry_until - now)
 
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    def _spawn(
+        self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]] | None = None
+    ) -> asyncio.Task[None]:
+        """A task for ``work``, kept in ``into`` (by default ``_tasks``) while it runs."""
+        tasks = self._tasks if into is None else into
         task = asyncio.get_running_loop().create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
         return task
 
     async def aclose(self) -> None:
