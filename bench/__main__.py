@@ -23,7 +23,7 @@ from bench.figures import (
     put_one,
     route_lookup,
 )
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 
 
 async def run(url: str, binary: str | None, sizes: Sizes) -> list[Figure]:

@@ -15,9 +15,9 @@ from typing import Any, cast
 from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
-from kvstore.local_server import LocalServer
-from kvstore.scripts import PUT_PACKAGE
+from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
+from kvstore.redis.scripts import PUT_PACKAGE
+from kvstore.tools.server_process import LocalServer
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 KIB = 1024

@@ -1,5 +1,5 @@
 """``python -m kvstore``: the operator's command line."""
 
-from kvstore.cli import main
+from kvstore.tools.cli import main
 
 raise SystemExit(main())

@@ -15,7 +15,7 @@ import fakeredis
 import pytest
 
 from kvstore import InMemoryPackageStore, PackageStore, RedisPackageStore
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 
 SERVERS = ["valkey", "redis"]
 _namespaces = itertools.count()

@@ -20,7 +20,7 @@ from redis.exceptions import NoPermissionError
 
 from kvstore import BackendError, PackageRecord, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .topology import raw_command

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 from tests.conftest import fresh_namespace
 
 Result = subprocess.CompletedProcess[bytes]

@@ -15,7 +15,7 @@ from redis.crc import key_slot
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.conformance import SCENARIOS, T0, run_scenario
-from kvstore.local_server import LocalServer, free_port
+from kvstore.tools.server_process import LocalServer, free_port
 
 from .conftest import fresh_namespace
 

@@ -19,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import RedisPackageStore
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace
 from .topology import Writer, check_outcome, eventually, server_binary

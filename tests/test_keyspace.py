@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore import InMemoryPackageStore, PackageRecord, RedisPackageStore
-from kvstore.keyspace import (
+from kvstore.redis.keyspace import (
     decode_stamp,
     encode_stamp,
     index_member,

@@ -16,7 +16,10 @@ SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
 def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path) -> None:
     source = tmp_path / "source"
     shutil.copytree(
-        ROOT, source, ignore=shutil.ignore_patterns(".git", "__pycache__", ".*_cache", "dist")
+        ROOT,
+        source,
+        symlinks=True,  # kvstore/lua links to lua/, as in a checkout
+        ignore=shutil.ignore_patterns(".git", "__pycache__", ".*_cache", "dist"),
     )
     dist = tmp_path / "dist"
     subprocess.run(
@@ -34,13 +37,13 @@ def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path)
         )
         archive.extractall(tmp_path / "installed")
     with tarfile.open(sdist) as archive:
-        assert sorted(Path(n).name for n in archive.getnames() if "/lua/" in n) == SCRIPTS
+        assert sorted(Path(n).name for n in archive.getnames() if "/kvstore/lua/" in n) == SCRIPTS
 
     loaded = subprocess.run(
         [
             sys.executable,
             "-c",
-            "import kvstore.scripts as s; print(s._script_folder()); print(sorted(s.SCRIPTS))",
+            "import kvstore.redis.scripts as s;print(s._script_folder()); print(sorted(s.SCRIPTS))",
         ],
         cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "installed"), "PATH": ""},

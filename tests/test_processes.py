@@ -10,7 +10,7 @@ import sys
 from datetime import datetime
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
 

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvstore.local_server import LocalServer
+from kvstore.tools.server_process import LocalServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

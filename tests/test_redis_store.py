@@ -22,8 +22,8 @@ from kvstore import (
     StoreError,
 )
 from kvstore.conformance import run_package_store_suite
-from kvstore.keyspace import Keyspace, row_id
-from kvstore.local_server import LocalServer
+from kvstore.redis.keyspace import Keyspace, row_id
+from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace
 

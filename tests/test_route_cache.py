@@ -16,8 +16,8 @@ from redis.asyncio import Redis
 
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, SerializationError
 from kvstore.conformance import BAD_TEXT, SCENARIOS, run_scenario
-from kvstore.keyspace import Keyspace
-from kvstore.route_cache import RouteWatch
+from kvstore.redis.keyspace import Keyspace
+from kvstore.redis.route_cache import RouteWatch
 
 from .conftest import SERVERS, fresh_namespace
 

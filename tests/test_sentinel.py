@@ -17,7 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore
-from kvstore.local_server import free_port
+from kvstore.tools.server_process import free_port
 
 from .conftest import SERVERS, fresh_namespace
 from .topology import (

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kvstore import BackendError, PackageRecord, PackageStore
-from kvstore.local_server import LocalServer, free_port, valkey_binary
+from kvstore.tools.server_process import LocalServer, free_port, valkey_binary
 
 
 def server_binary(name: str) -> Path:

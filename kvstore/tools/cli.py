@@ -2,9 +2,9 @@
 export | import | demo``.
 
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
-starts the embedded server (``kvstore.embedded``) over its data folder, locked, and stops
-it before exiting. Expected failures print one line to stderr, never a traceback, and
-exit 1 (2 for a wrong command line). No message carries a password.
+starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
+locked, and stops it before exiting. Expected failures print one line to stderr, never a
+traceback, and exit 1 (2 for a wrong command line). No message carries a password.
 """
 
 from __future__ import annotations
@@ -27,8 +27,13 @@ from types import FrameType
 from typing import Any, NoReturn, TextIO
 
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, StoreError
-from kvstore.embedded import EmbeddedServer, FolderInUse, LocalServerError, default_data_dir
-from kvstore.transfer import ExportFormatError, export_file, import_file
+from kvstore.tools.embedded_server import (
+    EmbeddedServer,
+    FolderInUse,
+    LocalServerError,
+    default_data_dir,
+)
+from kvstore.tools.export_import import ExportFormatError, export_file, import_file
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2

@@ -26,7 +26,7 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from kvstore.protocol import Command, flatten, pack_commands
+from kvstore.redis.wire import Command, flatten, pack_commands
 
 T = TypeVar("T")
 

@@ -48,8 +48,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from kvstore.keyspace import FORMAT_VERSION, Keyspace
 from kvstore.records import PackageRouteRecord
+from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _deadline

@@ -1,7 +1,7 @@
 """The package store over Redis, Valkey, a Redis Cluster or fakeredis.
 
 Writes are single Lua script calls (``lua/``), so a deploy's row, index entry and
-routes change together or not at all. The keys are laid out in ``kvstore.keyspace``.
+routes change together or not at all. The keys are laid out in ``kvstore.redis.keyspace``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
-from kvstore.keyspace import (
+from kvstore.records import (
+    PackageHead,
+    PackageRecord,
+    PackageRouteRecord,
+    check_route_types,
+    check_text,
+)
+from kvstore.redis.keyspace import (
     FORMAT_VERSION,
     Keyspace,
     decode_stamp,
@@ -27,18 +34,11 @@ from kvstore.keyspace import (
     split_index_member,
     split_row_id,
 )
-from kvstore.pipelining import Pipeliner
-from kvstore.protocol import Command, Recurring
-from kvstore.records import (
-    PackageHead,
-    PackageRecord,
-    PackageRouteRecord,
-    check_route_types,
-    check_text,
-)
-from kvstore.route_cache import RouteCache, RouteWatch
-from kvstore.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
-from kvstore.urls import client_from_url
+from kvstore.redis.pipeline import Pipeliner
+from kvstore.redis.route_cache import RouteCache, RouteWatch
+from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
+from kvstore.redis.urls import client_from_url
+from kvstore.redis.wire import Command, Recurring
 
 _HMGET_ROW = Recurring("HMGET")
 _ROW_FIELDS = Recurring(b"archive", b"deployed_at")
@@ -71,7 +71,7 @@ class RedisPackageStore:
 
     With ``cache_routes=True`` (on a single node, Sentinel or a cluster), the store keeps every
     route of the namespace in memory, kept true by the changes the write scripts publish
-    (``kvstore.route_cache``): ``get_package_route`` answers from memory while the
+    (``kvstore.redis.route_cache``): ``get_package_route`` answers from memory while the
     subscription is healthy and from the server otherwise, a store always sees its own
     writes, and another store's write is seen as soon as its message arrives (a
     silently dead subscription is noticed within about ``2 * route_health_interval``
@@ -159,7 +159,7 @@ class RedisPackageStore:
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
 
-        ``url`` is one of the forms ``kvstore.urls`` lists: ``redis://``, ``rediss://``
+        ``url`` is one of the forms ``kvstore.redis.urls`` lists: ``redis://``, ``rediss://``
         (TLS), ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``.
         ``client_options`` go to the client (``ssl_ca_certs=...``, ``max_connections=...``).
         Connecting is bounded by ``timeout`` too, and the client's own retries are off,
@@ -300,7 +300,7 @@ class RedisPackageStore:
 
         Registered when called (call it inside a running event loop): first every
         route, then each write, in the order the server applied them, including those
-        of other stores; see ``kvstore.route_cache.RouteWatch`` for the exact promise.
+        of other stores; see ``kvstore.redis.route_cache.RouteWatch`` for the exact promise.
         """
         if self._route_cache is None:
             raise RuntimeError("watch_routes needs a store made with cache_routes=True")

@@ -10,9 +10,8 @@ import hashlib
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
-from pathlib import Path
 
-from kvstore.protocol import Command, Recurring, flatten
+from kvstore.redis.wire import Command, Recurring, flatten
 
 
 @dataclass(frozen=True)
@@ -36,12 +35,9 @@ class Script:
 
 
 def _script_folder() -> Traversable:
-    # Built distributions carry the scripts inside the package; a source checkout
-    # (an editable install) keeps them in the top-level lua/ folder beside it.
-    packaged = resources.files("kvstore") / "lua"
-    if packaged.is_dir():
-        return packaged
-    return Path(__file__).resolve().parent.parent / "lua"
+    # ``kvstore/lua`` is the top-level ``lua/`` folder: a link to it in a checkout, a
+    # copy of it in a built wheel.
+    return resources.files("kvstore") / "lua"
 
 
 def load_scripts() -> dict[str, Script]:

@@ -1,0 +1,16 @@
+"""Everything that speaks to a Redis-protocol server.
+
+==================  ==============================================================
+module              holds
+==================  ==============================================================
+``store``           ``RedisPackageStore``: the contract over one namespace
+``keyspace``        every key of a namespace, and how text becomes key bytes
+``scripts``         the server-side Lua of the top-level ``lua/`` folder, loaded and
+                    called
+``wire``            commands in the Redis protocol (RESP), packed for sending
+``pipeline``        concurrent calls coalesced into pipelines on held connections
+``retry``           the retry policy: what is transient, backoff, the budget
+``route_cache``     every route in memory, kept true by the server's announcements
+``urls``            clients made from URLs
+==================  ==============================================================
+"""
