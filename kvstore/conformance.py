@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from kvstore.contract import PackageStore
@@ -344,6 +345,66 @@ async def many_concurrent_callers_share_one_store(store: PackageStore) -> None:
     expect(await store.list_packages() == [], "every concurrent delete applied")
 
 
+async def iter_packages_lists_in_list_packages_order(store: PackageStore) -> None:
+    records = [
+        pkg(f"t{i % 4}", f"h{i:02d}", f"{i}".encode(), T0 + (i * 7 % 23) * US) for i in range(23)
+    ]
+    for record in records:
+        await store.put_package(record)
+    listed = await store.list_packages()
+    for chunk in (1, 7, 22, 23, 24, 1000):
+        walked = [record async for record in store.iter_packages(chunk=chunk)]
+        expect(walked == listed, "iter_packages lists what list_packages lists, in order", chunk)
+    expect([r async for r in store.iter_packages()] == listed, "the default chunk too")
+
+
+async def iter_packages_never_lists_a_row_twice_while_rows_are_re_put(store: PackageStore) -> None:
+    # Rows re-put with later stamps while the walk goes on: each one read at its old place
+    # is met again at its new place, ahead of the walk.
+    records = [pkg("order", f"h{i:02d}", at=T0 + i * US) for i in range(30)]
+    for record in records:
+        await store.put_package(record)
+    later = T0 + timedelta(days=1)
+    for chunk in (1, 3, 7):
+        walked: list[PackageRecord] = []
+        async for record in store.iter_packages(chunk=chunk):
+            walked.append(record)
+            if int(record.content_hash[1:]) % 2 == 0 and len(walked) < 60:
+                later += US
+                await store.put_package(replace(record, deployed_at=later))
+        ids = [(r.workflow_type, r.content_hash) for r in walked]
+        expect(len(ids) == len(set(ids)), "no row is listed twice", chunk, ids)
+        untouched = [r.content_hash for r in records if int(r.content_hash[1:]) % 2 == 1]
+        expect(
+            [h for _, h in ids if int(h[1:]) % 2 == 1] == untouched,
+            "each row nobody wrote is listed exactly once, in order",
+            chunk,
+        )
+        order = [(r.deployed_at, r.workflow_type, r.content_hash) for r in walked]
+        expect(order == sorted(order), "the walk stays in ascending order", chunk)
+    expect(len(await store.list_packages()) == 30, "re-puts never duplicate a row")
+
+
+async def iter_packages_refuses_a_bad_chunk(store: PackageStore) -> None:
+    await store.put_package(pkg("order", "h1"))
+    bad: list[tuple[object, type[Exception]]] = [
+        (0, ValueError),
+        (-1, ValueError),
+        (1.5, TypeError),
+        ("7", TypeError),
+        (True, TypeError),
+        (None, TypeError),
+    ]
+    for chunk, kind in bad:
+        try:
+            await anext(store.iter_packages(chunk=chunk))  # type: ignore[arg-type]
+        except (TypeError, ValueError) as exc:
+            expect(type(exc) is kind, f"chunk={chunk!r} raises {kind.__name__}", exc)
+            expect("chunk" in str(exc), "the error names chunk", str(exc))
+        else:
+            raise ConformanceError(f"iter_packages accepted chunk={chunk!r}")
+
+
 SCENARIOS: dict[str, Scenario] = {
     scenario.__name__: scenario
     for scenario in [
@@ -367,6 +428,9 @@ SCENARIOS: dict[str, Scenario] = {
         bad_arguments_are_refused_before_anything_is_written,
         records_are_checked_at_construction,
         many_concurrent_callers_share_one_store,
+        iter_packages_lists_in_list_packages_order,
+        iter_packages_never_lists_a_row_twice_while_rows_are_re_put,
+        iter_packages_refuses_a_bad_chunk,
     ]
 }
 

@@ -7,7 +7,7 @@ here at start-up. Each promise below says what breaks for the engine if it is no
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Protocol, runtime_checkable
 
 from kvstore.records import PackageRecord, PackageRouteRecord
@@ -52,7 +52,24 @@ class PackageStore(Protocol):
         Records deployed at the same microsecond are ordered by
         ``(workflow_type, content_hash)`` in code-point order, so every engine rebuilds
         the same catalogue in the same order. A listing never returns a half-written
-        record, and a concurrent writer never makes it fail.
+        record, and a concurrent writer never makes it fail. Like ``iter_packages`` (it
+        lists what one walk with the default chunk lists), it never returns a row twice.
+        """
+        ...
+
+    def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
+        """Every stored record in ``list_packages`` order, streamed ``chunk`` at a time.
+
+        For catalogues too large to hold at once: the store holds at most ``chunk``
+        records (archives included) for the caller at a time, plus one entry per row
+        already listed (its ``(workflow_type, content_hash)``, never its archive). That
+        entry is what keeps the promise while others write: a row neither put nor
+        deleted during the walk is listed exactly once; a row put or deleted meanwhile
+        is listed at most once, as it was or as it became; no listing ever returns the
+        same ``(workflow_type, content_hash)`` twice. An engine that rebuilt its
+        catalogue from a listing with a package twice would load it twice, or fail.
+        ``chunk`` must be a positive int (``TypeError`` or ``ValueError`` naming it,
+        raised by the first ``anext``).
         """
         ...
 

@@ -6,13 +6,15 @@ not a server, and what the other backends are checked against.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 
 from kvstore.records import (
     PackageRecord,
     PackageRouteRecord,
+    check_chunk,
     check_instant,
+    check_record,
     check_route_types,
     check_text,
 )
@@ -31,8 +33,7 @@ class InMemoryPackageStore:
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
     ) -> None:
-        if not isinstance(record, PackageRecord):
-            raise TypeError(f"record must be PackageRecord, not {type(record).__name__}")
+        check_record(record)
         types = [record.workflow_type, *check_route_types(route_workflow_types)]
         stored = replace(record, deployed_at=check_instant(record.deployed_at, "deployed_at"))
         self._packages[(record.workflow_type, record.content_hash)] = stored
@@ -44,6 +45,17 @@ class InMemoryPackageStore:
             self._packages.values(),
             key=lambda r: (r.deployed_at, r.workflow_type, r.content_hash),
         )
+
+    async def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
+        """``list_packages`` as it was at the first ``anext``, one record at a time.
+
+        Walking that snapshot lists each row once whatever is written meanwhile; it holds
+        one reference per row (the records are in memory already), so ``chunk`` is only
+        checked.
+        """
+        check_chunk(chunk)
+        for record in await self.list_packages():
+            yield record
 
     async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
         key = (check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))

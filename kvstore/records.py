@@ -81,6 +81,23 @@ class PackageHead:
     size: int
 
 
+def check_record(value: object) -> PackageRecord:
+    """Return ``value`` if it is a ``PackageRecord`` (whose fields were checked when it was
+    made); ``TypeError`` naming ``record`` otherwise."""
+    if not isinstance(value, PackageRecord):
+        raise TypeError(f"record must be PackageRecord, not {type(value).__name__}")
+    return value
+
+
+def check_chunk(value: object) -> int:
+    """Return ``value`` if it is usable as a listing's ``chunk``: a positive int."""
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"chunk must be a positive int, not {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"chunk must be a positive int, not {value!r}")
+    return value
+
+
 def check_route_types(value: object) -> list[str]:
     """Return the workflow types of ``put_package_with_routes`` as a list, each checked."""
     if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):

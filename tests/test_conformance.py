@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from datetime import datetime
 
 import pytest
 
@@ -42,6 +44,20 @@ class _RoutesUnsorted(InMemoryPackageStore):
         return [PackageRouteRecord(t, h) for t, h in reversed(list(self._routes.items()))]
 
 
+class _WalksWithoutMemory(InMemoryPackageStore):
+    """Walks the live rows in order, one at a time, forgetting what it listed."""
+
+    async def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
+        def order(r: PackageRecord) -> tuple[datetime, str, str]:
+            return (r.deployed_at, r.workflow_type, r.content_hash)
+
+        after: tuple[datetime, str, str] | None = None
+        while ahead := [r for r in self._packages.values() if after is None or order(r) > after]:
+            record = min(ahead, key=order)
+            after = order(record)
+            yield record
+
+
 @pytest.mark.parametrize(
     ("broken", "scenario"),
     [
@@ -49,6 +65,7 @@ class _RoutesUnsorted(InMemoryPackageStore):
         (_ListsInPutOrder, "order_is_exact_to_the_microsecond_in_every_year"),
         (_DeleteTakesTheRoute, "delete_never_touches_routes"),
         (_RoutesUnsorted, "routes_list_in_code_point_order"),
+        (_WalksWithoutMemory, "iter_packages_never_lists_a_row_twice_while_rows_are_re_put"),
     ],
 )
 async def test_suite_catches_a_broken_store(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 import fakeredis
@@ -235,6 +236,75 @@ async def test_heads_list_what_iter_packages_lists_without_the_archives(client: 
     assert PackageHead("t0", "h000", T0, 0) not in expected
     with pytest.raises(ValueError, match="chunk"):
         await anext(store.iter_package_heads(chunk=0))
+
+
+async def test_no_listing_returns_a_row_twice_while_rows_are_re_put_later(client: Redis) -> None:
+    # Listings in small chunks race a writer that keeps moving rows to later stamps: a
+    # row read at its old place must not be returned again at its new one.
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    records = [pkg(f"t{i % 5}", f"h{i:03d}", n=i) for i in range(60)]
+    for record in records:
+        await store.put_package(record)
+    stop = asyncio.Event()
+
+    async def re_put() -> None:
+        n = 1000
+        while not stop.is_set():
+            for record in records:
+                n += 1
+                await store.put_package(replace(record, deployed_at=T0 + timedelta(microseconds=n)))
+                if stop.is_set():
+                    return
+
+    async def walk(i: int) -> list[tuple[str, str]]:
+        await asyncio.sleep(i * 0.002)
+        if i % 2:
+            return [
+                (h.workflow_type, h.content_hash) async for h in store.iter_package_heads(chunk=3)
+            ]
+        return [(r.workflow_type, r.content_hash) async for r in store.iter_packages(chunk=3)]
+
+    writer = asyncio.create_task(re_put())
+    try:
+        listings = await asyncio.wait_for(asyncio.gather(*(walk(i) for i in range(30))), 60)
+    finally:
+        stop.set()
+        await writer
+    twice = [ids for ids in listings if len(ids) != len(set(ids))]
+    assert twice == []
+    assert all(len(ids) <= len(records) for ids in listings)
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        b"garbage",
+        b"2026-03-01T00:00:00.000000Z order",  # a row id without its NUL
+        b"2026-03-01T00:00:00.000000Z \x00h1",  # an empty workflow type
+        b"2026-03-01T00:00:00.000000Z order\x00\xff",  # a hash that is not UTF-8
+        b"2026-13-01T00:00:00.000000Z order\x00h1",  # no such month
+        b"2026-03-01T00:00:00.000000Zxorder\x00h1",  # no space after the stamp
+    ],
+)
+async def test_a_malformed_index_member_raises_serialization_error_naming_it(
+    client: Redis, member: bytes
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    index = f"{{{store.namespace}}}:packages"
+    await client.zadd(index, {member: 0})
+
+    async def heads() -> list[PackageHead]:
+        return [head async for head in store.iter_package_heads(chunk=1)]
+
+    async def records() -> list[PackageRecord]:
+        return [record async for record in store.iter_packages(chunk=1)]
+
+    for listing in [store.list_packages(), records(), heads()]:
+        with pytest.raises(SerializationError) as raised:
+            await listing
+        assert index in str(raised.value)
+        assert repr(member) in str(raised.value)
 
 
 async def test_unreachable_server_fails_within_the_timeout() -> None:

@@ -7,9 +7,9 @@ routes change together or not at all. The keys are laid out in ``kvstore.redis.k
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterable
-from datetime import timezone
+from datetime import datetime, timezone
 from types import TracebackType
-from typing import Any
+from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -22,6 +22,8 @@ from kvstore.records import (
     PackageHead,
     PackageRecord,
     PackageRouteRecord,
+    check_chunk,
+    check_record,
     check_route_types,
     check_text,
 )
@@ -220,12 +222,12 @@ class RedisPackageStore:
     # Writes: one script call each.
 
     async def put_package(self, record: PackageRecord) -> None:
-        await self._put(record, (_checked(record).workflow_type,))
+        await self._put(record, (check_record(record).workflow_type,))
 
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
     ) -> None:
-        types = [_checked(record).workflow_type, *check_route_types(route_workflow_types)]
+        types = [check_record(record).workflow_type, *check_route_types(route_workflow_types)]
         await self._put(record, tuple(dict.fromkeys(types)))
 
     async def _put(self, record: PackageRecord, types: tuple[str, ...]) -> None:
@@ -338,57 +340,71 @@ class RedisPackageStore:
     async def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
         """Every record in ``list_packages`` order, fetched ``chunk`` rows at a time.
 
-        Memory is bounded by a chunk, not by the catalogue. The index is walked by
-        member, not by rank, so a row that exists from start to end is returned exactly
-        once even while others are written or deleted; a row written meanwhile may or
-        may not appear.
+        The index is walked by member, not by rank, so a row neither put nor deleted
+        during the walk is returned exactly once even while others are written or
+        deleted; a row put or deleted meanwhile is returned at most once, as it was or as
+        it became. Memory: at most ``chunk`` records at a time, plus the id of each row
+        already returned (its workflow type and content hash, about 100 bytes with
+        Python's overhead; never its archive), which is how a row read at its old place
+        and met again at the later place a re-put moved it to is not returned twice.
         """
-        async for key, row, listed, ((archive, stamp),) in self._walk(
-            chunk, lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)]
+        async for key, member, ((archive, _),) in self._walk(
+            chunk, lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)], lambda replies: replies[0][1]
         ):
-            # Gone, or re-put under another stamp since the index was read: it is listed
-            # where it now belongs, or not at all, but never twice.
-            if stamp == listed:
-                yield self._record(key, row, archive, stamp)
+            if not isinstance(archive, bytes):
+                raise SerializationError(f"{key!r} is missing its archive")
+            yield PackageRecord(member.workflow_type, member.content_hash, archive, member.at)
 
     async def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
         """Every package as ``iter_packages`` lists it, without its archive.
 
         Each head carries the archive's size instead, so listing a catalogue of large
-        archives costs a few dozen bytes per package on the wire. Same order and the same
-        promise while others write as ``iter_packages``. Beyond the ``PackageStore``
-        contract: the command line lists with it.
+        archives costs a few dozen bytes per package on the wire. Same order, the same
+        promise while others write and the same memory bound as ``iter_packages``.
+        Beyond the ``PackageStore`` contract: the command line lists with it.
         """
-        async for key, row, listed, (stamp, size) in self._walk(
+        async for _, member, (_, size) in self._walk(
             chunk,
             lambda key: [(_HGET_STAMP, key, _STAMP_FIELD), (_HSTRLEN, key, _ARCHIVE_FIELD)],
+            lambda replies: replies[0],
         ):
-            if stamp == listed:
-                record = self._record(key, row, b"", stamp)
-                yield PackageHead(
-                    record.workflow_type, record.content_hash, record.deployed_at, size
-                )
+            yield PackageHead(member.workflow_type, member.content_hash, member.at, size)
 
     async def _walk(
-        self, chunk: int, fetch_row: Callable[[bytes], list[Command]]
-    ) -> AsyncIterator[tuple[bytes, bytes, bytes, list[Any]]]:
-        """``(key, row id, stamp in the index, replies to fetch_row(key))`` for each row
-        in index order, ``chunk`` rows per round trip."""
-        if not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk must be a positive int, not {chunk!r}")
+        self,
+        chunk: int,
+        fetch_row: Callable[[bytes], list[Command]],
+        stamp_of: Callable[[list[Any]], Any],
+    ) -> AsyncIterator[tuple[bytes, _Member, list[Any]]]:
+        """``(key, index member, replies to fetch_row(key))`` for each row in index order,
+        ``chunk`` rows per round trip, each row at most once.
+
+        ``stamp_of(replies)`` is the row's ``deployed_at`` as read with them. A row whose
+        stamp is no longer the one its member carries was deleted or re-put since the
+        index was read: it is skipped here, and a re-put row is met again where it now
+        belongs unless the walk is past it. A row already yielded (read at its old
+        place, then re-put with a later stamp) is skipped where it is met again; the
+        set of row ids that remembers them is the walk's only memory beyond one chunk.
+        """
+        check_chunk(chunk)
         k = self._keys
-        members: list[bytes] = await self._read(self._next_members(b"-", chunk))
+        listed: set[bytes] = set()
+        members: list[Any] = await self._read(self._next_members(b"-", chunk))
         while members:
-            rows = [split_index_member(self._member(m)) for m in members]
-            fetch = [command for _, row in rows for command in fetch_row(k.row(row))]
+            rows = [self._member(m) for m in members]
+            fetch = [command for row in rows for command in fetch_row(k.row(row.row))]
             width = len(fetch) // len(rows)
-            last = len(members) == chunk
-            if last:
+            more = len(members) == chunk
+            if more:
                 fetch.append(self._next_members(b"(" + members[-1], chunk))
             replies = await self._unit(fetch)
-            for i, (stamp, row) in enumerate(rows):
-                yield k.row(row), row, stamp, replies[i * width : (i + 1) * width]
-            members = replies[-1] if last else []
+            for i, row in enumerate(rows):
+                found = replies[i * width : (i + 1) * width]
+                if stamp_of(found) != row.stamp or row.row in listed:
+                    continue
+                listed.add(row.row)
+                yield k.row(row.row), row, found
+            members = replies[-1] if more else []
 
     def _next_members(self, after: bytes, chunk: int) -> Command:
         return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
@@ -460,10 +476,20 @@ class RedisPackageStore:
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
 
-    def _member(self, member: Any) -> bytes:
+    def _member(self, member: Any) -> _Member:
+        """An index member, decoded; ``SerializationError`` naming the key and the member."""
+        where = self._keys.index
         if not isinstance(member, bytes):
-            raise SerializationError(f"{self._keys.index!r} holds a non-bytes member")
-        return member
+            raise SerializationError(f"{where!r} holds a non-bytes member: {member!r}")
+        try:
+            stamp, row = split_index_member(member)
+            workflow_type, content_hash = split_row_id(row)
+            at = decode_stamp(stamp)
+        except ValueError as exc:  # UnicodeDecodeError included
+            raise SerializationError(
+                f"{where!r} holds a malformed member {member!r}: {exc}"
+            ) from exc
+        return _Member(stamp, row, workflow_type, content_hash, at)
 
     def _text(self, value: Any, where: str) -> str:
         try:
@@ -472,10 +498,14 @@ class RedisPackageStore:
             raise SerializationError(f"{where} is not UTF-8 text: {value!r}") from exc
 
 
-def _checked(record: PackageRecord) -> PackageRecord:
-    if not isinstance(record, PackageRecord):
-        raise TypeError(f"record must be PackageRecord, not {type(record).__name__}")
-    return record
+class _Member(NamedTuple):
+    """An index member as a listing reads it: ``<stamp> <row id>`` and what they say."""
+
+    stamp: bytes
+    row: bytes
+    workflow_type: str
+    content_hash: str
+    at: datetime
 
 
 def _connection_options(client: Redis | RedisCluster) -> dict[str, Any]:
