@@ -4,6 +4,7 @@
 module              holds
 ==================  ==============================================================
 ``store``           ``RedisPackageStore``: the contract over one namespace
+``options``         ``StoreOptions``: every option of a store, checked in one place
 ``keyspace``        every key of a namespace, and how text becomes key bytes
 ``scripts``         the server-side Lua of the top-level ``lua/`` folder, loaded and
                     called

@@ -36,6 +36,7 @@ from kvstore.redis.keyspace import (
     split_index_member,
     split_row_id,
 )
+from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
 from kvstore.redis.route_cache import RouteCache, RouteWatch
 from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
@@ -84,15 +85,25 @@ class RedisPackageStore:
         self,
         client: Redis | RedisCluster,
         *,
-        namespace: str = "aion",
-        timeout: float | None = 10.0,
-        lanes: int = 2,
-        retry_budget: float = 5.0,
-        min_replicas: int = 0,
-        replica_timeout: float = 1.0,
-        cache_routes: bool = False,
-        route_health_interval: float = 1.0,
+        namespace: str = DEFAULTS.namespace,
+        timeout: float | None = DEFAULTS.timeout,
+        lanes: int = DEFAULTS.lanes,
+        retry_budget: float = DEFAULTS.retry_budget,
+        min_replicas: int = DEFAULTS.min_replicas,
+        replica_timeout: float = DEFAULTS.replica_timeout,
+        cache_routes: bool = DEFAULTS.cache_routes,
+        route_health_interval: float = DEFAULTS.route_health_interval,
     ) -> None:
+        self._options = StoreOptions(
+            namespace=namespace,
+            timeout=timeout,
+            lanes=lanes,
+            retry_budget=retry_budget,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
+            cache_routes=cache_routes,
+            route_health_interval=route_health_interval,
+        )
         if not isinstance(client, (Redis, RedisCluster)):
             raise TypeError(
                 f"client must be a redis.asyncio.Redis or RedisCluster, not {type(client).__name__}"
@@ -100,17 +111,6 @@ class RedisPackageStore:
         options = _connection_options(client)
         if options.get("decode_responses"):
             raise ValueError("client must be made with decode_responses=False: archives are bytes")
-        if timeout is not None and timeout <= 0:
-            raise ValueError(f"timeout must be positive or None, not {timeout!r}")
-        if lanes < 1:
-            raise ValueError(f"lanes must be at least 1, not {lanes!r}")
-        if retry_budget < 0:
-            raise ValueError(f"retry_budget must not be negative, not {retry_budget!r}")
-        if min_replicas < 0 or replica_timeout <= 0:
-            raise ValueError(
-                "min_replicas must not be negative and replica_timeout must be positive, not "
-                f"{min_replicas!r} and {replica_timeout!r}"
-            )
         if min_replicas and isinstance(client, RedisCluster):
             # WAIT names no key, so a cluster client cannot route it to the shard written.
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
@@ -149,26 +149,37 @@ class RedisPackageStore:
         cls,
         url: str,
         *,
-        namespace: str = "aion",
-        timeout: float | None = 10.0,
-        lanes: int = 2,
-        retry_budget: float = 5.0,
-        min_replicas: int = 0,
-        replica_timeout: float = 1.0,
-        cache_routes: bool = False,
-        route_health_interval: float = 1.0,
+        namespace: str = DEFAULTS.namespace,
+        timeout: float | None = DEFAULTS.timeout,
+        lanes: int = DEFAULTS.lanes,
+        retry_budget: float = DEFAULTS.retry_budget,
+        min_replicas: int = DEFAULTS.min_replicas,
+        replica_timeout: float = DEFAULTS.replica_timeout,
+        cache_routes: bool = DEFAULTS.cache_routes,
+        route_health_interval: float = DEFAULTS.route_health_interval,
         **client_options: Any,
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
 
         ``url`` is one of the forms ``kvstore.redis.urls`` lists: ``redis://``, ``rediss://``
-        (TLS), ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``.
+        (TLS), ``unix://``, ``redis+cluster://`` or ``redis+sentinel://``. The options are
+        those of the constructor, checked before the client is made.
         ``client_options`` go to the client (``ssl_ca_certs=...``, ``max_connections=...``).
         Connecting is bounded by ``timeout`` too, and the client's own retries are off,
         so ``retry_budget`` alone decides how long a call keeps trying.
         """
         if not isinstance(url, str):
             raise TypeError(f"url must be str, not {type(url).__name__}")
+        checked = StoreOptions(
+            namespace=namespace,
+            timeout=timeout,
+            lanes=lanes,
+            retry_budget=retry_budget,
+            min_replicas=min_replicas,
+            replica_timeout=replica_timeout,
+            cache_routes=cache_routes,
+            route_health_interval=route_health_interval,
+        )
         # No socket timeout: the pipeliner's deadline already bounds every attempt, and
         # redis-py would pay for a second timer on every send and every read.
         options: dict[str, Any] = {
@@ -179,23 +190,18 @@ class RedisPackageStore:
         options.update(client_options)
         options["decode_responses"] = False
         client = client_from_url(url, options)
-        store = cls(
-            client,
-            namespace=namespace,
-            timeout=timeout,
-            lanes=lanes,
-            retry_budget=retry_budget,
-            min_replicas=min_replicas,
-            replica_timeout=replica_timeout,
-            cache_routes=cache_routes,
-            route_health_interval=route_health_interval,
-        )
+        store = cls(client, **checked.keywords())
         store._owns_client = True
         return store
 
     @property
     def namespace(self) -> str:
         return self._keys.namespace
+
+    @property
+    def options(self) -> StoreOptions:
+        """The options the store was made with."""
+        return self._options
 
     def __repr__(self) -> str:
         return f"RedisPackageStore(namespace={self.namespace!r}, server={self._server!r})"

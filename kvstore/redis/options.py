@@ -1,0 +1,80 @@
+"""The options of a ``RedisPackageStore``, checked in one place.
+
+``RedisPackageStore(client, ...)`` and ``RedisPackageStore.from_url(url, ...)`` take these
+as keyword arguments (their signatures spell them out for readers and type checkers; the
+defaults come from here). Both build one ``StoreOptions``, which refuses a bad value with
+``TypeError`` or ``ValueError`` naming the option, before a client is made or anything is
+sent. A number of seconds must be finite: an infinite or NaN timeout would let a call hang
+for ever, the one thing the timeouts are there to prevent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvstore.redis.keyspace import check_namespace
+
+
+def _seconds(value: object, name: str, *, zero: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        bound = "0 or more" if zero else "more than 0"
+        raise ValueError(f"{name} must be a finite number of seconds, {bound}, not {value!r}")
+
+
+def _count(value: object, name: str, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < least:
+        raise ValueError(f"{name} must be at least {least}, not {value!r}")
+
+
+@dataclass(frozen=True)
+class StoreOptions:
+    """Every option of a ``RedisPackageStore``, each checked when the object is made.
+
+    ``namespace``: the key prefix, 1 to 64 of ``A-Z a-z 0-9 _ . : -``.
+    ``timeout``: seconds one attempt may take, or ``None`` for no bound.
+    ``lanes``: connections the store holds and pipelines over (at least 1).
+    ``retry_budget``: seconds a call keeps retrying transient failures (0 or more).
+    ``min_replicas``: replicas every write waits for (0: none).
+    ``replica_timeout``: seconds that wait may take (at least a millisecond, which is
+    the server's unit: ``WAIT`` with 0 ms would wait for ever).
+    ``cache_routes``: keep every route in memory.
+    ``route_health_interval``: seconds between checks of the route cache's subscription.
+    """
+
+    namespace: str = "aion"
+    timeout: float | None = 10.0
+    lanes: int = 2
+    retry_budget: float = 5.0
+    min_replicas: int = 0
+    replica_timeout: float = 1.0
+    cache_routes: bool = False
+    route_health_interval: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_namespace(self.namespace)
+        if self.timeout is not None:
+            _seconds(self.timeout, "timeout")
+        _count(self.lanes, "lanes", 1)
+        _seconds(self.retry_budget, "retry_budget", zero=True)
+        _count(self.min_replicas, "min_replicas", 0)
+        _seconds(self.replica_timeout, "replica_timeout")
+        if self.replica_timeout < 0.001:
+            raise ValueError(
+                f"replica_timeout must be at least 0.001 seconds, not {self.replica_timeout!r}"
+            )
+        if not isinstance(self.cache_routes, bool):
+            raise TypeError(f"cache_routes must be a bool, not {type(self.cache_routes).__name__}")
+        _seconds(self.route_health_interval, "route_health_interval")
+
+    def keywords(self) -> dict[str, Any]:
+        """The options as keyword arguments of ``RedisPackageStore``."""
+        return {field.name: getattr(self, field.name) for field in fields(self)}
+
+
+DEFAULTS = StoreOptions()
