@@ -63,10 +63,9 @@ class Backoff:
 
     def next(self) -> float:
         """The delay before the next try; each call counts one more failure."""
-        # The exponent stops growing once the cap is reached, so it never overflows.
-        if self._first * 2**self._failures < self._cap:
+        delay: float = min(self._cap, self._first * 2**self._failures)
+        if delay < self._cap:  # the exponent stops at the cap, so it never overflows
             self._failures += 1
-        delay: float = min(self._cap, self._first * 2 ** (self._failures - 1))
         return delay * random.uniform(0.5, 1.0) if self._jitter else delay
 
     def reset(self) -> None:
