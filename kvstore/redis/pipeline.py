@@ -96,7 +96,9 @@ class _Deadlines:
         except asyncio.CancelledError:
             if task not in self._expired:
                 raise
-            uncancel = getattr(task, "uncancel", None)  # Python 3.11 and newer
+            # Python 3.11 and newer; Python 3.10 counts no cancellations, so there a
+            # cancel() that lands with the deadline is taken for the deadline.
+            uncancel = getattr(task, "uncancel", None)
             if uncancel is not None and uncancel() > 0:
                 # Someone else cancelled the task too (asyncio.timeout, a TaskGroup,
                 # task.cancel()): their cancellation must arrive, not our timeout.

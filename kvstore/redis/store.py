@@ -68,8 +68,12 @@ class RedisPackageStore:
     (a broken or stalled connection, a loading server, a failover) are retried with
     capped, jittered backoff for ``retry_budget`` seconds; then, and on any other
     failure of the server, the call raises ``BackendError``, whose message never
-    carries a password. Every operation is idempotent, which is what makes retrying
-    safe. Calls still waiting when the store is closed raise ``BackendError``.
+    carries a password. No call outlives about ``retry_budget + timeout`` from when it
+    was made, however many are queued before it; a caller's cancellation always ends its
+    call with ``CancelledError``. An archive over the server's ``proto-max-bulk-len``
+    raises ``BackendError`` and fails no other call (see ``LARGE_ARGUMENT``). Every
+    operation is idempotent, which is what makes retrying safe. Calls still waiting
+    when the store is closed raise ``BackendError``.
 
     With ``min_replicas=N`` every write also waits for ``N`` replicas to acknowledge it
     (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
