@@ -14,7 +14,7 @@ import asyncio
 import builtins
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
@@ -25,11 +25,10 @@ from kvstore.redis.wire import Command, flatten, pack_commands
 
 T = TypeVar("T")
 
-# How much one held connection carries at a time, in batches of ``max_units`` and in
-# bytes of ``max_bytes``. Sixteen batches deep keeps the server busy with the first
-# while the client builds the next (fewer left it idle between batches, more only
-# lengthened the queue on the server); twice ``max_bytes`` bounds what is lost and sent
-# again when a connection breaks.
+# How much one held connection carries at a time: batches of ``max_units`` units, and
+# bytes as a multiple of ``max_bytes``. Several batches deep, the server works on the
+# first while the client builds the next; the bounds keep what a broken connection
+# sends again, and what waits in its buffers, to a few batches.
 BATCHES_PER_CONNECTION = 16
 BYTES_PER_CONNECTION = 2  # times max_bytes
 
@@ -46,7 +45,7 @@ class _Pending:
     retry_until: float  # not tried again after this
     hard_end: float  # failed at this, wherever it waits
     alone: bool = False
-    drops: int = field(default=0)
+    drops: int = 0  # how often the server dropped the connection carrying it alone
 
 
 class _Deadlines:
