@@ -59,16 +59,17 @@ class _Deadlines:
     that cancellation is then what it raises.
     """
 
-    def __init__(self, timeout: float, expire: Callable[[_Pending], None]) -> None:
+    def __init__(self, timeout: float, expire: Callable[[asyncio.Future[list[Any]]], None]) -> None:
         self._timeout = timeout
         self._tick = timeout / 4
         self._expire = expire
         self._running: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        # Units in the order they were made, so in the order of their hard ends (one
-        # budget for all): the front is the next to expire. Settled units leave when they
-        # reach the front, so the queue holds at most a hard end's worth of calls.
-        self._units: deque[_Pending] = deque()
+        # The hard ends and futures of units in the order they were made, so in the
+        # order of their hard ends (one budget for all): the front is the next to
+        # expire. Settled ones leave when they reach the front, so this holds at most a
+        # hard end's worth of calls; not the units, so not their archives.
+        self._units: deque[tuple[float, asyncio.Future[list[Any]]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float:
@@ -77,7 +78,7 @@ class _Deadlines:
 
     def track(self, pending: _Pending) -> None:
         """Fail ``pending`` at its hard end if it is not settled by then."""
-        self._units.append(pending)
+        self._units.append((pending.hard_end, pending.future))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
 
@@ -115,10 +116,10 @@ class _Deadlines:
                 self._expired.add(task)
                 task.cancel()
         units = self._units
-        while units and (units[0].future.done() or units[0].hard_end <= now):
-            pending = units.popleft()
-            if not pending.future.done():
-                self._expire(pending)
+        while units and (units[0][0] <= now or units[0][1].done()):
+            _, future = units.popleft()
+            if not future.done():
+                self._expire(future)
         busy = self._running or units
         self._timer = loop.call_later(self._tick, self._check) if busy else None
 
@@ -542,13 +543,13 @@ class Pipeliner:
         loop = asyncio.get_running_loop()
         loop.call_at(self._resume_at, self._plan_flush)
 
-    def _expire(self, pending: _Pending) -> None:
-        """``pending`` reached its hard end unsettled: fail it, wherever it waits (a
-        queue, a backoff, a connection); a reply that comes later is dropped."""
+    def _expire(self, future: asyncio.Future[list[Any]]) -> None:
+        """A unit reached its hard end unsettled: fail its ``future``, wherever the unit
+        waits (a queue, a backoff, a connection); a reply that comes later is dropped."""
         budget = self._budget
         assert budget.timeout is not None  # no hard end without a timeout
         spent = budget.retry_budget + budget.timeout
-        pending.future.set_exception(
+        future.set_exception(
             self._translate(TimeoutError(f"no reply within {spent:g} s, retries included"))
         )
 
