@@ -341,7 +341,8 @@ class Pipeliner:
         )
         lane.units += len(units)  # before any wait, so no one else counts on this room
         lane.size += batch.size
-        lane.alone = alone
+        if alone:
+            lane.alone = True  # until its replies are read (_release)
         try:
             async with lane.lock:
                 if self._pool is None:
