@@ -32,8 +32,10 @@ STORE_USER_RULE = (
 )
 
 # redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store
-# needs no such right (and Redis 7.0 has no such command to grant).
-NOT_NEEDED = {"client|setinfo"}
+# needs no such right (and Redis 7.0 has no such command to grant). Before its first
+# large put the store asks CONFIG GET proto-max-bulk-len, and when refused sends large
+# puts alone instead: granting CONFIG GET would let the user read every setting.
+NOT_NEEDED = {"client|setinfo", "config|get"}
 
 T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
 

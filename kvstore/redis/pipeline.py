@@ -4,63 +4,83 @@ Thousands of tasks can share one store: calls are queued and sent together in ba
 pipelined several deep on at most ``lanes`` held connections, and each caller gets its
 own replies. A call that finds a connection idle is sent at once as a plain command, so
 it costs what the raw client costs. Only ``lanes`` connections are ever in use, so no
-call fails because a pool ran out.
+call fails because a pool ran out. When to retry, and for how long, is
+``kvstore.redis.retry``'s decision.
 """
 
 from __future__ import annotations
 
 import asyncio
-import random
+import builtins
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import (
-    AuthenticationError,
-    ClusterDownError,
-    ConnectionError,
-    ResponseError,
-    TimeoutError,
-    TryAgainError,
-)
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
+from kvstore.redis.retry import Backoff, Budget
 from kvstore.redis.wire import Command, flatten, pack_commands
 
 T = TypeVar("T")
 
-# Failures after which the same commands may well succeed: the connection broke or
-# stalled, the server is loading or failing over, a cluster slot is moving. A refused
-# password is a connection error too, but trying it again cannot help.
-TRANSIENT = (
-    ConnectionError,
-    TimeoutError,
-    asyncio.TimeoutError,
-    OSError,
-    ClusterDownError,
-    TryAgainError,
-)
+# How much one held connection carries at a time: batches of ``max_units`` units, and
+# bytes as a multiple of ``max_bytes``. Several batches deep, the server works on the
+# first while the client builds the next; the bounds keep what a broken connection
+# sends again, and what waits in its buffers, to a few batches.
+BATCHES_PER_CONNECTION = 16
+BYTES_PER_CONNECTION = 2  # times max_bytes
+
+# A unit sent alone (``run(..., alone=True)``) whose connection the server drops this
+# many times is given up: the server refuses it, not the network.
+DROPS_BEFORE_REFUSAL = 2
+
+
+@dataclass(eq=False, slots=True)
+class _Pending:
+    commands: Sequence[Command]
+    future: asyncio.Future[list[Any]]
+    size: int
+    retry_until: float  # not tried again after this
+    hard_end: float  # failed at this, wherever it waits
+    alone: bool = False
+    drops: int = 0  # how often the server dropped the connection carrying it alone
 
 
 class _Deadlines:
-    """Cancels the tasks whose attempt outlives its deadline, with one timer for all.
+    """One timer for every deadline: attempts that outlive theirs are cancelled, and
+    units that outlive their hard end are failed, wherever they wait.
 
     ``asyncio.timeout`` costs a timer per attempt, a tenth of a loopback round trip; here
-    an attempt costs a dictionary entry, and the deadline is kept to within a quarter of
-    ``timeout`` late. An expired attempt raises ``TimeoutError`` in its task.
+    an attempt costs a dictionary entry and a unit a place in a queue, and deadlines are
+    kept to within a quarter of ``timeout`` late. An expired attempt raises
+    ``TimeoutError`` in its task, unless its task was also cancelled by someone else:
+    that cancellation is then what it raises.
     """
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, expire: Callable[[asyncio.Future[list[Any]]], None]) -> None:
         self._timeout = timeout
         self._tick = timeout / 4
+        self._expire = expire
         self._running: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
+        # The hard ends and futures of units in the order they were made, so in the
+        # order of their hard ends (one budget for all): the front is the next to
+        # expire. Settled ones leave when they reach the front, so this holds at most a
+        # hard end's worth of calls; not the units, so not their archives.
+        self._units: deque[tuple[float, asyncio.Future[list[Any]]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float:
         """When an attempt that begins now must be over."""
         return asyncio.get_running_loop().time() + self._timeout
+
+    def track(self, pending: _Pending) -> None:
+        """Fail ``pending`` at its hard end if it is not settled by then."""
+        self._units.append((pending.hard_end, pending.future))
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
 
     async def run(self, attempt: Awaitable[T], deadline: float | None = None) -> T:
         """``attempt``, cancelled and turned into ``TimeoutError`` if not over by
@@ -76,9 +96,13 @@ class _Deadlines:
         except asyncio.CancelledError:
             if task not in self._expired:
                 raise
-            uncancel = getattr(task, "uncancel", None)  # Python 3.11 and newer
-            if uncancel is not None:
-                uncancel()
+            # Python 3.11 and newer; Python 3.10 counts no cancellations, so there a
+            # cancel() that lands with the deadline is taken for the deadline.
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None and uncancel() > 0:
+                # Someone else cancelled the task too (asyncio.timeout, a TaskGroup,
+                # task.cancel()): their cancellation must arrive, not our timeout.
+                raise
             raise TimeoutError(f"no reply within {self._timeout} s") from None
         finally:
             self._expired.discard(task)
@@ -91,15 +115,19 @@ class _Deadlines:
             if deadline <= now and task not in self._expired:
                 self._expired.add(task)
                 task.cancel()
-        self._timer = loop.call_later(self._tick, self._check) if self._running else None
+        units = self._units
+        while units and (units[0][0] <= now or units[0][1].done()):
+            _, future = units.popleft()
+            if not future.done():
+                self._expire(future)
+        busy = self._running or units
+        self._timer = loop.call_later(self._tick, self._check) if busy else None
 
-
-@dataclass(eq=False, slots=True)
-class _Pending:
-    commands: Sequence[Command]
-    future: asyncio.Future[list[Any]]
-    size: int
-    retry_until: float
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._units.clear()
 
 
 @dataclass(eq=False, slots=True)
@@ -107,13 +135,14 @@ class _Batch:
     units: list[_Pending]
     size: int
     deadline: float | None  # when the server's replies must all have come
+    alone: bool  # one unit, with nothing else on its connection until it is answered
 
 
 class _Lane:
     """A pooled connection the pipeliner holds, with the batches sent on it whose replies
     are still to be read, in the order they were sent."""
 
-    __slots__ = ("connection", "in_flight", "lock", "reader", "size", "units")
+    __slots__ = ("alone", "connection", "in_flight", "lock", "reader", "size", "units")
 
     def __init__(self) -> None:
         self.connection: Any = None
@@ -123,6 +152,7 @@ class _Lane:
         self.size = 0
         self.lock = asyncio.Lock()  # one writer at a time, so replies come in sent order
         self.reader: asyncio.Task[None] | None = None
+        self.alone = False  # carries a unit sent alone: nothing else may join it
 
 
 class Pipeliner:
@@ -132,15 +162,24 @@ class Pipeliner:
     refused comes back as its ``ResponseError`` value, so it fails no neighbour. A
     failure of the connection or of the deadline (``timeout`` seconds from the moment a
     unit is sent) is retried with capped, jittered exponential backoff for up to
-    ``retry_budget`` seconds after the call began, then raises ``translate(exc)``.
+    ``retry_budget`` seconds after the call began, then raises ``translate(exc)``. Every
+    call ends within about ``retry_budget + timeout`` of when it was made, however many
+    are in flight or queued before it: past that it raises ``translate(TimeoutError)``
+    wherever it waits. A caller's cancellation always ends its call with
+    ``CancelledError``.
 
     A call that finds a connection idle is sent at once, by its own task. Others are
     queued and sent together, in batches of up to ``max_units`` units and ``max_bytes``
     bytes: by the call that fills a batch, or, at the latest, once the event loop has run
-    every task that was ready. Each of the ``lanes`` connections carries up to sixteen
-    batches or twice ``max_bytes`` at a time and has one reader that hands the replies
-    out in order, so the server works on the first batches while the client is still
-    building the next ones.
+    every task that was ready. Each of the ``lanes`` connections carries up to
+    ``BATCHES_PER_CONNECTION`` batches or ``BYTES_PER_CONNECTION * max_bytes`` at a time
+    and has one reader that hands the replies out in order, so the server works on the
+    first batches while the client is still building the next ones.
+
+    A unit run with ``alone=True`` waits for the first lane to be idle and is then sent
+    on it with nothing else in flight, and nothing is sent behind it until it is
+    answered: if the server drops the connection because of it, no other call was on
+    that connection. Dropped ``DROPS_BEFORE_REFUSAL`` times, it raises.
 
     Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
@@ -159,43 +198,63 @@ class Pipeliner:
     ) -> None:
         self._client = client
         self._translate = translate
-        self._deadlines = None if timeout is None else _Deadlines(timeout)
+        self._budget = Budget(retry_budget, timeout)
+        self._deadlines = None if timeout is None else _Deadlines(timeout, self._expire)
         # Commands go straight onto pooled connections, except on a cluster client, which
         # routes them itself and carries one batch per lane at a time.
         self._pool: Any = None if isinstance(client, RedisCluster) else client.connection_pool
         self._room = (
-            (max_units, max_bytes) if self._pool is None else (16 * max_units, 2 * max_bytes)
+            (max_units, max_bytes)
+            if self._pool is None
+            else (BATCHES_PER_CONNECTION * max_units, BYTES_PER_CONNECTION * max_bytes)
         )
         self._lanes = [_Lane() for _ in range(lanes)]
-        self._retry_budget = retry_budget
-        self._backoff_base, self._backoff_cap = backoff
-        self._failures = 0
+        self._backoff = Backoff(*backoff)
         self._resume_at = 0.0  # after a transient failure, nothing is sent before this
         self._max_units = max_units
         self._max_bytes = max_bytes
         self._queue: deque[_Pending] = deque()
+        self._alone: deque[_Pending] = deque()  # units to send alone, on the first lane
         self._flush_planned = False
         self._writing = False
         self._tasks: set[asyncio.Task[None]] = set()
         self._discards: set[asyncio.Task[None]] = set()
         self._closed = False
 
-    async def run(self, commands: Sequence[Command], size: int = 0) -> list[Any]:
-        """The replies to ``commands``; ``size`` is about how many bytes they carry."""
+    async def run(
+        self, commands: Sequence[Command], size: int = 0, *, alone: bool = False
+    ) -> list[Any]:
+        """The replies to ``commands``; ``size`` is about how many bytes they carry;
+        ``alone``: send them with nothing else on their connection."""
         if self._closed:
             raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
-        pending = _Pending(commands, loop.create_future(), size, loop.time() + self._retry_budget)
-        queue = self._queue
-        queue.append(pending)
+        made = loop.time()
+        budget = self._budget
+        pending = _Pending(
+            commands,
+            loop.create_future(),
+            size,
+            budget.retry_until(made),
+            budget.hard_end(made),
+            alone,
+        )
+        if self._deadlines is not None:
+            self._deadlines.track(pending)
         try:
+            if alone:
+                self._alone.append(pending)
+                self._plan_flush()
+                return await pending.future
+            queue = self._queue
+            queue.append(pending)
             lane = None
             if (len(queue) == 1 or len(queue) >= self._max_units) and not self._paused():
                 # Alone on an idle connection, or the last of a full batch: send now, in
                 # this task, so the server starts before the other ready tasks have run.
                 lane = self._free_lane(idle=len(queue) == 1)
             if lane is not None:
-                await self._write(lane, self._take_batch())
+                await self._write(lane, self._take_batch(), alone=False)
             else:
                 self._plan_flush()
             return await pending.future
@@ -209,10 +268,12 @@ class Pipeliner:
         return self._resume_at > asyncio.get_running_loop().time()
 
     def _free_lane(self, *, idle: bool) -> _Lane | None:
+        """The lane for a batch: an idle one, else (unless ``idle``) the least loaded
+        with room. The first lane is kept for the units waiting to be sent alone."""
         units, size = self._room
         best = None
-        for lane in self._lanes:
-            if lane.lock.locked():
+        for i, lane in enumerate(self._lanes):
+            if lane.lock.locked() or lane.alone or (i == 0 and self._alone):
                 continue
             if lane.units == 0:
                 return lane
@@ -229,7 +290,7 @@ class Pipeliner:
 
     def _flush(self) -> None:
         self._flush_planned = False
-        if self._closed or self._writing or not self._queue:
+        if self._closed or self._writing or not (self._queue or self._alone):
             return
         if self._paused():
             return  # the failure that paused sending planned a flush for its end
@@ -238,11 +299,18 @@ class Pipeliner:
 
     async def _write_queued(self) -> None:
         try:
+            while self._alone and not self._paused():
+                first = self._lanes[0]
+                if first.lock.locked() or first.units or first.alone:
+                    break  # its reader, or writer, plans a flush when done
+                unit = self._alone.popleft()
+                if not unit.future.done():
+                    await self._write(first, [unit], alone=True)
             while self._queue and not self._paused():
                 lane = self._free_lane(idle=False)
                 if lane is None:
                     return  # each lane's reader, or writer, plans a flush when done
-                await self._write(lane, self._take_batch())
+                await self._write(lane, self._take_batch(), alone=False)
         finally:
             self._writing = False
 
@@ -251,7 +319,7 @@ class Pipeliner:
         size = 0
         while self._queue and len(batch) < self._max_units:
             pending = self._queue[0]
-            if pending.future.done():  # its caller was cancelled
+            if pending.future.done():  # its caller was cancelled, or it expired
                 self._queue.popleft()
                 continue
             if batch and size + pending.size > self._max_bytes:
@@ -260,36 +328,45 @@ class Pipeliner:
             size += pending.size
         return batch
 
-    async def _write(self, lane: _Lane, units: list[_Pending]) -> None:
+    async def _write(self, lane: _Lane, units: list[_Pending], *, alone: bool) -> None:
+        """Send ``units`` as one batch on ``lane``. Every outcome is handed to the units
+        (replies, a retry, or their error); only the writer's own cancellation raises."""
         if not units:
             return
         batch = _Batch(
             units,
             sum(p.size for p in units),
             None if self._deadlines is None else self._deadlines.deadline(),
+            alone,
         )
         lane.units += len(units)  # before any wait, so no one else counts on this room
         lane.size += batch.size
-        sent = False
+        if alone:
+            lane.alone = True  # until its replies are read (_release)
         try:
             async with lane.lock:
                 if self._pool is None:
-                    replies = await self._within(self._send_cluster(units), batch.deadline)
+                    await self._write_cluster(lane, batch)
                 else:
-                    if lane.connection is None:
-                        lane.connection = await self._within(
-                            self._pool.get_connection(), batch.deadline
-                        )
-                    connection = lane.connection
-                    lane.in_flight.append(batch)
-                    sent = True  # from here on the lane answers for the batch
-                    data = pack_commands([c for p in units for c in p.commands])
-                    await self._within(
-                        connection.send_packed_command(data, check_health=False), batch.deadline
-                    )
-                    if lane.reader is None and lane.connection is connection:
-                        lane.reader = self._spawn(self._read(lane, connection))
-                    return
+                    await self._write_pipelined(lane, batch)
+        finally:
+            if self._queue or self._alone:
+                self._plan_flush()  # whoever queued while this lane was busy
+
+    async def _write_pipelined(self, lane: _Lane, batch: _Batch) -> None:
+        """Send ``batch`` on the lane's connection; its reader hands out the replies."""
+        units = batch.units
+        sent = False
+        try:
+            if lane.connection is None:
+                lane.connection = await self._within(self._pool.get_connection(), batch.deadline)
+            connection = lane.connection
+            lane.in_flight.append(batch)
+            sent = True  # from here on the lane answers for the batch
+            data = pack_commands([c for p in units for c in p.commands])
+            await self._within(
+                connection.send_packed_command(data, check_health=False), batch.deadline
+            )
         except asyncio.CancelledError:
             # The caller that was writing was cancelled: the others go again, at once. A
             # write cut short leaves its connection in an unknown state, so what was in
@@ -306,18 +383,34 @@ class Pipeliner:
             else:
                 self._release(lane, batch)
                 self._failed(units, exc)
-            return
-        finally:
-            if self._queue:
-                self._plan_flush()  # whoever queued while this lane was busy
-        # A cluster client: the replies are in.
-        self._release(lane, batch)
-        self._delivered(units, replies)
+        else:
+            if lane.reader is None and lane.connection is connection:
+                lane.reader = self._spawn(self._read(lane, connection))
+
+    async def _write_cluster(self, lane: _Lane, batch: _Batch) -> None:
+        """Send ``batch`` through the cluster client, which routes each command."""
+        units = batch.units
+        try:
+            replies = await self._within(self._send_cluster(units), batch.deadline)
+        except asyncio.CancelledError:
+            self._release(lane, batch)
+            self._requeue(units)
+            raise
+        except Exception as exc:
+            self._release(lane, batch)
+            if batch.alone and _dropped(exc):
+                self._count_drop(units[0])
+            self._failed(units, exc)
+        else:
+            self._release(lane, batch)
+            self._delivered(units, replies)
 
     @staticmethod
     def _release(lane: _Lane, batch: _Batch) -> None:
         lane.units -= len(batch.units)
         lane.size -= batch.size
+        if batch.alone:
+            lane.alone = False
 
     async def _within(self, attempt: Awaitable[T], deadline: float | None) -> T:
         if self._deadlines is None:
@@ -347,8 +440,14 @@ class Pipeliner:
                 replies = await self._within(_read_replies(connection, count), batch.deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
+                refusal = next((r for r in replies if _is_protocol_error(r)), None)
+                if batch.alone and refusal is not None:
+                    self._refused(batch.units[0], str(refusal))
+                    # The server closes a connection on which it found a protocol error.
+                    self._lane_failed(lane, None)
+                    return
                 self._delivered(batch.units, replies)
-                if self._queue:
+                if self._queue or self._alone:
                     self._plan_flush()  # the room this batch leaves may be waited for
         except Exception as exc:
             if lane.connection is connection:
@@ -358,7 +457,7 @@ class Pipeliner:
                 lane.reader = None
 
     def _delivered(self, units: list[_Pending], replies: list[Any]) -> None:
-        self._failures = 0
+        self._backoff.reset()
         start = 0
         for p in units:
             end = start + len(p.commands)
@@ -376,6 +475,8 @@ class Pipeliner:
         lane.in_flight.clear()
         for batch in batches:
             self._release(lane, batch)
+            if batch.alone and _dropped(exc):
+                self._count_drop(batch.units[0])
         reader, lane.reader = lane.reader, None
         if reader is not None and reader is not asyncio.current_task():
             reader.cancel()
@@ -387,6 +488,27 @@ class Pipeliner:
             self._requeue(units)
         else:
             self._failed(units, exc)
+        if self._alone:
+            self._plan_flush()
+
+    def _count_drop(self, pending: _Pending) -> None:
+        """The server dropped the connection that carried ``pending`` alone."""
+        pending.drops += 1
+        if pending.drops >= DROPS_BEFORE_REFUSAL:
+            self._refused(pending, f"it dropped the connection {pending.drops} times")
+
+    def _refused(self, pending: _Pending, how: str) -> None:
+        """The server refused ``pending``, sent alone, as it refuses an argument over its
+        ``proto-max-bulk-len``."""
+        if not pending.future.done():
+            pending.future.set_exception(
+                self._translate(
+                    ConnectionError(
+                        f"the server refused a unit with a {pending.size}-byte argument "
+                        f"({how}): its proto-max-bulk-len is likely smaller"
+                    )
+                )
+            )
 
     async def _discard(self, connection: Any) -> None:
         # A connection left between a request and its replies must not be reused.
@@ -394,7 +516,9 @@ class Pipeliner:
         await self._pool.release(connection)
 
     def _requeue(self, units: list[_Pending]) -> None:
-        self._queue.extendleft(reversed([p for p in units if not p.future.done()]))
+        waiting = [p for p in units if not p.future.done()]
+        self._alone.extendleft(reversed([p for p in waiting if p.alone]))
+        self._queue.extendleft(reversed([p for p in waiting if not p.alone]))
         self._plan_flush()
 
     def _failed(self, units: list[_Pending], exc: BaseException) -> None:
@@ -402,27 +526,33 @@ class Pipeliner:
         if not waiting:
             return
         loop = asyncio.get_running_loop()
-        delay = self._retry_delay(exc, max(p.retry_until for p in waiting))
         now = loop.time()
+        delay = None
+        if not self._closed:
+            delay = self._budget.delay(exc, self._backoff, max(p.retry_until for p in waiting), now)
         retry = [p for p in waiting if delay is not None and now < p.retry_until]
         for p in waiting:
             if p not in retry:
                 p.future.set_exception(self._translate(exc))
         if delay is not None and retry:
-            self._queue.extendleft(reversed(retry))
-            self._resume_at = max(self._resume_at, now + delay)
-            loop.call_later(delay, self._plan_flush)
+            self._requeue_later(retry, now + delay)
 
-    def _retry_delay(self, exc: BaseException, retry_until: float) -> float | None:
-        """How long to back off before trying again, or ``None`` to give up."""
-        now = asyncio.get_running_loop().time()
-        transient = isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
-        if self._closed or not transient or now >= retry_until:
-            return None
-        self._failures += 1
-        delay = min(self._backoff_cap, self._backoff_base * 2 ** (self._failures - 1))
-        jittered: float = delay * random.uniform(0.5, 1.0)
-        return min(jittered, retry_until - now)
+    def _requeue_later(self, units: list[_Pending], resume_at: float) -> None:
+        self._alone.extendleft(reversed([p for p in units if p.alone]))
+        self._queue.extendleft(reversed([p for p in units if not p.alone]))
+        self._resume_at = max(self._resume_at, resume_at)
+        loop = asyncio.get_running_loop()
+        loop.call_at(self._resume_at, self._plan_flush)
+
+    def _expire(self, future: asyncio.Future[list[Any]]) -> None:
+        """A unit reached its hard end unsettled: fail its ``future``, wherever the unit
+        waits (a queue, a backoff, a connection); a reply that comes later is dropped."""
+        budget = self._budget
+        assert budget.timeout is not None  # no hard end without a timeout
+        spent = budget.retry_budget + budget.timeout
+        future.set_exception(
+            self._translate(TimeoutError(f"no reply within {spent:g} s, retries included"))
+        )
 
     def _spawn(
         self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]] | None = None
@@ -441,8 +571,9 @@ class Pipeliner:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._discards, return_exceptions=True)
         closed = ConnectionError("the store was closed")
-        waiting = list(self._queue)
+        waiting = [*self._queue, *self._alone]
         self._queue.clear()
+        self._alone.clear()
         for lane in self._lanes:
             waiting.extend(p for b in lane.in_flight for p in b.units)
             connection, lane.connection = lane.connection, None
@@ -452,9 +583,23 @@ class Pipeliner:
                 await self._pool.release(connection)
             lane.in_flight.clear()
             lane.units = lane.size = 0
+            lane.alone = False
         for p in waiting:
             if not p.future.done():
                 p.future.set_exception(self._translate(closed))
+        if self._deadlines is not None:
+            self._deadlines.close()
+
+
+def _dropped(exc: BaseException | None) -> bool:
+    """Whether ``exc`` says the connection broke (rather than stalled)."""
+    return isinstance(exc, (ConnectionError, OSError)) and not isinstance(
+        exc, builtins.TimeoutError
+    )
+
+
+def _is_protocol_error(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith("Protocol error")
 
 
 async def _read_replies(connection: Any, count: int) -> list[Any]:

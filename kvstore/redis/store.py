@@ -6,6 +6,7 @@ routes change together or not at all. The keys are laid out in ``kvstore.redis.k
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
 from types import TracebackType
@@ -13,8 +14,6 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
@@ -38,6 +37,7 @@ from kvstore.redis.keyspace import (
 )
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
+from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import RouteCache, RouteWatch
 from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
 from kvstore.redis.urls import client_from_url
@@ -49,6 +49,12 @@ _HGET_STAMP = Recurring("HGET")
 _STAMP_FIELD = Recurring(b"deployed_at")
 _HSTRLEN = Recurring("HSTRLEN")
 _ARCHIVE_FIELD = Recurring(b"archive")
+
+# An archive larger than this is checked against the server's proto-max-bulk-len before
+# it is sent, so that a server that would refuse it never drops a connection carrying
+# other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
+# to set the limit under 1 MiB).
+LARGE_ARGUMENT = 512 << 10
 
 
 class RedisPackageStore:
@@ -65,8 +71,12 @@ class RedisPackageStore:
     (a broken or stalled connection, a loading server, a failover) are retried with
     capped, jittered backoff for ``retry_budget`` seconds; then, and on any other
     failure of the server, the call raises ``BackendError``, whose message never
-    carries a password. Every operation is idempotent, which is what makes retrying
-    safe. Calls still waiting when the store is closed raise ``BackendError``.
+    carries a password. No call outlives about ``retry_budget + timeout`` from when it
+    was made, however many are queued before it; a caller's cancellation always ends its
+    call with ``CancelledError``. An archive over the server's ``proto-max-bulk-len``
+    raises ``BackendError`` and fails no other call (see ``LARGE_ARGUMENT``). Every
+    operation is idempotent, which is what makes retrying safe. Calls still waiting
+    when the store is closed raise ``BackendError``.
 
     With ``min_replicas=N`` every write also waits for ``N`` replicas to acknowledge it
     (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
@@ -135,6 +145,10 @@ class RedisPackageStore:
             retry_budget=retry_budget,
             translate=self._backend_error,
         )
+        # The server's proto-max-bulk-len, read on the first large put (None: unknown).
+        self._max_bulk: int | None = None
+        self._max_bulk_read = False
+        self._max_bulk_lock = asyncio.Lock()
         self._wait: Command | None = None
         if min_replicas:
             self._wait = ("WAIT", min_replicas, round(replica_timeout * 1000))
@@ -185,7 +199,7 @@ class RedisPackageStore:
         options: dict[str, Any] = {
             "socket_connect_timeout": timeout,
             "socket_timeout": None,
-            "retry": Retry(NoBackoff(), 0),
+            "retry": no_client_retries(),
         }
         options.update(client_options)
         options["decode_responses"] = False
@@ -240,6 +254,8 @@ class RedisPackageStore:
         # The record checked its fields when it was made; deployed_at is aware and in range.
         stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
         row = row_id(record.workflow_type, record.content_hash)
+        size = len(record.archive)
+        alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
         version = await self._script(
             PUT_PACKAGE,
             (
@@ -252,10 +268,46 @@ class RedisPackageStore:
                 record.content_hash.encode("utf-8"),
                 *[t.encode("utf-8") for t in types],
             ),
-            len(record.archive),  # what makes a pipeline heavy
+            size,  # what makes a pipeline heavy
+            alone=alone,
         )
         if self._route_cache is not None:
             self._route_cache.note_write(version, record.content_hash, types)
+
+    async def _refused_or_unknown(self, size: int) -> bool:
+        """Whether a put whose archive is ``size`` bytes must be sent alone, because
+        the server's limit is unknown; raises ``BackendError`` if it is over the limit."""
+        async with self._max_bulk_lock:
+            if not self._max_bulk_read:
+                self._max_bulk = await self._read_max_bulk_len()
+                self._max_bulk_read = True
+        limit = self._max_bulk
+        if limit is not None and size > limit:
+            raise BackendError(
+                f"{self._server}: the archive is {size} bytes, over the server's "
+                f"proto-max-bulk-len of {limit} bytes: the server would refuse it"
+            )
+        return limit is None
+
+    async def _read_max_bulk_len(self) -> int | None:
+        """The server's proto-max-bulk-len, or ``None`` when it will not say (a user
+        without ``CONFIG`` rights gets ``NOPERM``; a cluster client asks a node it does
+        not choose; fakeredis has no such setting)."""
+        if isinstance(self._client, RedisCluster):
+            return None
+        (reply,) = await self._pipeliner.run((("CONFIG", "GET", "proto-max-bulk-len"),))
+        # A flat list in RESP2, a map in RESP3; empty when the server has no such setting.
+        value: Any
+        if isinstance(reply, dict):
+            value = reply.get(b"proto-max-bulk-len")
+        elif isinstance(reply, list) and len(reply) == 2:
+            value = reply[1]
+        else:
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
 
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         row = row_id(
@@ -417,15 +469,19 @@ class RedisPackageStore:
 
     # The wire.
 
-    async def _script(self, script: Script, command: Command, size: int = 0) -> Any:
+    async def _script(
+        self, script: Script, command: Command, size: int = 0, *, alone: bool = False
+    ) -> Any:
         wait = self._wait
-        replies = await self._pipeliner.run((command,) if wait is None else (command, wait), size)
+        replies = await self._pipeliner.run(
+            (command,) if wait is None else (command, wait), size, alone=alone
+        )
         if isinstance(replies[0], NoScriptError):
             # The server lost its script cache (restart, failover, SCRIPT FLUSH):
             # EVAL sends the body and caches it again.
             command = script.eval_instead(command)
             replies = await self._pipeliner.run(
-                (command,) if wait is None else (command, wait), size
+                (command,) if wait is None else (command, wait), size, alone=alone
             )
         result = self._reply(replies[0])
         if wait is not None:

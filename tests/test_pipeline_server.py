@@ -1,0 +1,179 @@
+"""The pipeliner's bounds against real servers that stall (SIGSTOP) or refuse a call.
+
+Every call ends within about ``retry_budget + timeout`` however many are queued; a
+caller's cancellation always arrives as ``CancelledError``; a put the server would refuse
+fails alone. A stopped server is always continued in a ``finally``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore.tools.server_process import LocalServer
+
+from .conftest import fresh_namespace
+from .test_acl import rule_for
+from .topology import raw_command
+
+T0 = datetime(2026, 6, 1, tzinfo=timezone.utc)
+
+
+def pkg(content_hash: str, archive: bytes = b"zip", n: int = 0) -> PackageRecord:
+    return PackageRecord("t", content_hash, archive, T0 + timedelta(microseconds=n))
+
+
+@contextmanager
+def stopped(server: LocalServer) -> Iterator[None]:
+    """The server process frozen (SIGSTOP): it accepts connections and answers nothing."""
+    assert server.pid is not None
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+
+async def test_every_call_ends_within_its_budget_however_many_are_in_flight(
+    server: LocalServer,
+) -> None:
+    # Thousands of calls behind a stalled server: each must fail about retry_budget +
+    # timeout after it was made, not after the calls queued before it have had their turn.
+    timeout, budget = 1.0, 2.0
+    loop = asyncio.get_running_loop()
+    async with RedisPackageStore.from_url(
+        server.url, namespace=fresh_namespace(), timeout=timeout, retry_budget=budget
+    ) as store:
+        await store.put_package(pkg("warm"))
+
+        async def timed(i: int) -> float:
+            made = loop.time()
+            with pytest.raises(BackendError):
+                await store.put_package(pkg(f"h{i}", bytes(100), i))
+            return loop.time() - made
+
+        with stopped(server):
+            waits = await asyncio.wait_for(asyncio.gather(*(timed(i) for i in range(3000))), 60)
+        assert max(waits) < budget + timeout + 1.5  # a correctness bound, not a speed figure
+        await store.put_package(pkg("after"))  # the store carries on once the server does
+
+
+async def test_a_cancel_that_lands_with_the_stores_own_deadline_is_never_swallowed(
+    server: LocalServer,
+) -> None:
+    # The store's timer and the caller's cancel() fire together: the call must end with
+    # CancelledError, the task must count no cancellation left, and asyncio.timeout must
+    # see its own cancellation and raise TimeoutError, never BackendError.
+    if sys.version_info < (3, 11):
+        pytest.skip("asyncio.timeout and Task.cancelling are Python 3.11 and newer")
+    timeout = 0.2
+    outcomes: list[str] = []
+
+    async def plain_cancel(store: RedisPackageStore, delay: float) -> None:
+        task = asyncio.create_task(store.get_package_route("t"))
+        await asyncio.sleep(delay)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        except BaseException as exc:  # the bug: BackendError, or still retrying
+            outcomes.append(f"cancel became {type(exc).__name__}")
+            return
+        outcomes.append("cancelled" if task.cancelled() else "finished")
+
+    async def under_timeout(store: RedisPackageStore, delay: float) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            async with asyncio.timeout(delay):
+                await store.get_package_route("t")
+        except TimeoutError:
+            outcomes.append("timed out" if task.cancelling() == 0 else "cancel left pending")
+        except BaseException as exc:
+            outcomes.append(f"timeout became {type(exc).__name__}")
+
+    async def one(i: int, delay: float) -> None:
+        # A fresh store: its first call opens the connection in the caller's own task,
+        # which is where the store's deadline cancels it.
+        async with RedisPackageStore.from_url(
+            server.url, namespace=fresh_namespace(), timeout=timeout, retry_budget=5.0
+        ) as store:
+            if i % 2:
+                await plain_cancel(store, delay)
+            else:
+                await asyncio.create_task(under_timeout(store, delay))
+
+    rng = random.Random(7)
+    with stopped(server):
+        for _ in range(6):
+            # Cancels at jittered moments around the deadline, which fires within a
+            # quarter of the timeout after it (one shared timer ticking every timeout/4).
+            await asyncio.wait_for(
+                asyncio.gather(*(one(i, timeout + rng.uniform(-0.02, 0.08)) for i in range(40))),
+                30,
+            )
+    unexpected = [o for o in outcomes if o not in ("cancelled", "timed out")]
+    assert unexpected == []
+    assert len(outcomes) == 240
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_an_archive_over_the_servers_limit_fails_alone(protocol: int) -> None:
+    # proto-max-bulk-len 1mb: a server sent a 2 MiB argument drops the connection, and
+    # with it every call pipelined beside the put. The store reads the limit (a flat
+    # list in RESP2, a map in RESP3) and never sends the put.
+    with LocalServer(settings={"proto-max-bulk-len": "1mb"}) as small:
+        async with RedisPackageStore.from_url(
+            small.url,
+            namespace=fresh_namespace(),
+            timeout=2.0,
+            retry_budget=2.0,
+            protocol=protocol,
+        ) as store:
+            await store.put_package(pkg("warm"))
+            calls = [store.put_package(pkg(f"h{i}", bytes(100), i)) for i in range(200)]
+            calls.insert(100, store.put_package(pkg("big", bytes(2 << 20), 999)))
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            big = outcomes.pop(100)
+            assert isinstance(big, BackendError)
+            assert f"{2 << 20} bytes, over the server's proto-max-bulk-len of {1 << 20}" in str(big)
+            assert outcomes == [None] * 200
+            assert len(await store.list_packages()) == 201
+            # Just under the limit goes through.
+            await store.put_package(pkg("fits", bytes((1 << 20) - 4096)))
+
+
+async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
+    # Without CONFIG rights the limit is unknown: the large put is sent alone on a
+    # connection, so that connection is all the server drops.
+    namespace = fresh_namespace()
+    with LocalServer(settings={"proto-max-bulk-len": "1mb"}) as small:
+        admin = Redis.from_url(small.url)
+        await raw_command(admin, "ACL", "SETUSER", "engine", "on", ">pw", *rule_for(namespace))
+        await admin.aclose()
+        async with RedisPackageStore.from_url(
+            f"redis://engine:pw@127.0.0.1:{small.port}",
+            namespace=namespace,
+            timeout=2.0,
+            retry_budget=2.0,
+        ) as store:
+            await store.put_package(pkg("warm"))
+            calls = [store.put_package(pkg(f"h{i}", bytes(100), i)) for i in range(200)]
+            calls.insert(100, store.put_package(pkg("big", bytes(2 << 20), 999)))
+            outcomes = await asyncio.gather(*calls, return_exceptions=True)
+            big = outcomes.pop(100)
+            assert isinstance(big, BackendError)
+            assert "proto-max-bulk-len" in str(big) and str(2 << 20) in str(big)
+            assert outcomes == [None] * 200
+            assert len(await store.list_packages()) == 201
