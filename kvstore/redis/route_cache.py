@@ -439,11 +439,14 @@ class RouteWatch:
     holds when the watch is made (or first loads, if it is not live yet), in code-point
     order of workflow type; then each route write above V, in the order the server
     applied them, including writes that left a route where it was. While the
-    subscription is down nothing is yielded; once it is back, each route whose value
-    changed meanwhile is yielded once, with its current value. A watch that falls
-    ``limit`` writes behind its reader is handed the whole table again instead of the
-    writes it missed. So the last value yielded for each type is always the route's
-    value as of the cache. It ends when the store is closed or the watch is
+    subscription is down or the table is reloading nothing is yielded; once the
+    table is loaded again (after a reconnect, a lost message, or the server's version
+    going backwards), each route whose value changed meanwhile is yielded once, with
+    its current value. A route that no longer exists (after a flush or a restore) is
+    not yielded: a watch announces values, not removals. A watch that falls ``limit``
+    writes behind its reader is handed the whole table again instead of the writes it
+    missed. So the last value yielded for each type that has a route is always the
+    route's value as of the cache. It ends when the store is closed or the watch is
     (``aclose``, or leaving ``async with``).
     """
 
