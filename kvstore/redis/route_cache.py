@@ -347,7 +347,7 @@ class RouteCache:
                 f"no answer to GET {self._keys.route_version!r} within {self._health_interval}s"
             ) from None
         if self._table.version_read(_version(found), floor):
-            self._log_backwards(found, floor)
+            self._log_backwards(_version(found), floor)
             await self._reload(pubsub)
 
     async def _on_message(self, pubsub: PubSub, data: Any) -> None:
@@ -378,7 +378,8 @@ class RouteCache:
         self._table.go_down()
         for _ in range(_MAX_RELOADS):
             floor = self._table.mark()
-            version, table = await self._snapshot()
+            async with _deadline(self._setup_timeout):
+                version, table = await self._snapshot()
             changes = self._table.apply_snapshot(version, table, floor)
             if changes is None:
                 self._log_backwards(version, floor)
@@ -392,9 +393,9 @@ class RouteCache:
             return
         raise RouteCacheError("the server's route version kept going backwards")
 
-    def _log_backwards(self, found: object, floor: int) -> None:
+    def _log_backwards(self, found: int, floor: int) -> None:
         _log.warning(
-            "route cache of %r reloads: the server's route version went back from %d to %r",
+            "route cache of %r reloads: the server's route version went back from %d to %d",
             self._keys.namespace,
             floor,
             found,
