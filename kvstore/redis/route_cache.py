@@ -23,9 +23,11 @@ seen, or a message at or below the current one once the ``PING`` was answered, s
 A reset that no write follows sends no message, so the cache also reads the version on
 its own (a ``GET`` through the store's client, or the shard's node on a cluster: a RESP2
 subscription cannot send a ``GET``) once every ``health_interval`` seconds while it is
-live. One cheap read a second is what it costs for the bound: a cache converges on what
-the server holds within about ``2 * health_interval`` seconds of any reset or restore
-(plus the reconnection, when the server restarted).
+live, quiet or not (the read also places own writes the table could not place). One
+cheap read a second, by default, is what it costs for the bound: a cache converges on
+what the server holds within about ``2 * health_interval`` seconds of any reset or
+restore (plus the reconnection, when the server restarted). A ``GET`` unanswered for
+``health_interval`` seconds ends the session, as an unanswered ``PING`` does.
 
 It answers lookups only while all this holds ("live"). Until the first snapshot, while
 the subscription is being re-established, and during a reload, it answers nothing and
