@@ -8,7 +8,8 @@
   KEYS[1]  {ns}:format    layout marker
   KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
   KEYS[3]  {ns}:routes    routes (hash, type -> content hash)
-  KEYS[4]  {ns}:route-version  version of the routes table (counter)
+  KEYS[4]  {ns}:route-version  version of the routes table (counter); when absent it is
+           first set to the server's TIME in microseconds, then raised (INCR)
   KEYS[5]  {ns}:pkg:<row id>  the package row (hash)
 
   ARGV[1]  layout version the caller writes
@@ -26,6 +27,17 @@
     version  the routes table's new version (an integer; one, so replies parse fast)
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
+-- The counter starts from the server's clock in microseconds when it is made, so a
+-- counter made anew (after FLUSHDB, or a restart without the data) starts above any
+-- version the lost one reached, and caches see a skipped version and reload.
+local function next_route_version(key)
+  if not redis.call('GET', key) then
+    local t = redis.call('TIME')
+    redis.call('SET', key, string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  return redis.call('INCR', key)
+end
+
 local found = redis.call('GET', KEYS[1])
 if found and found ~= ARGV[1] then
   return redis.error_reply('KVSTORE_FORMAT ' .. found)
@@ -47,7 +59,7 @@ for i = 7, #ARGV do
 end
 -- The counter and the message are written with the routes, so a cache that holds
 -- version N holds exactly the table the server held at N.
-local version = redis.call('INCR', KEYS[4])
+local version = next_route_version(KEYS[4])
 change[1] = string.format('%d', version)
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.

@@ -4,7 +4,8 @@
 
   KEYS[1]  {ns}:format    layout marker
   KEYS[2]  {ns}:routes    routes (hash, type -> content hash)
-  KEYS[3]  {ns}:route-version  version of the routes table (counter)
+  KEYS[3]  {ns}:route-version  version of the routes table (counter); when absent it is
+           first set to the server's TIME in microseconds, then raised (INCR)
 
   ARGV[1]  layout version the caller writes
   ARGV[2]  {ns}:route-changes, the channel the change is published on
@@ -18,6 +19,17 @@
     version  the routes table's new version (an integer; one, so replies parse fast)
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
+-- The counter starts from the server's clock in microseconds when it is made, so a
+-- counter made anew (after FLUSHDB, or a restart without the data) starts above any
+-- version the lost one reached, and caches see a skipped version and reload.
+local function next_route_version(key)
+  if not redis.call('GET', key) then
+    local t = redis.call('TIME')
+    redis.call('SET', key, string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+  end
+  return redis.call('INCR', key)
+end
+
 local found = redis.call('GET', KEYS[1])
 if found and found ~= ARGV[1] then
   return redis.error_reply('KVSTORE_FORMAT ' .. found)
@@ -28,7 +40,7 @@ end
 
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 -- Counter and message go with the write, so a cache at version N holds the table at N.
-local version = redis.call('INCR', KEYS[3])
+local version = next_route_version(KEYS[3])
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.
 redis.call('SPUBLISH', ARGV[2], string.format('%d', version) .. '\0' .. ARGV[4] .. '\0' .. ARGV[3])

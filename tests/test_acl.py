@@ -28,7 +28,7 @@ from .topology import raw_command
 STORE_USER_RULE = (
     "resetkeys ~{ns}:* resetchannels &{ns}:route-changes -@all "
     "+evalsha +eval +get +set +hget +hset +hmget +hstrlen +hgetall +del +zadd +zrem "
-    "+zrangebylex +incr +spublish +ssubscribe +ping +multi +exec +wait"
+    "+zrangebylex +incr +time +spublish +ssubscribe +ping +multi +exec +wait"
 )
 
 # redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store

@@ -26,34 +26,39 @@ def command(client: redis.Redis, *args: object) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[list[LocalServer]]:
+def start_cluster(stack: ExitStack, password: str | None = None) -> list[LocalServer]:
     """Three primaries of the bundled Valkey, each serving a third of the slots."""
     settings = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}
+    if password is not None:
+        settings["requirepass"] = password
+    # The bus port defaults to port + 10000, which may not exist for a high free port.
+    nodes = [
+        stack.enter_context(LocalServer(settings={**settings, "cluster-port": str(free_port())}))
+        for _ in range(3)
+    ]
+    clients = [redis.Redis(port=n.port, password=password) for n in nodes]
+    for i, client in enumerate(clients):
+        command(client, "CLUSTER", "ADDSLOTSRANGE", i * SLOTS // 3, (i + 1) * SLOTS // 3 - 1)
+        bus = nodes[0].settings["cluster-port"]
+        command(client, "CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus)
+    deadline = time.monotonic() + 30
+    while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
+        assert time.monotonic() < deadline, "the cluster did not converge in 30 s"
+        time.sleep(0.1)
+    for client in clients:
+        client.close()
+    return nodes
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[list[LocalServer]]:
     with ExitStack() as stack:
-        # The bus port defaults to port + 10000, which may not exist for a high free port.
-        nodes = [
-            stack.enter_context(
-                LocalServer(settings={**settings, "cluster-port": str(free_port())})
-            )
-            for _ in range(3)
-        ]
-        clients = [redis.Redis(port=n.port) for n in nodes]
-        for i, client in enumerate(clients):
-            command(client, "CLUSTER", "ADDSLOTSRANGE", i * SLOTS // 3, (i + 1) * SLOTS // 3 - 1)
-            bus = nodes[0].settings["cluster-port"]
-            command(client, "CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus)
-        deadline = time.monotonic() + 30
-        while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
-            assert time.monotonic() < deadline, "the cluster did not converge in 30 s"
-            time.sleep(0.1)
-        for client in clients:
-            client.close()
-        yield nodes
+        yield start_cluster(stack)
 
 
-def cluster_url(nodes: list[LocalServer]) -> str:
-    return "redis+cluster://" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
+def cluster_url(nodes: list[LocalServer], password: str | None = None) -> str:
+    credentials = "" if password is None else f":{password}@"
+    return f"redis+cluster://{credentials}" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
 
 
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
@@ -122,3 +127,20 @@ async def test_route_caches_follow_writes_on_the_namespace_shard(
             assert [r.content_hash for r in seen] == ["h1", "h0"]
             assert await reader.get_package_route("order") == "h0"
             assert await reader.route_cache_ready(0), "answered from memory"
+
+
+async def test_a_route_cache_reaches_a_cluster_that_wants_a_password() -> None:
+    # The cache opens a client of its own to the namespace's shard: it must carry the
+    # cluster's credentials, or it never goes live and every lookup costs a round trip.
+    password = "cluster-secret"
+    with ExitStack() as stack:
+        url = cluster_url(start_cluster(stack, password), password)
+        async with (
+            RedisPackageStore.from_url(url, namespace=fresh_namespace()) as writer,
+            RedisPackageStore.from_url(
+                url, namespace=writer.namespace, cache_routes=True
+            ) as cached,
+        ):
+            await writer.put_package(PackageRecord("order", "h1", b"zip", T0))
+            assert await cached.route_cache_ready(10)
+            assert await cached.get_package_route("order") == "h1"

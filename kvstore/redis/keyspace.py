@@ -11,7 +11,11 @@ key                      type     holds
                                   (``<stamp>``); ``<id>`` is ``<type>\\0<hash>``
 ``{ns}:routes``          hash     field ``<type>``, value ``<hash>``: where each route points
 ``{ns}:route-version``   string   a counter, raised (``INCR``) by the same script that writes
-                                  routes: the version of the routes table
+                                  routes: the version of the routes table. Made by a
+                                  write that finds it absent, at the server's ``TIME`` in
+                                  microseconds, so a counter made anew (after a flush, or
+                                  a restart without the data) starts above any version
+                                  the lost one reached
 ``{ns}:route-changes``   channel  not a key: each script that writes routes publishes
                                   ``<version>\\0<hash>\\0<type>[\\0<type>...]`` here, so
                                   route caches follow the table in version order

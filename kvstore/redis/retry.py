@@ -6,7 +6,8 @@ tries, and how long a call may go on trying.
 - ``Budget``: the arithmetic of ``retry_budget`` and ``timeout``. A call retries until
   ``retry_budget`` seconds after it was made; its last attempt may take ``timeout``
   more, so no call outlives ``retry_budget + timeout``, its *hard end*.
-- ``no_client_retries()``: redis-py's own retries are off, so the budget alone decides.
+- ``no_client_retries()``: redis-py's own retries are off, so the budget alone decides;
+  ``no_silent_reconnect()``, the same for a subscription.
 """
 
 from __future__ import annotations
@@ -103,3 +104,10 @@ class Budget:
 def no_client_retries() -> Retry:
     """A redis-py ``Retry`` that never retries: the store's ``Budget`` alone decides."""
     return Retry(NoBackoff(), 0)
+
+
+def no_silent_reconnect() -> Retry:
+    """A redis-py ``Retry`` for a subscription: every error is raised at once, so redis-py
+    never reconnects and resubscribes behind its owner's back, losing the messages of
+    the gap."""
+    return Retry(NoBackoff(), 0, supported_errors=())

@@ -6,23 +6,42 @@ version, on ``{ns}:route-changes`` in the same atomic step. A ``RouteCache``:
 
 1. subscribes to the channel (``SSUBSCRIBE``: the scripts publish with ``SPUBLISH``) and
    waits for the server to confirm it, so every change from then on reaches it;
-2. reads the routes and the version in one ``MULTI``/``EXEC`` (a snapshot at version V);
+2. reads the routes and the version in one ``MULTI``/``EXEC`` (a snapshot at version V),
+   then sends a ``PING`` on the subscription: its answer shows that every message
+   published before the snapshot was read has been delivered;
 3. applies, in order, each message above V, skipping those at or below V (already in
    the snapshot). A message that skips a version means one was lost: it reloads.
 
-It answers lookups only while this holds ("live"). Until the first snapshot, while the
-subscription is being re-established, and during a reload, it answers nothing and the
-store asks the server, so no lookup is served from a table that is not being kept up to
-date. A subscription that dies silently (no error, no data) is noticed by a ``PING``
-sent after ``health_interval`` seconds of quiet and unanswered for as long again: a
-silently dead subscription serves stale routes for at most about
+The version rules are a table of their own, without I/O (``kvstore.redis.route_table``):
+it also finds a server whose version went *backwards* (a ``FLUSHDB``, a restart without
+the data, a restore of an older snapshot, a failover to a lagging replica), and the
+cache then forgets what it knew and reloads. A counter made anew starts at the server's
+clock in microseconds, so after a flush or an empty restart the next write looks like a
+skipped version. A restore keeps an older counter: a snapshot below the highest version
+seen, or a message at or below the current one once the ``PING`` was answered, shows it.
+
+A reset that no write follows sends no message, so the cache also reads the version on
+its own (a ``GET`` through the store's client, or the shard's node on a cluster: a RESP2
+subscription cannot send a ``GET``) once every ``health_interval`` seconds while it is
+live, quiet or not (the read also places own writes the table could not place). One
+cheap read a second, by default, is what it costs for the bound: a cache converges on
+what the server holds within about ``2 * health_interval`` seconds of any reset or
+restore (plus the reconnection, when the server restarted). A ``GET`` unanswered for
+``health_interval`` seconds ends the session, as an unanswered ``PING`` does.
+
+It answers lookups only while all this holds ("live"). Until the first snapshot, while
+the subscription is being re-established, and during a reload, it answers nothing and
+the store asks the server, so no lookup is served from a table that is not being kept
+up to date. A subscription that dies silently (no error, no data) is noticed by a
+``PING`` sent after ``health_interval`` seconds of quiet and unanswered for as long
+again: a silently dead subscription serves stale routes for at most about
 ``2 * health_interval`` seconds. On any failure the cache drops its subscription, goes
 not live, and starts again from step 1, so a reconnect always reloads in full.
 
 Writes made through the store that owns the cache are applied at once (``note_write``),
-so a store always reads its own writes. Every entry remembers the version that set it
-and is only replaced by a higher one, so writes applied from the reply and from the
-channel, in whatever order they arrive, leave the newest value.
+so a store always reads its own acknowledged writes: a reply whose version is not newer
+than the cached entry sends lookups of that type to the server until the table can tell
+which one is current.
 
 On a single node (``redis.asyncio.Redis``, Sentinel, fakeredis) the cache subscribes and
 reads through the store's client. On a cluster the channel carries the namespace's hash
@@ -34,7 +53,6 @@ client of its own to that shard's primary, found anew, so a failover or a moved 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 import sys
 from collections import deque
@@ -46,33 +64,43 @@ from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from kvstore.records import PackageRouteRecord
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.retry import Backoff, no_silent_reconnect
+from kvstore.redis.route_table import ASK_SERVER, AskServer, Message, RouteTable
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _deadline
 else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
     from async_timeout import timeout as _deadline
 
+__all__ = ["ASK_SERVER", "RouteCache", "RouteCacheError", "RouteWatch"]
+
 _log = logging.getLogger(__name__)
 
-_PING: Final = b"kvstore-route-cache"
-_FIRST_RETRY = 0.05
-_MAX_RETRY = 2.0
+_PING: Final = b"kvstore-route-cache "
 # Setting up a subscription has a bound even when the store's calls have none.
 _DEFAULT_SETUP_TIMEOUT = 10.0
-
-
-def _init_parameters(cls: type) -> set[str]:
-    """The keyword arguments ``cls(...)`` takes, through every ``__init__`` it inherits."""
-    names: set[str] = set()
-    for klass in cls.__mro__:
-        init = klass.__dict__.get("__init__")
-        if init is not None:
-            names.update(inspect.signature(init).parameters)
-    return names - {"self", "args", "kwargs"}
+# Snapshots in a row that each find the server's version going backwards: beyond this
+# the session starts again (with backoff) rather than spin.
+_MAX_RELOADS = 5
+# The options of a cluster's connections that a connection to one of its nodes takes:
+# credentials, socket settings and, by prefix, TLS (``ssl_*``). The cluster's own
+# options (pool sizes, reply callbacks) stay with it.
+_NODE_OPTIONS: Final = frozenset(
+    {
+        "username",
+        "password",
+        "credential_provider",
+        "client_name",
+        "protocol",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+    }
+)
 
 
 class RouteCacheError(Exception):
@@ -82,7 +110,7 @@ class RouteCacheError(Exception):
 class RouteCache:
     """The routes of one namespace, live while the subscription that updates them is.
 
-    ``lookup`` answers only while live; the owner asks the server otherwise. ``start``
+    ``lookup`` answers only while live, and ``ASK_SERVER`` otherwise. ``start``
     launches the background task (it needs a running event loop); ``aclose`` stops it
     and ends every watch.
     """
@@ -105,14 +133,11 @@ class RouteCache:
         self._setup_timeout = timeout if timeout is not None else _DEFAULT_SETUP_TIMEOUT
         self._health_interval = health_interval
         self._watch_limit = watch_limit
-        # What lookups answer: the stream's table plus this store's own newer writes.
-        self.routes: dict[str, str] = {}
-        self._versions: dict[str, int] = {}
-        # The table exactly as of ``_stream_version``: what watches are told about.
-        self._stream_routes: dict[str, str] = {}
-        self._stream_version = 0
-        self.live = False
-        self.last_error: BaseException | None = None
+        self._table = RouteTable()
+        # Raised at every snapshot; a PING carries it, so its answer tells which
+        # snapshot it followed.
+        self._generation = 0
+        self._awaiting_pong = False
         self._changed = asyncio.Event()
         self._watches: set[RouteWatch] = set()
         self._task: asyncio.Task[None] | None = None
@@ -120,6 +145,20 @@ class RouteCache:
         self._closed = False
 
     # The owner's side.
+
+    @property
+    def live(self) -> bool:
+        """Whether lookups are answered from memory (except types ``lookup`` defers)."""
+        return self._table.answering and not self._closed
+
+    def lookup(self, workflow_type: str) -> str | AskServer | None:
+        """The hash the route of ``workflow_type`` points at, ``None`` if it has no
+        route, or ``ASK_SERVER`` when the cache cannot answer (the caller asks the
+        server). Starts the cache if it is not running."""
+        found = self._table.lookup(workflow_type) if not self._closed else ASK_SERVER
+        if found is ASK_SERVER:
+            self.start()
+        return found
 
     def start(self) -> None:
         """Launch the subscription task if it is not running; idempotent."""
@@ -144,10 +183,7 @@ class RouteCache:
 
     def note_write(self, version: int, content_hash: str, types: Iterable[str]) -> None:
         """Apply a route write this process made, from the script's reply."""
-        for workflow_type in types:
-            if version > self._versions.get(workflow_type, -1):
-                self.routes[workflow_type] = content_hash
-                self._versions[workflow_type] = version
+        self._table.note_write(version, content_hash, types)
 
     def watch(self) -> RouteWatch:
         """A new watch of route writes; see ``RouteWatch``."""
@@ -162,7 +198,7 @@ class RouteCache:
 
     async def aclose(self) -> None:
         self._closed = True
-        self.live = False
+        self._table.go_down()
         task, self._task = self._task, None
         # A cancellation that races a wake-up can be swallowed by asyncio.wait_for on
         # Python 3.11 (inside redis-py or fakeredis): cancel until it takes, boundedly.
@@ -181,7 +217,7 @@ class RouteCache:
     # The subscription.
 
     async def _run(self) -> None:
-        delay = _FIRST_RETRY
+        backoff = Backoff()
         # Runs for the life of the store; every turn waits on the server or sleeps.
         while not self._closed:
             self._session_went_live = False
@@ -190,16 +226,14 @@ class RouteCache:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                self.last_error = exc
                 _log.warning(
                     "route cache of %r lost its subscription: %s", self._keys.namespace, exc
                 )
             self._go_down()
             if self._session_went_live:
-                delay = _FIRST_RETRY
+                backoff.reset()
                 continue  # it was working: try again at once, then back off
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, _MAX_RETRY)
+            await asyncio.sleep(backoff.next())
 
     async def _follow(self) -> None:
         """Subscribe, load, and follow the channel until something fails."""
@@ -210,14 +244,13 @@ class RouteCache:
             await pubsub.connect()  # type: ignore[no-untyped-call]
             connection = pubsub.connection
             assert connection is not None
-            # redis-py would silently reconnect and resubscribe, losing the messages of
-            # the gap; failing at once lets the cache go not live and reload instead.
+            # Failing at once lets the cache go not live and reload.
             saved_retry = connection.retry
-            connection.retry = Retry(NoBackoff(), 0, supported_errors=())
+            connection.retry = no_silent_reconnect()
             async with _deadline(self._setup_timeout):
                 await pubsub.ssubscribe(self._keys.route_changes)
                 await self._confirmed(pubsub)
-                await self._reload()
+                await self._reload(pubsub)
             self._session_went_live = True
             await self._listen(pubsub)
         finally:
@@ -239,14 +272,17 @@ class RouteCache:
         node = self._client.get_node_from_key(self._keys.route_changes.decode("ascii"))
         if node is None:
             raise RouteCacheError(f"no cluster node serves {self._keys.route_changes!r}")
-        options: dict[str, Any] = dict(self._client.get_connection_kwargs())
-        connection_class = options.pop("connection_class", Connection)
-        # The cluster's connection options include its own (callbacks, pool sizes): keep
-        # those a connection of this class takes, credentials and TLS among them.
-        accepted = _init_parameters(connection_class)
-        options = {k: v for k, v in options.items() if k in accepted}
+        cluster_options = self._client.get_connection_kwargs()
+        options: dict[str, Any] = {
+            name: value
+            for name, value in cluster_options.items()
+            if name in _NODE_OPTIONS or name.startswith("ssl_")
+        }
         pool = ConnectionPool(
-            connection_class=connection_class, host=node.host, port=node.port, **options
+            connection_class=cluster_options.get("connection_class") or Connection,
+            host=node.host,
+            port=node.port,
+            **options,
         )
         return Redis.from_pool(pool)  # closing the client closes the pool
 
@@ -261,79 +297,107 @@ class RouteCache:
         raise RouteCacheError("the server did not confirm the subscription")
 
     async def _listen(self, pubsub: PubSub) -> None:
-        awaiting_pong = False
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self._health_interval
         # Ends by an exception, cancellation or closing; each turn waits at most one interval.
         while not self._closed:
             message = await pubsub.get_message(timeout=self._health_interval)
             if message is None:
-                if awaiting_pong:
+                if self._awaiting_pong:
                     raise RouteCacheError(
                         f"no reply to PING within {self._health_interval}s; "
                         "the subscription is presumed dead"
                     )
-                await pubsub.ping(_PING)
-                awaiting_pong = True
-                continue
-            awaiting_pong = False
-            kind = message["type"]
-            if kind == "smessage":
-                await self._on_message(message["data"])
-            elif kind == "ssubscribe":
-                raise RouteCacheError("the subscription was re-established: changes may be lost")
-            elif kind == "sunsubscribe":
-                # The server drops shard subscribers when their slot moves to another node.
-                raise RouteCacheError("the server ended the subscription: its slot moved")
+                await self._ping(pubsub)
+            else:
+                self._awaiting_pong = False  # any answer shows the connection alive
+                kind = message["type"]
+                if kind == "smessage":
+                    await self._on_message(pubsub, message["data"])
+                elif kind == "pong":
+                    if message["data"] == _PING + b"%d" % self._generation:
+                        self._table.settled()
+                elif kind == "ssubscribe":
+                    raise RouteCacheError(
+                        "the subscription was re-established: changes may be lost"
+                    )
+                elif kind == "sunsubscribe":
+                    # The server drops shard subscribers when their slot moves to another node.
+                    raise RouteCacheError("the server ended the subscription: its slot moved")
+            if loop.time() >= next_check:
+                await self._check_version(pubsub)
+                next_check = loop.time() + self._health_interval
 
-    async def _on_message(self, data: Any) -> None:
+    async def _ping(self, pubsub: PubSub) -> None:
+        await pubsub.ping(_PING + b"%d" % self._generation)
+        self._awaiting_pong = True
+
+    async def _check_version(self, pubsub: PubSub) -> None:
+        """Read the server's version on its own: a reset that no write follows shows."""
+        assert self._node is not None, "versions are read within a session"
+        floor = self._table.mark()
+        try:
+            # Bounded as the PING is: a server this slow is not keeping the cache true.
+            async with _deadline(self._health_interval):
+                found = await self._node.get(self._keys.route_version)
+        except asyncio.TimeoutError:
+            raise RouteCacheError(
+                f"no answer to GET {self._keys.route_version!r} within {self._health_interval}s"
+            ) from None
+        if self._table.version_read(_version(found), floor):
+            self._log_backwards(_version(found), floor)
+            await self._reload(pubsub)
+
+    async def _on_message(self, pubsub: PubSub, data: Any) -> None:
         if not isinstance(data, bytes):
             raise RouteCacheError(f"unexpected message on the route channel: {data!r}")
         version_text, _, rest = data.partition(b"\x00")
         content_hash, *types = rest.split(b"\x00")
         version = int(version_text)
-        if version <= self._stream_version:
-            return  # published before the snapshot was read, so already in it
-        if version != self._stream_version + 1 or not types:
-            # A version never announced (a lost message, or a script stopped midway):
-            # only a fresh snapshot is sure to be right.
+        text = content_hash.decode("utf-8")
+        changed = [t.decode("utf-8") for t in types]
+        before = self._table.stream_version
+        outcome = self._table.apply_message(version, text, changed)
+        if outcome is Message.APPLIED:
+            for watch in self._watches:
+                watch._push([PackageRouteRecord(t, text) for t in changed])
+        elif outcome is Message.RELOAD:
+            # A version never announced, or one the stream had already passed: only a
+            # fresh snapshot is sure to be right.
             _log.info(
                 "route cache of %r reloads: version %d after %d",
                 self._keys.namespace,
                 version,
-                self._stream_version,
+                before,
             )
-            await self._reload()
-            return
-        text = content_hash.decode("utf-8")
-        changed = [t.decode("utf-8") for t in types]
-        self._stream_version = version
-        for workflow_type in changed:
-            self._stream_routes[workflow_type] = text
-        self.note_write(version, text, changed)
-        for watch in self._watches:
-            watch._push([PackageRouteRecord(t, text) for t in changed])
+            await self._reload(pubsub)
 
-    async def _reload(self) -> None:
-        self.live = False
-        version, table = await self._snapshot()
-        routes = dict(table)
-        versions = dict.fromkeys(table, version)
-        for workflow_type, own in self._versions.items():
-            if own > version:  # this store's write, newer than the snapshot
-                routes[workflow_type] = self.routes[workflow_type]
-                versions[workflow_type] = own
-        changes = [
-            PackageRouteRecord(t, h)
-            for t, h in sorted(table.items())
-            if self._stream_routes.get(t) != h
-        ]
-        self._stream_routes = table
-        self._stream_version = version
-        self.routes = routes
-        self._versions = versions
-        self.live = True
-        for watch in self._watches:
-            watch._push(changes)
-        self._changed.set()
+    async def _reload(self, pubsub: PubSub) -> None:
+        self._table.go_down()
+        for _ in range(_MAX_RELOADS):
+            floor = self._table.mark()
+            async with _deadline(self._setup_timeout):
+                version, table = await self._snapshot()
+            changes = self._table.apply_snapshot(version, table, floor)
+            if changes is None:
+                self._log_backwards(version, floor)
+                continue
+            self._generation += 1
+            # Answered after every message published before the snapshot was read.
+            await self._ping(pubsub)
+            for watch in self._watches:
+                watch._push([PackageRouteRecord(t, h) for t, h in changes])
+            self._changed.set()
+            return
+        raise RouteCacheError("the server's route version kept going backwards")
+
+    def _log_backwards(self, found: int, floor: int) -> None:
+        _log.warning(
+            "route cache of %r reloads: the server's route version went back from %d to %d",
+            self._keys.namespace,
+            floor,
+            found,
+        )
 
     async def _snapshot(self) -> tuple[int, dict[str, str]]:
         keys = self._keys
@@ -349,17 +413,22 @@ class RouteCache:
             table = {t.decode("utf-8"): h.decode("utf-8") for t, h in pairs.items()}
         except UnicodeDecodeError as exc:
             raise RouteCacheError(f"{keys.routes!r} holds text that is not UTF-8") from exc
-        return (0 if version is None else int(version)), table
+        return _version(version), table
 
     def _go_down(self) -> None:
-        self.live = False
+        self._table.go_down()
         self._changed.set()
 
-    def _table(self) -> list[PackageRouteRecord]:
-        return [PackageRouteRecord(t, h) for t, h in sorted(self._stream_routes.items())]
+    def _stream_table(self) -> list[PackageRouteRecord]:
+        return [PackageRouteRecord(t, h) for t, h in self._table.stream_table()]
 
     def _forget(self, watch: RouteWatch) -> None:
         self._watches.discard(watch)
+
+
+def _version(found: Any) -> int:
+    """The route version a ``GET`` returned: an absent counter is version 0."""
+    return 0 if found is None else int(found)
 
 
 class RouteWatch:
@@ -369,11 +438,14 @@ class RouteWatch:
     holds when the watch is made (or first loads, if it is not live yet), in code-point
     order of workflow type; then each route write above V, in the order the server
     applied them, including writes that left a route where it was. While the
-    subscription is down nothing is yielded; once it is back, each route whose value
-    changed meanwhile is yielded once, with its current value. A watch that falls
-    ``limit`` writes behind its reader is handed the whole table again instead of the
-    writes it missed. So the last value yielded for each type is always the route's
-    value as of the cache. It ends when the store is closed or the watch is
+    subscription is down or the table is reloading nothing is yielded; once the
+    table is loaded again (after a reconnect, a lost message, or the server's version
+    going backwards), each route whose value changed meanwhile is yielded once, with
+    its current value. A route that no longer exists (after a flush or a restore) is
+    not yielded: a watch announces values, not removals. A watch that falls ``limit``
+    writes behind its reader is handed the whole table again instead of the writes it
+    missed. So the last value yielded for each type that has a route is always the
+    route's value as of the cache. It ends when the store is closed or the watch is
     (``aclose``, or leaving ``async with``).
     """
 
@@ -398,7 +470,7 @@ class RouteWatch:
 
     def _take_table(self) -> None:
         self._needs_table = False
-        self._pending.extend(self._cache._table())
+        self._pending.extend(self._cache._stream_table())
 
     def _finish(self) -> None:
         self._done = True

@@ -38,7 +38,7 @@ from kvstore.redis.keyspace import (
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
 from kvstore.redis.retry import no_client_retries
-from kvstore.redis.route_cache import RouteCache, RouteWatch
+from kvstore.redis.route_cache import ASK_SERVER, RouteCache, RouteWatch
 from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
 from kvstore.redis.urls import client_from_url
 from kvstore.redis.wire import Command, Recurring
@@ -344,11 +344,11 @@ class RedisPackageStore:
 
     async def get_package_route(self, workflow_type: str) -> str | None:
         checked = check_text(workflow_type, "workflow_type")
-        cache = self._route_cache
-        if cache is not None:
-            if cache.live:
-                return cache.routes.get(checked)
-            cache.start()  # not live yet, or recovering: the server answers meanwhile
+        if self._route_cache is not None:
+            found = self._route_cache.lookup(checked)
+            if found is not ASK_SERVER:
+                return found
+            # Not live yet, recovering, or unsure of this type: the server answers.
         field = checked.encode("utf-8")
         value = await self._read(("HGET", self._keys.routes, field))
         return (

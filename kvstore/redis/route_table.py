@@ -1,0 +1,214 @@
+"""The version rules of a route cache, as a table that does no I/O.
+
+The scripts that write routes raise ``{ns}:route-version`` and publish each change with
+that version, in the same atomic step; a counter made anew (after ``FLUSHDB``, or a
+restart without the data) starts at the server's clock in microseconds, above any version
+a lost counter reached. A ``RouteCache`` feeds a ``RouteTable`` what it reads (snapshots,
+messages, the version on its own, the replies to its store's writes) and does what the
+table answers; every decision about versions is made here, so it can be tested as a
+table of cases without a server.
+
+The rules:
+
+- A snapshot ``(V, routes)`` replaces the table; the lookups answer from it.
+- A message above the stream's version by exactly one is applied, and so is the first
+  message after a snapshot that found no counter, if it is above every version ever
+  seen (the write that made the counter anew, at the server's clock). Any other
+  message further ahead means one was lost (or the counter was made anew meanwhile):
+  reload.
+- A message at or below the stream's version is one published before the snapshot was
+  read, and is skipped, while that is possible: until a message above the snapshot has
+  been applied, or the subscription has answered a ``PING`` sent after the snapshot
+  (``settled``). After that, such a message means the server's version went backwards
+  (a restore of an older snapshot, a failover to a lagging replica): reload.
+- A snapshot, or a version read on its own, below the highest version this table has
+  seen from the server (snapshots, messages, own writes' replies) also means the server
+  went backwards. The comparison is with the highest version seen *before the read was
+  sent* (``mark``), since a write of this store may commit after the read and be noted
+  before the read's answer comes back.
+- When the server went backwards, every version the table knew is forgotten, this
+  store's own writes newer than the snapshot are dropped (the server may have lost
+  them), the highest version seen becomes the lower one, and the table does not answer
+  until a fresh snapshot is applied.
+- A write of this store (``note_write``, from its script's reply) is applied to each type
+  whose entry is older. One that is not newer than the entry, and names another hash,
+  is either a concurrent write that lost to a newer one, or a write to a server whose
+  version went backwards and that nothing has shown yet; the type is then answered by the
+  server (``ASK_SERVER``) until a snapshot, or a version read that shows the server did
+  not go back past that write. So a store always sees its own acknowledged writes.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Mapping
+from typing import Final
+
+
+class AskServer(enum.Enum):
+    ASK_SERVER = "ask the server"
+
+
+ASK_SERVER: Final = AskServer.ASK_SERVER
+"""What ``lookup`` returns when the table cannot answer: the server must be asked."""
+
+
+class Message(enum.Enum):
+    """What ``apply_message`` did with a message."""
+
+    APPLIED = "applied"  # the table moved on by one version
+    SKIPPED = "skipped"  # already in the snapshot
+    RELOAD = "reload"  # the table stopped answering: a fresh snapshot is needed
+
+
+class RouteTable:
+    """The routes of one namespace and the versions that keep them true.
+
+    Pure: no I/O, no clock, no event loop. ``answering`` is true from an applied
+    snapshot until something shows the table may be wrong (``go_down``, a lost or
+    backward message, a backward version).
+    """
+
+    def __init__(self) -> None:
+        # What lookups answer: the stream's table plus this store's own newer writes.
+        self._routes: dict[str, str] = {}
+        self._versions: dict[str, int] = {}
+        # The table exactly as of ``stream_version``: what watches are told about.
+        self._stream_routes: dict[str, str] = {}
+        self.stream_version = 0
+        # Whether messages at or below the stream's version may still be ones published
+        # before the snapshot was read.
+        self._settling = False
+        self.highest_seen = 0
+        # The highest version seen of any counter, kept across a reset.
+        self._ever_seen = 0
+        # Own writes not shown to be current: type -> the write's version.
+        self._unsure: dict[str, int] = {}
+        self.answering = False
+
+    # Reads.
+
+    def lookup(self, workflow_type: str) -> str | AskServer | None:
+        """The route's hash, ``None`` if there is none, or ``ASK_SERVER``."""
+        if not self.answering or workflow_type in self._unsure:
+            return ASK_SERVER
+        return self._routes.get(workflow_type)
+
+    def stream_table(self) -> list[tuple[str, str]]:
+        """Every route as of the stream's version, in code-point order of type."""
+        return sorted(self._stream_routes.items())
+
+    def mark(self) -> int:
+        """The floor for a snapshot or version about to be read: pass it back with it."""
+        return self.highest_seen
+
+    # What the cache reads.
+
+    def apply_snapshot(
+        self, version: int, routes: Mapping[str, str], floor: int
+    ) -> list[tuple[str, str]] | None:
+        """Take the server's table at ``version``, read after ``mark()`` gave ``floor``.
+
+        Returns the routes whose value differs from the stream's previous table (for
+        watches), or ``None`` if the server went backwards: the table was reset and does
+        not answer; take another snapshot.
+        """
+        if version < floor:
+            self._went_backwards(version)
+            return None
+        changes = sorted((t, h) for t, h in routes.items() if self._stream_routes.get(t) != h)
+        table = dict(routes)
+        versions = dict.fromkeys(routes, version)
+        for workflow_type, own in self._versions.items():
+            if own > version:  # this store's write, newer than the snapshot
+                table[workflow_type] = self._routes[workflow_type]
+                versions[workflow_type] = own
+        self._routes = table
+        self._versions = versions
+        self._stream_routes = dict(routes)
+        self.stream_version = version
+        self._saw(version)
+        self._unsure.clear()
+        self._settling = True
+        self.answering = True
+        return changes
+
+    def apply_message(self, version: int, content_hash: str, types: Iterable[str]) -> Message:
+        """Apply a message of the subscription: ``content_hash`` now routes ``types``."""
+        changed = list(types)
+        if version <= self.stream_version and changed:
+            if self._settling:
+                return Message.SKIPPED
+            self._went_backwards(version)
+            return Message.RELOAD
+        # A snapshot without a counter is followed by the write that makes one, at
+        # the server's clock: above every version of any earlier counter.
+        made_anew = self.stream_version == 0 and version > self._ever_seen
+        if not changed or (version != self.stream_version + 1 and not made_anew):
+            # A version never announced (a lost message, a counter made anew, a script
+            # stopped midway): only a fresh snapshot is sure to be right.
+            self.answering = False
+            return Message.RELOAD
+        self.stream_version = version
+        self._saw(version)
+        self._settling = False
+        for workflow_type in changed:
+            self._stream_routes[workflow_type] = content_hash
+        self._set(version, content_hash, changed)
+        return Message.APPLIED
+
+    def settled(self) -> None:
+        """The subscription answered a ``PING`` sent after the snapshot was applied:
+        every message published before the snapshot was read has been delivered."""
+        self._settling = False
+
+    def version_read(self, version: int, floor: int) -> bool:
+        """The server's version, read on its own after ``mark()`` gave ``floor``.
+
+        Returns whether a reload is needed (the server went backwards; the table was
+        reset). Otherwise own writes at or below ``version`` are shown current.
+        """
+        if version < floor:
+            self._went_backwards(version)
+            return True
+        for workflow_type, own in list(self._unsure.items()):
+            if own <= version:
+                del self._unsure[workflow_type]
+        return False
+
+    def note_write(self, version: int, content_hash: str, types: Iterable[str]) -> None:
+        """Apply a route write this store made, from its script's reply."""
+        self._saw(version)
+        changed = list(types)
+        self._set(version, content_hash, changed)
+        for workflow_type in changed:
+            if self._versions[workflow_type] != version and self._routes[workflow_type] != (
+                content_hash
+            ):
+                self._unsure[workflow_type] = version
+
+    def go_down(self) -> None:
+        """Stop answering (the subscription is lost or being re-established)."""
+        self.answering = False
+
+    # The rules' building blocks.
+
+    def _set(self, version: int, content_hash: str, types: list[str]) -> None:
+        for workflow_type in types:
+            if version > self._versions.get(workflow_type, -1):
+                self._routes[workflow_type] = content_hash
+                self._versions[workflow_type] = version
+                self._unsure.pop(workflow_type, None)
+
+    def _saw(self, version: int) -> None:
+        self.highest_seen = max(self.highest_seen, version)
+        self._ever_seen = max(self._ever_seen, version)
+
+    def _went_backwards(self, version: int) -> None:
+        # Every known version is of the lost timeline: the next snapshot replaces all.
+        self._versions = dict.fromkeys(self._stream_routes, version)
+        self._routes = dict(self._stream_routes)
+        self._unsure.clear()
+        self.stream_version = version
+        self.highest_seen = version
+        self.answering = False
