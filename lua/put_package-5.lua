@@ -5,10 +5,12 @@
   The namespace's keys and arguments come first and the package's after, so a caller
   can format the part every put shares once.
 
-  KEYS[1]  {ns}:format    layout marker
+  KEYS[1]  {ns}:format    layout marker (string)
   KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
   KEYS[3]  {ns}:routes    routes (hash, type -> content hash)
-  KEYS[4]  {ns}:route-version  version of the routes table (counter)
+  KEYS[4]  {ns}:route-version  version of the routes table (counter; see
+           next_route_version in lua/library.lua: made anew, it starts at the server's
+           clock in microseconds)
   KEYS[5]  {ns}:pkg:<row id>  the package row (hash)
 
   ARGV[1]  layout version the caller writes
@@ -24,15 +26,14 @@
 
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
+    error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local found = redis.call('GET', KEYS[1])
-if found and found ~= ARGV[1] then
-  return redis.error_reply('KVSTORE_FORMAT ' .. found)
+local refused = refusal(KEYS, {'string', 'zset', 'hash', 'counter', 'hash'}, ARGV[1])
+if refused then
+  return refused
 end
-if not found then
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
 
 local old = redis.call('HGET', KEYS[5], 'deployed_at')
 if old and old ~= ARGV[4] then
@@ -47,7 +48,7 @@ for i = 7, #ARGV do
 end
 -- The counter and the message are written with the routes, so a cache that holds
 -- version N holds exactly the table the server held at N.
-local version = redis.call('INCR', KEYS[4])
+local version = next_route_version(KEYS[4])
 change[1] = string.format('%d', version)
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.

@@ -292,7 +292,11 @@ class RouteCache:
         version = int(version_text)
         if version <= self._stream_version:
             return  # published before the snapshot was read, so already in it
-        if version != self._stream_version + 1 or not types:
+        # The snapshot found no counter (0): the write that makes it starts from the
+        # server's clock (lua/library.lua, next_route_version), so its first version
+        # follows 0. Messages arrive in order after the subscription, which came first.
+        fresh = self._stream_version == 0
+        if (version != self._stream_version + 1 and not fresh) or not types:
             # A version never announced (a lost message, or a script stopped midway):
             # only a fresh snapshot is sure to be right.
             _log.info(
