@@ -103,6 +103,37 @@ async def test_keyspace_is_as_documented(client: Redis) -> None:
     assert await client.hgetall(f"{{{ns}}}:routes") == {b"order": b"h1"}
 
 
+async def server_microseconds(client: Redis) -> int:
+    seconds, micros = await client.time()
+    return seconds * 1_000_000 + micros
+
+
+async def counter_value(client: Redis, key: bytes) -> int:
+    value = await client.get(key)
+    assert isinstance(value, bytes)
+    return int(value)
+
+
+@pytest.mark.parametrize("write", ["put", "route"])
+async def test_a_route_version_counter_made_anew_starts_above_any_the_lost_one_reached(
+    client: Redis, write: str
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    counter = Keyspace(store.namespace).route_version
+    before = await server_microseconds(client)
+    await WRITES[write](store)
+    first = await counter_value(client, counter)
+    # Started at the server's clock in microseconds, then raised by the write.
+    assert before < first <= await server_microseconds(client) + 1
+    for _ in range(20):
+        await WRITES[write](store)
+    reached = await counter_value(client, counter)
+    assert reached == first + 20
+    await client.delete(counter)  # as FLUSHDB, or a restart that kept no data, would
+    await WRITES[write](store)
+    assert await counter_value(client, counter) > reached
+
+
 @pytest.mark.parametrize("namespace", ["", "a{b", "a}b", "with space", "x" * 65, "é"])
 def test_a_namespace_that_could_break_the_hash_tag_is_refused(namespace: str) -> None:
     with pytest.raises(ValueError, match="namespace"):
