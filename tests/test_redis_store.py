@@ -284,6 +284,25 @@ async def test_calls_that_find_the_library_missing_together_load_it_once(
     assert len(await store.list_packages()) == 50
 
 
+async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    load = store.load_library
+
+    async def slow() -> list[str]:
+        await asyncio.sleep(0.3)
+        return await load()
+
+    store.load_library = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(store.put_package(pkg("order", "h1")))
+    second = asyncio.create_task(store.put_package(pkg("order", "h2", n=1)))
+    await asyncio.sleep(0.1)  # both found the library missing and wait for one load
+    first.cancel()
+    await second
+    assert first.cancelled()
+    assert [r.content_hash for r in await store.list_packages()] == ["h2"]
+
+
 async def test_the_library_is_named_by_its_digest_and_leaves_other_releases_alone(
     client: Redis, tmp_path: Path
 ) -> None:
