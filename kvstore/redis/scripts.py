@@ -81,6 +81,7 @@ def build_library(folder: Traversable | None = None) -> Library:
                 % (name.encode(), operation.encode()),
                 b"local KEYS, ARGV = keys, args\n",
                 body,
+                b"" if body.endswith(b"\n") else b"\n",
                 b"end)\n",
             ]
         return b"".join(parts)
