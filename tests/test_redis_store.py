@@ -303,6 +303,24 @@ async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client
     assert [r.content_hash for r in await store.list_packages()] == ["h2"]
 
 
+async def test_closing_the_store_during_the_load_fails_the_waiting_calls(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    load = store.load_library
+
+    async def slow() -> list[str]:
+        await asyncio.sleep(0.3)
+        return await load()
+
+    store.load_library = slow  # type: ignore[method-assign]
+    waiting = asyncio.create_task(store.put_package(pkg("order", "h1")))
+    await asyncio.sleep(0.1)
+    await store.aclose()
+    with pytest.raises(BackendError, match="closed"):
+        await waiting
+    await load_library(client)
+
+
 async def test_the_library_is_named_by_its_digest_and_leaves_other_releases_alone(
     client: Redis, tmp_path: Path
 ) -> None:

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import NoPermissionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError, NoPermissionError, RedisError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
 from kvstore.records import (
@@ -485,7 +485,13 @@ class RedisPackageStore:
         if loading is None:
             loading = self._loading = asyncio.ensure_future(self.load_library())
             loading.add_done_callback(self._loaded)
-        await asyncio.shield(loading)
+        try:
+            await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            if not loading.cancelled():
+                raise  # this caller was cancelled; the load goes on for the others
+            # Only aclose() cancels the load: fail as every call the closing cut short.
+            raise self._backend_error(ConnectionError("the store is closed")) from None
 
     def _loaded(self, loading: asyncio.Future[list[str]]) -> None:
         if self._loading is loading:
