@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
-from kvstore.redis.scripts import PUT_PACKAGE
+from kvstore.redis.scripts import PUT_PACKAGE, load_library
 from kvstore.tools.server_process import LocalServer
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -94,19 +94,24 @@ def record(i: int, workflow_type: str | None = None) -> PackageRecord:
 
 
 def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
-    """The EVALSHA the store sends for ``put_package(r)``, built outside the timing."""
+    """The FCALL the store sends for ``put_package(r)``, built outside the timing."""
     row = row_id(r.workflow_type, r.content_hash)
-    return PUT_PACKAGE.evalsha(
-        [keys.format, keys.index, keys.routes, keys.route_version, keys.row(row)],
-        [
-            FORMAT_VERSION,
-            keys.route_changes,
-            row,
-            encode_stamp(r.deployed_at),
-            r.archive,
-            r.content_hash.encode(),
-            r.workflow_type.encode(),
-        ],
+    return (
+        "FCALL",
+        PUT_PACKAGE.name,
+        PUT_PACKAGE.numkeys,
+        keys.format,
+        keys.index,
+        keys.routes,
+        keys.route_version,
+        keys.row(row),
+        FORMAT_VERSION,
+        keys.route_changes,
+        row,
+        encode_stamp(r.deployed_at),
+        r.archive,
+        r.content_hash.encode(),
+        r.workflow_type.encode(),
     )
 
 
@@ -120,7 +125,7 @@ async def call(client: Redis, command: tuple[Any, ...]) -> Any:
 
 async def put_one(url: str, sizes: Sizes) -> Figure:
     raw = Redis.from_url(url)
-    await raw.script_load(PUT_PACKAGE.body)
+    await load_library(raw)
     records = [record(i) for i in range(sizes.put_one)]
 
     async def store_round() -> float:
@@ -163,7 +168,7 @@ async def put_one(url: str, sizes: Sizes) -> Figure:
 
 async def put_concurrent(url: str, sizes: Sizes) -> Figure:
     raw = Redis.from_url(url)  # a default client: its pool grows to what is in flight
-    await raw.script_load(PUT_PACKAGE.body)
+    await load_library(raw)
     records = [record(i) for i in range(sizes.put_concurrent)]
 
     async def store_round() -> float:

@@ -1,7 +1,7 @@
 --[[
   Remove one package row and its index entry, atomically; routes are not touched.
 
-  KEYS[1]  {ns}:format    layout marker
+  KEYS[1]  {ns}:format    layout marker (string)
   KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
   KEYS[3]  {ns}:pkg:<row id>  the package row (hash)
 
@@ -11,11 +11,12 @@
   Reply:
     1  the row was removed
     0  there was no such row (a no-op)
+    error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local found = redis.call('GET', KEYS[1])
-if found and found ~= ARGV[1] then
-  return redis.error_reply('KVSTORE_FORMAT ' .. found)
+local refused = refusal(KEYS, {'string', 'zset', 'hash'}, ARGV[1])
+if refused then
+  return refused
 end
 
 local stamp = redis.call('HGET', KEYS[3], 'deployed_at')

@@ -5,11 +5,12 @@
   The namespace's keys and arguments come first and the package's after, so a caller
   can format the part every put shares once.
 
-  KEYS[1]  {ns}:format    layout marker
+  KEYS[1]  {ns}:format    layout marker (string)
   KEYS[2]  {ns}:packages  index (zset, score 0, member "<stamp> <row id>")
   KEYS[3]  {ns}:routes    routes (hash, type -> content hash)
-  KEYS[4]  {ns}:route-version  version of the routes table (counter); when absent it is
-           first set to the server's TIME in microseconds, then raised (INCR)
+  KEYS[4]  {ns}:route-version  version of the routes table (counter; see
+           next_route_version in lua/library.lua: made anew, it starts at the server's
+           clock in microseconds)
   KEYS[5]  {ns}:pkg:<row id>  the package row (hash)
 
   ARGV[1]  layout version the caller writes
@@ -25,26 +26,14 @@
 
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
+    error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
--- The counter starts from the server's clock in microseconds when it is made, so a
--- counter made anew (after FLUSHDB, or a restart without the data) starts above any
--- version the lost one reached, and caches see a skipped version and reload.
-local function next_route_version(key)
-  if not redis.call('GET', key) then
-    local t = redis.call('TIME')
-    redis.call('SET', key, string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
-  end
-  return redis.call('INCR', key)
+local refused = refusal(KEYS, {'string', 'zset', 'hash', 'counter', 'hash'}, ARGV[1])
+if refused then
+  return refused
 end
-
-local found = redis.call('GET', KEYS[1])
-if found and found ~= ARGV[1] then
-  return redis.error_reply('KVSTORE_FORMAT ' .. found)
-end
-if not found then
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
 
 local old = redis.call('HGET', KEYS[5], 'deployed_at')
 if old and old ~= ARGV[4] then

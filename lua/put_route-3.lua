@@ -2,10 +2,11 @@
   Point one workflow type's route at a content hash; no archive is touched. The change
   is announced to every route cache of the namespace.
 
-  KEYS[1]  {ns}:format    layout marker
+  KEYS[1]  {ns}:format    layout marker (string)
   KEYS[2]  {ns}:routes    routes (hash, type -> content hash)
-  KEYS[3]  {ns}:route-version  version of the routes table (counter); when absent it is
-           first set to the server's TIME in microseconds, then raised (INCR)
+  KEYS[3]  {ns}:route-version  version of the routes table (counter; see
+           next_route_version in lua/library.lua: made anew, it starts at the server's
+           clock in microseconds)
 
   ARGV[1]  layout version the caller writes
   ARGV[2]  {ns}:route-changes, the channel the change is published on
@@ -17,26 +18,14 @@
 
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
+    error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
--- The counter starts from the server's clock in microseconds when it is made, so a
--- counter made anew (after FLUSHDB, or a restart without the data) starts above any
--- version the lost one reached, and caches see a skipped version and reload.
-local function next_route_version(key)
-  if not redis.call('GET', key) then
-    local t = redis.call('TIME')
-    redis.call('SET', key, string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
-  end
-  return redis.call('INCR', key)
+local refused = refusal(KEYS, {'string', 'hash', 'counter'}, ARGV[1])
+if refused then
+  return refused
 end
-
-local found = redis.call('GET', KEYS[1])
-if found and found ~= ARGV[1] then
-  return redis.error_reply('KVSTORE_FORMAT ' .. found)
-end
-if not found then
-  redis.call('SET', KEYS[1], ARGV[1])
-end
+redis.call('SET', KEYS[1], ARGV[1], 'NX')
 
 redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
 -- Counter and message go with the write, so a cache at version N holds the table at N.

@@ -2,9 +2,12 @@
 
 The rule was found by trying: the whole contract, a route cache and ``min_replicas`` run
 as a user that has nothing else, and the server refuses nothing they ask; each command
-in it is one the store sends or one its scripts call (scripts run with the caller's
-rights). ``{ns}`` stands for the namespace's hash tag, braces included: the rule of
-namespace ``aion`` grants the keys ``{aion}:*`` and the channel ``{aion}:route-changes``.
+in it is one the store sends or one the kvstore library's functions call (functions run
+with the caller's rights). It grants ``FCALL`` but neither ``EVAL``/``EVALSHA`` nor
+``FUNCTION LOAD``: such a user runs the library an operator loaded (``kvstore setup``)
+and no Lua of its own. ``{ns}`` stands for the namespace's hash tag, braces included: the
+rule of namespace ``aion`` grants the keys ``{aion}:*`` and the channel
+``{aion}:route-changes``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import asyncio
 import secrets
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
@@ -20,6 +24,7 @@ from redis.exceptions import NoPermissionError
 
 from kvstore import BackendError, PackageRecord, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
+from kvstore.redis.scripts import LIBRARY, load_library
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
@@ -27,8 +32,8 @@ from .topology import raw_command
 
 STORE_USER_RULE = (
     "resetkeys ~{ns}:* resetchannels &{ns}:route-changes -@all "
-    "+evalsha +eval +get +set +hget +hset +hmget +hstrlen +hgetall +del +zadd +zrem "
-    "+zrangebylex +incr +time +spublish +ssubscribe +ping +multi +exec +wait"
+    "+fcall +get +set +hget +hset +hmget +hstrlen +hgetall +del +zadd +zrem +zrangebylex "
+    "+incr +type +exists +time +spublish +ssubscribe +ping +multi +exec +wait"
 )
 
 # redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store
@@ -83,6 +88,7 @@ class Users:
 async def users(server: LocalServer) -> AsyncIterator[Users]:
     async with Redis(port=server.port) as admin:
         made = Users(server, admin)
+        await load_library(admin)  # what `kvstore setup` does, as an operator
         await raw_command(admin, "ACL", "LOG", "RESET")
         try:
             yield made
@@ -92,10 +98,40 @@ async def users(server: LocalServer) -> AsyncIterator[Users]:
 
 
 async def test_the_whole_contract_holds_for_a_user_with_only_the_rule(users: Users) -> None:
-    # With the script cache empty, the scripts are sent by EVAL as the user too.
-    await raw_command(users.admin, "SCRIPT", "FLUSH")
     await run_package_store_suite(lambda: users.store(fresh_namespace()))
     assert await users.refusals() == []
+
+
+async def test_the_rule_runs_no_lua_of_the_users_own(users: Users) -> None:
+    url = await users.add(fresh_namespace())
+    async with Redis.from_url(url) as raw:
+        with pytest.raises(NoPermissionError):
+            await raw_command(raw, "EVAL", "return 1", "0")
+        with pytest.raises(NoPermissionError):
+            await raw_command(raw, "EVALSHA", "e0e1f9fabfc9d4800c877a703b823ac0578ff8db", "0")
+        with pytest.raises(NoPermissionError):
+            await raw_command(raw, "FUNCTION", "LOAD", "#!lua name=mine\nredis.log(1, 'x')")
+        with pytest.raises(NoPermissionError):
+            await raw_command(raw, "FUNCTION", "FLUSH")
+
+
+async def test_a_store_on_a_server_without_the_library_says_what_to_run(users: Users) -> None:
+    await raw_command(users.admin, "FUNCTION", "FLUSH")
+    try:
+        async with await users.store(fresh_namespace()) as store:
+            with pytest.raises(BackendError) as raised:
+                await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            assert str(raised.value) == (
+                f"the kvstore library {LIBRARY.name} is not loaded on 127.0.0.1:"
+                f"{users.server.port} and this credential may not load it; run `kvstore "
+                "setup --url URL` with a credential that may (FUNCTION LOAD)"
+            )
+            assert await store.list_packages() == []
+            await load_library(users.admin)
+            await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            assert len(await store.list_packages()) == 1
+    finally:
+        await load_library(users.admin)
 
 
 async def test_a_route_cache_lives_on_the_rule(users: Users) -> None:
@@ -163,3 +199,9 @@ async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> No
             await intruder.delete_package("order", "h1")
     assert await owner.list_packages() == [record]
     assert await owner.list_package_routes() == [PackageRouteRecord("order", "h1")]
+
+
+def test_the_readme_states_this_rule() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    stated = " ".join(rule_for("aion"))
+    assert f"ACL SETUSER engine on >PASSWORD {stated}\n" in readme

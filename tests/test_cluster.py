@@ -10,14 +10,17 @@ from typing import Any
 
 import pytest
 import redis
+import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.conformance import SCENARIOS, T0, run_scenario
+from kvstore.redis.scripts import LIBRARY
 from kvstore.tools.server_process import LocalServer, free_port
 
 from .conftest import fresh_namespace
+from .test_cli import ok
 
 SLOTS = 16384
 
@@ -144,3 +147,64 @@ async def test_a_route_cache_reaches_a_cluster_that_wants_a_password() -> None:
             await writer.put_package(PackageRecord("order", "h1", b"zip", T0))
             assert await cached.route_cache_ready(10)
             assert await cached.get_package_route("order") == "h1"
+
+
+async def node_stats(nodes: list[LocalServer]) -> list[dict[str, Any]]:
+    stats = []
+    for node in nodes:
+        async with redis.asyncio.Redis(port=node.port) as raw:
+            stats.append(await raw.info("commandstats"))
+    return stats
+
+
+async def test_a_write_costs_no_key_lookup_on_the_server(cluster: list[LocalServer]) -> None:
+    # A cluster client asks a node where the keys of an FCALL are (COMMAND GETKEYS) unless
+    # told where to send it: that would be a second round trip per write.
+    async with RedisPackageStore.from_url(
+        cluster_url(cluster), namespace=fresh_namespace()
+    ) as store:
+        await store.put_package(PackageRecord("order", "h0", b"zip", T0))
+        before = await node_stats(cluster)
+        for i in range(20):
+            await store.put_package(PackageRecord("order", f"h{i}", b"zip", T0))
+        await store.put_package_route("order", "h1")
+        await store.delete_package("order", "h2")
+        after = await node_stats(cluster)
+    lookups = [
+        a.get("cmdstat_command|getkeys", {}).get("calls", 0)
+        - b.get("cmdstat_command|getkeys", {}).get("calls", 0)
+        for a, b in zip(after, before, strict=True)
+    ]
+    calls = [
+        a["cmdstat_fcall"]["calls"] - b.get("cmdstat_fcall", {}).get("calls", 0)
+        for a, b in zip(after, before, strict=True)
+        if "cmdstat_fcall" in a
+    ]
+    assert sum(calls) == 22
+    assert lookups == [0, 0, 0]
+
+
+async def test_a_store_loads_the_library_on_every_primary(cluster: list[LocalServer]) -> None:
+    for node in cluster:
+        async with redis.asyncio.Redis(port=node.port) as raw:
+            await raw.function_flush()
+    async with RedisPackageStore.from_url(
+        cluster_url(cluster), namespace=fresh_namespace()
+    ) as store:
+        await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+        assert await store.get_package_route("order") == "h1"
+    for node in cluster:
+        async with redis.asyncio.Redis(port=node.port) as raw:
+            listed = await raw.function_list(library=LIBRARY.name)
+            assert len(listed) == 1, node.port
+
+
+def test_setup_loads_the_library_on_every_primary(cluster: list[LocalServer]) -> None:
+    for node in cluster:
+        with redis.Redis(port=node.port) as raw:
+            raw.function_flush()
+    said = ok("setup", "--url", cluster_url(cluster)).splitlines()
+    assert sorted(said) == sorted(f"127.0.0.1:{n.port}: loaded {LIBRARY.name}" for n in cluster)
+    said = ok("setup", "--url", cluster_url(cluster)).splitlines()
+    assert all(line.endswith(f"{LIBRARY.name} was loaded already") for line in said)
+    assert len(said) == 3

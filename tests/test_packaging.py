@@ -1,4 +1,4 @@
-"""The Lua scripts ship inside the built wheel and sdist, and load from there."""
+"""The Lua files ship inside the built wheel and sdist, and the library is built from there."""
 
 from __future__ import annotations
 
@@ -9,11 +9,13 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+from kvstore.redis.scripts import LIBRARY
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))
 
 
-def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path) -> None:
+def test_lua_ships_in_wheel_and_sdist_and_the_library_builds_from_the_wheel(tmp_path: Path) -> None:
     source = tmp_path / "source"
     shutil.copytree(
         ROOT,
@@ -43,7 +45,8 @@ def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path)
         [
             sys.executable,
             "-c",
-            "import kvstore.redis.scripts as s;print(s._script_folder()); print(sorted(s.SCRIPTS))",
+            "import kvstore.redis.scripts as s;print(s._script_folder());"
+            "print(sorted(s.LIBRARY.functions)); print(s.LIBRARY.name)",
         ],
         cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "installed"), "PATH": ""},
@@ -52,4 +55,8 @@ def test_scripts_ship_in_wheel_and_sdist_and_load_from_the_wheel(tmp_path: Path)
         text=True,
     ).stdout.splitlines()
     assert loaded[0] == str(tmp_path / "installed" / "kvstore" / "lua")
-    assert loaded[1] == str(sorted(name.rpartition("-")[0] for name in SCRIPTS))
+    assert "library.lua" in SCRIPTS
+    operations = sorted(name.rpartition("-")[0] for name in SCRIPTS if name != "library.lua")
+    assert loaded[1] == str(operations)
+    # The same text as in the checkout, so the same library, named by its digest.
+    assert loaded[2] == LIBRARY.name

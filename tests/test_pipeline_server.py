@@ -20,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore.redis.scripts import load_library
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
@@ -161,6 +162,7 @@ async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
     with LocalServer(settings={"proto-max-bulk-len": "1mb"}) as small:
         admin = Redis.from_url(small.url)
         await raw_command(admin, "ACL", "SETUSER", "engine", "on", ">pw", *rule_for(namespace))
+        await load_library(admin)  # an operator's step: the rule may not load it
         await admin.aclose()
         async with RedisPackageStore.from_url(
             f"redis://engine:pw@127.0.0.1:{small.port}",

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import fakeredis
 import pytest
@@ -24,11 +26,29 @@ from kvstore import (
 )
 from kvstore.conformance import run_package_store_suite
 from kvstore.redis.keyspace import Keyspace, row_id
+from kvstore.redis.scripts import LIBRARY, Library, build_library, load_library
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+async def library_names(client: Redis) -> set[bytes]:
+    listed = await client.function_list()
+    return {
+        (entry if isinstance(entry, dict) else dict(zip(entry[::2], entry[1::2], strict=True)))[
+            b"library_name"
+        ]
+        for entry in listed
+    }
+
+
+def build_library_with_extra_line(folder: Path) -> Library:
+    """The library another release would have: the same files, one line more."""
+    shutil.copytree(Path(__file__).resolve().parent.parent / "lua", folder)
+    (folder / "library.lua").write_text((folder / "library.lua").read_text() + "\n-- v2\n")
+    return build_library(folder)
 
 
 def pkg(
@@ -83,6 +103,37 @@ async def test_keyspace_is_as_documented(client: Redis) -> None:
     assert await client.hgetall(f"{{{ns}}}:routes") == {b"order": b"h1"}
 
 
+async def server_microseconds(client: Redis) -> int:
+    seconds, micros = await client.time()
+    return seconds * 1_000_000 + micros
+
+
+async def counter_value(client: Redis, key: bytes) -> int:
+    value = await client.get(key)
+    assert isinstance(value, bytes)
+    return int(value)
+
+
+@pytest.mark.parametrize("write", ["put", "route"])
+async def test_a_route_version_counter_made_anew_starts_above_any_the_lost_one_reached(
+    client: Redis, write: str
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    counter = Keyspace(store.namespace).route_version
+    before = await server_microseconds(client)
+    await WRITES[write](store)
+    first = await counter_value(client, counter)
+    # Started at the server's clock in microseconds, then raised by the write.
+    assert before < first <= await server_microseconds(client) + 1
+    for _ in range(20):
+        await WRITES[write](store)
+    reached = await counter_value(client, counter)
+    assert reached == first + 20
+    await client.delete(counter)  # as FLUSHDB, or a restart that kept no data, would
+    await WRITES[write](store)
+    assert await counter_value(client, counter) > reached
+
+
 @pytest.mark.parametrize("namespace", ["", "a{b", "a}b", "with space", "x" * 65, "é"])
 def test_a_namespace_that_could_break_the_hash_tag_is_refused(namespace: str) -> None:
     with pytest.raises(ValueError, match="namespace"):
@@ -127,26 +178,162 @@ async def test_undecodable_data_raises_serialization_error_naming_the_key(client
         await store.get_package_route("billing")
 
 
+WRITES: dict[str, Callable[[RedisPackageStore], Awaitable[None]]] = {
+    "put": lambda store: store.put_package_with_routes(pkg("order", "h1"), ["invoice"]),
+    "route": lambda store: store.put_package_route("order", "h1"),
+    "delete": lambda store: store.delete_package("order", "h1"),
+}
+
+# Each key a write touches, spoilt with another type: (operation, key, spoil, found, wanted).
+SPOILT = [
+    ("put", "format", "list", "list", "string"),
+    ("put", "index", "string", "string", "zset"),
+    ("put", "routes", "string", "string", "hash"),
+    ("put", "route_version", "hash", "hash", "counter"),
+    ("put", "route_version", "text", "string", "counter"),
+    ("put", "row", "string", "string", "hash"),
+    ("route", "format", "hash", "hash", "string"),
+    ("route", "routes", "zset", "zset", "hash"),
+    ("route", "route_version", "text", "string", "counter"),
+    ("delete", "format", "list", "list", "string"),
+    ("delete", "index", "hash", "hash", "zset"),
+    ("delete", "row", "string", "string", "hash"),
+]
+
+
+async def spoil(client: Redis, key: bytes, kind: str) -> None:
+    await client.delete(key)
+    if kind == "list":
+        await client.rpush(key, b"someone else's")
+    elif kind == "string":
+        await client.set(key, b"someone else's")
+    elif kind == "text":
+        await client.set(key, b"not a number")
+    elif kind == "hash":
+        await client.hset(key, b"someone", b"else's")
+    else:
+        await client.zadd(key, {b"someone else's": 1})
+
+
+async def everything(client: Redis, namespace: str) -> dict[bytes, bytes | None]:
+    """Every key of ``namespace`` with its serialized value."""
+    keys = [k async for k in client.scan_iter(match=f"{{{namespace}}}:*")]
+    return {k: await client.dump(k) for k in keys}
+
+
+@pytest.mark.parametrize(("operation", "key", "kind", "found", "wanted"), SPOILT)
+async def test_a_write_over_a_key_of_another_type_writes_nothing_and_names_the_key(
+    client: Redis, operation: str, key: str, kind: str, found: str, wanted: str
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package_with_routes(pkg("order", "h1"), ["billing"])
+    await store.put_package(pkg("other", "h0", n=1))
+    keys = Keyspace(store.namespace)
+    spoilt = keys.row(row_id("order", "h1")) if key == "row" else getattr(keys, key)
+    await spoil(client, spoilt, kind)
+    before = await everything(client, store.namespace)
+    with pytest.raises(SerializationError) as raised:
+        await WRITES[operation](store)
+    assert str(raised.value) == f"{spoilt!r} holds a {found}, not a {wanted}; nothing was written"
+    assert await everything(client, store.namespace) == before
+
+
 async def test_a_server_error_is_a_backend_error(client: Redis) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace())
     await client.set(f"{{{store.namespace}}}:routes", b"not a hash")
     with pytest.raises(BackendError, match="WRONGTYPE"):
-        await store.put_package_route("order", "h1")
-    with pytest.raises(BackendError, match="WRONGTYPE"):
         await store.list_package_routes()
 
 
-async def test_scripts_are_loaded_again_after_the_server_lost_them(client: Redis) -> None:
+async def test_the_library_is_loaded_again_after_the_server_lost_it(client: Redis) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace())
     await store.put_package(pkg("order", "h1"))
-    await client.script_flush()
+    await client.function_flush()
     await store.put_package(pkg("order", "h2", n=1))
-    await client.script_flush()
+    await client.function_flush()
     await store.delete_package("order", "h1")
-    await client.script_flush()
+    await client.function_flush()
     await store.put_package_route("order", "h1")
     assert [r.content_hash for r in await store.list_packages()] == ["h2"]
     assert await store.get_package_route("order") == "h1"
+
+
+async def test_flushall_keeps_the_library(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    await client.flushall()
+    assert LIBRARY.name.encode() in await library_names(client)
+
+
+async def test_calls_that_find_the_library_missing_together_load_it_once(
+    client: Redis,
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    loads = 0
+    load = store.load_library
+
+    async def counted() -> list[str]:
+        nonlocal loads
+        loads += 1
+        return await load()
+
+    store.load_library = counted  # type: ignore[method-assign]
+    await asyncio.gather(*(store.put_package(pkg(f"t{i}", "h", n=i)) for i in range(50)))
+    assert loads == 1
+    assert len(await store.list_packages()) == 50
+
+
+async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    load = store.load_library
+
+    async def slow() -> list[str]:
+        await asyncio.sleep(0.3)
+        return await load()
+
+    store.load_library = slow  # type: ignore[method-assign]
+    first = asyncio.create_task(store.put_package(pkg("order", "h1")))
+    second = asyncio.create_task(store.put_package(pkg("order", "h2", n=1)))
+    await asyncio.sleep(0.1)  # both found the library missing and wait for one load
+    first.cancel()
+    await second
+    assert first.cancelled()
+    assert [r.content_hash for r in await store.list_packages()] == ["h2"]
+
+
+async def test_closing_the_store_during_the_load_fails_the_waiting_calls(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    load = store.load_library
+
+    async def slow() -> list[str]:
+        await asyncio.sleep(0.3)
+        return await load()
+
+    store.load_library = slow  # type: ignore[method-assign]
+    waiting = asyncio.create_task(store.put_package(pkg("order", "h1")))
+    await asyncio.sleep(0.1)
+    await store.aclose()
+    with pytest.raises(BackendError, match="closed"):
+        await waiting
+    await load_library(client)
+
+
+async def test_the_library_is_named_by_its_digest_and_leaves_other_releases_alone(
+    client: Redis, tmp_path: Path
+) -> None:
+    # Another release's library (other Lua, so another digest) keeps its functions.
+    other = build_library_with_extra_line(tmp_path / "lua")
+    assert other.name != LIBRARY.name
+    await load_library(client, other)
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    names = await library_names(client)
+    assert {LIBRARY.name.encode(), other.name.encode()} <= names
+    assert await store.load_library() == [f"{store._server}: {LIBRARY.name} was loaded already"]
+    await client.function_delete(other.name)
 
 
 async def test_a_decoding_client_is_refused() -> None:
@@ -185,7 +372,7 @@ async def test_one_refused_call_never_fails_its_neighbours(client: Redis) -> Non
     )
     failed = [i for i, o in enumerate(outcomes) if o is not None]
     assert failed == list(range(0, 500, 10))
-    assert all(isinstance(outcomes[i], BackendError) for i in failed)
+    assert all(isinstance(outcomes[i], SerializationError) for i in failed)
     assert len(await good.list_packages()) == 450
 
 

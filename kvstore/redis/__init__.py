@@ -6,8 +6,8 @@ module              holds
 ``store``           ``RedisPackageStore``: the contract over one namespace
 ``options``         ``StoreOptions``: every option of a store, checked in one place
 ``keyspace``        every key of a namespace, and how text becomes key bytes
-``scripts``         the server-side Lua of the top-level ``lua/`` folder, loaded and
-                    called
+``scripts``         the server-side Lua of the top-level ``lua/`` folder: one Redis
+                    Functions library, built, named by its digest and loaded
 ``wire``            commands in the Redis protocol (RESP), packed for sending
 ``pipeline``        concurrent calls coalesced into pipelines on held connections
 ``retry``           the retry policy: what is transient, backoff, the budget

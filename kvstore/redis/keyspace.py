@@ -10,13 +10,13 @@ key                      type     holds
 ``{ns}:pkg:<id>``        hash     one package: ``archive`` (raw bytes) and ``deployed_at``
                                   (``<stamp>``); ``<id>`` is ``<type>\\0<hash>``
 ``{ns}:routes``          hash     field ``<type>``, value ``<hash>``: where each route points
-``{ns}:route-version``   string   a counter, raised (``INCR``) by the same script that writes
+``{ns}:route-version``   string   a counter, raised (``INCR``) by the same function that writes
                                   routes: the version of the routes table. Made by a
                                   write that finds it absent, at the server's ``TIME`` in
                                   microseconds, so a counter made anew (after a flush, or
                                   a restart without the data) starts above any version
                                   the lost one reached
-``{ns}:route-changes``   channel  not a key: each script that writes routes publishes
+``{ns}:route-changes``   channel  not a key: each function that writes routes publishes
                                   ``<version>\\0<hash>\\0<type>[\\0<type>...]`` here, so
                                   route caches follow the table in version order
 =======================  =======  ==========================================================
@@ -30,7 +30,7 @@ exactly as ``(deployed_at, workflow_type, content_hash)``. Types and hashes are 
 their UTF-8 bytes; the single NUL keeps ``("a:b", "c")`` and ``("a", "b:c")`` apart.
 
 Every key begins with the hash tag ``{ns}``: a namespace sits in one cluster slot, so
-each Lua script's keys are always on one node. A namespace cannot contain ``{`` or
+each Lua function call's keys are always on one node. A namespace cannot contain ``{`` or
 ``}``, so the tag always ends where the namespace does and no two namespaces share a key.
 """
 

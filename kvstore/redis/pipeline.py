@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError, ResponseError, TimeoutError
+from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError, TimeoutError
 
 from kvstore.redis.retry import Backoff, Budget
 from kvstore.redis.wire import Command, flatten, pack_commands
@@ -419,15 +419,19 @@ class Pipeliner:
 
     async def _send_cluster(self, units: list[_Pending]) -> list[Any]:
         # redis-py routes each command to the node of its slot.
+        client = self._client
+        await client.initialize()  # at once when it is: the slot table is needed here
         commands = [c for p in units for c in p.commands]
         if len(commands) == 1:
+            args, route = _routed(client, commands[0])
             try:
-                return [await self._client.execute_command(*flatten(commands[0]))]
+                return [await client.execute_command(*args, **route)]
             except ResponseError as exc:
                 return [exc]
-        pipe = self._client.pipeline(transaction=False)
+        pipe = client.pipeline(transaction=False)
         for command in commands:
-            pipe.execute_command(*flatten(command))
+            args, route = _routed(client, command)
+            pipe.execute_command(*args, **route)
         return list(await pipe.execute(raise_on_error=False))
 
     # Receiving.
@@ -600,6 +604,20 @@ def _dropped(exc: BaseException | None) -> bool:
 
 def _is_protocol_error(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("Protocol error")
+
+
+def _routed(client: Any, command: Command) -> tuple[Command, dict[str, Any]]:
+    """``command`` as a cluster client's method takes it, with the node an ``FCALL`` goes to.
+
+    redis-py finds the keys of an ``FCALL`` by asking a node (``COMMAND GETKEYS``), a
+    round trip per call; its first key names the node, and MOVED is still followed."""
+    args = flatten(command)
+    if args[0] == "FCALL" and int(args[2]) > 0:
+        try:
+            return args, {"target_nodes": client.get_node_from_key(args[3])}
+        except SlotNotCoveredError:
+            pass  # the slot table is being renewed: redis-py finds the node itself
+    return args, {}
 
 
 async def _read_replies(connection: Any, count: int) -> list[Any]:

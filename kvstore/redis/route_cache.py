@@ -1,10 +1,10 @@
 """Every route of a namespace held in memory, kept true by the server's announcements.
 
-The scripts that write routes (``lua/put_package-5.lua``, ``lua/put_route-3.lua``) raise
+The functions that write routes (``lua/put_package-5.lua``, ``lua/put_route-3.lua``) raise
 the namespace's route version (``{ns}:route-version``) and publish the change, with that
 version, on ``{ns}:route-changes`` in the same atomic step. A ``RouteCache``:
 
-1. subscribes to the channel (``SSUBSCRIBE``: the scripts publish with ``SPUBLISH``) and
+1. subscribes to the channel (``SSUBSCRIBE``: the functions publish with ``SPUBLISH``) and
    waits for the server to confirm it, so every change from then on reaches it;
 2. reads the routes and the version in one ``MULTI``/``EXEC`` (a snapshot at version V),
    then sends a ``PING`` on the subscription: its answer shows that every message

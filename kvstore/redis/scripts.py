@@ -1,7 +1,17 @@
-"""The Lua scripts, one per atomic server operation, loaded from the package's resources.
+"""The server-side Lua: one Redis Functions library built from the top-level ``lua/`` folder.
 
-A script's file name is ``<name>-<number of KEYS>.lua``; its header documents each
-``KEYS[i]``, ``ARGV[i]`` and every reply.
+``lua/library.lua`` holds what the operations share; every other file is one atomic
+operation, named ``<operation>-<number of KEYS>.lua``, its header documenting each
+``KEYS[i]``, ``ARGV[i]``, publish and reply. The library's text is ``library.lua``
+followed by each operation registered as a function (``redis.register_function``) whose
+body reads its keys and arguments as ``KEYS`` and ``ARGV``, as the file has them.
+
+Versions side by side: the library and its functions are named by a digest of that
+text (library ``kvstore_<12 hex>``, functions ``kvstore_<12 hex>_<operation>``). Two
+releases of kvstore whose Lua differs load two libraries and never replace each other's
+functions, so engines of both can share a server during a rolling upgrade. A library
+stays on the server (persisted and replicated with the data) until an operator removes
+it with ``FUNCTION DELETE kvstore_<12 hex>`` once no engine runs that release.
 """
 
 from __future__ import annotations
@@ -11,27 +21,35 @@ from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
 
-from kvstore.redis.wire import Command, Recurring, flatten
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from kvstore.redis.wire import Recurring
+
+PRELUDE = "library.lua"
+_NAME = "kvstore_{digest}"  # the library; its functions add "_<operation>"
 
 
 @dataclass(frozen=True)
-class Script:
+class Function:
+    """One operation of the library, called with ``FCALL``."""
+
+    operation: str
     name: str
     numkeys: int
-    body: bytes
-    sha: bytes
-
-    def evalsha(self, keys: list[bytes], args: list[bytes]) -> Command:
-        return ("EVALSHA", self.sha, self.numkeys, *keys, *args)
 
     def head(self, *leading: bytes) -> Recurring:
-        """``EVALSHA``, the digest, the key count and the ``leading`` keys and arguments
-        that every call of a namespace shares, formatted once."""
-        return Recurring("EVALSHA", self.sha, self.numkeys, *leading)
+        """``FCALL``, the function's name, the key count and the ``leading`` keys and
+        arguments that every call of a namespace shares, formatted once."""
+        return Recurring("FCALL", self.name, self.numkeys, *leading)
 
-    def eval_instead(self, command: Command) -> Command:
-        """The ``EVAL`` of this script's ``EVALSHA`` ``command``, for a server that lost it."""
-        return ("EVAL", self.body, *flatten(command)[2:])
+
+@dataclass(frozen=True)
+class Library:
+    name: str
+    text: bytes
+    functions: dict[str, Function]
 
 
 def _script_folder() -> Traversable:
@@ -40,19 +58,90 @@ def _script_folder() -> Traversable:
     return resources.files("kvstore") / "lua"
 
 
-def load_scripts() -> dict[str, Script]:
-    scripts: dict[str, Script] = {}
-    for entry in _script_folder().iterdir():
+def build_library(folder: Traversable | None = None) -> Library:
+    """The library of the ``.lua`` files in ``folder`` (the package's ``lua/``)."""
+    folder = _script_folder() if folder is None else folder
+    prelude = b""
+    operations: list[tuple[str, int, bytes]] = []
+    for entry in folder.iterdir():
         if not entry.name.endswith(".lua"):
             continue
-        name, _, numkeys = entry.name[: -len(".lua")].rpartition("-")
-        body = entry.read_bytes()
-        sha = hashlib.sha1(body).hexdigest().encode("ascii")
-        scripts[name] = Script(name, int(numkeys), body, sha)
-    return scripts
+        if entry.name == PRELUDE:
+            prelude = entry.read_bytes()
+            continue
+        operation, _, numkeys = entry.name[: -len(".lua")].rpartition("-")
+        operations.append((operation, int(numkeys), entry.read_bytes()))
+    operations.sort()
+
+    def text(name: str) -> bytes:
+        parts = [b"#!lua name=%b\n" % name.encode(), prelude]
+        for operation, _, body in operations:
+            parts += [
+                b"\nredis.register_function('%b_%b', function(keys, args)\n"
+                % (name.encode(), operation.encode()),
+                b"local KEYS, ARGV = keys, args\n",
+                body,
+                b"" if body.endswith(b"\n") else b"\n",
+                b"end)\n",
+            ]
+        return b"".join(parts)
+
+    # The digest is of the text with the name left out, which then carries it.
+    digest = hashlib.sha256(text(_NAME)).hexdigest()[:12]
+    name = _NAME.format(digest=digest)
+    functions = {
+        operation: Function(operation, f"{name}_{operation}", numkeys)
+        for operation, numkeys, _ in operations
+    }
+    return Library(name, text(name), functions)
 
 
-SCRIPTS = load_scripts()
-PUT_PACKAGE = SCRIPTS["put_package"]
-DELETE_PACKAGE = SCRIPTS["delete_package"]
-PUT_ROUTE = SCRIPTS["put_route"]
+def is_missing_function(reply: object) -> bool:
+    """Whether ``reply`` is the server's answer to an ``FCALL`` of a function it lacks."""
+    return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
+
+
+async def load_library(client: Redis | RedisCluster, library: Library | None = None) -> list[str]:
+    """Load ``library`` (this release's) on the server, or on every primary of a cluster.
+
+    Idempotent: a server that holds it already counts as done. One line per server says
+    which: ``"<server>: loaded <name>"`` or ``"<server>: <name> was loaded already"``.
+    Raises what the client raises, ``NoPermissionError`` when the credential may not
+    ``FUNCTION LOAD``.
+    """
+    library = LIBRARY if library is None else library
+    said: list[str] = []
+    if isinstance(client, RedisCluster):
+        await client.initialize()  # the nodes are known once it is
+        for node in client.get_primaries():
+            done = await _load(client, library, target_nodes=node)
+            said.append(f"{node.name}: {done}")
+    else:
+        said.append(f"{_where(client)}: {await _load(client, library)}")
+    return said
+
+
+async def _load(client: Redis | RedisCluster, library: Library, **route: object) -> str:
+    try:
+        await client.execute_command("FUNCTION", "LOAD", library.text, **route)
+    except ResponseError as exc:
+        if "already exists" not in str(exc):
+            raise
+        return f"{library.name} was loaded already"
+    return f"loaded {library.name}"
+
+
+def _where(client: Redis) -> str:
+    options = client.connection_pool.connection_kwargs
+    if "path" in options:
+        return f"unix://{options['path']}"
+    if "host" in options:
+        return f"{options['host']}:{options.get('port', 6379)}"
+    service = getattr(client.connection_pool, "service_name", None)
+    return f"sentinel service {service}" if isinstance(service, str) else "the server"
+
+
+LIBRARY = build_library()
+PUT_PACKAGE = LIBRARY.functions["put_package"]
+DELETE_PACKAGE = LIBRARY.functions["delete_package"]
+PUT_ROUTE = LIBRARY.functions["put_route"]

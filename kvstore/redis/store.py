@@ -1,7 +1,8 @@
 """The package store over Redis, Valkey, a Redis Cluster or fakeredis.
 
-Writes are single Lua script calls (``lua/``), so a deploy's row, index entry and
-routes change together or not at all. The keys are laid out in ``kvstore.redis.keyspace``.
+Writes are single calls of the kvstore library's Redis functions (``lua/``, loaded by
+``kvstore.redis.scripts``), so a deploy's row, index entry and routes change together or
+not at all. The keys are laid out in ``kvstore.redis.keyspace``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any, NamedTuple
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import ConnectionError, NoPermissionError, RedisError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
 from kvstore.records import (
@@ -39,9 +40,16 @@ from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
 from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, RouteCache, RouteWatch
-from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, Script
+from kvstore.redis.scripts import (
+    DELETE_PACKAGE,
+    LIBRARY,
+    PUT_PACKAGE,
+    PUT_ROUTE,
+    is_missing_function,
+    load_library,
+)
 from kvstore.redis.urls import client_from_url
-from kvstore.redis.wire import Command, Recurring
+from kvstore.redis.wire import Command, Recurring, flatten
 
 _HMGET_ROW = Recurring("HMGET")
 _ROW_FIELDS = Recurring(b"archive", b"deployed_at")
@@ -78,12 +86,19 @@ class RedisPackageStore:
     operation is idempotent, which is what makes retrying safe. Calls still waiting
     when the store is closed raise ``BackendError``.
 
+    Each write is one ``FCALL`` of the kvstore library (``kvstore.redis.scripts``). A
+    call that finds the library missing loads it (on every primary of a cluster; one
+    load at a time per store) and is sent once more; when the credential may not load
+    it, the call raises ``BackendError`` saying to run ``kvstore setup``. A write over a
+    key that holds another type raises ``SerializationError`` naming the key, and writes
+    nothing.
+
     With ``min_replicas=N`` every write also waits for ``N`` replicas to acknowledge it
     (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
     seconds: the write is then on the primary but could be lost in a failover.
 
     With ``cache_routes=True`` (on a single node, Sentinel or a cluster), the store keeps every
-    route of the namespace in memory, kept true by the changes the write scripts publish
+    route of the namespace in memory, kept true by the changes the write functions publish
     (``kvstore.redis.route_cache``): ``get_package_route`` answers from memory while the
     subscription is healthy and from the server otherwise, a store always sees its own
     writes, and another store's write is seen as soon as its message arrives (a
@@ -125,7 +140,7 @@ class RedisPackageStore:
             # WAIT names no key, so a cluster client cannot route it to the shard written.
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
         self._keys = k = Keyspace(namespace)
-        # What every call of a kind shares, formatted once (see each script's header).
+        # What every call of a kind shares, formatted once (see each lua/ file's header).
         self._put_head = PUT_PACKAGE.head(k.format, k.index, k.routes, k.route_version)
         self._put_shared = Recurring(FORMAT_VERSION, k.route_changes)
         self._route_head = PUT_ROUTE.head(
@@ -152,6 +167,8 @@ class RedisPackageStore:
         self._wait: Command | None = None
         if min_replicas:
             self._wait = ("WAIT", min_replicas, round(replica_timeout * 1000))
+        self._timeout = timeout
+        self._loading: asyncio.Future[list[str]] | None = None
         self._route_cache: RouteCache | None = None
         if cache_routes:
             self._route_cache = RouteCache(
@@ -224,6 +241,8 @@ class RedisPackageStore:
         """Stop the store's own work and close the client if the store made it."""
         if self._route_cache is not None:
             await self._route_cache.aclose()
+        if self._loading is not None:
+            self._loading.cancel()
         await self._pipeliner.aclose()
         if self._owns_client:
             await self._client.aclose()
@@ -239,7 +258,7 @@ class RedisPackageStore:
     ) -> None:
         await self.aclose()
 
-    # Writes: one script call each.
+    # Writes: one function call each.
 
     async def put_package(self, record: PackageRecord) -> None:
         await self._put(record, (check_record(record).workflow_type,))
@@ -256,8 +275,7 @@ class RedisPackageStore:
         row = row_id(record.workflow_type, record.content_hash)
         size = len(record.archive)
         alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
-        version = await self._script(
-            PUT_PACKAGE,
+        version = await self._call(
             (
                 self._put_head,
                 self._keys.row(row),
@@ -313,14 +331,11 @@ class RedisPackageStore:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        await self._script(
-            DELETE_PACKAGE, (self._delete_head, self._keys.row(row), FORMAT_VERSION, row)
-        )
+        await self._call((self._delete_head, self._keys.row(row), FORMAT_VERSION, row))
 
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
-        version = await self._script(
-            PUT_ROUTE,
+        version = await self._call(
             (
                 self._route_head,
                 route.workflow_type.encode("utf-8"),
@@ -469,21 +484,20 @@ class RedisPackageStore:
 
     # The wire.
 
-    async def _script(
-        self, script: Script, command: Command, size: int = 0, *, alone: bool = False
-    ) -> Any:
+    async def _call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
+        """The reply to ``command``, an ``FCALL`` of the library, loading the library
+        first if the server lacks it. ``alone``: sent with nothing else in flight."""
         wait = self._wait
-        replies = await self._pipeliner.run(
-            (command,) if wait is None else (command, wait), size, alone=alone
-        )
-        if isinstance(replies[0], NoScriptError):
-            # The server lost its script cache (restart, failover, SCRIPT FLUSH):
-            # EVAL sends the body and caches it again.
-            command = script.eval_instead(command)
-            replies = await self._pipeliner.run(
-                (command,) if wait is None else (command, wait), size, alone=alone
-            )
-        result = self._reply(replies[0])
+        commands = (command,) if wait is None else (command, wait)
+        replies = await self._pipeliner.run(commands, size, alone=alone)
+        if is_missing_function(replies[0]):
+            # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
+            await self._ensure_library()
+            replies = await self._pipeliner.run(commands, size, alone=alone)
+        reply = replies[0]
+        if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
+            raise self._type_error(command, str(reply))
+        result = self._reply(reply)
         if wait is not None:
             acked, wanted = self._reply(replies[1]), wait[1]
             if acked < wanted:
@@ -492,6 +506,56 @@ class RedisPackageStore:
                     f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
                 )
         return result
+
+    async def load_library(self) -> list[str]:
+        """Load this release's kvstore library on the server (on every primary of a
+        cluster), and say per server what was done; idempotent.
+
+        A store loads it by itself when a call finds it missing; this is for an operator
+        (``kvstore setup``) whose engines' credentials may not ``FUNCTION LOAD``.
+        """
+        try:
+            coro = load_library(self._client)
+            if self._timeout is None:
+                return await coro
+            return await asyncio.wait_for(coro, self._timeout)
+        except NoPermissionError as exc:
+            raise BackendError(
+                f"the kvstore library {LIBRARY.name} is not loaded on {self._server} and "
+                "this credential may not load it; run `kvstore setup --url URL` with a "
+                "credential that may (FUNCTION LOAD)"
+            ) from exc
+        except (ResponseError, OSError, asyncio.TimeoutError, RedisError) as exc:
+            raise self._backend_error(exc) from None
+
+    async def _ensure_library(self) -> None:
+        # One load in flight per store: the calls that find the library missing together
+        # wait for the same one. It is shielded, so a caller cancelled meanwhile does not
+        # cancel the others' load.
+        loading = self._loading
+        if loading is None:
+            loading = self._loading = asyncio.ensure_future(self.load_library())
+            loading.add_done_callback(self._loaded)
+        try:
+            await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            if not loading.cancelled():
+                raise  # this caller was cancelled; the load goes on for the others
+            # Only aclose() cancels the load: fail as every call the closing cut short.
+            raise self._backend_error(ConnectionError("the store is closed")) from None
+
+    def _loaded(self, loading: asyncio.Future[list[str]]) -> None:
+        if self._loading is loading:
+            self._loading = None
+        if not loading.cancelled():
+            loading.exception()  # retrieved: the callers that awaited it raised it
+
+    def _type_error(self, command: Command, reply: str) -> SerializationError:
+        # "KVSTORE_TYPE <i> <found> <expected>": KEYS[i] of the command, which names
+        # the function and the key count before the keys.
+        index, found, expected = reply.split()[1:4]
+        key = flatten(command)[2 + int(index)]
+        return SerializationError(f"{key!r} holds a {found}, not a {expected}; nothing was written")
 
     async def _read(self, command: Command) -> Any:
         (reply,) = await self._unit([command])

@@ -1,5 +1,5 @@
 """The operator's command line: ``kvstore deploy | ls | routes | route | rm | show |
-export | import | demo``.
+export | import | setup | demo``.
 
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
 starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
@@ -360,6 +360,15 @@ def cmd_import(args: argparse.Namespace) -> Action:
     return run
 
 
+def cmd_setup(args: argparse.Namespace) -> Action:
+    async def run(store: RedisPackageStore) -> None:
+        # Loading is the store's: one line per server (every primary of a cluster).
+        for line in await store.load_library():
+            print(line)
+
+    return run
+
+
 # The tour.
 
 
@@ -491,6 +500,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Action]] = {
     "show": cmd_show,
     "export": cmd_export,
     "import": cmd_import,
+    "setup": cmd_setup,
 }
 
 
@@ -583,6 +593,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("import", "load an export into the namespace (idempotent)")
     sub.add_argument("file", metavar="FILE")
+
+    command(
+        "setup",
+        "load this release's kvstore library (Redis functions) on the server, on every "
+        "primary of a cluster; for engines whose credential may not FUNCTION LOAD",
+    )
 
     command(
         "demo",

@@ -1,0 +1,58 @@
+"""``kvstore setup``: an operator loads the kvstore library for engines that may not.
+
+Each test runs ``python -m kvstore`` in a subprocess, against the real servers of
+``conftest``, the embedded server, and a cluster (in ``test_cluster``).
+"""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+
+from redis import Redis
+
+from kvstore.redis.scripts import LIBRARY
+from kvstore.tools.server_process import LocalServer
+
+from .test_acl import rule_for
+from .test_cli import fails, kv, ok
+
+
+def library_loaded(port: int) -> bool:
+    with Redis(port=port) as raw:
+        return bool(raw.function_list(library=LIBRARY.name))
+
+
+def test_setup_loads_the_library_and_says_so(server: LocalServer) -> None:
+    with Redis(port=server.port) as raw:
+        raw.function_flush()
+    assert not library_loaded(server.port)
+    said = ok("setup", "--url", server.url)
+    assert said == f"127.0.0.1:{server.port}: loaded {LIBRARY.name}\n"
+    assert library_loaded(server.port)
+    # Idempotent: a second run changes nothing and says so.
+    said = ok("setup", "--url", server.url)
+    assert said == f"127.0.0.1:{server.port}: {LIBRARY.name} was loaded already\n"
+
+
+def test_setup_on_the_embedded_server(tmp_path: Path) -> None:
+    said = ok("setup", "--data-dir", str(tmp_path / "data"))
+    assert LIBRARY.name in said
+
+
+def test_setup_with_a_credential_that_may_not_load_says_so_in_one_line(
+    server: LocalServer,
+) -> None:
+    name, password = f"engine-{secrets.token_hex(4)}", secrets.token_hex(8)
+    with Redis(port=server.port) as admin:
+        admin.function_flush()
+        admin.execute_command("ACL", "SETUSER", name, "on", f">{password}", *rule_for("aion"))
+        try:
+            url = f"redis://{name}:{password}@127.0.0.1:{server.port}"
+            err = fails(kv("setup", "--url", url), "may not load it")
+            assert "kvstore setup --url URL" in err
+            assert password not in err
+            assert not library_loaded(server.port)
+        finally:
+            admin.execute_command("ACL", "DELUSER", name)
+            admin.function_load(LIBRARY.text)
