@@ -147,7 +147,11 @@ class EmbeddedServer:
         try:
             self.start()
         except BaseException:
-            self._unlock()
+            # Interrupted (a signal) or failed: no server may outlive the command.
+            try:
+                self.stop()
+            finally:
+                self._unlock()
             raise
         return self
 

@@ -11,15 +11,18 @@ server has read it. Data and log live in ``data_dir``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
 
 # Settings whose values are secrets: never on a command line.
 SECRET_SETTINGS = frozenset({"requirepass", "masterauth"})
@@ -59,6 +62,33 @@ def _resp(*args: str) -> bytes:
         data = arg.encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block ends, then act on them as usual.
+
+    A handler that raises (as Ctrl-C does) could otherwise fire inside ``Popen`` after
+    the fork and before the process is recorded, leaving a server nobody stops. Only
+    the main thread can change handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    deferred = (signal.SIGINT, signal.SIGTERM)
+    previous = {signum: signal.signal(signum, record) for signum in deferred}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for pending in dict.fromkeys(received):
+            signal.raise_signal(pending)
 
 
 class LocalServerError(RuntimeError):
@@ -163,13 +193,27 @@ class LocalServer:
         return path
 
     def _launch(self, args: list[str], timeout: float) -> None:
-        with open(self.log_path, "ab") as log:
+        with open(self.log_path, "ab") as log, _signals_deferred():
             try:
                 self._process = subprocess.Popen(
-                    args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+                    args,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir,
+                    # Its own session and process group: a Ctrl-C at the terminal
+                    # reaches the owner alone, which then stops the server cleanly.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise LocalServerError(f"cannot run {self.binary}: {exc}") from exc
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()  # interrupted while waiting: leave no server behind
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -225,21 +269,24 @@ class LocalServer:
         """Shut down cleanly (SIGTERM): the server writes what its settings say to."""
         if self._process is None:
             return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+        # Not cut short by a signal: a server told to stop is waited for (or killed).
+        with _signals_deferred():
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
 
     def kill(self) -> None:
         """Die at once (SIGKILL), as in a crash: only what reached disk survives."""
         if self._process is None:
             return
-        self._process.kill()
-        self._process.wait()
-        self._process = None
+        with _signals_deferred():
+            self._process.kill()
+            self._process.wait()
+            self._process = None
 
     def remove_data(self) -> None:
         if self._own_dir and not self.running:
