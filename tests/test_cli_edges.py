@@ -61,8 +61,9 @@ def test_a_signal_during_start_up_leaves_no_server_behind(data_dir: Path) -> Non
     # The signal goes to the command alone, as `kill PID` sends it, at the moment its
     # server process appears and a few milliseconds after, while the server is loading
     # and the command waits for it to answer.
+    kinds = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     for n, delay in enumerate([0.0, 0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08]):
-        signum = signal.SIGINT if n % 2 else signal.SIGTERM
+        signum = kinds[n % 3]
         process = command("ls", "--data-dir", str(data_dir))
         deadline = time.monotonic() + 30
         while not servers_in(data_dir) and process.poll() is None:
@@ -82,8 +83,9 @@ def test_a_signal_at_any_moment_leaves_no_server_behind(data_dir: Path) -> None:
     # importing, locking, starting the server, the command and the stop. A signal
     # before the command line has loaded ends Python as Python does (exit -signum):
     # no server exists yet then.
+    kinds = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
     for n, delay in enumerate([0.15, 0.22, 0.25, 0.28, 0.3, 0.32, 0.35, 0.4, 0.45, 0.6]):
-        signum = signal.SIGINT if n % 2 else signal.SIGTERM
+        signum = kinds[n % 3]
         process = command("ls", "--data-dir", str(data_dir))
         time.sleep(delay)
         process.send_signal(signum)

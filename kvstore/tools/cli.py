@@ -4,9 +4,9 @@ export | import | demo``.
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
 starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
 locked, and stops it before exiting. Expected failures print one line to stderr, never a
-traceback, and exit 1 (2 for a wrong command line); SIGINT and SIGTERM stop the server
-and exit 130 or 143; a closed output pipe exits 141 quietly. No message carries a
-password.
+traceback, and exit 1 (2 for a wrong command line); SIGINT, SIGTERM and SIGHUP stop the
+server and exit 128 + the signal's number; a closed output pipe exits 141 quietly. No
+message carries a password.
 """
 
 from __future__ import annotations
@@ -637,15 +637,15 @@ def _say_error(message: str) -> None:
     print(f"kvstore: {line}", file=sys.stderr)
 
 
-# Signals: the first SIGINT or SIGTERM unwinds the command like an error, so the
+# Signals: the first SIGINT, SIGTERM or SIGHUP unwinds the command like an error, so the
 # embedded server is stopped and the lock released; later ones are ignored, so that the
-# clean-up itself is not cut short. Exit status 128 + the signal's number (130, 143).
+# clean-up itself is not cut short. Exit status 128 + the signal's number (130, 143, 129).
 
-SIGNALS = (signal.SIGINT, signal.SIGTERM)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Interrupted(BaseException):
-    """A SIGINT or SIGTERM arrived: unwind, stop the server, exit 128 + signum."""
+    """A SIGINT, SIGTERM or SIGHUP arrived: unwind, stop the server, exit 128 + signum."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -726,7 +726,8 @@ def _main(args: argparse.Namespace) -> int:
         _say_error(f"{where}{exc.strerror or exc}")
     except (Interrupted, KeyboardInterrupt) as exc:
         signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        _say_error("interrupted" if signum == signal.SIGINT else "terminated (SIGTERM)")
+        name = signal.Signals(signum).name
+        _say_error("interrupted" if signum == signal.SIGINT else f"terminated ({name})")
         return 128 + signum
     except Exception as exc:  # a bug: still one line, and no message that could hold a secret
         _say_error(f"internal error ({type(exc).__name__}); please report it")
@@ -736,9 +737,10 @@ def _main(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one command; returns the exit status.
 
-    Expected failures: one line on stderr, exit 1 (2 for a wrong command line). SIGINT
-    and SIGTERM: the server is stopped, exit 130 or 143. A reader that goes away (``ls |
-    head -1``): no message, exit 141, as a Unix tool killed by SIGPIPE.
+    Expected failures: one line on stderr, exit 1 (2 for a wrong command line). SIGINT,
+    SIGTERM and SIGHUP: the server is stopped, exit 128 + signum (130, 143, 129). A
+    reader that goes away (``ls | head -1``): no message, exit 141, as a Unix tool
+    killed by SIGPIPE.
     """
     for signum in SIGNALS:
         signal.signal(signum, _on_signal)

@@ -66,7 +66,7 @@ def _resp(*args: str) -> bytes:
 
 @contextlib.contextmanager
 def _signals_deferred() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block ends, then act on them as usual.
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then act on them as usual.
 
     A handler that raises (as Ctrl-C does) could otherwise fire inside ``Popen`` after
     the fork and before the process is recorded, leaving a server nobody stops. Only
@@ -80,7 +80,7 @@ def _signals_deferred() -> Iterator[None]:
     def record(signum: int, frame: FrameType | None) -> None:
         received.append(signum)
 
-    deferred = (signal.SIGINT, signal.SIGTERM)
+    deferred = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     previous = {signum: signal.signal(signum, record) for signum in deferred}
     try:
         yield
