@@ -6,12 +6,13 @@ import os
 import stat
 import subprocess
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kvstore.tools.embedded_server import EmbeddedServer
+from kvstore.tools.embedded_server import EmbeddedServer, FolderInUse
 from kvstore.tools.server_process import LocalServer
 
 
@@ -89,3 +90,32 @@ def test_the_secrets_file_is_readable_by_its_owner_only(
     assert modes == [0o600]
     assert "requirepass" in contents[0] and password not in contents[0]
     assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o700
+
+
+def test_a_stale_pid_file_does_not_block_the_folder(tmp_path: Path) -> None:
+    data_dir = (tmp_path / "data").resolve()
+    data_dir.mkdir()
+    pid_file = data_dir / "server.pid"
+    # A pid now used by another process (this one, which runs elsewhere).
+    pid_file.write_text(f"{os.getpid()}\n")
+    with EmbeddedServer(data_dir) as server:
+        assert server._server is not None and server._server.running
+    # A server killed outright and never reaped: a zombie, not a server.
+    with LocalServer(data_dir=data_dir, settings={"pidfile": "server.pid"}) as stray:
+        assert stray._process is not None
+        os.kill(stray._process.pid, 9)
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{stray._process.pid}/stat").read_text().split(") ")[1][0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        with EmbeddedServer(data_dir) as server:
+            assert server._server is not None and server._server.running
+
+
+def test_a_live_server_on_the_folder_is_still_refused(tmp_path: Path) -> None:
+    data_dir = (tmp_path / "data").resolve()
+    with (
+        LocalServer(data_dir=data_dir, settings={"pidfile": "server.pid"}) as stray,
+        pytest.raises(FolderInUse, match=f"pid {stray.pid}"),
+    ):
+        EmbeddedServer(data_dir).__enter__()
