@@ -231,3 +231,13 @@ def test_route_to_a_hash_stored_under_another_type_needs_force(
 def test_wrong_urls_are_usage_errors(tmp_path: Path) -> None:
     fails(kv("ls", "--url", "redis://127.0.0.1:1/abc"), "database (its path) must be a number", 2)
     fails(kv("ls", "--url", "redis://127.0.0.1:1?foo=bar"), "unknown option 'foo'", 2)
+
+
+def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    fails(kv("export", str(tmp_path), *data), "is a folder")
+    fails(kv("export", str(tmp_path / "no" / "x.kvx"), *data), "no such folder")
+    garbage = tmp_path / "garbage.kvx"
+    garbage.write_bytes(b"\xc1")  # a byte msgpack never uses
+    fails(kv("import", str(garbage), *data), "malformed data")
+    fails(kv("import", str(tmp_path), *data), "no such file")

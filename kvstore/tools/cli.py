@@ -363,6 +363,8 @@ def cmd_export(args: argparse.Namespace) -> Action:
     path = Path(args.file)
     if not path.parent.is_dir():
         raise CliError(f"{path.parent}: no such folder")
+    if path.is_dir():
+        raise CliError(f"{path} is a folder; name the file to write")
 
     async def run(store: RedisPackageStore) -> None:
         progress = _ProgressLine(sys.stderr)

@@ -228,7 +228,7 @@ def _items(
             yield _decode(item, version, before)
     except (ValueError, OverflowError, msgpack.UnpackException) as exc:
         # Bad msgpack, bad UTF-8, an item over the size limit, an instant out of range.
-        raise ExportFormatError(str(exc) or type(exc).__name__) from None
+        raise ExportFormatError(str(exc) or f"malformed data ({type(exc).__name__})") from None
 
 
 def check_file(path: Path, progress: Progress = _no_progress) -> Counts:
