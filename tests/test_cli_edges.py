@@ -98,8 +98,15 @@ def test_a_signal_at_any_moment_leaves_no_server_behind(data_dir: Path) -> None:
     assert ok("ls", "--data-dir", str(data_dir)).strip() == "no packages"
 
 
-def test_sigterm_during_a_deploy_says_one_line_and_stops_the_server(
-    data_dir: Path, tmp_path: Path
+@pytest.mark.parametrize(
+    ("signum", "says"),
+    [
+        (signal.SIGTERM, "kvstore: terminated (SIGTERM)\n"),
+        (signal.SIGINT, "kvstore: interrupted\n"),
+    ],
+)
+def test_a_signal_during_a_deploy_says_one_line_and_stops_the_server(
+    data_dir: Path, tmp_path: Path, signum: int, says: str
 ) -> None:
     archive = tmp_path / "big.zip"
     archive.write_bytes(os.urandom(1 << 20) * 48)  # long enough to be caught mid-put
@@ -110,14 +117,14 @@ def test_sigterm_during_a_deploy_says_one_line_and_stops_the_server(
         while not pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.002)
         time.sleep(wait)
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(signum)
         _, err = process.communicate(timeout=60)
         text = err.decode()
         assert "Traceback" not in text and "never retrieved" not in text, text
         if process.returncode == 0:  # the deploy won the race
             continue
-        assert process.returncode == 143, (process.returncode, text)
-        assert text == "kvstore: terminated (SIGTERM)\n"
+        assert process.returncode == 128 + signum, (process.returncode, text)
+        assert text == says
         assert servers_in(data_dir) == []
     ok("ls", "--data-dir", str(data_dir))
 

@@ -694,7 +694,9 @@ async def _cancelled_by_signals(work: Awaitable[None]) -> int | None:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
     try:
         await task
-    except asyncio.CancelledError:
+    except BaseException:
+        # Whatever the cancelled work raised (a store may report the cut-short call as
+        # its own error), the signal is the cause.
         if not received:
             raise
     finally:
