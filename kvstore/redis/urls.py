@@ -19,22 +19,82 @@ the Sentinels themselves go in ``sentinel_kwargs``.
 
 from __future__ import annotations
 
+import inspect
+import re
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel
+
+# A scheme and its slashes, however mistyped (``redis:/``, ``redis//``, ``unix:///``).
+_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?/*")
+# Query parameters whose values are secrets; matched inside the lowercased name.
+_SECRET_PARAMETERS = ("pass", "secret", "token", "auth", "cred")
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``, fit for messages."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, location = rest.rpartition("@")
-    if not sep or not at:
+    """``url`` fit for messages: no password, whatever the shape of the URL.
+
+    Everything between the scheme and the last ``@`` (the user information, however
+    malformed) becomes ``***``, and so does the value of every query parameter whose
+    name speaks of a secret (``password=``, ``requirepass=``, ``auth_token=``, …).
+    Redacting too much is harmless; showing a password is not.
+    """
+    head = _PREFIX.match(url)
+    start = head.end() if head else 0
+    credentials_end = url.rfind("@")
+    if credentials_end >= start:
+        url = url[:start] + "***" + url[credentials_end:]
+    base, question, query = url.partition("?")
+    if not question:
         return url
-    user = credentials.partition(":")[0]
-    return f"{scheme}://{user}:***@{location}"
+    kept = []
+    for parameter in query.split("&"):
+        name, equals, _ = parameter.partition("=")
+        if equals and any(word in unquote(name).lower() for word in _SECRET_PARAMETERS):
+            parameter = f"{name}=***"
+        kept.append(parameter)
+    return f"{base}?{'&'.join(kept)}"
+
+
+def _options_of(connection_class: type) -> set[str]:
+    """The keyword arguments ``connection_class`` (and its bases) accept."""
+    names: set[str] = set()
+    for cls in connection_class.__mro__:
+        init = cls.__dict__.get("__init__")
+        if init is not None:
+            names.update(
+                p.name
+                for p in inspect.signature(init).parameters.values()
+                if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+            )
+    return names - {"self"}
+
+
+def _check_query(url: str, scheme: str) -> None:
+    """Refuse what redis-py would take silently or fail on later: an unknown query
+    option (it becomes a bad keyword argument at the first connection) or a path that
+    is not a database number (it would be read as database 0)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(f"url is not a URL: {redact_url(url)}") from None
+    connection_class = {
+        "redis": Connection,
+        "rediss": SSLConnection,
+        "unix": UnixDomainSocketConnection,
+    }[scheme]
+    known = _options_of(connection_class) | {"max_connections"}
+    for name in parse_qs(parts.query, keep_blank_values=True):
+        if name not in known:
+            raise ValueError(f"url has an unknown option {name!r}: {redact_url(url)}")
+    if scheme != "unix":
+        db = unquote(parts.path).strip("/")
+        if db and not db.isdigit():
+            raise ValueError(f"url's database (its path) must be a number: {redact_url(url)}")
 
 
 def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
@@ -60,16 +120,28 @@ def client_from_url(url: str, options: dict[str, Any]) -> Redis | RedisCluster:
     """A client for ``url`` with ``options``; ``ValueError`` (password redacted) if bad."""
     scheme = url.partition("://")[0].lower()
     if scheme in ("redis", "rediss", "unix"):
+        _check_query(url, scheme)
         try:
             return Redis.from_url(url, **options)
-        except ValueError:
-            raise ValueError(f"url is not a Redis URL: {redact_url(url)}") from None
+        except ValueError as exc:
+            # Only redis-py's "Invalid value for 'name'" is shown: other messages (a bad
+            # port, from urllib) may quote parts of the URL.
+            why = f" ({exc})" if str(exc).startswith("Invalid value for") else ""
+            raise ValueError(f"url is not a Redis URL{why}: {redact_url(url)}") from None
     if scheme not in ("redis+cluster", "redis+sentinel"):
         raise ValueError(
             "url must start with redis://, rediss://, unix://, redis+cluster:// or "
             f"redis+sentinel://, not {redact_url(url)}"
         )
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ValueError(f"url is not a URL: {redact_url(url)}") from None
+    if parts.query:
+        raise ValueError(
+            f"{scheme}:// URLs take no options after '?'; pass them as keyword arguments: "
+            + redact_url(url)
+        )
     nodes = _hosts(parts.netloc, url)
     options = {**_credentials(parts.netloc), **options}
     if scheme == "redis+cluster":

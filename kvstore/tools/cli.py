@@ -4,7 +4,9 @@ export | import | setup | demo``.
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
 starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
 locked, and stops it before exiting. Expected failures print one line to stderr, never a
-traceback, and exit 1 (2 for a wrong command line). No message carries a password.
+traceback, and exit 1 (2 for a wrong command line); SIGINT, SIGTERM and SIGHUP stop the
+server and exit 128 + the signal's number; a closed output pipe exits 141 quietly. No
+message carries a password.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import FrameType
-from typing import Any, NoReturn, TextIO
+from typing import Any, BinaryIO, NoReturn, TextIO
 
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, StoreError
 from kvstore.tools.embedded_server import (
@@ -37,6 +39,7 @@ from kvstore.tools.export_import import ExportFormatError, export_file, import_f
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a tool killed by SIGPIPE
 SHORT = 12  # hash characters shown in tables and messages
 
 Action = Callable[[RedisPackageStore], Awaitable[None]]
@@ -267,15 +270,37 @@ def cmd_route(args: argparse.Namespace) -> Action:
 
     async def run(store: RedisPackageStore) -> None:
         content_hash = wanted.content_hash
-        if not args.force:
-            found = await _find(store, wanted.workflow_type, content_hash, any_type=True)
-            content_hash = found.content_hash
         before = await store.get_package_route(wanted.workflow_type)
+        if not args.force:
+            content_hash = await _routable(store, wanted.workflow_type, content_hash, before)
         await store.put_package_route(wanted.workflow_type, content_hash)
         was = "(none)" if before is None else _short(before)
         print(f"route {wanted.workflow_type}: {was} -> {content_hash}")
 
     return run
+
+
+async def _routable(
+    store: RedisPackageStore, workflow_type: str, text: str, current: str | None
+) -> str:
+    """The full hash ``text`` names, if ``workflow_type`` may be routed to it without
+    ``--force``: a package of that type and hash is stored, or the route already points
+    there (as after a deploy with ``--also``, whose archive is stored under its first
+    type only). A hash stored under other types only is refused: routing one type to
+    another's package is more often a typo than a wish."""
+    force = f"pass --force to route {workflow_type} to it anyway"
+    try:
+        found = await _find(store, workflow_type, text, any_type=True)
+    except CliError as exc:
+        raise CliError(f"{exc}; {force}") from None
+    content_hash = found.content_hash
+    if found.workflow_type == workflow_type or content_hash == current:
+        return content_hash
+    holders = sorted((await _holders(store, {content_hash})).get(content_hash, set()))
+    raise CliError(
+        f"no package {workflow_type} {_short(content_hash)} is stored (that hash is stored "
+        f"under {', '.join(holders) or found.workflow_type}); {force}"
+    )
 
 
 def cmd_rm(args: argparse.Namespace) -> Action:
@@ -308,6 +333,15 @@ def cmd_rm(args: argparse.Namespace) -> Action:
     return run
 
 
+def _write_all(stream: BinaryIO, data: bytes) -> None:
+    """Write all of ``data``: one large write to a pipe whose reader left can return a
+    short count with no error, so the rest is written, and fails, explicitly."""
+    view = memoryview(data)
+    while view:
+        view = view[stream.write(view[: 1 << 20]) :]
+    stream.flush()
+
+
 def cmd_show(args: argparse.Namespace) -> Action:
     wanted = _route_arg(args.type, args.hash)
     to_stdout = args.output in (None, "-")
@@ -317,8 +351,7 @@ def cmd_show(args: argparse.Namespace) -> Action:
     async def run(store: RedisPackageStore) -> None:
         record = await _find(store, wanted.workflow_type, wanted.content_hash)
         if to_stdout:
-            sys.stdout.buffer.write(record.archive)
-            sys.stdout.buffer.flush()
+            _write_all(sys.stdout.buffer, record.archive)
         else:
             Path(args.output).write_bytes(record.archive)
             print(f"wrote {_size(len(record.archive))} to {args.output}", file=sys.stderr)
@@ -330,6 +363,8 @@ def cmd_export(args: argparse.Namespace) -> Action:
     path = Path(args.file)
     if not path.parent.is_dir():
         raise CliError(f"{path.parent}: no such folder")
+    if path.is_dir():
+        raise CliError(f"{path} is a folder; name the file to write")
 
     async def run(store: RedisPackageStore) -> None:
         progress = _ProgressLine(sys.stderr)
@@ -442,7 +477,7 @@ def run_demo(args: argparse.Namespace) -> None:
     namespace = args.namespace or f"demo-{secrets.token_hex(4)}"
     url = args.url or os.environ.get("KVSTORE_URL")
     if url:
-        asyncio.run(_tour(lambda: _open(url, namespace, args.timeout), namespace, None))
+        run_async(_tour(lambda: _open(url, namespace, args.timeout), namespace, None))
         return
     with contextlib.ExitStack() as stack:
         if args.data_dir:
@@ -456,7 +491,7 @@ def run_demo(args: argparse.Namespace) -> None:
             server.stop()
             server.start()
 
-        asyncio.run(_tour(lambda: _open(server.url, namespace, args.timeout), namespace, restart))
+        run_async(_tour(lambda: _open(server.url, namespace, args.timeout), namespace, restart))
         print("stopping the server", flush=True)
 
 
@@ -574,7 +609,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = command("route", "point a type's route at a stored version (roll back or forward)")
     sub.add_argument("type", metavar="TYPE")
     sub.add_argument("hash", metavar="HASH", help="full hash, or a prefix only one package has")
-    sub.add_argument("--force", action="store_true", help="allow a hash with no stored archive")
+    sub.add_argument(
+        "--force", action="store_true", help="allow a hash not stored under TYPE, or not at all"
+    )
 
     sub = command("rm", "delete one stored archive")
     sub.add_argument("type", metavar="TYPE")
@@ -608,26 +645,92 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+MAX_MESSAGE = 300  # characters of one error line; a longer one is cut
+
+
 def _say_error(message: str) -> None:
-    print(f"kvstore: {' '.join(message.split())}", file=sys.stderr)
+    line = " ".join(message.split())
+    if len(line) > MAX_MESSAGE:
+        line = line[: MAX_MESSAGE - 1] + "…"
+    print(f"kvstore: {line}", file=sys.stderr)
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Unwinds like an error, so the embedded server is stopped and the lock released.
-    raise SystemExit(128 + signum)
+# Signals: the first SIGINT, SIGTERM or SIGHUP unwinds the command like an error, so the
+# embedded server is stopped and the lock released; later ones are ignored, so that the
+# clean-up itself is not cut short. Exit status 128 + the signal's number (130, 143, 129).
+
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    signal.signal(signal.SIGTERM, _terminate)
+class Interrupted(BaseException):
+    """A SIGINT, SIGTERM or SIGHUP arrived: unwind, stop the server, exit 128 + signum."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _on_signal(signum: int, frame: FrameType | None) -> None:
+    for other in SIGNALS:
+        signal.signal(other, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
+def run_async(work: Awaitable[None]) -> None:
+    """``asyncio.run(work)``, where a signal cancels ``work`` and raises ``Interrupted``.
+
+    Inside the event loop a handler must not raise at an arbitrary point (the store's
+    pending calls would be left unretrieved), so the loop catches the signal and
+    cancels the work, which closes its store in order. Signals are blocked while the
+    handlers change hands, so none finds the default action (death, leaving the server
+    running) in between; one that arrives meanwhile is acted on when they are unblocked.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        received = asyncio.run(_cancelled_by_signals(work))
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    if received is not None:
+        raise Interrupted(received)
+
+
+async def _cancelled_by_signals(work: Awaitable[None]) -> int | None:
+    """Run ``work``; the signal that cancelled it (or came as it ended), or ``None``."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.ensure_future(work)
+    received: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not received:
+            received.append(signum)
+            task.cancel()
+
+    for signum in SIGNALS:
+        loop.add_signal_handler(signum, on_signal, signum)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SIGNALS)
+    try:
+        await task
+    except BaseException:
+        # Whatever the cancelled work raised (a store may report the cut-short call as
+        # its own error), the signal is the cause.
+        if not received:
+            raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        for signum in SIGNALS:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN if received else _on_signal)
+    return received[0] if received else None
+
+
+def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
             run_demo(args)
             return 0
         action = COMMANDS[args.command](args)
         with _server_url(args) as url:
-            asyncio.run(_run(action, url, args))
+            run_async(_run(action, url, args))
         return 0
     except CliError as exc:
         _say_error(str(exc))
@@ -636,10 +739,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         _say_error(str(exc))
     except LocalServerError as exc:
         _say_error(f"the embedded server did not start: {str(exc).splitlines()[0]}")
+    except BrokenPipeError:
+        raise  # main's concern: the reader went away
     except OSError as exc:
         where = f"{exc.filename}: " if exc.filename else ""
         _say_error(f"{where}{exc.strerror or exc}")
-    except KeyboardInterrupt:
-        _say_error("interrupted")
-        return 130
+    except (Interrupted, KeyboardInterrupt) as exc:
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        name = signal.Signals(signum).name
+        _say_error("interrupted" if signum == signal.SIGINT else f"terminated ({name})")
+        return 128 + signum
+    except Exception as exc:  # a bug: still one line, and no message that could hold a secret
+        _say_error(f"internal error ({type(exc).__name__}); please report it")
     return EXIT_ERROR
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; returns the exit status.
+
+    Expected failures: one line on stderr, exit 1 (2 for a wrong command line). SIGINT,
+    SIGTERM and SIGHUP: the server is stopped, exit 128 + signum (130, 143, 129). A
+    reader that goes away (``ls | head -1``): no message, exit 141, as a Unix tool
+    killed by SIGPIPE.
+    """
+    for signum in SIGNALS:
+        signal.signal(signum, _on_signal)
+    args = build_parser().parse_args(argv)
+    try:
+        code = _main(args)
+        sys.stdout.flush()  # a closed pipe shows here for buffered output
+    except BrokenPipeError:
+        # Nothing more can be said to the reader; stop Python's own flush at exit
+        # from reporting the same pipe.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
+    return code

@@ -7,12 +7,15 @@ Guarantees:
   the server has stopped. A second command gets ``FolderInUse`` at once, never a wait.
 * A server left running by a command that was killed outright (it holds no lock, but
   still writes to the folder) is detected through its pid file and refused, so two
-  servers never append to the same files.
+  servers never append to the same files. A stale pid file (its server dead, its pid
+  now another process's) does not block the folder.
 * The append-only file is on with ``appendfsync always``: once a command has said a
   write is done, it is on disk, even if the machine fails before the clean stop.
 * ``start`` returns only once the server has loaded its files and serves commands.
 * The server listens on 127.0.0.1 only and requires a password made fresh for each run,
-  so other local users cannot reach the catalogue while a command runs.
+  so other local users cannot reach the catalogue while a command runs. The password
+  is never on the server's command line (``LocalServer`` hands secret settings over in
+  a file of mode 0600, removed once the server has read it).
 """
 
 from __future__ import annotations
@@ -46,14 +49,27 @@ def default_data_dir() -> Path:
     return Path(base).expanduser() / "kvstore"
 
 
-def _pid_alive(pid: int) -> bool:
+def _server_alive(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` may be a server still running in ``data_dir``.
+
+    A pid file can outlive its server: a server killed outright and not yet reaped is a
+    zombie, and its pid may since belong to another process. Where ``/proc`` tells, a
+    zombie, or a process whose working folder is not ``data_dir`` (the server runs in
+    it), is no server; where it cannot tell, any live pid counts.
+    """
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        if stat.rpartition(")")[2].split()[0] == "Z":
+            return False
+        return Path(os.readlink(f"/proc/{pid}/cwd")) == data_dir
+    except (OSError, IndexError):
         return True
-    return True
 
 
 class EmbeddedServer:
@@ -113,7 +129,7 @@ class EmbeddedServer:
             text = (self.data_dir / PID_NAME).read_text().strip()
         except (FileNotFoundError, UnicodeDecodeError):
             return
-        if text.isdigit() and _pid_alive(int(text)):
+        if text.isdigit() and _server_alive(int(text), self.data_dir):
             raise FolderInUse(
                 f"a server left by an interrupted command (pid {text}) still runs on "
                 f"{self.data_dir}; stop it (kill {text}) and retry"
@@ -145,7 +161,11 @@ class EmbeddedServer:
         try:
             self.start()
         except BaseException:
-            self._unlock()
+            # Interrupted (a signal) or failed: no server may outlive the command.
+            try:
+                self.stop()
+            finally:
+                self._unlock()
             raise
         return self
 

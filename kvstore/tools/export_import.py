@@ -1,23 +1,29 @@
 """Export a namespace to one file and import it back, streamed both ways.
 
-The file is a msgpack stream of maps, version 1:
+The file is a msgpack stream of maps, version 2:
 
-1. a header ``{"format": "kvstore-export", "version": 1, "namespace": str,
+1. a header ``{"format": "kvstore-export", "version": 2, "namespace": str,
    "exported_at": timestamp}``;
 2. one ``{"kind": "package", "workflow_type": str, "content_hash": str,
-   "deployed_at": timestamp, "archive": bin}`` per package, in deploy order;
+   "deployed_at": timestamp, "archive": bin, "sha256": bin}`` per package, in deploy
+   order, ``sha256`` being the SHA-256 of ``archive``;
 3. one ``{"kind": "route", "workflow_type": str, "content_hash": str}`` per route;
-4. a trailer ``{"kind": "end", "packages": int, "routes": int}``.
+4. a trailer ``{"kind": "end", "packages": int, "routes": int, "sha256": bin}``, its
+   ``sha256`` that of every byte of the file before the trailer.
 
+Version 1 is the same without the two ``sha256`` fields; it is still read.
 Instants are msgpack timestamps (extension -1), exact to the microsecond in any year.
-The trailer makes a cut-off file detectable: ``import_file`` reads the whole file once
-to check it before writing anything, so a damaged file changes nothing. Memory is
-bounded by one package (plus the routes, which are small) in both directions.
+The trailer makes a cut-off file detectable and the checksums a damaged one (a byte
+flipped anywhere: in an archive, in a name, in the trailer): ``import_file`` reads the
+whole file once to check it before writing anything, so a damaged file changes
+nothing. Memory is bounded by one package (two copies of it while it is read and
+checked, plus the routes, which are small) in both directions.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,7 +36,9 @@ import msgpack  # type: ignore[import-untyped]
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore
 
 FORMAT = "kvstore-export"
-VERSION = 1
+VERSION = 2  # written; READABLE are read
+READABLE = (1, 2)
+CHUNK = 1 << 20  # bytes read from the file at a time
 
 # Called with (phase, bytes done, bytes in all or 0 when unknown, items done).
 Progress = Callable[[str, int, int, int], None]
@@ -65,15 +73,22 @@ async def export_file(
     packer = msgpack.Packer(datetime=True, use_bin_type=True)
     partial = path.with_name(path.name + ".part")
     packages = written = 0
+    stream = hashlib.sha256()
     try:
         with open(partial, "wb") as out:
+
+            def emit(item: dict[str, Any]) -> int:
+                data = packer.pack(item)
+                stream.update(data)
+                return out.write(data)
+
             header = {
                 "format": FORMAT,
                 "version": VERSION,
                 "namespace": store.namespace,
                 "exported_at": datetime.now(timezone.utc),
             }
-            written += out.write(packer.pack(header))
+            written += emit(header)
             async for record in store.iter_packages(chunk=100):
                 item = {
                     "kind": "package",
@@ -81,8 +96,9 @@ async def export_file(
                     "content_hash": record.content_hash,
                     "deployed_at": record.deployed_at,
                     "archive": record.archive,
+                    "sha256": hashlib.sha256(record.archive).digest(),
                 }
-                written += out.write(packer.pack(item))
+                written += emit(item)
                 packages += 1
                 progress("exporting", written, 0, packages)
             # Routes last, read after the packages: a deploy made meanwhile then has
@@ -94,8 +110,13 @@ async def export_file(
                     "workflow_type": route.workflow_type,
                     "content_hash": route.content_hash,
                 }
-                written += out.write(packer.pack(item))
-            trailer = {"kind": "end", "packages": packages, "routes": len(routes)}
+                written += emit(item)
+            trailer = {
+                "kind": "end",
+                "packages": packages,
+                "routes": len(routes),
+                "sha256": stream.digest(),
+            }
             written += out.write(packer.pack(trailer))
             out.flush()
             os.fsync(out.fileno())
@@ -113,7 +134,18 @@ def _text(item: dict[str, Any], key: str) -> str:
     return value
 
 
-def _decode(item: object) -> PackageRecord | PackageRouteRecord | Counts:
+def _digest(item: dict[str, Any]) -> bytes:
+    value = item.get("sha256")
+    if not isinstance(value, bytes) or len(value) != 32:
+        raise ExportFormatError(f"a {item.get('kind')} item lacks its sha256")
+    return value
+
+
+def _decode(
+    item: object, version: int, before: bytes
+) -> PackageRecord | PackageRouteRecord | Counts:
+    """The record ``item`` holds, its checksum verified (version 2); ``before`` is the
+    SHA-256 of every byte of the file before ``item``."""
     if not isinstance(item, dict):
         raise ExportFormatError("an item is not a map")
     kind = item.get("kind")
@@ -122,9 +154,15 @@ def _decode(item: object) -> PackageRecord | PackageRouteRecord | Counts:
             archive, deployed_at = item.get("archive"), item.get("deployed_at")
             if not isinstance(archive, bytes) or not isinstance(deployed_at, datetime):
                 raise ExportFormatError("a package lacks its archive or deployed_at")
-            return PackageRecord(
+            record = PackageRecord(
                 _text(item, "workflow_type"), _text(item, "content_hash"), archive, deployed_at
             )
+            if version >= 2 and hashlib.sha256(archive).digest() != _digest(item):
+                raise ExportFormatError(
+                    f"the archive of {record.workflow_type} {record.content_hash} is damaged "
+                    "(its SHA-256 does not match)"
+                )
+            return record
         if kind == "route":
             return PackageRouteRecord(_text(item, "workflow_type"), _text(item, "content_hash"))
     except (TypeError, ValueError) as exc:
@@ -132,8 +170,37 @@ def _decode(item: object) -> PackageRecord | PackageRouteRecord | Counts:
     if kind == "end":
         packages, routes = item.get("packages"), item.get("routes")
         if isinstance(packages, int) and isinstance(routes, int):
+            if version >= 2 and _digest(item) != before:
+                raise ExportFormatError(
+                    "the file is damaged: its SHA-256 does not match the one its end marker holds"
+                )
             return Counts(packages, routes)
     raise ExportFormatError(f"unknown item {kind!r}")
+
+
+def _raw_items(path: Path) -> Iterator[tuple[object, bytes, int]]:
+    """Every msgpack object of ``path``, with the SHA-256 of the bytes before it and
+    the offset where it ends; a cut-off last object raises ``ExportFormatError``."""
+    unpacker = msgpack.Unpacker(
+        raw=False,
+        timestamp=3,  # timestamps as aware UTC datetimes
+        max_buffer_size=2**31 - 1,  # the default (100 MiB) would refuse large archives
+    )
+    stream = hashlib.sha256()
+    unhashed = bytearray()  # read, not yet in ``stream``: the object being decoded
+    hashed = 0  # offset of unhashed[0]
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK):
+            unpacker.feed(chunk)
+            unhashed += chunk
+            for item in unpacker:
+                end = unpacker.tell()
+                yield item, stream.digest(), end
+                stream.update(unhashed[: end - hashed])
+                del unhashed[: end - hashed]
+                hashed = end
+    if unhashed:
+        raise ExportFormatError("the file ends inside an item: it was cut off")
 
 
 def _items(
@@ -141,31 +208,27 @@ def _items(
 ) -> Iterator[PackageRecord | PackageRouteRecord | Counts]:
     """Every item after the header, checked; raises ``ExportFormatError`` on any flaw."""
     total = path.stat().st_size
-    with open(path, "rb") as source:
-        unpacker = msgpack.Unpacker(
-            source,
-            raw=False,
-            timestamp=3,  # timestamps as aware UTC datetimes
-            max_buffer_size=2**31 - 1,  # the default (100 MiB) would refuse large archives
-        )
-        try:
-            header = next(unpacker, None)
-            if (
-                not isinstance(header, dict)
-                or header.get("format") != FORMAT
-                or not isinstance(header.get("version"), int)
-            ):
-                raise ExportFormatError("no kvstore export header")
-            if header["version"] != VERSION:
-                raise ExportFormatError(
-                    f"export version {header['version']}; this kvstore reads version {VERSION}"
-                )
-            for count, item in enumerate(unpacker, 1):
-                progress(phase, unpacker.tell(), total, count)
-                yield _decode(item)
-        except (ValueError, OverflowError, msgpack.UnpackException) as exc:
-            # Bad msgpack, bad UTF-8, an item over the size limit, an instant out of range.
-            raise ExportFormatError(str(exc) or type(exc).__name__) from None
+    raw = _raw_items(path)
+    try:
+        header = next(raw, (None, b"", 0))[0]
+        if (
+            not isinstance(header, dict)
+            or header.get("format") != FORMAT
+            or not isinstance(header.get("version"), int)
+        ):
+            raise ExportFormatError("no kvstore export header")
+        version = header["version"]
+        if version not in READABLE:
+            raise ExportFormatError(
+                f"export version {version}; this kvstore reads versions "
+                + " and ".join(map(str, READABLE))
+            )
+        for count, (item, before, end) in enumerate(raw, 1):
+            progress(phase, end, total, count)
+            yield _decode(item, version, before)
+    except (ValueError, OverflowError, msgpack.UnpackException) as exc:
+        # Bad msgpack, bad UTF-8, an item over the size limit, an instant out of range.
+        raise ExportFormatError(str(exc) or f"malformed data ({type(exc).__name__})") from None
 
 
 def check_file(path: Path, progress: Progress = _no_progress) -> Counts:

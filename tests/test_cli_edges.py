@@ -1,0 +1,250 @@
+"""The command line at its edges: signals, closed pipes, unreachable servers, typos.
+
+Whatever happens, no server is left behind, no traceback is printed, and each failure is
+one line with its documented exit status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from kvstore import PackageRecord, RedisPackageStore
+from kvstore.tools.server_process import LocalServer
+from tests.conftest import fresh_namespace
+from tests.test_cli import as_json, fails, kv, ok
+
+
+def command(*args: str) -> subprocess.Popen[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "kvstore", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean,
+    )
+
+
+def servers_in(folder: Path) -> list[int]:
+    """Processes other than ours running in ``folder`` (the embedded server runs there)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                if Path(os.readlink(f"/proc/{entry}/cwd")) == folder:
+                    found.append(int(entry))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.fixture
+def data_dir(tmp_path: Path) -> Iterator[Path]:
+    folder = (tmp_path / "data").resolve()
+    yield folder
+    for pid in servers_in(folder):  # never leave a server behind, even when a test fails
+        os.kill(pid, signal.SIGKILL)
+
+
+def test_a_signal_during_start_up_leaves_no_server_behind(data_dir: Path) -> None:
+    # The signal goes to the command alone, as `kill PID` sends it, at the moment its
+    # server process appears and a few milliseconds after, while the server is loading
+    # and the command waits for it to answer.
+    kinds = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    for n, delay in enumerate([0.0, 0.0, 0.002, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.08]):
+        signum = kinds[n % 3]
+        process = command("ls", "--data-dir", str(data_dir))
+        deadline = time.monotonic() + 30
+        while not servers_in(data_dir) and process.poll() is None:
+            assert time.monotonic() < deadline
+        time.sleep(delay)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+        text = err.decode()
+        assert process.returncode in (0, 128 + signum), (delay, process.returncode, text)
+        assert "Traceback" not in text and len(text.splitlines()) <= 1, text
+        assert servers_in(data_dir) == [], f"a server outlived the command (delay {delay})"
+    assert ok("ls", "--data-dir", str(data_dir)).strip() == "no packages"
+
+
+def test_a_signal_at_any_moment_leaves_no_server_behind(data_dir: Path) -> None:
+    # Python starts in about 0.2-0.3 s here: the delays spread the signal over
+    # importing, locking, starting the server, the command and the stop. A signal
+    # before the command line has loaded ends Python as Python does (exit -signum):
+    # no server exists yet then.
+    kinds = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    for n, delay in enumerate([0.15, 0.22, 0.25, 0.28, 0.3, 0.32, 0.35, 0.4, 0.45, 0.6]):
+        signum = kinds[n % 3]
+        process = command("ls", "--data-dir", str(data_dir))
+        time.sleep(delay)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+        text = err.decode()
+        assert process.returncode in (0, 128 + signum, -signum), (delay, process.returncode)
+        if process.returncode != -signum:
+            assert "Traceback" not in text and len(text.splitlines()) <= 1, text
+        assert servers_in(data_dir) == [], f"a server outlived the command (delay {delay})"
+    assert ok("ls", "--data-dir", str(data_dir)).strip() == "no packages"
+
+
+@pytest.mark.parametrize(
+    ("signum", "says"),
+    [
+        (signal.SIGTERM, "kvstore: terminated (SIGTERM)\n"),
+        (signal.SIGINT, "kvstore: interrupted\n"),
+    ],
+)
+def test_a_signal_during_a_deploy_says_one_line_and_stops_the_server(
+    data_dir: Path, tmp_path: Path, signum: int, says: str
+) -> None:
+    archive = tmp_path / "big.zip"
+    archive.write_bytes(os.urandom(1 << 20) * 48)  # long enough to be caught mid-put
+    pid_file = data_dir / "server.pid"
+    for wait in (0.0, 0.05, 0.1):
+        process = command("deploy", str(archive), "--type", "order", "--data-dir", str(data_dir))
+        deadline = time.monotonic() + 30
+        while not pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.002)
+        time.sleep(wait)
+        process.send_signal(signum)
+        _, err = process.communicate(timeout=60)
+        text = err.decode()
+        assert "Traceback" not in text and "never retrieved" not in text, text
+        if process.returncode == 0:  # the deploy won the race
+            continue
+        assert process.returncode == 128 + signum, (process.returncode, text)
+        assert text == says
+        assert servers_in(data_dir) == []
+    ok("ls", "--data-dir", str(data_dir))
+
+
+def piped(args: list[str], reader: str) -> tuple[list[str], bytes]:
+    """Run the command line into ``reader``; its output lines, then ``status=N``."""
+    result = subprocess.run(
+        f"{shlex.join([sys.executable, '-m', 'kvstore', *args])} | {reader}; "
+        "status=${PIPESTATUS[0]}; echo; echo status=$status",
+        shell=True,
+        executable="/bin/bash",
+        capture_output=True,
+        timeout=60,
+        check=True,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")},
+    )
+    return result.stdout.decode().splitlines(), result.stderr
+
+
+async def test_ls_into_head_ends_quietly_with_exit_141(valkey_server: LocalServer) -> None:
+    namespace = fresh_namespace()
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        at = datetime.now(timezone.utc)
+        # A listing far longer than a pipe holds, so the pipe always breaks.
+        await asyncio.gather(
+            *(
+                store.put_package(PackageRecord(f"type-{n:05}", "h" * 64, b"", at))
+                for n in range(3000)
+            )
+        )
+    lines, err = piped(["ls", "--url", valkey_server.url, "--namespace", namespace], "head -1")
+    assert lines[0].split()[:2] == ["TYPE", "HASH"]
+    assert lines[-1] == "status=141"
+    assert err == b""
+
+
+def test_show_into_head_ends_quietly_with_exit_141(data_dir: Path, tmp_path: Path) -> None:
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(b"x" * (32 << 20))  # far more than a pipe holds
+    ok("deploy", str(archive), "--type", "order", "--hash", "h1", "--data-dir", str(data_dir))
+    lines, err = piped(["show", "order", "h1", "--data-dir", str(data_dir)], "head -c 10")
+    assert lines == ["x" * 10, "status=141"]
+    assert err == b""
+    assert servers_in(data_dir) == []
+
+
+def silent_listener() -> socket.socket:
+    """A port that accepts connections and never answers."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    return sock
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_unreachable_sentinels_fail_within_the_timeout_in_one_short_line() -> None:
+    silent = [silent_listener() for _ in range(2)]
+    try:
+        shapes = [
+            ",".join(f"127.0.0.1:{s.getsockname()[1]}" for s in silent),
+            f"127.0.0.1:{closed_port()},127.0.0.1:{closed_port()}",
+            f"127.0.0.1:{silent[0].getsockname()[1]},127.0.0.1:{closed_port()}",
+        ]
+        for hosts in shapes:
+            started = time.monotonic()
+            result = kv("ls", "--url", f"redis+sentinel://:pw-9c1@{hosts}/svc", "--timeout", "2")
+            took = time.monotonic() - started
+            err = fails(result, "svc")
+            assert len(err) < 200 and "pw-9c1" not in err, err
+            # 2 s, plus Python's start-up and the clean-up: well under 1.5 x 2 s.
+            assert took < 2 + 0.9, took
+    finally:
+        for sock in silent:
+            sock.close()
+
+
+def test_route_to_a_hash_stored_under_another_type_needs_force(
+    valkey_server: LocalServer, tmp_path: Path
+) -> None:
+    target = ["--url", valkey_server.url, "--namespace", fresh_namespace()]
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(b"archive")
+    ok("deploy", str(archive), "--type", "order-flow", "--hash", "h1", *target)
+    ok("deploy", str(archive), "--type", "billing", "--also", "audit", "--hash", "h2", *target)
+
+    # A typo in the type: refused, naming where the hash is stored and --force.
+    err = fails(kv("route", "odrer-flow", "h1", *target), "stored under order-flow")
+    assert "--force" in err
+    err = fails(kv("route", "billing", "h1", *target), "stored under order-flow")
+    assert "--force" in err
+    fails(kv("route", "order-flow", "nowhere", *target), "--force")
+    assert {r["workflow_type"]: r["content_hash"] for r in as_json("routes", *target)} == {
+        "audit": "h2",
+        "billing": "h2",
+        "order-flow": "h1",
+    }
+
+    # A type routed by an --also deploy may be routed there again without --force.
+    ok("route", "audit", "h2", *target)
+    ok("route", "odrer-flow", "h1", "--force", *target)
+    assert {"workflow_type": "odrer-flow", "content_hash": "h1", "stored": True} in as_json(
+        "routes", *target
+    )
+
+
+def test_wrong_urls_are_usage_errors(tmp_path: Path) -> None:
+    fails(kv("ls", "--url", "redis://127.0.0.1:1/abc"), "database (its path) must be a number", 2)
+    fails(kv("ls", "--url", "redis://127.0.0.1:1?foo=bar"), "unknown option 'foo'", 2)
+
+
+def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
+    data = ["--data-dir", str(tmp_path / "data")]
+    fails(kv("export", str(tmp_path), *data), "is a folder")
+    fails(kv("export", str(tmp_path / "no" / "x.kvx"), *data), "no such folder")
+    garbage = tmp_path / "garbage.kvx"
+    garbage.write_bytes(b"\xc1")  # a byte msgpack never uses
+    fails(kv("import", str(garbage), *data), "malformed data")
+    fails(kv("import", str(tmp_path), *data), "no such file")

@@ -1,0 +1,157 @@
+"""URLs: a password never shows, whatever the URL's shape; bad URLs are refused at once."""
+
+from __future__ import annotations
+
+import socket
+from urllib.parse import quote
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvstore import RedisPackageStore
+from kvstore.redis.urls import redact_url
+from tests.test_cli import fails, kv
+
+# Long enough never to occur in a message by chance.
+secrets = st.text(
+    st.characters(codec="utf-8", exclude_characters="\x00"), min_size=8, max_size=24
+).filter(lambda s: len(s.strip()) >= 8)
+
+PREFIXES = [
+    "redis://",
+    "rediss://",
+    "unix://",
+    "redis+sentinel://",
+    "redis+cluster://",
+    "redis:/",
+    "redis//",
+    "redis:",
+    "redis+sentinel:/",
+    "REDIS://",
+    "http://",
+    "",
+]
+
+
+def url_with(secret: str, place: str, prefix: str, host: str, tail: str) -> str:
+    encoded = quote(secret, safe="")
+    if place == "password":
+        return f"{prefix}:{encoded}@{host}{tail}"
+    if place == "user-and-password":
+        return f"{prefix}user:{encoded}@{host}{tail}"
+    if place == "raw-password":  # not percent-encoded, as people do type them
+        return f"{prefix}:{secret}@{host}{tail}"
+    if place == "password-only":
+        return f"{prefix}{encoded}@{host}{tail}"
+    separator = "&" if "?" in tail else "?"
+    name = {"query": "password", "query-requirepass": "requirepass", "query-pass": "Pass"}[place]
+    return f"{prefix}{host}{tail}{separator}{name}={encoded}"
+
+
+PLACES = [
+    "password",
+    "user-and-password",
+    "raw-password",
+    "password-only",
+    "query",
+    "query-requirepass",
+    "query-pass",
+]
+TAILS = ["", "/0", "/abc", "/svc", "/svc/x", "?foo=bar", "?db=x", "?db=1", ":bad/1"]
+
+
+def leaks(secret: str, text: str) -> bool:
+    return secret in text or quote(secret, safe="") in text
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secret=secrets,
+    place=st.sampled_from(PLACES),
+    prefix=st.sampled_from(PREFIXES),
+    host=st.sampled_from(["host:6379", "h", "127.0.0.1:1,127.0.0.1:2", "[::1]:1", "host:badport"]),
+    tail=st.sampled_from(TAILS),
+)
+def test_no_url_shows_its_password(
+    secret: str, place: str, prefix: str, host: str, tail: str
+) -> None:
+    url = url_with(secret, place, prefix, host, tail)
+    assert not leaks(secret, redact_url(url))
+    try:
+        store = RedisPackageStore.from_url(url, timeout=0.1)
+    except (ValueError, TypeError) as exc:
+        assert not leaks(secret, str(exc)), str(exc)
+    else:
+        assert not leaks(secret, repr(store))
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis:/:pw-secret-1@host:6379",
+        "redis//:pw-secret-1@host",
+        "redis://host:badport?password=pw-secret-1",
+        "redis+sentinel:/:pw-secret-1@h/svc",
+        "redis://u:pw-secret-1@h:1?password=pw-secret-1&db=x",
+    ],
+)
+def test_malformed_urls_are_refused_without_their_password(url: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        RedisPackageStore.from_url(url)
+    assert "pw-secret-1" not in str(raised.value)
+    assert "***" in str(raised.value)
+
+
+def test_a_database_that_is_not_a_number_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"database .* must be a number"):
+        RedisPackageStore.from_url("redis://h:1/abc")
+    with pytest.raises(ValueError, match="Invalid value for 'db'"):
+        RedisPackageStore.from_url("redis://h:1?db=abc")
+    RedisPackageStore.from_url("redis://h:1/3")  # a number is fine
+
+
+def test_an_unknown_url_option_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="unknown option 'foo'"):
+        RedisPackageStore.from_url("redis://h:1?foo=bar")
+    with pytest.raises(ValueError, match="no options after"):
+        RedisPackageStore.from_url("redis+sentinel://h:1/svc?foo=bar")
+    # Options redis-py knows are still taken.
+    RedisPackageStore.from_url("redis://h:1?socket_keepalive=true&client_name=x")
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    secret=secrets.filter(lambda s: not s.startswith("-")),
+    place=st.sampled_from(PLACES),
+    prefix=st.sampled_from(["redis://", "redis:/", "redis//", "redis+sentinel:/", "unix://"]),
+    tail=st.sampled_from(["", "/abc", "?foo=bar", "/0"]),
+)
+def test_the_command_line_never_prints_a_password(
+    secret: str, place: str, prefix: str, tail: str
+) -> None:
+    url = url_with(secret, place, prefix, f"127.0.0.1:{closed_port()}", tail)
+    result = kv("ls", "--url", url, "--timeout", "0.5")
+    output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
+    assert result.returncode in (1, 2), output
+    assert not leaks(secret, output), output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://127.0.0.1:1/abc", "must be a number"),
+        ("redis://127.0.0.1:1?foo=bar", "unknown option 'foo'"),
+        ("redis:/:pw-secret-1@127.0.0.1:1", "url must start with"),
+    ],
+)
+def test_the_command_line_refuses_bad_urls_in_one_line(url: str, says: str) -> None:
+    err = fails(kv("ls", "--url", url, "--timeout", "1"), says, 2)
+    assert "pw-secret-1" not in err
