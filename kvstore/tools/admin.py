@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoPermissionError, RedisError
+from redis.exceptions import NoPermissionError, RedisError, WatchError
 
 from kvstore.errors import BackendError
 from kvstore.redis.store import RedisPackageStore
@@ -43,11 +43,12 @@ class Admin:
     async def bounded(self, awaitable: Awaitable[T]) -> T:
         """``awaitable``'s result; ``BackendError`` on a timeout or any refusal but NOPERM.
 
-        ``NoPermissionError`` passes through: callers say what the credential may not read.
+        ``NoPermissionError`` passes through, for callers to say what the credential may
+        not read, and ``WatchError``, for a check-and-set to judge again.
         """
         try:
             return await asyncio.wait_for(awaitable, self.timeout)
-        except NoPermissionError:
+        except (NoPermissionError, WatchError):
             raise
         except asyncio.TimeoutError:
             raise BackendError(f"{self.store!r}: no reply within {self.timeout} seconds") from None

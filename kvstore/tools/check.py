@@ -391,25 +391,37 @@ class _Checker:
                 replies = await self.admin.bounded(pipe.execute())
             except WatchError:
                 return True
-        removed = [s for s, n in zip(sorted(stale), replies, strict=False) if n]
-        for s in removed:
-            what = "has no row" if stamp is None else f"disagreed with deployed_at {shown(stamp)!r}"
-            self.report.repairs.append(
-                Finding(
-                    "member-without-row" if stamp is None else "stamp-mismatch",
-                    shown(k.index),
-                    f"removed index member {shown(index_member(s, row))!r}, which {what}",
+        removed = [
+            shown(index_member(s, row)) for s, n in zip(sorted(stale), replies, strict=False) if n
+        ]
+        added = stamp is not None and bool(replies[-1])
+        if stamp is None:
+            for member in removed:
+                self._repaired(
+                    "member-without-row", k.index, f"removed index member {member!r}: no row"
                 )
+        elif removed:
+            also = (
+                f", and indexed the row at its own deployed_at {shown(stamp)!r}"
+                if added
+                else f" (the row is indexed at its deployed_at {shown(stamp)!r})"
             )
-        if stamp is not None and replies[-1]:
-            self.report.repairs.append(
-                Finding(
-                    "row-without-member",
-                    shown(key),
-                    f"indexed the row at its own deployed_at {shown(stamp)!r}",
-                )
+            self._repaired(
+                "stamp-mismatch",
+                k.index,
+                f"removed index member {', '.join(repr(m) for m in removed)}, whose stamp "
+                f"disagreed with the row's{also}",
+            )
+        elif added:
+            self._repaired(
+                "row-without-member",
+                key,
+                f"indexed the row at its own deployed_at {shown(stamp)!r}",
             )
         return True
+
+    def _repaired(self, kind: str, key: bytes, message: str) -> None:
+        self.report.repairs.append(Finding(kind, shown(key), message))
 
     async def _routes(self) -> None:
         k = self.keys
