@@ -46,6 +46,7 @@ class Backend:
 
 @pytest.fixture(params=["fakeredis", *SERVERS])
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
+    raw: Redis
     if request.param == "fakeredis":
         server = fakeredis.FakeServer()
         raw = fakeredis.FakeAsyncRedis(server=server)
@@ -302,7 +303,7 @@ async def test_repair_stands_back_when_a_put_lands_between_its_read_and_its_writ
         sync = SyncRedis.from_url(valkey_server.url)
         sync.delete(k.row(row))  # the member is now an orphan
         original = Pipeline.multi
-        puts = []
+        puts: list[int] = []
 
         def put_first(self: Pipeline) -> None:
             if not puts:
