@@ -17,10 +17,12 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from kvstore import PackageRecord, RedisPackageStore
+from kvstore.tools.check import check_store
 from kvstore.tools.server_process import LocalServer
-from kvstore.tools.status import UNREADABLE
+from kvstore.tools.status import UNREADABLE, read_status
 
 from .conftest import SERVERS, fresh_namespace
 from .test_cli import kv
@@ -209,3 +211,37 @@ def test_a_credential_without_config_info_or_function_says_so_and_exits_0(
     assert f"functions: FUNCTION LIST is {UNREADABLE}" in lines
     assert any("the persistence settings are not readable" in w for w in warnings_in(lines))
     assert password not in "\n".join(lines)
+
+
+def test_another_layout_is_a_warning_and_nothing_is_counted(started: Any) -> None:
+    server = started(appendonly="yes", appendfsync="always")
+    namespace = fresh_namespace()
+
+    async def mark() -> None:
+        admin = Redis.from_url(server.url)
+        await admin.set(f"{{{namespace}}}:format", b"2")
+        await admin.aclose()
+
+    asyncio.run(mark())
+    found, lines = status(server.url, namespace)
+    assert (found["layout"], found["packages"]) == ("2", None)
+    (warning,) = warnings_in(lines)
+    assert "holds layout '2', which this kvstore neither reads nor writes" in warning
+
+
+def test_the_embedded_server_loses_no_acknowledged_package(tmp_path: Path) -> None:
+    result = kv("status", "--data-dir", str(tmp_path / "data"))
+    assert result.returncode == 0, result.stderr.decode()
+    lines = result.stdout.decode().splitlines()
+    assert "persistence: appendonly yes, appendfsync always, RDB snapshots off" in lines
+    assert "no warnings: these settings lose no acknowledged package" in lines
+    checked = kv("check", "--data-dir", str(tmp_path / "data"))
+    assert checked.returncode == 0 and checked.stdout.decode().endswith("is sound\n")
+
+
+async def test_status_and_check_refuse_a_cluster_client_before_sending_anything() -> None:
+    store = RedisPackageStore(RedisCluster(host="127.0.0.1", port=1))
+    with pytest.raises(TypeError, match="not to a Redis Cluster"):
+        await read_status(store)
+    with pytest.raises(TypeError, match="not to a Redis Cluster"):
+        await check_store(store)
