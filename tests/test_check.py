@@ -28,7 +28,9 @@ from kvstore.tools.check import INFORMATIONAL, REPAIRABLE, check_store, glob_esc
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace
+from .test_acl import Users
 from .test_cli import kv
+from .topology import raw_command
 
 T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
 
@@ -363,3 +365,33 @@ def test_the_command_line_reports_repairs_and_exits_by_what_remains(server: Loca
     lines = clean.stdout.decode().splitlines()
     assert lines[-1] == f"namespace {namespace!r} is sound"
     assert [line.split(":")[0] for line in lines[:-1]] == ["note", "note"]
+
+
+# What check and repair send beyond the store's own rule (tests/test_acl.py).
+CHECK_EXTRA_RULE = "+scan +type +zscore +hexists +exists +watch +unwatch"
+
+
+async def test_check_and_repair_need_only_the_store_rule_and_a_few_reads(
+    server: LocalServer,
+) -> None:
+    namespace = fresh_namespace()
+    async with Redis(port=server.port) as admin:
+        await raw_command(admin, "ACL", "LOG", "RESET")
+        maker = Backend(
+            admin, lambda ns: RedisPackageStore.from_url(server.url, namespace=ns), server.url
+        )
+        await damage_repairably(maker, namespace)
+        users = Users(server, admin)
+        try:
+            url = await users.add(namespace)
+            name = users.names[-1]
+            await raw_command(admin, "ACL", "SETUSER", name, *CHECK_EXTRA_RULE.split())
+            async with RedisPackageStore.from_url(url, namespace=namespace) as store:
+                repaired = await check_store(store, repair=True)
+                again = await check_store(store)
+            refused = await users.refusals()
+        finally:
+            for name in users.names:
+                await raw_command(admin, "ACL", "DELUSER", name)
+    assert len(repaired.repairs) == 4 and again.sound
+    assert refused == []
