@@ -25,6 +25,7 @@ from kvstore.tools.server_process import LocalServer
 from kvstore.tools.status import UNREADABLE, read_status
 
 from .conftest import SERVERS, fresh_namespace
+from .test_acl import rule_for
 from .test_cli import kv
 from .topology import raw_command, replicated_pair, server_binary, wait_in_sync
 
@@ -148,7 +149,7 @@ def test_counts_layout_and_functions_of_the_namespace(started: Any) -> None:
     empty, lines = status(server.url, namespace)
     assert (empty["layout"], empty["packages"], empty["functions"]) == (None, 0, [])
     assert (
-        f"namespace {namespace!r}: nothing written yet, 0 packages, 0 routes, 0 bytes of archives"
+        f"namespace {namespace!r}: nothing written yet, 0 packages, 0 routes, 0 B of archives"
         in lines
     )
 
@@ -245,3 +246,23 @@ async def test_status_and_check_refuse_a_cluster_client_before_sending_anything(
         await read_status(store)
     with pytest.raises(TypeError, match="not to a Redis Cluster"):
         await check_store(store)
+
+
+def test_the_store_rule_alone_reads_its_namespace_and_nothing_else(started: Any) -> None:
+    server = started(appendonly="yes", appendfsync="always")
+    namespace, password = fresh_namespace(), secrets.token_hex(8)
+
+    async def make_user() -> None:
+        admin = Redis.from_url(server.url)
+        await raw_command(admin, "ACL", "SETUSER", "engine", "on", f">{password}")
+        await raw_command(admin, "ACL", "SETUSER", "engine", *rule_for(namespace))
+        await admin.aclose()
+
+    asyncio.run(make_user())
+    url = f"redis://engine:{password}@127.0.0.1:{server.port}"
+    own, lines = status(url, namespace)
+    assert own["packages"] == 0 and own["server"] is None
+    assert f"server: {UNREADABLE}" in lines
+    other, lines = status(url, fresh_namespace())
+    assert other["packages"] is None
+    assert f"note: the namespace's keys are {UNREADABLE}" in lines

@@ -134,7 +134,8 @@ async def _namespace(admin: Admin, store: RedisPackageStore, status: Status) -> 
         status.packages, status.archive_bytes = count, size
     except StoreError as exc:
         # A NOPERM reply, or damage that `kvstore check` reports in detail.
-        what = UNREADABLE if "NOPERM" in str(exc) else f"not countable: {exc}"
+        refused = isinstance(exc.__cause__, NoPermissionError)
+        what = UNREADABLE if refused else f"not countable: {exc}"
         status.notes.append(f"the namespace's packages are {what}")
 
 
@@ -232,11 +233,7 @@ def describe(status: Status) -> list[str]:
     if status.appendonly is None:
         lines.append(f"persistence: {UNREADABLE}")
     else:
-        save = (
-            shown(status.save, "off" if status.save == "" else repr(status.save))
-            if status.save is not None or status.appendonly is False
-            else UNREADABLE
-        )
+        save = shown(status.save, "off" if status.save == "" else repr(status.save))
         lines.append(
             f"persistence: appendonly {'yes' if status.appendonly else 'no'}, "
             f"appendfsync {shown(status.appendfsync)}, RDB snapshots {save}"
@@ -246,7 +243,7 @@ def describe(status: Status) -> list[str]:
         f"{shown(status.connected_replicas)} connected replicas"
     )
     lines.append(
-        f"memory: {shown(status.used_memory, f'{status.used_memory} bytes')} used, "
+        f"memory: {shown(status.used_memory, _size(status.used_memory or 0))} used, "
         f"maxmemory {shown(status.maxmemory, _limit(status.maxmemory))}, "
         f"maxmemory-policy {shown(status.maxmemory_policy)}"
     )
@@ -256,7 +253,7 @@ def describe(status: Status) -> list[str]:
     else:
         lines.append(
             f"namespace {status.namespace!r}: {layout}, {status.packages} packages, "
-            f"{status.routes} routes, {status.archive_bytes} bytes of archives"
+            f"{status.routes} routes, {_size(status.archive_bytes or 0)} of archives"
         )
     if status.functions is None:
         lines.append(f"functions: {status.functions_note}")
@@ -271,7 +268,16 @@ def describe(status: Status) -> list[str]:
 
 
 def _limit(maxmemory: int | None) -> str:
-    return "0 (no limit)" if maxmemory == 0 else f"{maxmemory} bytes"
+    return "0 (no limit)" if maxmemory == 0 else _size(maxmemory or 0)
+
+
+def _size(n: int) -> str:
+    value, unit = float(n), "B"
+    for larger in ("KiB", "MiB", "GiB", "TiB"):
+        if value < 1024:
+            break
+        value, unit = value / 1024, larger
+    return f"{n} B" if unit == "B" else f"{value:.1f} {unit} ({n} bytes)"
 
 
 def _pairs(flat: list[Any]) -> dict[Any, Any]:
