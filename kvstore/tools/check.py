@@ -320,7 +320,9 @@ class _Checker:
                 self.find(
                     "row-missing-field",
                     key,
-                    f"the row has {what}: listings fail on it; put the package again or delete it",
+                    f"the row has {what}: listings "
+                    + ("fail on it" if not has_archive else "skip it")
+                    + "; put the package again or delete it",
                 )
                 return
             if stamp not in present:
