@@ -395,3 +395,18 @@ async def test_check_and_repair_need_only_the_store_rule_and_a_few_reads(
                 await raw_command(admin, "ACL", "DELUSER", name)
     assert len(repaired.repairs) == 4 and again.sound
     assert refused == []
+
+
+async def test_a_missing_or_mistyped_layout_marker_is_reported(backend: Backend) -> None:
+    namespace = fresh_namespace()
+    k = Keyspace(namespace)
+    async with backend.store(namespace) as store:
+        await store.put_package(A)
+    await backend.raw.delete(k.format)
+    report = await check(backend, namespace, repair=True)
+    assert [f.kind for f in report.problems] == ["no-layout-marker"]
+    assert report.repairs == []
+
+    await backend.raw.rpush(k.format, b"1")
+    report = await check(backend, namespace, repair=True)
+    assert [(f.kind, f.key) for f in report.problems] == [("wrong-type", f"{{{namespace}}}:format")]
