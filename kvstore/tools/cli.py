@@ -404,6 +404,41 @@ def cmd_setup(args: argparse.Namespace) -> Action:
     return run
 
 
+def cmd_status(args: argparse.Namespace) -> Action:
+    async def run(store: RedisPackageStore) -> None:
+        from kvstore.tools import status
+
+        try:
+            found = await status.read_status(store)
+        except TypeError as exc:  # a cluster URL
+            raise CliError(str(exc)) from None
+        if args.json:
+            _json(found.as_json())
+        else:
+            print("\n".join(status.describe(found)))
+
+    return run
+
+
+def cmd_check(args: argparse.Namespace) -> Action:
+    async def run(store: RedisPackageStore) -> None:
+        from kvstore.tools import check
+
+        try:
+            report = await check.check_store(store, repair=args.repair)
+        except TypeError as exc:  # a cluster URL
+            raise CliError(str(exc)) from None
+        if args.json:
+            _json(report.as_json())
+        else:
+            print("\n".join(check.describe(report)))
+        if not report.sound:
+            sys.stdout.flush()
+            raise SystemExit(EXIT_ERROR)  # the report is the message
+
+    return run
+
+
 # The tour.
 
 
@@ -536,6 +571,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Action]] = {
     "export": cmd_export,
     "import": cmd_import,
     "setup": cmd_setup,
+    "status": cmd_status,
+    "check": cmd_check,
 }
 
 
@@ -630,6 +667,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("import", "load an export into the namespace (idempotent)")
     sub.add_argument("file", metavar="FILE")
+
+    sub = command(
+        "status", "the server's settings that decide what survives, and the namespace's size"
+    )
+    sub.add_argument("--json", action="store_true", help="JSON for scripts")
+
+    sub = command("check", "look for damage in the namespace (exit 1 if any); --repair fixes")
+    sub.add_argument("--repair", action="store_true", help="fix what needs no guessing")
+    sub.add_argument("--json", action="store_true", help="JSON for scripts")
 
     command(
         "setup",
