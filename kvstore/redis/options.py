@@ -10,6 +10,7 @@ for ever, the one thing the timeouts are there to prevent.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -32,6 +33,14 @@ def _count(value: object, name: str, least: int) -> None:
         raise ValueError(f"{name} must be at least {least}, not {value!r}")
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     """Every option of a ``RedisPackageStore``, each checked when the object is made.
@@ -45,6 +54,8 @@ class StoreOptions:
     the server's unit: ``WAIT`` with 0 ms would wait for ever).
     ``cache_routes``: keep every route in memory.
     ``route_health_interval``: seconds between checks of the route cache's subscription.
+    ``telemetry``: spans and metrics of every call through OpenTelemetry (needs
+    ``opentelemetry-api``, the ``telemetry`` extra; see ``kvstore.redis.telemetry``).
     """
 
     namespace: str = "aion"
@@ -55,6 +66,7 @@ class StoreOptions:
     replica_timeout: float = 1.0
     cache_routes: bool = False
     route_health_interval: float = 1.0
+    telemetry: bool = False
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -71,6 +83,12 @@ class StoreOptions:
         if not isinstance(self.cache_routes, bool):
             raise TypeError(f"cache_routes must be a bool, not {type(self.cache_routes).__name__}")
         _seconds(self.route_health_interval, "route_health_interval")
+        if not isinstance(self.telemetry, bool):
+            raise TypeError(f"telemetry must be a bool, not {type(self.telemetry).__name__}")
+        if self.telemetry and not _installed("opentelemetry"):
+            raise ValueError(
+                "telemetry=True needs opentelemetry-api: pip install 'kvstore[telemetry]'"
+            )
 
     def keywords(self) -> dict[str, Any]:
         """The options as keyword arguments of ``RedisPackageStore``."""

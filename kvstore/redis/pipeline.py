@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import logging
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -20,10 +21,12 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError, TimeoutError
 
-from kvstore.redis.retry import Backoff, Budget
+from kvstore.redis.retry import Backoff, Budget, is_transient
 from kvstore.redis.wire import Command, flatten, pack_commands
 
 T = TypeVar("T")
+
+_log = logging.getLogger(__name__)
 
 # How much one held connection carries at a time: batches of ``max_units`` units, and
 # bytes as a multiple of ``max_bytes``. Several batches deep, the server works on the
@@ -46,6 +49,7 @@ class _Pending:
     hard_end: float  # failed at this, wherever it waits
     alone: bool = False
     drops: int = 0  # how often the server dropped the connection carrying it alone
+    call: Any = None  # the observed call it belongs to (kvstore.redis.telemetry), if any
 
 
 class _Deadlines:
@@ -220,6 +224,12 @@ class Pipeliner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._discards: set[asyncio.Task[None]] = set()
         self._closed = False
+        # Telemetry's hooks (kvstore.redis.telemetry.Observer), when it is on.
+        self.observer: Any = None
+        # What the store's health() reports: whether a reply has come, and the last
+        # failure (its class and text, unredacted) since the last reply, if any.
+        self.reached = False
+        self.last_failure: str | None = None
 
     async def run(
         self, commands: Sequence[Command], size: int = 0, *, alone: bool = False
@@ -241,6 +251,8 @@ class Pipeliner:
         )
         if self._deadlines is not None:
             self._deadlines.track(pending)
+        if self.observer is not None:
+            pending.call = self.observer.current()
         try:
             if alone:
                 self._alone.append(pending)
@@ -333,6 +345,8 @@ class Pipeliner:
         (replies, a retry, or their error); only the writer's own cancellation raises."""
         if not units:
             return
+        if self.observer is not None:
+            self.observer.batch(len(units))
         batch = _Batch(
             units,
             sum(p.size for p in units),
@@ -462,6 +476,8 @@ class Pipeliner:
 
     def _delivered(self, units: list[_Pending], replies: list[Any]) -> None:
         self._backoff.reset()
+        self.reached = True
+        self.last_failure = None
         start = 0
         for p in units:
             end = start + len(p.commands)
@@ -526,6 +542,8 @@ class Pipeliner:
         self._plan_flush()
 
     def _failed(self, units: list[_Pending], exc: BaseException) -> None:
+        if not self._closed:
+            self.last_failure = _describe(exc)
         waiting = [p for p in units if not p.future.done()]
         if not waiting:
             return
@@ -540,6 +558,19 @@ class Pipeliner:
                 p.future.set_exception(self._translate(exc))
         if delay is not None and retry:
             self._requeue_later(retry, now + delay)
+            self._note_retry(retry, exc, delay)
+        if len(retry) < len(waiting) and is_transient(exc) and not self._closed:
+            _log.warning(
+                "%d call(s) gave up, their retry budget spent: %s",
+                len(waiting) - len(retry),
+                self._translate(exc),
+            )
+
+    def _note_retry(self, units: list[_Pending], exc: BaseException, delay: float) -> None:
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug("%d call(s) retried in %.3f s: %s", len(units), delay, self._translate(exc))
+        if self.observer is not None:
+            self.observer.retried([p.call for p in units], exc)
 
     def _requeue_later(self, units: list[_Pending], resume_at: float) -> None:
         self._alone.extendleft(reversed([p for p in units if p.alone]))
@@ -554,9 +585,11 @@ class Pipeliner:
         budget = self._budget
         assert budget.timeout is not None  # no hard end without a timeout
         spent = budget.retry_budget + budget.timeout
-        future.set_exception(
-            self._translate(TimeoutError(f"no reply within {spent:g} s, retries included"))
-        )
+        exc = TimeoutError(f"no reply within {spent:g} s, retries included")
+        self.last_failure = _describe(exc)
+        error = self._translate(exc)
+        _log.warning("a call gave up, its retry budget spent: %s", error)
+        future.set_exception(error)
 
     def _spawn(
         self, work: Coroutine[Any, Any, None], into: set[asyncio.Task[None]] | None = None
@@ -593,6 +626,10 @@ class Pipeliner:
                 p.future.set_exception(self._translate(closed))
         if self._deadlines is not None:
             self._deadlines.close()
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _dropped(exc: BaseException | None) -> bool:

@@ -143,6 +143,8 @@ class RouteCache:
         self._task: asyncio.Task[None] | None = None
         self._session_went_live = False
         self._closed = False
+        # Full loads of the table, the first included (telemetry reads it).
+        self.reloads = 0
 
     # The owner's side.
 
@@ -252,6 +254,11 @@ class RouteCache:
                 await self._confirmed(pubsub)
                 await self._reload(pubsub)
             self._session_went_live = True
+            _log.info(
+                "route cache of %r is live at route version %d",
+                self._keys.namespace,
+                self._table.stream_version,
+            )
             await self._listen(pubsub)
         finally:
             self._go_down()
@@ -374,6 +381,7 @@ class RouteCache:
 
     async def _reload(self, pubsub: PubSub) -> None:
         self._table.go_down()
+        self.reloads += 1
         for _ in range(_MAX_RELOADS):
             floor = self._table.mark()
             async with _deadline(self._setup_timeout):

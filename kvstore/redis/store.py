@@ -8,7 +8,9 @@ not at all. The keys are laid out in ``kvstore.redis.keyspace``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable, Iterable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from types import TracebackType
 from typing import Any, NamedTuple
@@ -51,6 +53,8 @@ from kvstore.redis.scripts import (
 from kvstore.redis.urls import client_from_url
 from kvstore.redis.wire import Command, Recurring, flatten
 
+_log = logging.getLogger(__name__)
+
 _HMGET_ROW = Recurring("HMGET")
 _ROW_FIELDS = Recurring(b"archive", b"deployed_at")
 _HGET_STAMP = Recurring("HGET")
@@ -63,6 +67,25 @@ _ARCHIVE_FIELD = Recurring(b"archive")
 # other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
 # to set the limit under 1 MiB).
 LARGE_ARGUMENT = 512 << 10
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """What a store knows of its server, without asking it (``RedisPackageStore.health``).
+
+    ``connected``: the last reply the store waited for came (``False`` before any call,
+    and after a call whose connection broke, stalled or could not be made, until one
+    reaches the server again). ``route_cache_live``: whether route lookups are answered
+    from memory (``None``: the store does not cache routes). ``last_error``: the last
+    failure to reach the server, password redacted, or ``None`` since the last reply.
+    ``library_loaded``: whether the last write found this release's library on the
+    server, or could load it (``None``: no write yet).
+    """
+
+    connected: bool
+    route_cache_live: bool | None
+    last_error: str | None
+    library_loaded: bool | None
 
 
 class RedisPackageStore:
@@ -104,6 +127,11 @@ class RedisPackageStore:
     writes, and another store's write is seen as soon as its message arrives (a
     silently dead subscription is noticed within about ``2 * route_health_interval``
     seconds). ``watch_routes`` then yields route writes as they happen.
+
+    With ``telemetry=True`` every call is a span and a measurement through OpenTelemetry
+    (``kvstore.redis.telemetry``); it logs through ``logging.getLogger("kvstore")``
+    either way. ``ping`` and ``health`` tell a readiness probe whether the store can
+    reach its server.
     """
 
     def __init__(
@@ -118,6 +146,7 @@ class RedisPackageStore:
         replica_timeout: float = DEFAULTS.replica_timeout,
         cache_routes: bool = DEFAULTS.cache_routes,
         route_health_interval: float = DEFAULTS.route_health_interval,
+        telemetry: bool = DEFAULTS.telemetry,
     ) -> None:
         self._options = StoreOptions(
             namespace=namespace,
@@ -128,6 +157,7 @@ class RedisPackageStore:
             replica_timeout=replica_timeout,
             cache_routes=cache_routes,
             route_health_interval=route_health_interval,
+            telemetry=telemetry,
         )
         if not isinstance(client, (Redis, RedisCluster)):
             raise TypeError(
@@ -174,6 +204,15 @@ class RedisPackageStore:
             self._route_cache = RouteCache(
                 client, self._keys, timeout=timeout, health_interval=route_health_interval
             )
+        # Whether a write found this release's library on the server (None: no write yet).
+        self._library_found: bool | None = None
+        if telemetry:
+            # Imported only here: without telemetry, opentelemetry is never loaded.
+            from kvstore.redis import telemetry as observed
+
+            self._pipeliner.observer = observed.instrument(
+                self, _telemetry_attributes(client, options, namespace)
+            )
 
     @classmethod
     def from_url(
@@ -188,6 +227,7 @@ class RedisPackageStore:
         replica_timeout: float = DEFAULTS.replica_timeout,
         cache_routes: bool = DEFAULTS.cache_routes,
         route_health_interval: float = DEFAULTS.route_health_interval,
+        telemetry: bool = DEFAULTS.telemetry,
         **client_options: Any,
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
@@ -210,6 +250,7 @@ class RedisPackageStore:
             replica_timeout=replica_timeout,
             cache_routes=cache_routes,
             route_health_interval=route_health_interval,
+            telemetry=telemetry,
         )
         # No socket timeout: the pipeliner's deadline already bounds every attempt, and
         # redis-py would pay for a second timer on every send and every read.
@@ -257,6 +298,37 @@ class RedisPackageStore:
         tb: TracebackType | None,
     ) -> None:
         await self.aclose()
+
+    # Health.
+
+    async def ping(self) -> None:
+        """One round trip to the server through the store's own connections, sent as
+        the store's calls are; raises ``BackendError`` if no answer comes within
+        ``timeout`` seconds (no retry: a probe wants the state now)."""
+        run = self._pipeliner.run((("PING",),))
+        try:
+            if self._timeout is None:
+                (reply,) = await run
+            else:
+                (reply,) = await asyncio.wait_for(run, self._timeout)
+        except asyncio.TimeoutError:
+            stalled = TimeoutError(f"no answer to PING within {self._timeout} s")
+            self._pipeliner.last_failure = f"TimeoutError: {stalled}"  # for health()
+            raise self._backend_error(stalled) from None
+        self._reply(reply)
+
+    def health(self) -> StoreHealth:
+        """What the store knows of its server now, without a round trip; see
+        ``StoreHealth``. Cheap enough for every readiness probe."""
+        failure = self._pipeliner.last_failure
+        return StoreHealth(
+            connected=self._pipeliner.reached and failure is None,
+            route_cache_live=None if self._route_cache is None else self._route_cache.live,
+            last_error=(
+                None if failure is None else f"{self._server}: {_redact(failure, self._secrets)}"
+            ),
+            library_loaded=self._library_found,
+        )
 
     # Writes: one function call each.
 
@@ -492,9 +564,11 @@ class RedisPackageStore:
         replies = await self._pipeliner.run(commands, size, alone=alone)
         if is_missing_function(replies[0]):
             # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
+            self._library_found = False
             await self._ensure_library()
             replies = await self._pipeliner.run(commands, size, alone=alone)
         reply = replies[0]
+        self._library_found = not is_missing_function(reply)
         if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
             raise self._type_error(command, str(reply))
         result = self._reply(reply)
@@ -578,10 +652,12 @@ class RedisPackageStore:
         return reply
 
     def _layout_error(self, found: bytes) -> SerializationError:
-        return SerializationError(
+        error = SerializationError(
             f"{self._keys.format!r} says layout {found!r}; this kvstore reads and writes "
             f"layout {FORMAT_VERSION!r} and will not touch the namespace"
         )
+        _log.error("%s", error)
+        return error
 
     def _backend_error(self, exc: BaseException) -> BackendError:
         message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -638,6 +714,28 @@ def _connection_options(client: Redis | RedisCluster) -> dict[str, Any]:
     if isinstance(client, RedisCluster):
         return dict(client.get_connection_kwargs())
     return dict(client.connection_pool.connection_kwargs)
+
+
+def _telemetry_attributes(
+    client: Redis | RedisCluster, options: dict[str, Any], namespace: str
+) -> dict[str, Any]:
+    """The attributes every span and measurement of a store carries, by OpenTelemetry's
+    conventions: the server, the database index, the namespace (never a secret)."""
+    attributes: dict[str, Any] = {"kvstore.namespace": namespace}
+    if isinstance(client, RedisCluster):
+        nodes = client.nodes_manager.startup_nodes
+        if nodes:
+            first = next(iter(nodes.values()))
+            attributes["server.address"] = first.host
+            attributes["server.port"] = first.port
+        return attributes
+    if "path" in options:
+        attributes["server.address"] = options["path"]
+    elif "host" in options:
+        attributes["server.address"] = options["host"]
+        attributes["server.port"] = int(options.get("port", 6379))
+    attributes["db.namespace"] = str(options.get("db", 0))
+    return attributes
 
 
 def _describe_server(client: Redis | RedisCluster, options: dict[str, Any]) -> str:

@@ -1,0 +1,353 @@
+"""Spans and metrics of a store's calls, by OpenTelemetry's conventions for database clients.
+
+The store sends its commands on connections of its own, pipelined, so redis-py's
+instrumentation sees none of them: this module observes the store's calls instead. It
+needs ``opentelemetry-api`` (the ``telemetry`` extra) and only the API: spans and metrics
+go to whatever SDK the application configured, and nowhere when it configured none.
+
+Off by default (``RedisPackageStore(..., telemetry=False)``), it costs nothing: this
+module is not even imported, the store's methods are its own, and the pipeliner pays
+one attribute check per call and per batch. ``telemetry=True`` replaces the store's
+public methods on that instance by observed ones (``instrument``).
+
+Each call of the store is one span of kind ``CLIENT``, named by its operation
+(``put_package``, ``get_package_route``, ``iter_packages``, ``ping``, …), with:
+
+==============================  ==================================================
+``db.system.name``              ``"redis"`` (the protocol; Valkey speaks it too)
+``db.operation.name``           the store's operation, as in the span name
+``db.stored_procedure_name``    the library function a write calls (``FCALL``)
+``db.namespace``                the database index, for a single server
+``server.address``              host, or the socket's path; ``server.port``
+``kvstore.namespace``           the store's key prefix
+``kvstore.attempts``            tries of the call's commands: 1 + retries, 0 when
+                                the route cache answered without the server
+``error.type``                  on failure: the cause's class (``redis.exceptions.
+                                TimeoutError``) or kvstore's error class
+``db.response.status_code``     on a server's refusal: its error prefix (``NOPERM``)
+==============================  ==================================================
+
+Never an archive, a workflow type or a content hash: they are unbounded in number, and
+an archive may be large or private. A call made inside another call of the same store
+(``list_packages`` walks ``iter_packages``) is part of it, not a span of its own.
+
+Metrics (meter ``kvstore``):
+
+- ``db.client.operation.duration`` (histogram, s): every call, with the span's
+  attributes (``error.type`` on failure), so failures by kind are counted there too;
+- ``kvstore.client.retries`` (counter): transient failures retried, by ``error.type``;
+- ``kvstore.client.failures`` (counter): calls failed, by operation and ``error.type``;
+- ``kvstore.pipeline.batch.size`` (histogram, ``{unit}``): calls sent per batch;
+- ``kvstore.route_cache.live`` (gauge, observed at collection): 1 live, 0 not;
+- ``kvstore.route_cache.reloads`` (counter, observed at collection): full reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from opentelemetry import metrics, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from redis.exceptions import ResponseError
+
+from kvstore.errors import BackendError
+from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE
+
+if TYPE_CHECKING:
+    from kvstore.redis.store import RedisPackageStore
+
+__all__ = ["CALLS", "ITERATORS", "Observer", "instrument"]
+
+VERSION = "0.1.0"
+# The store's calls that are observed: coroutines, and async iterators.
+CALLS: Final = (
+    "put_package",
+    "put_package_with_routes",
+    "get_package",
+    "delete_package",
+    "put_package_route",
+    "get_package_route",
+    "list_packages",
+    "list_package_routes",
+    "load_library",
+    "ping",
+)
+ITERATORS: Final = ("iter_packages", "iter_package_heads")
+_FUNCTIONS: Final = {
+    "put_package": PUT_PACKAGE.name,
+    "put_package_with_routes": PUT_PACKAGE.name,
+    "delete_package": DELETE_PACKAGE.name,
+    "put_package_route": PUT_ROUTE.name,
+}
+# OpenTelemetry's advice for db.client.operation.duration.
+_DURATION_BUCKETS: Final = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0)
+_BATCH_BUCKETS: Final = (1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0)
+
+
+class Call:
+    """What the pipeliner tells about one observed call while it runs."""
+
+    __slots__ = ("observer", "retries", "units")
+
+    def __init__(self, observer: Observer) -> None:
+        self.observer = observer
+        self.units = 0  # units the pipeliner was given
+        self.retries = 0  # of those, tries after a transient failure
+
+    @property
+    def attempts(self) -> int:
+        return (1 if self.units else 0) + self.retries
+
+
+# The observed call under way in this context, if any.
+_CURRENT: contextvars.ContextVar[Call | None] = contextvars.ContextVar("kvstore_call", default=None)
+
+
+class _Instruments:
+    """The meter's instruments, made once per process and shared by every store."""
+
+    def __init__(self) -> None:
+        meter = metrics.get_meter("kvstore", VERSION)
+        self.duration = _histogram(
+            meter,
+            "db.client.operation.duration",
+            "s",
+            "Duration of the store's calls, retries included.",
+            _DURATION_BUCKETS,
+        )
+        self.batch = _histogram(
+            meter,
+            "kvstore.pipeline.batch.size",
+            "{unit}",
+            "Calls sent together in one pipelined batch.",
+            _BATCH_BUCKETS,
+        )
+        self.retries = meter.create_counter(
+            "kvstore.client.retries", "{retry}", "Transient failures the store retried."
+        )
+        self.failures = meter.create_counter(
+            "kvstore.client.failures", "{call}", "Store calls that failed, by kind."
+        )
+        self.stores: weakref.WeakSet[Observer] = weakref.WeakSet()
+        meter.create_observable_gauge(
+            "kvstore.route_cache.live",
+            [self._live],
+            "1",
+            "Whether the route cache answers from memory (1) or not (0).",
+        )
+        meter.create_observable_counter(
+            "kvstore.route_cache.reloads",
+            [self._reloads],
+            "{reload}",
+            "Full reloads of the route cache (connects, lost messages, resets).",
+        )
+
+    def _live(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for observer in list(self.stores):
+            cache = observer.route_cache()
+            if cache is not None:
+                yield metrics.Observation(int(cache.live), observer.base)
+
+    def _reloads(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
+        for observer in list(self.stores):
+            cache = observer.route_cache()
+            if cache is not None:
+                yield metrics.Observation(cache.reloads, observer.base)
+
+
+def _histogram(
+    meter: metrics.Meter, name: str, unit: str, description: str, buckets: tuple[float, ...]
+) -> metrics.Histogram:
+    try:  # the bucket advice is in opentelemetry-api 1.23 and later
+        return meter.create_histogram(
+            name, unit, description, explicit_bucket_boundaries_advisory=list(buckets)
+        )
+    except TypeError:
+        return meter.create_histogram(name, unit, description)
+
+
+_instruments: _Instruments | None = None
+
+
+def _shared() -> _Instruments:
+    global _instruments
+    if _instruments is None:
+        _instruments = _Instruments()
+    return _instruments
+
+
+class Observer:
+    """The telemetry of one store: its spans, its share of the metrics, and the hooks
+    the pipeliner calls (``current``, ``batch``, ``retried``)."""
+
+    def __init__(self, store: RedisPackageStore, attributes: dict[str, Any]) -> None:
+        self._store = weakref.ref(store)
+        self.base: dict[str, Any] = {"db.system.name": "redis", **attributes}
+        self._tracer = trace.get_tracer("kvstore", VERSION)
+        self._instruments = _shared()
+        self._instruments.stores.add(self)
+        # Attributes per operation, made once.
+        self._attributes = {
+            name: {
+                **self.base,
+                "db.operation.name": name,
+                **({"db.stored_procedure_name": _FUNCTIONS[name]} if name in _FUNCTIONS else {}),
+            }
+            for name in (*CALLS, *ITERATORS)
+        }
+
+    def route_cache(self) -> Any:
+        store = self._store()
+        return None if store is None else store._route_cache
+
+    # The pipeliner's hooks.
+
+    def current(self) -> Call | None:
+        """The observed call a unit given to the pipeliner now belongs to."""
+        call = _CURRENT.get()
+        if call is not None and call.observer is self:
+            call.units += 1
+            return call
+        return None
+
+    def batch(self, units: int) -> None:
+        self._instruments.batch.record(units, self.base)
+
+    def retried(self, calls: Iterable[Call | None], exc: BaseException) -> None:
+        count = 0
+        for call in calls:
+            count += 1
+            if call is not None:
+                call.retries += 1
+        self._instruments.retries.add(count, {**self.base, "error.type": _type_of(exc)})
+
+    # Observing a call.
+
+    def wrap(self, name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+        attributes = self._attributes[name]
+        tracer = self._tracer
+        instruments = self._instruments
+
+        async def observed(*args: Any, **kwargs: Any) -> Any:
+            if (outer := _CURRENT.get()) is not None and outer.observer is self:
+                return await method(*args, **kwargs)  # part of a call already observed
+            call = Call(self)
+            token = _CURRENT.set(call)
+            start = time.perf_counter()
+            outcome = attributes
+            with tracer.start_as_current_span(
+                name,
+                kind=SpanKind.CLIENT,
+                attributes=attributes,
+                record_exception=False,
+                set_status_on_exception=False,
+            ) as span:
+                try:
+                    return await method(*args, **kwargs)
+                except BaseException as exc:
+                    outcome = self._failed(span, attributes, exc)
+                    raise
+                finally:
+                    _CURRENT.reset(token)
+                    span.set_attribute("kvstore.attempts", call.attempts)
+                    instruments.duration.record(time.perf_counter() - start, outcome)
+
+        observed.__name__ = name
+        observed.__doc__ = method.__doc__
+        return observed
+
+    def wrap_iterator(
+        self, name: str, method: Callable[..., AsyncIterator[Any]]
+    ) -> Callable[..., AsyncIterator[Any]]:
+        attributes = self._attributes[name]
+
+        def observed(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
+            if (outer := _CURRENT.get()) is not None and outer.observer is self:
+                return method(*args, **kwargs)
+            return self._iterate(name, attributes, method(*args, **kwargs))
+
+        observed.__name__ = name
+        observed.__doc__ = method.__doc__
+        return observed
+
+    async def _iterate(
+        self, name: str, attributes: dict[str, Any], inner: AsyncIterator[Any]
+    ) -> AsyncIterator[Any]:
+        # The span covers the whole walk; the call is current only while the walk
+        # itself runs, not while the caller's loop body does between items.
+        call = Call(self)
+        start = time.perf_counter()
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        rows = 0
+        outcome = attributes
+        try:
+            while True:
+                token = _CURRENT.set(call)
+                try:
+                    with trace.use_span(span, end_on_exit=False):
+                        item = await inner.__anext__()
+                except StopAsyncIteration:
+                    break
+                finally:
+                    _CURRENT.reset(token)
+                rows += 1
+                yield item
+        except BaseException as exc:
+            if not isinstance(exc, GeneratorExit):  # the caller stopped early: no failure
+                outcome = self._failed(span, attributes, exc)
+            raise
+        finally:
+            aclose = getattr(inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            span.set_attribute("kvstore.attempts", call.attempts)
+            span.set_attribute("db.response.returned_rows", rows)
+            self._instruments.duration.record(time.perf_counter() - start, outcome)
+            span.end()
+
+    def _failed(
+        self, span: trace.Span, attributes: dict[str, Any], exc: BaseException
+    ) -> dict[str, Any]:
+        """Mark ``span`` failed by ``exc``; the attributes of the call's duration."""
+        kind = _type_of(exc)
+        span.set_attribute("error.type", kind)
+        cause = exc.__cause__ if isinstance(exc, BackendError) else None
+        if isinstance(cause, ResponseError):
+            span.set_attribute("db.response.status_code", str(cause).split(" ", 1)[0])
+        # The class only: a message may name a key, and so a workflow type.
+        span.set_status(Status(StatusCode.ERROR, kind))
+        outcome = {**attributes, "error.type": kind}
+        if kind != "cancelled":  # a caller that gave up is not a failure of the store
+            self._instruments.failures.add(1, outcome)
+        return outcome
+
+
+def _type_of(exc: BaseException) -> str:
+    """``error.type``: what failed, in a few dozen values at most."""
+    if isinstance(exc, asyncio.CancelledError):
+        return "cancelled"
+    if isinstance(exc, BackendError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    cls = type(exc)
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    if module.startswith("kvstore."):
+        module = "kvstore"
+    return f"{module}.{cls.__qualname__}"
+
+
+def instrument(store: RedisPackageStore, attributes: dict[str, Any]) -> Observer:
+    """Observe ``store``'s calls: its public methods, on this instance, become observed
+    ones. Returns the observer, which the store hands to its pipeliner."""
+    observer = Observer(store, attributes)
+    for name in CALLS:
+        setattr(store, name, observer.wrap(name, getattr(store, name)))
+    for name in ITERATORS:
+        setattr(store, name, observer.wrap_iterator(name, getattr(store, name)))
+    return observer

@@ -1,0 +1,307 @@
+"""Spans and metrics of the store's calls, read back with the OpenTelemetry SDK's
+in-memory exporters, on fakeredis and on real servers that are stalled mid-call."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator
+from datetime import datetime, timezone
+from typing import Any
+
+import fakeredis
+import pytest
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from redis.asyncio import Redis
+
+from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
+from kvstore.redis.keyspace import Keyspace
+from kvstore.redis.scripts import PUT_PACKAGE
+from kvstore.tools.server_process import LocalServer
+
+from .conftest import fresh_namespace
+from .topology import eventually
+
+# The SDK's providers can be set once per process: every test here shares them and
+# reads what its own store (its own namespace) produced.
+_SPANS = InMemorySpanExporter()
+_READER = InMemoryMetricReader()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def providers() -> Iterator[None]:
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(_SPANS))
+        trace.set_tracer_provider(provider)
+    if not isinstance(metrics.get_meter_provider(), MeterProvider):
+        metrics.set_meter_provider(MeterProvider(metric_readers=[_READER]))
+    yield
+
+
+def spans(namespace: str) -> list[ReadableSpan]:
+    return [
+        s
+        for s in _SPANS.get_finished_spans()
+        if s.attributes is not None and s.attributes.get("kvstore.namespace") == namespace
+    ]
+
+
+def attrs(span: ReadableSpan) -> dict[str, Any]:
+    return dict(span.attributes or {})
+
+
+def points(name: str, namespace: str) -> list[Any]:
+    """The data points of metric ``name`` that carry ``namespace``."""
+    data = _READER.get_metrics_data()
+    assert data is not None
+    found = []
+    for resource in data.resource_metrics:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    found += [
+                        p
+                        for p in metric.data.data_points
+                        if p.attributes is not None
+                        and p.attributes.get("kvstore.namespace") == namespace
+                    ]
+    return found
+
+
+def pkg(workflow_type: str = "wf", content_hash: str = "h1") -> PackageRecord:
+    return PackageRecord(
+        workflow_type, content_hash, b"secret-archive-bytes", datetime.now(timezone.utc)
+    )
+
+
+@pytest.fixture
+async def store() -> AsyncIterator[RedisPackageStore]:
+    async with RedisPackageStore(
+        fakeredis.FakeAsyncRedis(), namespace=fresh_namespace(), telemetry=True
+    ) as made:
+        yield made
+
+
+async def test_a_put_is_one_client_span_with_the_conventional_attributes(
+    store: RedisPackageStore,
+) -> None:
+    await store.put_package(pkg())
+    (span,) = spans(store.namespace)
+    assert span.name == "put_package"
+    assert span.kind is SpanKind.CLIENT
+    assert span.status.status_code is StatusCode.UNSET
+    assert dict(span.attributes or {}) == {
+        "db.system.name": "redis",
+        "db.operation.name": "put_package",
+        "db.stored_procedure_name": PUT_PACKAGE.name,
+        "db.namespace": "0",
+        "server.address": store._server.split(":")[0],
+        "server.port": 6379,
+        "kvstore.namespace": store.namespace,
+        "kvstore.attempts": 1,
+    }
+
+
+async def test_no_span_or_measurement_carries_an_archive_a_type_or_a_hash(
+    store: RedisPackageStore,
+) -> None:
+    await store.put_package_with_routes(pkg("secret-type", "secret-hash"), ["other-secret"])
+    await store.get_package("secret-type", "secret-hash")
+    await store.get_package_route("secret-type")
+    await store.list_packages()
+    said = repr([dict(s.attributes or {}) for s in spans(store.namespace)])
+    said += repr(
+        [dict(p.attributes) for p in points("db.client.operation.duration", store.namespace)]
+    )
+    for secret in ("secret-archive", "secret-type", "secret-hash", "other-secret"):
+        assert secret not in said
+
+
+async def test_a_listing_is_one_span_and_one_duration_however_it_walks(
+    store: RedisPackageStore,
+) -> None:
+    for i in range(5):
+        await store.put_package(pkg(content_hash=f"h{i}"))
+    assert len(await store.list_packages()) == 5
+    listed = [s for s in spans(store.namespace) if s.name != "put_package"]
+    assert [s.name for s in listed] == ["list_packages"]  # its walk is part of it
+    walked = [r async for r in store.iter_packages(chunk=2)]
+    assert len(walked) == 5
+    (walk,) = [s for s in spans(store.namespace) if s.name == "iter_packages"]
+    assert attrs(walk)["db.response.returned_rows"] == 5
+    assert attrs(walk)["kvstore.attempts"] == 1
+    durations = {
+        p.attributes["db.operation.name"]: p.count
+        for p in points("db.client.operation.duration", store.namespace)
+    }
+    assert durations == {"put_package": 5, "list_packages": 1, "iter_packages": 1}
+    sizes = points("kvstore.pipeline.batch.size", store.namespace)
+    assert sum(p.count for p in sizes) >= 1
+
+
+async def test_a_walk_left_early_ends_its_span_without_an_error(
+    store: RedisPackageStore,
+) -> None:
+    for i in range(3):
+        await store.put_package(pkg(content_hash=f"h{i}"))
+    walk = store.iter_packages(chunk=1)
+    async for _ in walk:
+        break
+    await walk.aclose()  # type: ignore[attr-defined]
+    (span,) = [s for s in spans(store.namespace) if s.name == "iter_packages"]
+    assert span.status.status_code is StatusCode.UNSET
+    assert "error.type" not in attrs(span)
+
+
+async def test_a_failed_call_says_its_error_type_in_its_span_and_the_failures() -> None:
+    client = fakeredis.FakeAsyncRedis()
+    namespace = fresh_namespace()
+    await client.set(Keyspace(namespace).format, b"999")  # a later layout
+    async with RedisPackageStore(client, namespace=namespace, telemetry=True) as store:
+        with pytest.raises(SerializationError):
+            await store.get_package("wf", "h1")
+    (span,) = spans(namespace)
+    assert span.status.status_code is StatusCode.ERROR
+    assert attrs(span)["error.type"] == "kvstore.SerializationError"
+    (failed,) = points("kvstore.client.failures", namespace)
+    assert failed.value == 1
+    assert attrs(failed)["error.type"] == "kvstore.SerializationError"
+    assert attrs(failed)["db.operation.name"] == "get_package"
+
+
+async def test_a_route_answered_from_memory_made_no_attempt() -> None:
+    async with RedisPackageStore(
+        fakeredis.FakeAsyncRedis(), namespace=fresh_namespace(), telemetry=True, cache_routes=True
+    ) as store:
+        await store.put_package(pkg())
+        assert await store.route_cache_ready()
+        assert await store.get_package_route("wf") == "h1"
+        (lookup,) = [s for s in spans(store.namespace) if s.name == "get_package_route"]
+        assert attrs(lookup)["kvstore.attempts"] == 0
+
+
+@pytest.fixture
+def own_server() -> Iterator[LocalServer]:
+    """A server of the test's own, which it may stop (SIGSTOP) or kill."""
+    with LocalServer() as running:
+        yield running
+        if running.pid is not None:
+            os.kill(running.pid, signal.SIGCONT)
+
+
+async def test_a_call_retried_across_a_stalled_server_counts_its_attempts(
+    own_server: LocalServer,
+) -> None:
+    async with RedisPackageStore.from_url(
+        own_server.url, namespace=fresh_namespace(), timeout=0.3, retry_budget=10.0, telemetry=True
+    ) as store:
+        await store.put_package(pkg(content_hash="before"))
+        assert own_server.pid is not None
+        os.kill(own_server.pid, signal.SIGSTOP)
+        try:
+            put = asyncio.create_task(store.put_package(pkg(content_hash="across")))
+            await asyncio.sleep(1.0)  # several attempts time out meanwhile
+        finally:
+            os.kill(own_server.pid, signal.SIGCONT)
+        await asyncio.wait_for(put, 10.0)
+        across = [s for s in spans(store.namespace) if s.name == "put_package"][-1]
+        assert attrs(across)["kvstore.attempts"] >= 2
+        assert across.status.status_code is StatusCode.UNSET
+        retries = points("kvstore.client.retries", store.namespace)
+        assert {p.attributes["error.type"] for p in retries} == {"redis.exceptions.TimeoutError"}
+        assert sum(p.value for p in retries) == attrs(across)["kvstore.attempts"] - 1
+
+
+async def test_a_call_that_spends_its_budget_fails_with_the_cause_as_its_error_type(
+    own_server: LocalServer,
+) -> None:
+    async with RedisPackageStore.from_url(
+        own_server.url, namespace=fresh_namespace(), timeout=0.2, retry_budget=0.3, telemetry=True
+    ) as store:
+        await store.ping()
+        own_server.kill()
+        with pytest.raises(BackendError):
+            await store.get_package("wf", "h1")
+        failed = [s for s in spans(store.namespace) if s.name == "get_package"][-1]
+        assert failed.status.status_code is StatusCode.ERROR
+        assert attrs(failed)["error.type"].startswith("redis.exceptions.")
+        durations = points("db.client.operation.duration", store.namespace)
+        assert any(p.attributes.get("error.type") for p in durations)
+
+
+async def test_the_route_cache_gauge_and_reloads_follow_a_lost_subscription(
+    own_server: LocalServer,
+) -> None:
+    async with RedisPackageStore.from_url(
+        own_server.url,
+        namespace=fresh_namespace(),
+        cache_routes=True,
+        route_health_interval=0.2,
+        telemetry=True,
+    ) as store:
+        assert await store.route_cache_ready()
+        (live,) = points("kvstore.route_cache.live", store.namespace)
+        (reloads,) = points("kvstore.route_cache.reloads", store.namespace)
+        assert (live.value, reloads.value) == (1, 1)
+        async with Redis.from_url(own_server.url) as raw:
+            await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+
+        def reloaded() -> bool:
+            (count,) = points("kvstore.route_cache.reloads", store.namespace)
+            return bool(count.value >= 2 and store._route_cache and store._route_cache.live)
+
+        await eventually(reloaded, within=10.0, what="the cache reloaded after its subscription")
+        (live,) = points("kvstore.route_cache.live", store.namespace)
+        assert live.value == 1
+
+
+async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
+    # redis-py itself may import opentelemetry when it is installed; kvstore's telemetry
+    # is not loaded, and the store's methods are the class's own.
+    probe = (
+        "import asyncio, sys, fakeredis\n"
+        "from kvstore import RedisPackageStore\n"
+        "async def main():\n"
+        "    async with RedisPackageStore(fakeredis.FakeAsyncRedis()) as s:\n"
+        "        await s.ping(); await s.list_packages()\n"
+        "        assert not set(vars(s)) & {'put_package', 'iter_packages', 'ping'}\n"
+        "        assert s._pipeliner.observer is None\n"
+        "asyncio.run(main())\n"
+        "print('kvstore.redis.telemetry' in sys.modules)\n"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert loaded.strip() == "False"
+
+
+def test_telemetry_without_opentelemetry_installed_is_refused_naming_the_extra() -> None:
+    probe = (
+        "import sys\n"
+        "sys.modules['opentelemetry'] = None  # as if not installed\n"
+        "import fakeredis\n"
+        "from kvstore import RedisPackageStore\n"
+        "try:\n"
+        "    RedisPackageStore(fakeredis.FakeAsyncRedis(), telemetry=True)\n"
+        "except ValueError as exc:\n"
+        "    print(exc)\n"
+    )
+    said = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True
+    ).stdout
+    assert "kvstore[telemetry]" in said
+
+
+def test_telemetry_must_be_a_bool() -> None:
+    with pytest.raises(TypeError, match="telemetry"):
+        RedisPackageStore(fakeredis.FakeAsyncRedis(), telemetry="yes")  # type: ignore[arg-type]
