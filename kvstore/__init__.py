@@ -4,7 +4,7 @@ from kvstore.contract import PackageStore
 from kvstore.errors import BackendError, SerializationError, StoreError
 from kvstore.memory_store import InMemoryPackageStore
 from kvstore.records import PackageHead, PackageRecord, PackageRouteRecord
-from kvstore.redis.store import RedisPackageStore
+from kvstore.redis.store import RedisPackageStore, StoreHealth
 
 __all__ = [
     "BackendError",
@@ -16,4 +16,5 @@ __all__ = [
     "RedisPackageStore",
     "SerializationError",
     "StoreError",
+    "StoreHealth",
 ]

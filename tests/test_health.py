@@ -13,11 +13,11 @@ from datetime import datetime, timezone
 import fakeredis
 import pytest
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore
-from kvstore.redis.store import StoreHealth
+from kvstore import BackendError, PackageRecord, RedisPackageStore, StoreHealth
 from kvstore.tools.server_process import LocalServer
 
-from .conftest import fresh_namespace
+from .conftest import SERVERS, fresh_namespace
+from .topology import server_binary
 
 PASSWORD = "pw-never-shown-91ab"
 
@@ -26,9 +26,11 @@ def pkg() -> PackageRecord:
     return PackageRecord("wf", "h1", b"archive", datetime.now(timezone.utc))
 
 
-@pytest.fixture
-def own_server() -> Iterator[LocalServer]:
-    with LocalServer(settings={"requirepass": PASSWORD}) as running:
+@pytest.fixture(params=SERVERS)
+def own_server(request: pytest.FixtureRequest) -> Iterator[LocalServer]:
+    """A server of the test's own (each kind in turn), which it may stop or kill."""
+    binary = server_binary(request.param)
+    with LocalServer(binary, settings={"requirepass": PASSWORD}) as running:
         yield running
         if running.pid is not None:
             os.kill(running.pid, signal.SIGCONT)

@@ -13,5 +13,7 @@ module              holds
 ``retry``           the retry policy: what is transient, backoff, the budget
 ``route_cache``     every route in memory, kept true by the server's announcements
 ``urls``            clients made from URLs
+``telemetry``       OpenTelemetry spans and metrics of a store's calls (imported
+                    only by a store made with ``telemetry=True``)
 ==================  ==============================================================
 """

@@ -304,7 +304,8 @@ class RedisPackageStore:
     async def ping(self) -> None:
         """One round trip to the server through the store's own connections, sent as
         the store's calls are; raises ``BackendError`` if no answer comes within
-        ``timeout`` seconds (no retry: a probe wants the state now)."""
+        ``timeout`` seconds, retries included (a probe wants the state now, not after
+        the retry budget), or if the server refuses it."""
         run = self._pipeliner.run((("PING",),))
         try:
             if self._timeout is None:
@@ -568,10 +569,10 @@ class RedisPackageStore:
             await self._ensure_library()
             replies = await self._pipeliner.run(commands, size, alone=alone)
         reply = replies[0]
-        self._library_found = not is_missing_function(reply)
         if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
             raise self._type_error(command, str(reply))
         result = self._reply(reply)
+        self._library_found = True  # the function ran
         if wait is not None:
             acked, wanted = self._reply(replies[1]), wait[1]
             if acked < wanted:
