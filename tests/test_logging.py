@@ -8,6 +8,8 @@ import asyncio
 import logging
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import datetime, timezone
 
@@ -134,3 +136,24 @@ async def test_a_closed_store_spends_no_budget_and_says_nothing(
     with pytest.raises(BackendError):
         await asyncio.wait_for(store.ping(), 5.0)
     assert [r for r in caplog.records if r.name.startswith("kvstore")] == []
+
+
+def test_an_application_that_configures_no_logging_sees_none() -> None:
+    # Python prints unhandled warnings on stderr; a library's are the application's call.
+    probe = (
+        "import asyncio\n"
+        "from kvstore import BackendError, RedisPackageStore\n"
+        "async def main():\n"
+        "    async with RedisPackageStore.from_url(\n"
+        "        'redis://127.0.0.1:1', timeout=0.2, retry_budget=0.1\n"
+        "    ) as store:\n"
+        "        try:\n"
+        "            await store.list_packages()\n"
+        "        except BackendError:\n"
+        "            print('failed')\n"
+        "asyncio.run(main())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert (done.stdout, done.stderr) == ("failed\n", "")

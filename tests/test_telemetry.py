@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
+from kvstore.conformance import run_package_store_suite
 from kvstore.redis.keyspace import Keyspace
 from kvstore.redis.scripts import PUT_PACKAGE
 from kvstore.tools.server_process import LocalServer
@@ -263,6 +264,21 @@ async def test_the_route_cache_gauge_and_reloads_follow_a_lost_subscription(
         await eventually(reloaded, within=10.0, what="the cache reloaded after its subscription")
         (live,) = points("kvstore.route_cache.live", store.namespace)
         assert live.value == 1
+
+
+@pytest.mark.parametrize("cache_routes", [False, True])
+async def test_an_observed_store_keeps_every_promise_of_the_contract(
+    valkey_server: LocalServer, cache_routes: bool
+) -> None:
+    def make() -> RedisPackageStore:
+        return RedisPackageStore.from_url(
+            valkey_server.url,
+            namespace=fresh_namespace(),
+            telemetry=True,
+            cache_routes=cache_routes,
+        )
+
+    await run_package_store_suite(make)
 
 
 async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
