@@ -321,3 +321,30 @@ def test_telemetry_without_opentelemetry_installed_is_refused_naming_the_extra()
 def test_telemetry_must_be_a_bool() -> None:
     with pytest.raises(TypeError, match="telemetry"):
         RedisPackageStore(fakeredis.FakeAsyncRedis(), telemetry="yes")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        (
+            "redis://:pw@10.0.0.5:6380/4",
+            {"server.address": "10.0.0.5", "server.port": 6380, "db.namespace": "4"},
+        ),
+        ("unix:///run/redis.sock?db=3", {"server.address": "/run/redis.sock", "db.namespace": "3"}),
+        ("redis+cluster://:pw@10.0.0.7:7000", {"server.address": "10.0.0.7", "server.port": 7000}),
+        ("redis+sentinel://:pw@10.0.0.9:26379/svc/2", {"db.namespace": "2"}),
+    ],
+)
+async def test_every_shape_of_deployment_names_its_server_and_never_a_password(
+    url: str, expected: dict[str, Any]
+) -> None:
+    namespace = fresh_namespace()
+    store = RedisPackageStore.from_url(url, namespace=namespace, telemetry=True)
+    try:
+        assert store._pipeliner.observer.base == {
+            "db.system.name": "redis",
+            "kvstore.namespace": namespace,
+            **expected,
+        }
+    finally:
+        await store.aclose()
