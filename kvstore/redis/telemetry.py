@@ -8,7 +8,9 @@ go to whatever SDK the application configured, and nowhere when it configured no
 Off by default (``RedisPackageStore(..., telemetry=False)``), it costs nothing: this
 module is not even imported, the store's methods are its own, and the pipeliner pays
 one attribute check per call and per batch. ``telemetry=True`` replaces the store's
-public methods on that instance by observed ones (``instrument``).
+public methods on that instance by observed ones (``instrument``). Off is the default,
+not "on when the API is installed": the API often comes in with other packages, and even
+its no-op spans cost a couple of microseconds per call.
 
 Each call of the store is one span of kind ``CLIENT``, named by its operation
 (``put_package``, ``get_package_route``, ``iter_packages``, ``ping``, …), with:
@@ -25,6 +27,7 @@ Each call of the store is one span of kind ``CLIENT``, named by its operation
 ``error.type``                  on failure: the cause's class (``redis.exceptions.
                                 TimeoutError``) or kvstore's error class
 ``db.response.status_code``     on a server's refusal: its error prefix (``NOPERM``)
+``db.response.returned_rows``   for a walk (``iter_packages``): the rows it returned
 ==============================  ==================================================
 
 Never an archive, a workflow type or a content hash: they are unbounded in number, and
