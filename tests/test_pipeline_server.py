@@ -177,3 +177,24 @@ async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
             assert "proto-max-bulk-len" in str(big) and str(2 << 20) in str(big)
             assert outcomes == [None] * 200
             assert len(await store.list_packages()) == 201
+
+
+async def test_large_archives_sent_in_slices_interleave_with_small_calls(
+    server: LocalServer,
+) -> None:
+    # A large put goes out a slice at a time, the loop running between slices: small
+    # calls made meanwhile go on other lanes or wait their turn, and every call gets
+    # its own reply, the archives back byte for byte.
+    big = [bytes([i]) * (5 * (1 << 20) + i) for i in range(3)]
+    async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+        await store.put_package(pkg("warm"))
+        small = [pkg(f"s{i}", f"{i}".encode(), i) for i in range(300)]
+        await asyncio.gather(
+            *(store.put_package(pkg(f"b{i}", archive, 1000 + i)) for i, archive in enumerate(big)),
+            *(store.put_package(record) for record in small),
+        )
+        got = await asyncio.gather(
+            *(store.get_package("t", f"b{i}") for i in range(len(big))),
+            *(store.get_package("t", record.content_hash) for record in small),
+        )
+        assert [r.archive if r else None for r in got] == [*big, *(r.archive for r in small)]

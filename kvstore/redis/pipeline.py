@@ -21,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from kvstore.redis.retry import Backoff, Budget
-from kvstore.redis.wire import Command, flatten, pack_commands
+from kvstore.redis.wire import SLICE, Command, flatten, pack_commands, pack_parts
 
 T = TypeVar("T")
 
@@ -363,10 +363,15 @@ class Pipeliner:
             connection = lane.connection
             lane.in_flight.append(batch)
             sent = True  # from here on the lane answers for the batch
-            data = pack_commands([c for p in units for c in p.commands])
-            await self._within(
-                connection.send_packed_command(data, check_health=False), batch.deadline
-            )
+            commands = [c for p in units for c in p.commands]
+            # Large arguments go in slices, the loop running between them.
+            parts = pack_parts(commands) if batch.size >= SLICE else None
+            if parts is None or len(parts) == 1:
+                data = pack_commands(commands) if parts is None else bytes(parts[0])
+                sending = connection.send_packed_command(data, check_health=False)
+            else:
+                sending = _send_in_slices(connection, parts)
+            await self._within(sending, batch.deadline)
         except asyncio.CancelledError:
             # The caller that was writing was cancelled: the others go again, at once. A
             # write cut short leaves its connection in an unknown state, so what was in
@@ -600,6 +605,16 @@ def _dropped(exc: BaseException | None) -> bool:
 
 def _is_protocol_error(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("Protocol error")
+
+
+async def _send_in_slices(connection: Any, parts: list[bytes | memoryview]) -> None:
+    """Send ``parts`` (of ``pack_parts``: large arguments in slices, never copied
+    whole) one at a time: between them the event loop runs and the socket drains, so a
+    large archive stalls the loop for one slice at a time, not for the whole archive."""
+    for part in parts:
+        # One part a call: a list of parts would be joined into one buffer by the transport.
+        await connection.send_packed_command([part], check_health=False)
+        await asyncio.sleep(0)
 
 
 async def _read_replies(connection: Any, count: int) -> list[Any]:
