@@ -198,3 +198,38 @@ async def test_large_archives_sent_in_slices_interleave_with_small_calls(
             *(store.get_package("t", record.content_hash) for record in small),
         )
         assert [r.archive if r else None for r in got] == [*big, *(r.archive for r in small)]
+
+
+async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
+    server: LocalServer,
+) -> None:
+    # The server drops the store's connections while large archives are going out a
+    # slice at a time: the rest of a command never goes out on a new connection (where
+    # the server would take it for commands), every put is sent again whole, and
+    # every call after it gets its own reply.
+    killer = Redis.from_url(server.url)
+    big = [bytes([i + 1]) * (12 * (1 << 20) + i) for i in range(3)]
+    try:
+        async with RedisPackageStore.from_url(
+            server.url, namespace=fresh_namespace(), timeout=5.0, retry_budget=20.0
+        ) as store:
+            await store.put_package(pkg("warm"))
+            puts = asyncio.gather(
+                *(store.put_package(pkg(f"b{i}", a, 10 + i)) for i, a in enumerate(big))
+            )
+            killed = 0
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+                killed += await killer.client_kill_filter(_type="normal", skipme=True)
+                if puts.done():
+                    break
+            await puts
+            small = [pkg(f"s{i}", f"{i}".encode(), 100 + i) for i in range(200)]
+            await asyncio.gather(*(store.put_package(r) for r in small))
+            got = await asyncio.gather(*(store.get_package("t", f"b{i}") for i in range(3)))
+            assert [r.archive if r else None for r in got] == big
+            listed = {r.content_hash: r.archive for r in await store.list_packages()}
+            assert all(listed[r.content_hash] == r.archive for r in small)
+            assert killed > 0
+    finally:
+        await killer.aclose()

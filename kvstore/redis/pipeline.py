@@ -370,7 +370,7 @@ class Pipeliner:
                 data = pack_commands(commands) if parts is None else bytes(parts[0])
                 sending = connection.send_packed_command(data, check_health=False)
             else:
-                sending = _send_in_slices(connection, parts)
+                sending = _send_in_slices(connection, parts, lambda: lane.connection is connection)
             await self._within(sending, batch.deadline)
         except asyncio.CancelledError:
             # The caller that was writing was cancelled: the others go again, at once. A
@@ -607,11 +607,19 @@ def _is_protocol_error(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("Protocol error")
 
 
-async def _send_in_slices(connection: Any, parts: list[bytes | memoryview]) -> None:
+async def _send_in_slices(
+    connection: Any, parts: list[bytes | memoryview], alive: Callable[[], bool]
+) -> None:
     """Send ``parts`` (of ``pack_parts``: large arguments in slices, never copied
     whole) one at a time: between them the event loop runs and the socket drains, so a
-    large archive stalls the loop for one slice at a time, not for the whole archive."""
-    for part in parts:
+    large archive stalls the loop for one slice at a time, not for the whole archive.
+
+    Stops with ``ConnectionError`` as soon as the connection is no longer ``alive()``
+    (its lane dropped it meanwhile): the rest of a command must never go out on a
+    connection made anew, where the server would take it for a command of its own."""
+    for i, part in enumerate(parts):
+        if i and not (alive() and connection.is_connected):
+            raise ConnectionError("the connection was lost while a large unit was sent")
         # One part a call: a list of parts would be joined into one buffer by the transport.
         await connection.send_packed_command([part], check_health=False)
         await asyncio.sleep(0)
