@@ -181,6 +181,12 @@ class Pipeliner:
     answered: if the server drops the connection because of it, no other call was on
     that connection. Dropped ``DROPS_BEFORE_REFUSAL`` times, it raises.
 
+    A batch whose ``size`` is ``SLICE`` (1 MiB) or more is sent in parts
+    (``kvstore.redis.wire.pack_parts``): its large arguments in slices of ``SLICE`` bytes,
+    never copied whole, with the event loop running between parts, so a large archive
+    holds the loop for one slice at a time. If the connection is dropped meanwhile, the
+    rest is not sent (never on a new connection); the batch goes again whole.
+
     Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
 
