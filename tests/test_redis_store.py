@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -460,6 +461,59 @@ async def test_no_listing_returns_a_row_twice_while_rows_are_re_put_later(client
     twice = [ids for ids in listings if len(ids) != len(set(ids))]
     assert twice == []
     assert all(len(ids) <= len(records) for ids in listings)
+
+
+def count_round_trips(store: RedisPackageStore) -> list[int]:
+    """Watch ``store``'s round trips: for each, the bytes of the archives it brought."""
+    brought: list[int] = []
+    run = store._pipeliner.run
+
+    async def counted(commands: Any, size: int = 0, *, alone: bool = False) -> list[Any]:
+        replies = await run(commands, size, alone=alone)
+        rows = [r for c, r in zip(commands, replies, strict=True) if "HMGET" in repr(c[0])]
+        brought.append(sum(len(r[0]) for r in rows if r[0] is not None))
+        return replies
+
+    store._pipeliner.run = counted  # type: ignore[method-assign]
+    return brought
+
+
+async def test_iter_packages_bounds_the_archives_of_each_round_trip(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    mib = 1 << 20
+    # Archives of odd sizes around the bound, and one larger than it, which comes alone.
+    sizes = [mib, mib + 1, mib - 1, 3 * mib, 1, 0, *[mib] * 30, 2 * mib, mib // 3]
+    records = [
+        pkg(f"t{i % 3}", f"h{i:03d}", bytes([i]) * size, n=i) for i, size in enumerate(sizes)
+    ]
+    for record in records:
+        await store.put_package(record)
+    brought = count_round_trips(store)
+    seen = [r async for r in store.iter_packages(chunk=16, max_bytes=2 * mib)]
+    assert seen == records
+    assert max(brought) == 3 * mib  # the large one, alone
+    assert sorted(brought)[-2] <= 2 * mib
+    assert sum(brought) == sum(sizes)
+
+
+async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(
+    client: Redis,
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    records = [pkg(f"t{i % 3}", f"h{i:03d}", bytes(100), n=i) for i in range(250)]
+    for record in records:
+        await store.put_package(record)
+    brought = count_round_trips(store)
+    assert [r async for r in store.iter_packages(chunk=100)] == records
+    # The first members, then their sizes with the next members: two more than chunks.
+    assert len(brought) == 3 + 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "64", True, None])
+async def test_iter_packages_refuses_a_bad_max_bytes(client: Redis, bad: Any) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    with pytest.raises((TypeError, ValueError), match="max_bytes"):
+        await anext(store.iter_packages(max_bytes=bad))
 
 
 @pytest.mark.parametrize(

@@ -301,6 +301,36 @@ async def test_watch_yields_the_table_then_every_route_write(stores: StoreFactor
         ]
 
 
+async def test_own_and_foreign_writes_in_a_burst_reach_a_watch_in_server_order(
+    stores: StoreFactory,
+) -> None:
+    # The watcher knows its own writes' messages byte for byte and applies them
+    # undecoded; interleaved with another store's, in bursts that arrive together,
+    # every write must still come out as the server applied it.
+    writer, watcher = stores(cache_routes=True), stores(cache_routes=True)
+    assert await watcher.route_cache_ready(VISIBLE_WITHIN)
+    async with watcher.watch_routes() as watch:
+        expected: list[PackageRouteRecord] = []
+        for i in range(40):
+            own, other = f"typ\u00e9 {i % 3}", f"h\u00e4sh-{i}"
+            await asyncio.gather(
+                watcher.put_package_with_routes(pkg(own, other, i), ["\u6d41\u308c", own]),
+                writer.put_package_route(own, f"foreign-{i}"),
+            )
+            if i % 2:
+                await watcher.put_package_route("\u6d41\u308c", f"mine-{i}")
+        seen = await next_routes(watch, 40 * 3 + 20)
+        server = {r.workflow_type: r.content_hash for r in await writer.list_package_routes()}
+        last: dict[str, str] = {}
+        for record in seen:
+            last[record.workflow_type] = record.content_hash
+        assert last == server
+        for workflow_type, content_hash in server.items():
+            assert await watcher.get_package_route(workflow_type) == content_hash
+        expected = [r for r in seen if r.content_hash.startswith("mine-")]
+        assert [r.content_hash for r in expected] == [f"mine-{i}" for i in range(1, 40, 2)]
+
+
 async def test_watch_made_before_the_cache_loads_starts_from_the_table(
     stores: StoreFactory,
 ) -> None:

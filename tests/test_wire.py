@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvstore.redis.wire import Command, Recurring, flatten, pack_commands
+from kvstore.redis.wire import SLICE, Command, Recurring, flatten, pack_commands, pack_parts
 
 # Arguments as the store passes them: bytes, text (any that encodes as UTF-8), integers.
 arguments = st.one_of(
@@ -51,3 +51,37 @@ def test_a_run_is_packed_once_when_it_is_made() -> None:
 def test_an_empty_run_is_refused() -> None:
     with pytest.raises(ValueError, match="at least one"):
         Recurring()
+
+
+@given(st.lists(commands, max_size=6), st.integers(min_value=1, max_value=50))
+def test_parts_joined_are_the_packed_commands(batch: list[Command], slice_size: int) -> None:
+    parts = pack_parts(batch, slice_size)
+    assert b"".join(parts) == pack_commands(batch)
+    assert all(len(part) > 0 for part in parts)
+    assert all(len(part) <= slice_size for part in parts if isinstance(part, memoryview))
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, SLICE - 1, SLICE, SLICE + 1, 2 * SLICE, 5 * SLICE + 12345, 9 * SLICE]
+)
+def test_a_large_archive_is_sent_in_slices_never_copied(size: int) -> None:
+    archive = bytes(range(256)) * (size // 256) + bytes(range(size % 256))
+    run = Recurring("EVALSHA", b"abc", 2)
+    batch: list[Command] = [("GET", b"f"), (run, b"row", archive, "\u00e9", 7), ("PING",)]
+    parts = pack_parts(batch)
+    assert b"".join(parts) == pack_commands(batch)
+    views = [part for part in parts if isinstance(part, memoryview)]
+    if size < SLICE:
+        assert views == [] and len(parts) == 1
+    else:
+        # Slices of the archive itself, in order, each at most SLICE bytes.
+        assert all(view.obj is archive for view in views)
+        assert [len(view) for view in views] == [
+            min(SLICE, size - start) for start in range(0, size, SLICE)
+        ]
+        assert len(parts) == len(views) + 2  # the protocol before, and after
+
+
+def test_a_slice_size_must_be_positive() -> None:
+    with pytest.raises(ValueError, match="slice_size"):
+        pack_parts([("PING",)], 0)

@@ -21,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError, TimeoutError
 
 from kvstore.redis.retry import Backoff, Budget
-from kvstore.redis.wire import Command, flatten, pack_commands
+from kvstore.redis.wire import SLICE, Command, flatten, pack_commands, pack_parts
 
 T = TypeVar("T")
 
@@ -180,6 +180,12 @@ class Pipeliner:
     on it with nothing else in flight, and nothing is sent behind it until it is
     answered: if the server drops the connection because of it, no other call was on
     that connection. Dropped ``DROPS_BEFORE_REFUSAL`` times, it raises.
+
+    A batch whose ``size`` is ``SLICE`` (1 MiB) or more is sent in parts
+    (``kvstore.redis.wire.pack_parts``): its large arguments in slices of ``SLICE`` bytes,
+    never copied whole, with the event loop running between parts, so a large archive
+    holds the loop for one slice at a time. If the connection is dropped meanwhile, the
+    rest is not sent (never on a new connection); the batch goes again whole.
 
     Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
@@ -363,10 +369,15 @@ class Pipeliner:
             connection = lane.connection
             lane.in_flight.append(batch)
             sent = True  # from here on the lane answers for the batch
-            data = pack_commands([c for p in units for c in p.commands])
-            await self._within(
-                connection.send_packed_command(data, check_health=False), batch.deadline
-            )
+            commands = [c for p in units for c in p.commands]
+            # Large arguments go in slices, the loop running between them.
+            parts = pack_parts(commands) if batch.size >= SLICE else None
+            if parts is None or len(parts) == 1:
+                data = pack_commands(commands) if parts is None else bytes(parts[0])
+                sending = connection.send_packed_command(data, check_health=False)
+            else:
+                sending = _send_in_slices(connection, parts, lambda: lane.connection is connection)
+            await self._within(sending, batch.deadline)
         except asyncio.CancelledError:
             # The caller that was writing was cancelled: the others go again, at once. A
             # write cut short leaves its connection in an unknown state, so what was in
@@ -618,6 +629,24 @@ def _routed(client: Any, command: Command) -> tuple[Command, dict[str, Any]]:
         except SlotNotCoveredError:
             pass  # the slot table is being renewed: redis-py finds the node itself
     return args, {}
+
+
+async def _send_in_slices(
+    connection: Any, parts: list[bytes | memoryview], alive: Callable[[], bool]
+) -> None:
+    """Send ``parts`` (of ``pack_parts``: large arguments in slices, never copied
+    whole) one at a time: between them the event loop runs and the socket drains, so a
+    large archive stalls the loop for one slice at a time, not for the whole archive.
+
+    Stops with ``ConnectionError`` as soon as the connection is no longer ``alive()``
+    (its lane dropped it meanwhile): the rest of a command must never go out on a
+    connection made anew, where the server would take it for a command of its own."""
+    for i, part in enumerate(parts):
+        if i and not (alive() and connection.is_connected):
+            raise ConnectionError("the connection was lost while a large unit was sent")
+        # One part a call: a list of parts would be joined into one buffer by the transport.
+        await connection.send_packed_command([part], check_health=False)
+        await asyncio.sleep(0)
 
 
 async def _read_replies(connection: Any, count: int) -> list[Any]:

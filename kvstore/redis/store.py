@@ -8,6 +8,7 @@ not at all. The keys are laid out in ``kvstore.redis.keyspace``.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
 from types import TracebackType
@@ -63,6 +64,9 @@ _ARCHIVE_FIELD = Recurring(b"archive")
 # other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
 # to set the limit under 1 MiB).
 LARGE_ARGUMENT = 512 << 10
+# What one round trip of ``iter_packages`` reads of archives, at most (unless one archive
+# alone is larger): the client's memory for a listing, whatever the archives' sizes.
+LISTING_BYTES = 64 << 20
 
 
 class RedisPackageStore:
@@ -410,19 +414,32 @@ class RedisPackageStore:
     async def list_packages(self) -> list[PackageRecord]:
         return [record async for record in self.iter_packages()]
 
-    async def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
+    async def iter_packages(
+        self, *, chunk: int = 1000, max_bytes: int = LISTING_BYTES
+    ) -> AsyncIterator[PackageRecord]:
         """Every record in ``list_packages`` order, fetched ``chunk`` rows at a time.
 
         The index is walked by member, not by rank, so a row neither put nor deleted
         during the walk is returned exactly once even while others are written or
         deleted; a row put or deleted meanwhile is returned at most once, as it was or as
-        it became. Memory: at most ``chunk`` records at a time, plus the id of each row
+        it became. Memory: at most ``chunk`` records at a time, and at most ``max_bytes``
+        of archives per round trip (a single larger archive comes alone), as sized by an
+        ``HSTRLEN`` of each row one round trip before it is read; plus the id of each row
         already returned (its workflow type and content hash, about 100 bytes with
         Python's overhead; never its archive), which is how a row read at its old place
         and met again at the later place a re-put moved it to is not returned twice.
+        Small archives still take one round trip per chunk, the sizes of the next chunk
+        asked for with the rows of this one. ``max_bytes`` must be a positive int.
         """
+        if type(max_bytes) is not int:
+            raise TypeError(f"max_bytes must be a positive int, not {type(max_bytes).__name__}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int, not {max_bytes!r}")
         async for key, member, ((archive, _),) in self._walk(
-            chunk, lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)], lambda replies: replies[0][1]
+            chunk,
+            lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)],
+            lambda replies: replies[0][1],
+            max_bytes=max_bytes,
         ):
             if not isinstance(archive, bytes):
                 raise SerializationError(f"{key!r} is missing its archive")
@@ -448,6 +465,8 @@ class RedisPackageStore:
         chunk: int,
         fetch_row: Callable[[bytes], list[Command]],
         stamp_of: Callable[[list[Any]], Any],
+        *,
+        max_bytes: int | None = None,
     ) -> AsyncIterator[tuple[bytes, _Member, list[Any]]]:
         """``(key, index member, replies to fetch_row(key))`` for each row in index order,
         ``chunk`` rows per round trip, each row at most once.
@@ -458,26 +477,74 @@ class RedisPackageStore:
         belongs unless the walk is past it. A row already yielded (read at its old
         place, then re-put with a later stamp) is skipped where it is met again; the
         set of row ids that remembers them is the walk's only memory beyond one chunk.
+
+        With ``max_bytes``, the rows' archives are sized (``HSTRLEN``) one round trip
+        before they are read, and a round trip reads rows whose archives add up to at
+        most ``max_bytes``, or one row alone if its archive alone is larger. The sizes
+        of the next members go with the rows of the previous ones, so small archives
+        still take one round trip per chunk.
         """
         check_chunk(chunk)
         k = self._keys
         listed: set[bytes] = set()
+        # Members read from the index whose size is still to be asked for, and members
+        # with their archive's size (0 for every row without max_bytes), in index order.
+        unsized: list[_Member] = []
+        sized: deque[tuple[_Member, int]] = deque()
         members: list[Any] = await self._read(self._next_members(b"-", chunk))
-        while members:
-            rows = [self._member(m) for m in members]
+        more = len(members) == chunk
+        last = members[-1] if members else b""
+        if max_bytes is None:
+            sized.extend((self._member(m), 0) for m in members)
+        else:
+            unsized = [self._member(m) for m in members]
+        while sized or unsized:
+            rows = self._take_rows(sized, chunk, max_bytes)
             fetch = [command for row in rows for command in fetch_row(k.row(row.row))]
-            width = len(fetch) // len(rows)
-            more = len(members) == chunk
-            if more:
-                fetch.append(self._next_members(b"(" + members[-1], chunk))
+            width = len(fetch) // len(rows) if rows else 0
+            # Once the rows sized are all read (by this round trip), the sizes of the
+            # members read next, and the members after them: one chunk ahead, no more.
+            asking = [] if sized else unsized
+            fetch.extend((_HSTRLEN, k.row(row.row), _ARCHIVE_FIELD) for row in asking)
+            ask_members = more and not sized
+            if ask_members:
+                fetch.append(self._next_members(b"(" + last, chunk))
             replies = await self._unit(fetch)
+            sizes = replies[len(rows) * width : len(rows) * width + len(asking)]
+            if asking:
+                sized.extend(zip(asking, sizes, strict=True))
+                unsized = []
+            if ask_members:
+                members = replies[-1]
+                more = len(members) == chunk
+                last = members[-1] if members else last
+                if max_bytes is None:
+                    sized.extend((self._member(m), 0) for m in members)
+                else:
+                    unsized = [self._member(m) for m in members]
             for i, row in enumerate(rows):
                 found = replies[i * width : (i + 1) * width]
                 if stamp_of(found) != row.stamp or row.row in listed:
                     continue
                 listed.add(row.row)
                 yield k.row(row.row), row, found
-            members = replies[-1] if more else []
+
+    @staticmethod
+    def _take_rows(
+        sized: deque[tuple[_Member, int]], chunk: int, max_bytes: int | None
+    ) -> list[_Member]:
+        """The next rows to read: up to ``chunk``, their archives within ``max_bytes``
+        (at least one row, whatever its size)."""
+        rows: list[_Member] = []
+        total = 0
+        while sized and len(rows) < chunk:
+            row, size = sized[0]
+            if max_bytes is not None and rows and total + size > max_bytes:
+                break
+            sized.popleft()
+            rows.append(row)
+            total += size
+        return rows
 
     def _next_members(self, after: bytes, chunk: int) -> Command:
         return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)

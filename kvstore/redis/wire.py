@@ -13,6 +13,10 @@ from typing import Any
 
 Command = tuple[Any, ...]
 
+# The longest part ``pack_parts`` emits of a large argument: sent one at a time, with the
+# event loop free to run between them.
+SLICE = 1 << 20
+
 
 def _bulk(arg: bytes | str | int) -> bytes:
     data = arg if isinstance(arg, bytes) else str(arg).encode("utf-8")
@@ -66,3 +70,51 @@ def pack_commands(commands: Sequence[Command]) -> bytes:
                 append(_bulk(arg))
         parts[head] = b"*%d\r\n" % count
     return b"".join(parts)
+
+
+def pack_parts(commands: Sequence[Command], slice_size: int = SLICE) -> list[bytes | memoryview]:
+    """``commands`` in the Redis protocol, as parts to send one after another.
+
+    Joined, the parts are ``pack_commands(commands)``, byte for byte. A ``bytes``
+    argument of ``slice_size`` bytes or more is never copied: it is a run of
+    ``memoryview`` slices of it, ``slice_size`` bytes each (the last one shorter), with
+    the protocol around it in the parts before and after. Everything else is joined
+    into as few parts as that allows.
+    """
+    if slice_size <= 0:
+        raise ValueError(f"slice_size must be positive, not {slice_size!r}")
+    parts: list[bytes | memoryview] = []
+    run: list[bytes] = []  # protocol not yet joined into a part
+    for command in commands:
+        count = len(command)
+        head = len(run)
+        run.append(b"")  # the array header, once its length is known
+        for arg in command:
+            kind = type(arg)
+            if kind is bytes and len(arg) >= slice_size:
+                if head >= 0:
+                    # The header must come before the run is cut: count what is left.
+                    run[head] = b"*%d\r\n" % (len(command) + _recurring_extra(command))
+                    head = -1
+                run.append(b"$%d\r\n" % len(arg))
+                parts.append(b"".join(run))
+                run = [b"\r\n"]
+                view = memoryview(arg)
+                parts.extend(view[i : i + slice_size] for i in range(0, len(arg), slice_size))
+            elif kind is bytes:
+                run.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+            elif kind is Recurring:
+                run.append(arg.packed)
+                count += len(arg.args) - 1
+            else:
+                run.append(_bulk(arg))
+        if head >= 0:
+            run[head] = b"*%d\r\n" % count
+    if run:
+        parts.append(b"".join(run))
+    return [part for part in parts if len(part)]
+
+
+def _recurring_extra(command: Command) -> int:
+    """How many more arguments ``command`` has than items, its runs spelled out."""
+    return sum(len(arg.args) - 1 for arg in command if type(arg) is Recurring)
