@@ -50,14 +50,14 @@ from kvstore.redis.scripts import (
     load_library,
 )
 from kvstore.redis.urls import client_from_url
-from kvstore.redis.wire import Command, Recurring, flatten
+from kvstore.redis.wire import Command, PrePacked, flatten
 
-_HMGET_ROW = Recurring("HMGET")
-_ROW_FIELDS = Recurring(b"archive", b"deployed_at")
-_HGET_STAMP = Recurring("HGET")
-_STAMP_FIELD = Recurring(b"deployed_at")
-_HSTRLEN = Recurring("HSTRLEN")
-_ARCHIVE_FIELD = Recurring(b"archive")
+_HMGET_ROW = PrePacked("HMGET")
+_ROW_FIELDS = PrePacked(b"archive", b"deployed_at")
+_HGET_STAMP = PrePacked("HGET")
+_STAMP_FIELD = PrePacked(b"deployed_at")
+_HSTRLEN = PrePacked("HSTRLEN")
+_ARCHIVE_FIELD = PrePacked(b"archive")
 
 # An archive larger than this is checked against the server's proto-max-bulk-len before
 # it is sent, so that a server that would refuse it never drops a connection carrying
@@ -145,13 +145,13 @@ class RedisPackageStore:
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
         self._keys = k = Keyspace(namespace)
         # What every call of a kind shares, formatted once (see each lua/ file's header).
-        self._put_head = PUT_PACKAGE.head(k.format, k.index, k.routes, k.route_version)
-        self._put_shared = Recurring(FORMAT_VERSION, k.route_changes)
-        self._route_head = PUT_ROUTE.head(
+        self._put_prefix = PUT_PACKAGE.call_prefix(k.format, k.index, k.routes, k.route_version)
+        self._put_shared = PrePacked(FORMAT_VERSION, k.route_changes)
+        self._route_prefix = PUT_ROUTE.call_prefix(
             k.format, k.routes, k.route_version, FORMAT_VERSION, k.route_changes
         )
-        self._delete_head = DELETE_PACKAGE.head(k.format, k.index)
-        self._format_check = (Recurring("GET", k.format),)
+        self._delete_prefix = DELETE_PACKAGE.call_prefix(k.format, k.index)
+        self._format_check = (PrePacked("GET", k.format),)
         self._client = client
         self._owns_client = False
         password = options.get("password")
@@ -281,7 +281,7 @@ class RedisPackageStore:
         alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
         version = await self._call(
             (
-                self._put_head,
+                self._put_prefix,
                 self._keys.row(row),
                 self._put_shared,
                 row,
@@ -335,13 +335,13 @@ class RedisPackageStore:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        await self._call((self._delete_head, self._keys.row(row), FORMAT_VERSION, row))
+        await self._call((self._delete_prefix, self._keys.row(row), FORMAT_VERSION, row))
 
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
         version = await self._call(
             (
-                self._route_head,
+                self._route_prefix,
                 route.workflow_type.encode("utf-8"),
                 route.content_hash.encode("utf-8"),
             ),

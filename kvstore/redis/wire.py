@@ -1,7 +1,7 @@
 """Commands in the Redis protocol, with the arguments that recur in every call formatted once.
 
-A command is a tuple of arguments: ``bytes``, ``str``, ``int``, or ``Recurring``, a run
-of arguments that many calls share (a command name, a script digest, a namespace's
+A command is a tuple of arguments: ``bytes``, ``str``, ``int``, or ``PrePacked``, a run
+of arguments that many calls share (a command name, a function name, a namespace's
 keys). The run is formatted when the store is made, so a call only formats what is its
 own: on a put, that halves the client's packing work.
 """
@@ -23,28 +23,28 @@ def _bulk(arg: bytes | str | int) -> bytes:
     return b"$%d\r\n%b\r\n" % (len(data), data)
 
 
-class Recurring:
+class PrePacked:
     """A run of ``args`` that stands for all of them in a command, formatted once."""
 
     __slots__ = ("args", "packed")
 
     def __init__(self, *args: bytes | str | int) -> None:
         if not args:
-            raise ValueError("a recurring run needs at least one argument")
+            raise ValueError("a pre-packed run needs at least one argument")
         self.args = args
         self.packed = b"".join(_bulk(arg) for arg in args)
 
     def __repr__(self) -> str:
-        return f"Recurring{self.args!r}"
+        return f"PrePacked{self.args!r}"
 
 
 def flatten(command: Command) -> Command:
-    """``command`` with every ``Recurring`` run spelled out, as a client method takes it."""
-    if not any(type(arg) is Recurring for arg in command):
+    """``command`` with every ``PrePacked`` run spelled out, as a client method takes it."""
+    if not any(type(arg) is PrePacked for arg in command):
         return command
     flat: list[Any] = []
     for arg in command:
-        if type(arg) is Recurring:
+        if type(arg) is PrePacked:
             flat.extend(arg.args)
         else:
             flat.append(arg)
@@ -63,7 +63,7 @@ def pack_commands(commands: Sequence[Command]) -> bytes:
             kind = type(arg)
             if kind is bytes:
                 append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-            elif kind is Recurring:
+            elif kind is PrePacked:
                 append(arg.packed)
                 count += len(arg.args) - 1
             else:
@@ -94,7 +94,7 @@ def pack_parts(commands: Sequence[Command], slice_size: int = SLICE) -> list[byt
             if kind is bytes and len(arg) >= slice_size:
                 if head >= 0:
                     # The header must come before the run is cut: count what is left.
-                    run[head] = b"*%d\r\n" % (len(command) + _recurring_extra(command))
+                    run[head] = b"*%d\r\n" % (len(command) + _prepacked_extra(command))
                     head = -1
                 run.append(b"$%d\r\n" % len(arg))
                 parts.append(b"".join(run))
@@ -103,7 +103,7 @@ def pack_parts(commands: Sequence[Command], slice_size: int = SLICE) -> list[byt
                 parts.extend(view[i : i + slice_size] for i in range(0, len(arg), slice_size))
             elif kind is bytes:
                 run.append(b"$%d\r\n%b\r\n" % (len(arg), arg))
-            elif kind is Recurring:
+            elif kind is PrePacked:
                 run.append(arg.packed)
                 count += len(arg.args) - 1
             else:
@@ -115,6 +115,6 @@ def pack_parts(commands: Sequence[Command], slice_size: int = SLICE) -> list[byt
     return [part for part in parts if len(part)]
 
 
-def _recurring_extra(command: Command) -> int:
+def _prepacked_extra(command: Command) -> int:
     """How many more arguments ``command`` has than items, its runs spelled out."""
-    return sum(len(arg.args) - 1 for arg in command if type(arg) is Recurring)
+    return sum(len(arg.args) - 1 for arg in command if type(arg) is PrePacked)
