@@ -195,9 +195,10 @@ def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
 def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) -> list[str]:
     """``redis-benchmark`` sending ``requests`` puts of ``size``-byte archives, 50
     connections with 16 in flight each: the server's limit for the put, with no
-    client in the way. Each ``__rand_int__`` is drawn anew for every command, so rows
-    and routes differ; a command line cannot carry the NUL of a row id, so the row is
-    ``type-N:hM`` (the script never parses it)."""
+    client in the way. Each ``__rand_int__`` is drawn anew, from ``requests`` values,
+    for every command, so rows and routes differ while the rows a run adds stay
+    bounded; a command line cannot carry the NUL of a row id, so the row is
+    ``type-N:h`` (the script never parses it)."""
     binary = shutil.which("redis-benchmark")
     if binary is None:
         raise FileNotFoundError("redis-benchmark")
@@ -205,7 +206,7 @@ def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) 
     rand = b"__rand_int__"
     command = put_call(
         keys,
-        b"type-" + rand + b":h" + rand,
+        b"type-" + rand + b":h",
         encode_stamp(T0),
         archive_of(size),
         b"h" + rand,

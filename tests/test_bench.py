@@ -108,8 +108,8 @@ async def test_redis_benchmark_runs_the_store_s_put_with_rows_that_differ(
     routes = await raw.hlen(keys.routes)
     await raw.aclose()
     assert rate > 0
-    # 2000 puts of random rows among 2000 x 2000: nearly all distinct.
-    assert rows > 1500 and routes > 1000
+    # 2000 puts of rows drawn from 2000: about 1 - 1/e of them distinct (1264).
+    assert rows > 1000 and routes > 1000
 
 
 async def test_the_other_engine_subscribes_from_another_process(
