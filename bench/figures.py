@@ -72,7 +72,7 @@ class Sizes:
 
 
 FULL = Sizes(
-    rounds=5,
+    rounds=7,
     put_one=2000,
     put_concurrent=4000,
     raw_in_flight=90,
@@ -89,7 +89,7 @@ FULL = Sizes(
     rss_archive=16 * MIB,
     rss_packages=64,  # 1 GiB
     growth_packages=(1000, 10_000, 100_000),
-    growth_puts=300,
+    growth_puts=500,
     growth_routes=(10, 10_000),
 )
 SMALL = Sizes(

@@ -31,7 +31,7 @@ async def catalogue_growth(url: str, sizes: Sizes) -> list[dict[str, Any]]:
     await load_put(raw)
     ns = namespace()
     keys = Keyspace(ns)
-    rounds = min(3, sizes.rounds)
+    rounds = min(5, sizes.rounds)
     rows = []
     async with writer(url, ns, cached=False) as store:
         stored = 0
@@ -129,7 +129,7 @@ async def _route_row(url: str, raw: Redis, sizes: Sizes, count: int) -> dict[str
             return (time.perf_counter() - start) / sizes.raw_lookups
 
         (hit, miss, floor), _ = await median_rounds(
-            min(3, sizes.rounds), cached_round, plain_round, raw_round
+            min(5, sizes.rounds), cached_round, plain_round, raw_round
         )
     return {
         "routes": count,
