@@ -172,3 +172,13 @@ def test_a_short_run_reports_every_figure_and_check_fails_only_on_a_missed_targe
     assert [row["routes"] for row in found["route_growth"]] == [10, 10_000]
     assert "How cost grows with the catalogue" in done.stdout
     assert "Event-loop stall" in done.stdout
+
+
+def test_ci_runs_the_small_bench_after_the_tests_and_never_judges_speed() -> None:
+    script = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    commands = [line.strip() for line in script.splitlines() if line.strip()]
+    commands = [line for line in commands if not line.startswith(("#", "echo"))]
+    assert "set -euo pipefail" in commands, "a bench that crashes fails CI"
+    bench = [line for line in commands if "python -m bench" in line]
+    assert bench == ["python -m bench --small"]
+    assert commands.index(bench[0]) > commands.index('bash -c "$test_line"')
