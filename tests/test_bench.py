@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -182,3 +183,28 @@ def test_ci_runs_the_small_bench_after_the_tests_and_never_judges_speed() -> Non
     bench = [line for line in commands if "python -m bench" in line]
     assert bench == ["python -m bench --small"]
     assert commands.index(bench[0]) > commands.index('bash -c "$test_line"')
+
+
+async def test_the_stall_figure_is_taken_from_bench_stall_when_it_exists(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from bench import __main__ as cli
+
+    calls: list[tuple[str, int]] = []
+
+    async def loop_stall(url: str, size: int) -> dict[str, float]:
+        calls.append((url, size))
+        return {"store_put_ms": 1.5}
+
+    monkeypatch.setitem(sys.modules, cli.STALL_MODULE, types.SimpleNamespace(loop_stall=loop_stall))
+    assert await cli.loop_stall("redis://127.0.0.1:1", F.MIB) == {"store_put_ms": 1.5}
+    assert calls == [("redis://127.0.0.1:1", F.MIB)]
+    assert "store_put_ms = 1.50" in cli.stall_text({"size": F.MIB, "store_put_ms": 1.5})
+
+
+async def test_without_bench_stall_the_report_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    from bench import __main__ as cli
+
+    monkeypatch.setitem(sys.modules, cli.STALL_MODULE, None)  # as if the file were absent
+    assert await cli.loop_stall("redis://127.0.0.1:1", F.MIB) is None
+    assert "not measured" in cli.stall_text(None)
