@@ -32,7 +32,7 @@ from bench.report import Figure
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
 from kvstore.redis.scripts import PUT_PACKAGE
-from kvstore.tools.server_process import LocalServer
+from kvstore.tools.server_process import LocalServer, valkey_binary
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 KIB = 1024
@@ -196,6 +196,19 @@ def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
     )
 
 
+def benchmark_binary() -> str | None:
+    """``redis-benchmark`` on the PATH, else ``valkey-benchmark`` there or beside the
+    bundled Valkey; ``None`` when there is neither."""
+    found = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
+    if found is not None:
+        return found
+    try:
+        beside = valkey_binary().parent / "valkey-benchmark"
+    except ImportError:
+        return None
+    return str(beside) if beside.is_file() else None
+
+
 def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) -> list[str]:
     """``redis-benchmark`` sending ``requests`` puts of ``size``-byte archives, 50
     connections with 16 in flight each: the server's limit for the put, with no
@@ -203,7 +216,7 @@ def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) 
     for every command, so rows and routes differ while the rows a run adds stay
     bounded; a command line cannot carry the NUL of a row id, so the row is
     ``type-N:h`` (the script never parses it)."""
-    binary = shutil.which("redis-benchmark")
+    binary = benchmark_binary()
     if binary is None:
         raise FileNotFoundError("redis-benchmark")
     where = urlparse(url)
@@ -375,7 +388,7 @@ async def put_concurrent(url: str, sizes: Sizes, *, cached: bool) -> list[Figure
 
     sides = [store_round, raw_round]
     benchmark: list[str] | None = None
-    if cached and shutil.which("redis-benchmark") is not None:
+    if cached and benchmark_binary() is not None:
         benchmark = benchmark_command(url, keys, sizes.benchmark_requests)
 
         async def benchmark_round() -> float:
@@ -407,7 +420,8 @@ async def put_concurrent(url: str, sizes: Sizes, *, cached: bool) -> list[Figure
         figures.append(
             Figure(
                 "put_vs_server_limit",
-                "skipped: no redis-benchmark on the PATH (Debian's redis-tools brings it)",
+                "skipped: no redis-benchmark or valkey-benchmark found (Debian's redis-tools "
+                "brings the first)",
                 store_t,
                 None,
                 "/s",

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import types
@@ -96,7 +95,7 @@ async def test_the_raw_put_stores_what_the_store_lists(valkey_server: LocalServe
         assert await store.list_packages() == written
 
 
-@pytest.mark.skipif(shutil.which("redis-benchmark") is None, reason="no redis-benchmark")
+@pytest.mark.skipif(F.benchmark_binary() is None, reason="no redis-benchmark")
 async def test_redis_benchmark_runs_the_store_s_put_with_rows_that_differ(
     valkey_server: LocalServer,
 ) -> None:
