@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
@@ -494,6 +495,28 @@ async def test_iter_packages_bounds_the_archives_of_each_round_trip(client: Redi
     assert max(brought) == 3 * mib  # the large one, alone
     assert sorted(brought)[-2] <= 2 * mib
     assert sum(brought) == sum(sizes)
+
+
+async def test_a_listing_holds_no_archive_it_has_already_handed_out(client: Redis) -> None:
+    # The client's memory during a walk is a round trip's archives, not the catalogue's:
+    # nothing the store keeps (a pending call's bookkeeping included) may hold on to
+    # replies its caller has let go of.
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    mib = 1 << 20
+    for i in range(24):
+        await store.put_package(pkg("t", f"h{i:02d}", bytes([i]) * (2 * mib), n=i))
+    tracemalloc.start()
+    try:
+        listed = 0
+        async for record in store.iter_packages(max_bytes=4 * mib):
+            listed += len(record.archive)
+            del record
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    await store.aclose()
+    assert listed == 48 * mib
+    assert peak < 16 * mib  # two round trips' archives and the parser's copies at most
 
 
 async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(

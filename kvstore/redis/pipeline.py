@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -65,11 +66,12 @@ class _Deadlines:
         self._expire = expire
         self._running: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        # The hard ends and futures of units in the order they were made, so in the
-        # order of their hard ends (one budget for all): the front is the next to
-        # expire. Settled ones leave when they reach the front, so this holds at most a
-        # hard end's worth of calls; not the units, so not their archives.
-        self._units: deque[tuple[float, asyncio.Future[list[Any]]]] = deque()
+        # The hard ends of units and weak references to their futures, in the order
+        # they were made, so in the order of their hard ends (one budget for all): the
+        # front is the next to expire. Settled ones leave when they reach the front, so
+        # this holds at most a hard end's worth of entries; weak, because a settled
+        # future holds its replies (a listing's archives) until its caller lets go.
+        self._units: deque[tuple[float, weakref.ref[asyncio.Future[list[Any]]]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float:
@@ -78,7 +80,7 @@ class _Deadlines:
 
     def track(self, pending: _Pending) -> None:
         """Fail ``pending`` at its hard end if it is not settled by then."""
-        self._units.append((pending.hard_end, pending.future))
+        self._units.append((pending.hard_end, weakref.ref(pending.future)))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
 
@@ -116,9 +118,13 @@ class _Deadlines:
                 self._expired.add(task)
                 task.cancel()
         units = self._units
-        while units and (units[0][0] <= now or units[0][1].done()):
-            _, future = units.popleft()
-            if not future.done():
+        while units:
+            hard_end, ref = units[0]
+            future = ref()
+            if future is not None and not future.done() and hard_end > now:
+                break
+            units.popleft()
+            if future is not None and not future.done():
                 self._expire(future)
         busy = self._running or units
         self._timer = loop.call_later(self._tick, self._check) if busy else None
