@@ -272,3 +272,22 @@ def test_rm_names_every_route_that_points_at_the_version(
         kv("rm", "order-flow", "v1", *target),
         "the routes of audit, billing-flow and order-flow point at v1; route them elsewhere",
     )
+
+
+def test_files_to_write_or_read_are_checked_before_the_server_starts(
+    valkey_server: LocalServer, tmp_path: Path
+) -> None:
+    target = ["--url", valkey_server.url, "--namespace", fresh_namespace()]
+    archive = tmp_path / "a.zip"
+    archive.write_bytes(b"archive")
+    ok("deploy", str(archive), "--type", "t", "--hash", "h", *target)
+    fails(kv("show", "t", "h", "-o", str(tmp_path), *target), "is a folder; name the file")
+    fails(kv("show", "t", "h", "-o", str(tmp_path / "no" / "x"), *target), "no such folder")
+    fails(kv("show", "t", "h", "-o", str(archive / "x"), *target), "is a file, not a folder")
+    fails(kv("export", str(archive / "x"), *target), "is a file, not a folder")
+    fails(kv("import", str(tmp_path), *target), "is a folder; name the export file")
+    assert archive.read_bytes() == b"archive"
+
+
+def test_a_database_the_server_does_not_have_is_named(valkey_server: LocalServer) -> None:
+    fails(kv("ls", "--url", f"{valkey_server.url}/99"), "has no database of the number")

@@ -518,6 +518,8 @@ def cmd_show(args: argparse.Namespace) -> Action:
     to_stdout = args.output in (None, "-")
     if to_stdout and sys.stdout.isatty():
         raise CliError("refusing to write an archive to a terminal; use -o FILE or redirect")
+    if not to_stdout:
+        _output_file(args.output)
 
     async def run(store: RedisPackageStore) -> None:
         record = await _find(store, wanted.workflow_type, wanted.content_hash)
@@ -530,12 +532,20 @@ def cmd_show(args: argparse.Namespace) -> Action:
     return run
 
 
-def cmd_export(args: argparse.Namespace) -> Action:
-    path = Path(args.file)
-    if not path.parent.is_dir():
-        raise CliError(f"{path.parent}: no such folder")
+def _output_file(text: str) -> Path:
+    """A file to write, checked before any server is started."""
+    path = Path(text)
     if path.is_dir():
         raise CliError(f"{path} is a folder; name the file to write")
+    if not path.parent.is_dir():
+        if path.parent.exists():
+            raise CliError(f"{path.parent} is a file, not a folder")
+        raise CliError(f"{path.parent}: no such folder")
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> Action:
+    path = _output_file(args.file)
 
     async def run(store: RedisPackageStore) -> None:
         progress = _ProgressLine(sys.stderr)
@@ -550,6 +560,8 @@ def cmd_export(args: argparse.Namespace) -> Action:
 
 def cmd_import(args: argparse.Namespace) -> Action:
     path = Path(args.file)
+    if path.is_dir():
+        raise CliError(f"{path} is a folder; name the export file to read")
     if not path.is_file():
         raise CliError(f"{path}: no such file")
 
@@ -817,6 +829,8 @@ def _explain(message: str, url: str | None, timeout: float) -> str:
         return f"no server listens at {where} (connection refused): is it running there?"
     if "Name or service not known" in detail or "name resolution" in detail:
         return f"the host of {where} is not known (its name does not resolve)"
+    if "DB index is out of range" in detail:
+        return f"the server at {where} has no database of the number the URL names (/DB)"
     if detail.startswith("TimeoutError"):
         return f"the server at {where} did not reply within {timeout:g} s (--timeout)"
     return message
