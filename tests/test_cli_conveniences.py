@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -164,6 +165,27 @@ def test_demo_with_url_leaves_no_key_of_its_namespace(valkey_server: LocalServer
     # It restarted nothing, and does not say so.
     assert "restart" not in out.replace("not ours to restart", "")
     assert "after a new connection" in out and "exactly as before" in out
+
+
+def test_demo_with_url_interrupted_leaves_no_key_of_its_namespace(
+    valkey_server: LocalServer,
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvstore", "demo", "--url", valkey_server.url],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=clean,
+    )
+    assert process.stdout is not None
+    first = process.stdout.readline().decode()
+    found = re.search(r"namespace '(demo-[0-9a-f]+)'", first)
+    assert found is not None, first
+    assert process.stdout.readline().startswith(b"engine A deploys")
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode in (0, 130), err
+    assert asyncio.run(_keys(valkey_server.url, found.group(1))) == []
 
 
 def test_demo_in_a_data_dir_removes_its_namespace(tmp_path: Path) -> None:

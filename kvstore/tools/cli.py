@@ -646,13 +646,22 @@ async def _tour(
                 f"namespace {namespace!r} already holds packages or routes; the demo writes "
                 "made-up ones and removes them after: name an empty namespace, or none"
             )
+
+    async def remove() -> None:
+        async with connect() as store:
+            removed = await _remove_namespace(store)
+        say(f"removed the namespace {namespace!r} ({removed} keys)")
+
     try:
         await _tour_steps(connect, namespace, restart, say)
-    finally:
+    except BaseException:
         if clean_up:
-            async with connect() as store:
-                removed = await _remove_namespace(store)
-            say(f"removed the namespace {namespace!r} ({removed} keys)")
+            # The tour's failure is the message; a clean-up that fails too adds nothing.
+            with contextlib.suppress(Exception):
+                await remove()
+        raise
+    if clean_up:
+        await remove()
 
 
 async def _tour_steps(
