@@ -9,6 +9,7 @@ import hashlib
 import importlib.metadata
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,17 +23,22 @@ from redis.asyncio import Redis
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.tools import cli
 from kvstore.tools.server_process import LocalServer
-from tests.conftest import fresh_namespace
+from tests.conftest import SERVERS, fresh_namespace
 from tests.test_cli import as_json, fails, kv, ok
 
 PASSWORD = "tour-de-force-7"
 
 
-@pytest.fixture(scope="module")
-def locked_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
-    """A Valkey that wants a password."""
+@pytest.fixture(scope="module", params=SERVERS)
+def locked_server(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalServer]:
+    """Each real server in turn, wanting a password."""
+    binary = None if request.param == "valkey" else shutil.which("redis-server")
+    if request.param == "redis" and binary is None:
+        pytest.skip("redis-server is not on the PATH (.ci/run installs it)")
     folder = tmp_path_factory.mktemp("locked")
-    with LocalServer(data_dir=folder, settings={"requirepass": PASSWORD}) as running:
+    with LocalServer(binary, data_dir=folder, settings={"requirepass": PASSWORD}) as running:
         yield running
 
 
