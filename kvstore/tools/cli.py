@@ -35,6 +35,7 @@ from urllib.parse import urlsplit
 from redis.exceptions import RedisError
 
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, StoreError
+from kvstore.records import check_text
 from kvstore.redis.keyspace import Keyspace, row_id
 from kvstore.tools.embedded_server import (
     EmbeddedServer,
@@ -269,9 +270,11 @@ def _deploy_many(
     the route points at one of them; the last file is put alone, after all the others,
     so the route ends at it.
     """
-    _record(workflow_type, b"", "x", datetime.now(timezone.utc))  # the type, checked now
-    for extra in also:
-        _route_arg(extra, "x")
+    for given in [workflow_type, *also]:  # checked now; the hashes once files are read
+        try:
+            check_text(given, "workflow_type")
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
 
     async def run(store: RedisPackageStore) -> None:
         start = datetime.now(timezone.utc)
