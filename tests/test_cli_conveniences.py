@@ -319,3 +319,19 @@ def test_files_to_write_or_read_are_checked_before_the_server_starts(
 
 def test_a_database_the_server_does_not_have_is_named(valkey_server: LocalServer) -> None:
     fails(kv("ls", "--url", f"{valkey_server.url}/99"), "has no database of the number")
+
+
+def test_deploy_batches_are_bounded_in_files_and_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cli, "BATCH_BYTES", 100)
+    sizes = [10, 10, 90, 200, 5] + [1] * 40
+    places = []
+    for n, size in enumerate(sizes):
+        path = tmp_path / f"{n}.zip"
+        path.write_bytes(b"x" * size)
+        places.append((n, path))
+    batches = [[n for n, _ in batch] for batch in cli._batches(places)]
+    assert [n for batch in batches for n in batch] == list(range(len(sizes)))  # in order
+    assert batches[:3] == [[0, 1], [2], [3]]  # 110 bytes is over; 200 alone is allowed
+    assert [len(b) for b in batches[3:]] == [32, 9]  # then 32 files at most

@@ -198,7 +198,10 @@ async def _holders(store: RedisPackageStore, hashes: set[str]) -> dict[str, set[
 # The commands: each checks its arguments at once and returns what to do with a store.
 
 
-BATCH = 32  # files read and put concurrently by one deploy; memory holds one batch
+# Files read and put together by one deploy: memory holds one batch, at most BATCH
+# files and, unless one file alone is larger, BATCH_BYTES of archives.
+BATCH = 32
+BATCH_BYTES = 64 << 20
 
 
 def _readable(path: Path) -> None:
@@ -280,7 +283,7 @@ def _deploy_many(
         start = datetime.now(timezone.utc)
         *others, final = enumerate(paths)
         # The last file alone, after every other: the route ends at it.
-        batches = [others[i : i + BATCH] for i in range(0, len(others), BATCH)] + [[final]]
+        batches = [*_batches(others), [final]]
         progress = _ProgressLine(sys.stderr)
         deployed = total_bytes = 0
         records: list[tuple[PackageRecord, Path]] = []
@@ -303,6 +306,22 @@ def _deploy_many(
             print(f"route {routed} -> {_short(last.content_hash)} (the last file, {paths[-1]})")
 
     return run
+
+
+def _batches(places: list[tuple[int, Path]]) -> Iterator[list[tuple[int, Path]]]:
+    """``places`` cut into runs of at most ``BATCH`` files and ``BATCH_BYTES`` (by the
+    files' sizes now; a file alone may be larger)."""
+    batch: list[tuple[int, Path]] = []
+    size = 0
+    for place in places:
+        grows = place[1].stat().st_size
+        if batch and (len(batch) == BATCH or size + grows > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(place)
+        size += grows
+    if batch:
+        yield batch
 
 
 def _read_record(workflow_type: str, path: Path, start: datetime, i: int) -> PackageRecord:
