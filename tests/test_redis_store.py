@@ -718,3 +718,15 @@ async def test_a_full_batch_reaches_the_server_before_the_tasks_behind_it_start(
         await asyncio.gather(*calls[:400], probe(), *calls[400:])
         assert seen[-1] >= 256
         assert len(await store.list_packages()) == 601
+
+
+@pytest.mark.parametrize("password", ["p", "pass", "word-"])
+async def test_a_short_password_is_redacted_without_mangling_the_message(password: str) -> None:
+    with LocalServer(settings={"requirepass": "the-right-one"}) as server:
+        url = f"redis://:{password}@127.0.0.1:{server.port}"
+        async with RedisPackageStore.from_url(url, timeout=2.0, retry_budget=0) as store:
+            with pytest.raises(BackendError) as raised:
+                await store.get_package_route("order")
+    message = str(raised.value)
+    assert "password" in message.lower(), message  # the server's words, whole
+    assert f" {password} " not in f" {message} " and f":{password}@" not in message

@@ -8,6 +8,7 @@ not at all. The keys are laid out in ``kvstore.redis.keyspace``.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import datetime, timezone
@@ -721,6 +722,8 @@ def _describe_server(client: Redis | RedisCluster, options: dict[str, Any]) -> s
 
 
 def _redact(text: str, secrets: list[str]) -> str:
+    # A secret is replaced where it stands as a whole, not inside a longer word, so a
+    # short password does not mangle the message around it ("p" in "password").
     for secret in secrets:
-        text = text.replace(secret, "***")
+        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", "***", text)
     return text
