@@ -512,8 +512,11 @@ async def resettable(request: pytest.FixtureRequest) -> AsyncIterator[Resettable
     await server.aclose()
 
 
-async def fill_then_reset(server: ResettableServer) -> tuple[RedisPackageStore, RedisPackageStore]:
-    """Two caching stores, a writer and a reader; 40 route writes; then the reset.
+async def fill_then_reset(
+    server: ResettableServer, *others: RedisPackageStore
+) -> tuple[RedisPackageStore, RedisPackageStore]:
+    """Two caching stores, a writer and a reader; 40 route writes, which the reader and
+    the caching stores ``others`` have all applied; then the reset.
 
     An older snapshot is saved after the tenth write of each type: it brings back
     ``order -> h9`` and ``spare -> s9``.
@@ -530,7 +533,11 @@ async def fill_then_reset(server: ResettableServer) -> tuple[RedisPackageStore, 
             await server.save_point()
 
     async def caught_up() -> bool:
-        return await reader.get_package_route("order") == "h29"
+        for store in (reader, *others):
+            ready = await store.route_cache_ready(0)
+            if not (ready and await store.get_package_route("order") == "h29"):
+                return False
+        return True
 
     assert await eventually(caught_up)
     await server.reset()
@@ -582,7 +589,7 @@ async def test_after_a_reset_a_watch_is_given_the_routes_that_changed(
     watcher = resettable.store(cache_routes=True, route_health_interval=HEALTH)
     assert await watcher.route_cache_ready(VISIBLE_WITHIN)
     async with watcher.watch_routes() as watch:
-        writer, _ = await fill_then_reset(resettable)
+        writer, _ = await fill_then_reset(resettable, watcher)
         await next_routes(watch, 40)  # every write before the reset
         await writer.put_package_route("order", "new")
         # The reload finds what changed against what the watch was told: "order"

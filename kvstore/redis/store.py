@@ -40,7 +40,7 @@ from kvstore.redis.keyspace import (
 )
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
-from kvstore.redis.retry import no_client_retries
+from kvstore.redis.retry import Backoff, Budget, no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, RouteCache, RouteWatch
 from kvstore.redis.scripts import (
     DELETE_PACKAGE,
@@ -582,19 +582,29 @@ class RedisPackageStore:
         A store loads it by itself when a call finds it missing; this is for an operator
         (``kvstore setup``) whose engines' credentials may not ``FUNCTION LOAD``.
         """
-        try:
-            coro = load_library(self._client)
-            if self._timeout is None:
-                return await coro
-            return await asyncio.wait_for(coro, self._timeout)
-        except NoPermissionError as exc:
-            raise BackendError(
-                f"the kvstore library {LIBRARY.name} is not loaded on {self._server} and "
-                "this credential may not load it; run `kvstore setup --url URL` with a "
-                "credential that may (FUNCTION LOAD)"
-            ) from exc
-        except (ResponseError, OSError, asyncio.TimeoutError, RedisError) as exc:
-            raise self._backend_error(exc) from None
+        # Retried like any call: a load often follows a restart, whose first attempt may
+        # meet a pooled connection the server closed.
+        loop = asyncio.get_running_loop()
+        budget = Budget(self._options.retry_budget, self._timeout)
+        retry_until = budget.retry_until(loop.time())
+        backoff = Backoff()
+        while True:
+            try:
+                coro = load_library(self._client)
+                if self._timeout is None:
+                    return await coro
+                return await asyncio.wait_for(coro, self._timeout)
+            except NoPermissionError as exc:
+                raise BackendError(
+                    f"the kvstore library {LIBRARY.name} is not loaded on {self._server} and "
+                    "this credential may not load it; run `kvstore setup --url URL` with a "
+                    "credential that may (FUNCTION LOAD)"
+                ) from exc
+            except (ResponseError, OSError, asyncio.TimeoutError, RedisError) as exc:
+                delay = budget.delay(exc, backoff, retry_until, loop.time())
+                if delay is None:
+                    raise self._backend_error(exc) from None
+            await asyncio.sleep(delay)
 
     async def _ensure_library(self) -> None:
         # One load in flight per store: the calls that find the library missing together
