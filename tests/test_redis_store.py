@@ -730,3 +730,16 @@ async def test_a_short_password_is_redacted_without_mangling_the_message(passwor
     message = str(raised.value)
     assert "password" in message.lower(), message  # the server's words, whole
     assert f" {password} " not in f" {message} " and f":{password}@" not in message
+
+
+async def test_a_write_after_a_restart_on_empty_data_loads_the_library_again() -> None:
+    # The restart closes every connection: the pipeliner's and the pooled one the first
+    # load used. The second load meets that closed connection first, and tries again.
+    with LocalServer() as server:
+        async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+            await store.put_package(pkg("order", "h1"))
+            for i in range(3):
+                server.stop()
+                server.start()  # no persistence: the data and the library are gone
+                await store.put_package(pkg("order", f"h{i + 2}"))
+                assert await store.get_package_route("order") == f"h{i + 2}"
