@@ -2,6 +2,9 @@
 
 ``python -m bench`` starts its own server on loopback, times each figure for the store
 and for the same work done with raw redis-py calls (the floor), and prints medians over
-several rounds with the ratio and its target. Every ratio compares figures measured in
-the same run on the same server; absolute times depend on the machine, ratios much less.
+several interleaved rounds with the ratio and its target. Every ratio compares figures
+measured in the same run on the same server; absolute times depend on the machine,
+ratios much less. ``figures`` holds the figures (and the one place that says how the
+raw side calls the put), ``growth`` the tables of how cost grows, ``processes`` the
+other processes a figure needs, ``report`` how figures are judged and printed.
 """

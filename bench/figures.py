@@ -1,27 +1,55 @@
-"""The five figures: each times the store and the raw redis-py floor on the same server."""
+"""The figures: each times the store and the raw redis-py floor on the same server.
+
+Each figure interleaves rounds of the store and of the floor (so drift in a shared
+machine hits both) and reports the medians. The store is used as engines use it: made
+with ``from_url`` and its defaults, route caching on where the figure says so, with
+another engine's caching store of the same namespace subscribed from another process.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import gc
+import csv
+import io
 import itertools
+import json
+import os
+import shutil
 import statistics
+import subprocess
+import sys
 import time
-import tracemalloc
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, cast
+from urllib.parse import urlparse
 
 from redis.asyncio import Redis
 
+from bench.report import Figure
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
 from kvstore.redis.scripts import PUT_PACKAGE, load_library
-from kvstore.tools.server_process import LocalServer
+from kvstore.tools.server_process import LocalServer, valkey_binary
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 KIB = 1024
+MIB = 1024 * KIB
 _namespaces = itertools.count()
+_rows = itertools.count()
+
+
+@dataclass(frozen=True)
+class ArchiveSize:
+    """One archive size: puts and gets per round, rows listed, rounds (``None``: the run's)."""
+
+    size: int
+    puts: int
+    gets: int
+    listed: int
+    rounds: int | None = None
 
 
 @dataclass(frozen=True)
@@ -30,89 +58,198 @@ class Sizes:
     put_one: int
     put_concurrent: int
     raw_in_flight: int
-    listed: int
+    benchmark_requests: int
+    archives: tuple[ArchiveSize, ...]
     lookups: int
     raw_lookups: int
     staleness_samples: int
     memory_packages: int
+    rss_archive: int
+    rss_packages: int
+    growth_packages: tuple[int, ...]
+    growth_puts: int
+    growth_routes: tuple[int, ...]
 
 
 FULL = Sizes(
-    rounds=5,
+    rounds=7,
     put_one=2000,
     put_concurrent=4000,
     raw_in_flight=90,
-    listed=10_000,
+    benchmark_requests=100_000,
+    archives=(
+        ArchiveSize(KIB, puts=0, gets=2000, listed=10_000),  # the 1 KiB put is put_one
+        ArchiveSize(MIB, puts=100, gets=100, listed=64),
+        ArchiveSize(16 * MIB, puts=8, gets=8, listed=16, rounds=3),
+    ),
     lookups=50_000,
     raw_lookups=3000,
     staleness_samples=300,
     memory_packages=10_000,
+    rss_archive=16 * MIB,
+    rss_packages=64,  # 1 GiB
+    growth_packages=(1000, 10_000, 100_000),
+    growth_puts=500,
+    growth_routes=(10, 10_000),
 )
 SMALL = Sizes(
     rounds=2,
     put_one=100,
     put_concurrent=400,
     raw_in_flight=90,
-    listed=500,
+    benchmark_requests=20_000,
+    archives=(
+        ArchiveSize(KIB, puts=0, gets=100, listed=500),
+        ArchiveSize(MIB, puts=5, gets=5, listed=4),
+        ArchiveSize(16 * MIB, puts=1, gets=1, listed=2, rounds=1),
+    ),
     lookups=2000,
     raw_lookups=200,
     staleness_samples=20,
     memory_packages=300,
+    rss_archive=MIB,
+    rss_packages=16,
+    growth_packages=(1000, 10_000),
+    growth_puts=50,
+    growth_routes=(10, 10_000),
 )
 
 
-@dataclass
-class Figure:
-    """One line of the table: ``ratio`` is compared with ``target`` as ``sense`` says."""
-
-    name: str
-    what: str
-    store: float
-    floor: float
-    unit: str
-    ratio: float
-    target: float | None
-    sense: str  # "<=", ">=", or "report" (no target: both sides are shown)
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def met(self) -> bool | None:
-        if self.target is None:
-            return None
-        return self.ratio <= self.target if self.sense == "<=" else self.ratio >= self.target
-
-
 def namespace() -> str:
-    return f"bench-{next(_namespaces)}"
+    return f"bench-{os.getpid()}-{next(_namespaces)}"
 
 
-def record(i: int, workflow_type: str | None = None) -> PackageRecord:
-    archive = (f"{i:08d}".encode() * (KIB // 8))[:KIB]
-    return PackageRecord(
-        workflow_type or f"type-{i}", f"h{i}", archive, T0 + timedelta(microseconds=i)
+def size_name(size: int) -> str:
+    """``1KiB``, ``16MiB``: the size as figure names carry it."""
+    return f"{size // MIB}MiB" if size >= MIB else f"{size // KIB}KiB"
+
+
+def size_text(size: int) -> str:
+    """``1 KiB``, ``16 MiB``: the size as descriptions carry it."""
+    return f"{size // MIB} MiB" if size >= MIB else f"{size // KIB} KiB"
+
+
+def archive_of(size: int) -> bytes:
+    # Archives are opaque bytes to the store and the server; one object per size is
+    # shared by every record, so making records costs no copies.
+    return (b"kvstore-bench-archive " * (size // 22 + 1))[:size]
+
+
+def records(count: int, size: int = KIB) -> list[PackageRecord]:
+    """``count`` records never made before in this run: each put inserts a new row."""
+    archive = archive_of(size)
+    out = []
+    for _ in range(count):
+        i = next(_rows)
+        out.append(PackageRecord(f"type-{i}", f"h{i}", archive, T0 + timedelta(microseconds=i)))
+    return out
+
+
+async def median_rounds(
+    rounds: int, *sides: Callable[[], Awaitable[float]]
+) -> tuple[list[float], list[list[float]]]:
+    """The median of each side over ``rounds`` rounds, the sides taking turns in each."""
+    samples: list[list[float]] = [[] for _ in sides]
+    for _ in range(rounds):
+        for side, found in zip(sides, samples, strict=True):
+            found.append(await side())
+    return [statistics.median(s) for s in samples], samples
+
+
+# The raw put: the one place that says how the store's put operation is invoked on the
+# server. The raw side of every figure and redis-benchmark both go through ``put_call``;
+# how the server is readied for it is ``load_put``; ``RAW_PUT`` names it in the report.
+
+RAW_PUT = "FCALL"
+
+
+async def load_put(client: Redis) -> None:
+    """Make the put operation callable by ``put_call`` on ``client``'s server."""
+    await load_library(client)
+
+
+def put_call(
+    keys: Keyspace,
+    row: bytes,
+    stamp: bytes,
+    archive: bytes,
+    content_hash: bytes,
+    types: list[bytes],
+) -> tuple[Any, ...]:
+    """The command the store sends for one put, as a raw client sends it."""
+    return (
+        *(RAW_PUT, PUT_PACKAGE.name, PUT_PACKAGE.numkeys),
+        *(keys.format, keys.index, keys.routes, keys.route_version, keys.row(row)),
+        *(FORMAT_VERSION, keys.route_changes, row, stamp, archive, content_hash, *types),
     )
 
 
 def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
-    """The FCALL the store sends for ``put_package(r)``, built outside the timing."""
-    row = row_id(r.workflow_type, r.content_hash)
-    return (
-        "FCALL",
-        PUT_PACKAGE.name,
-        PUT_PACKAGE.numkeys,
-        keys.format,
-        keys.index,
-        keys.routes,
-        keys.route_version,
-        keys.row(row),
-        FORMAT_VERSION,
-        keys.route_changes,
-        row,
+    """The put of ``r`` for raw redis-py, built outside the timing."""
+    return put_call(
+        keys,
+        row_id(r.workflow_type, r.content_hash),
         encode_stamp(r.deployed_at),
         r.archive,
         r.content_hash.encode(),
-        r.workflow_type.encode(),
+        [r.workflow_type.encode()],
     )
+
+
+def benchmark_binary() -> str | None:
+    """``redis-benchmark`` on the PATH, else ``valkey-benchmark`` there or beside the
+    bundled Valkey; ``None`` when there is neither."""
+    found = shutil.which("redis-benchmark") or shutil.which("valkey-benchmark")
+    if found is not None:
+        return found
+    try:
+        beside = valkey_binary().parent / "valkey-benchmark"
+    except ImportError:
+        return None
+    return str(beside) if beside.is_file() else None
+
+
+def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) -> list[str]:
+    """``redis-benchmark`` sending ``requests`` puts of ``size``-byte archives, 50
+    connections with 16 in flight each: the server's limit for the put, with no
+    client in the way. Each ``__rand_int__`` is drawn anew, from ``requests`` values,
+    for every command, so rows and routes differ while the rows a run adds stay
+    bounded; a command line cannot carry the NUL of a row id, so the row is
+    ``type-N:h`` (the script never parses it)."""
+    binary = benchmark_binary()
+    if binary is None:
+        raise FileNotFoundError("redis-benchmark")
+    where = urlparse(url)
+    rand = b"__rand_int__"
+    command = put_call(
+        keys,
+        b"type-" + rand + b":h",
+        encode_stamp(T0),
+        archive_of(size),
+        b"h" + rand,
+        [b"type-" + rand],
+    )
+    args = [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in command]
+    return [
+        binary,
+        *("-h", where.hostname or "127.0.0.1", "-p", str(where.port or 6379)),
+        *("-n", str(requests), "-c", "50", "-P", "16", "-r", str(requests), "--csv"),
+        *args,
+    ]
+
+
+async def run_benchmark(command: list[str]) -> float:
+    """Requests per second that ``redis-benchmark`` reports for ``command``."""
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    if process.returncode != 0:
+        raise RuntimeError(f"redis-benchmark failed: {err.decode(errors='replace')[-500:]}")
+    rows = list(csv.DictReader(io.StringIO(out.decode(errors="replace"))))
+    if not rows or "rps" not in rows[-1]:
+        raise RuntimeError(f"redis-benchmark printed no rate: {out[-500:]!r}")
+    return float(rows[-1]["rps"])
 
 
 async def call(client: Redis, command: tuple[Any, ...]) -> Any:
@@ -120,67 +257,125 @@ async def call(client: Redis, command: tuple[Any, ...]) -> Any:
     return await client.execute_command(*command)  # type: ignore[no-untyped-call]
 
 
+# Another engine: a caching store of the namespace, in a process of its own.
+
+
+@asynccontextmanager
+async def other_engine(url: str, ns: str) -> AsyncIterator[int]:
+    """A process with a caching store of ``ns``, live until the block ends; yields its pid."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.processes",
+        "subscribe",
+        url,
+        ns,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), 60.0)
+        if line.strip() != b"ready":
+            raise RuntimeError(f"the other engine did not start (it said {line!r})")
+        yield process.pid
+    finally:
+        process.stdin.close()
+        try:
+            await asyncio.wait_for(process.wait(), 15.0)
+        except asyncio.TimeoutError:
+            process.kill()
+            await process.wait()
+
+
+@asynccontextmanager
+async def writer(url: str, ns: str, cached: bool) -> AsyncIterator[RedisPackageStore]:
+    """A store of ``ns`` as an engine opens it, its route cache live when ``cached``."""
+    async with RedisPackageStore.from_url(url, namespace=ns, cache_routes=cached) as store:
+        if cached and not await store.route_cache_ready(30.0):
+            raise RuntimeError("the writer's route cache did not go live")
+        yield store
+
+
+def caching_label(cached: bool) -> str:
+    return (
+        "route caching on (writer caches; another process's caching store subscribed)"
+        if cached
+        else "route caching off"
+    )
+
+
 # 1. One put at a time.
 
 
-async def put_one(url: str, sizes: Sizes) -> Figure:
+async def put_one(url: str, sizes: Sizes, *, cached: bool) -> Figure:
     raw = Redis.from_url(url)
-    await load_library(raw)
-    records = [record(i) for i in range(sizes.put_one)]
+    await load_put(raw)
+    ns = namespace()
+    keys = Keyspace(ns)
 
     async def store_round() -> float:
-        async with RedisPackageStore.from_url(url, namespace=namespace()) as store:
-            await store.put_package(records[0])  # connect outside the timing
+        batch = records(sizes.put_one)
+        async with writer(url, ns, cached) as store:
+            await store.put_package(records(1)[0])  # connected outside the timing
             start = time.perf_counter()
-            for r in records:
+            for r in batch:
                 await store.put_package(r)
-            return (time.perf_counter() - start) / len(records)
+            return (time.perf_counter() - start) / len(batch)
 
     async def raw_round() -> float:
-        keys = Keyspace(namespace())
-        commands = [raw_put_command(keys, r) for r in records]
-        await call(raw, commands[0])
+        commands = [raw_put_command(keys, r) for r in records(sizes.put_one)]
+        await call(raw, raw_put_command(keys, records(1)[0]))
         start = time.perf_counter()
         for command in commands:
             await call(raw, command)
         return (time.perf_counter() - start) / len(commands)
 
-    store_s, raw_s = [], []
-    for _ in range(sizes.rounds):  # interleaved, so drift in the machine hits both
-        store_s.append(await store_round())
-        raw_s.append(await raw_round())
+    async with _maybe_other_engine(url, ns, cached):
+        (store_t, raw_t), _ = await median_rounds(sizes.rounds, store_round, raw_round)
     await raw.aclose()
-    store_t, raw_t = statistics.median(store_s), statistics.median(raw_s)
     return Figure(
-        "put_one",
-        "put_package one at a time, 1 KiB (time per call)",
+        "put_one_cached" if cached else "put_one",
+        f"put_package one at a time, 1 KiB, {caching_label(cached)} "
+        "(time per call; floor: one raw "
+        f"{RAW_PUT} of the same operation on the same namespace)",
         store_t * 1e6,
         raw_t * 1e6,
         "us",
         store_t / raw_t,
-        1.10,
+        1.0 if cached else 1.10,
         "<=",
     )
 
 
-# 2. Thousands of puts in flight on one store.
+@asynccontextmanager
+async def _maybe_other_engine(url: str, ns: str, cached: bool) -> AsyncIterator[None]:
+    if not cached:
+        yield
+        return
+    async with other_engine(url, ns):
+        yield
 
 
-async def put_concurrent(url: str, sizes: Sizes) -> Figure:
+# 2. Thousands of puts in flight on one store; the server's own limit beside them.
+
+
+async def put_concurrent(url: str, sizes: Sizes, *, cached: bool) -> list[Figure]:
     raw = Redis.from_url(url)  # a default client: its pool grows to what is in flight
-    await load_library(raw)
-    records = [record(i) for i in range(sizes.put_concurrent)]
+    await load_put(raw)
+    ns = namespace()
+    keys = Keyspace(ns)
 
     async def store_round() -> float:
-        async with RedisPackageStore.from_url(url, namespace=namespace()) as store:
-            await store.put_package(records[0])
+        batch = records(sizes.put_concurrent)
+        async with writer(url, ns, cached) as store:
+            await store.put_package(records(1)[0])
             start = time.perf_counter()
-            await asyncio.gather(*(store.put_package(r) for r in records))
-            return len(records) / (time.perf_counter() - start)
+            await asyncio.gather(*(store.put_package(r) for r in batch))
+            return len(batch) / (time.perf_counter() - start)
 
     async def raw_round() -> float:
-        keys = Keyspace(namespace())
-        commands = [raw_put_command(keys, r) for r in records]
+        commands = [raw_put_command(keys, r) for r in records(sizes.put_concurrent)]
         gate = asyncio.Semaphore(sizes.raw_in_flight)
 
         async def one(command: tuple[Any, ...]) -> None:
@@ -191,150 +386,242 @@ async def put_concurrent(url: str, sizes: Sizes) -> Figure:
         await asyncio.gather(*(one(c) for c in commands))
         return len(commands) / (time.perf_counter() - start)
 
-    store_s, raw_s = [], []
-    for _ in range(sizes.rounds):
-        store_s.append(await store_round())
-        raw_s.append(await raw_round())
+    sides = [store_round, raw_round]
+    benchmark: list[str] | None = None
+    if cached and benchmark_binary() is not None:
+        benchmark = benchmark_command(url, keys, sizes.benchmark_requests)
+
+        async def benchmark_round() -> float:
+            assert benchmark is not None
+            return await run_benchmark(benchmark)
+
+        sides.append(benchmark_round)
+    async with _maybe_other_engine(url, ns, cached):
+        medians, _ = await median_rounds(sizes.rounds, *sides)
     await raw.aclose()
-    store_t, raw_t = statistics.median(store_s), statistics.median(raw_s)
-    return Figure(
-        "put_concurrent",
-        f"{sizes.put_concurrent} put_package in flight (calls/s; "
-        f"raw: {sizes.raw_in_flight} in flight)",
-        store_t,
-        raw_t,
-        "/s",
-        store_t / raw_t,
-        3.0,
-        ">=",
+    store_t, raw_t = medians[0], medians[1]
+    figures = [
+        Figure(
+            "put_concurrent_cached" if cached else "put_concurrent",
+            f"{sizes.put_concurrent} put_package in flight on one store, 1 KiB, "
+            f"{caching_label(cached)} (calls/s; floor: raw {RAW_PUT} kept "
+            f"{sizes.raw_in_flight} in flight)",
+            store_t,
+            raw_t,
+            "/s",
+            store_t / raw_t,
+            3.5 if cached else 3.0,
+            ">=",
+        )
+    ]
+    if not cached:
+        return figures
+    if benchmark is None:
+        figures.append(
+            Figure(
+                "put_vs_server_limit",
+                "skipped: no redis-benchmark or valkey-benchmark found (Debian's redis-tools "
+                "brings the first)",
+                store_t,
+                None,
+                "/s",
+                None,
+                extra={"skipped": True},
+            )
+        )
+        return figures
+    limit = medians[2]
+    figures.append(
+        Figure(
+            "put_vs_server_limit",
+            f"{sizes.put_concurrent} put_package in flight, route caching on, as a "
+            "fraction of redis-benchmark's rate for the same operation, arguments and "
+            f"namespace ({sizes.benchmark_requests} requests, 50 connections, "
+            "16 pipelined each)",
+            store_t,
+            limit,
+            "/s",
+            store_t / limit,
+            0.4,
+            ">=",
+            extra={"redis_benchmark": " ".join(benchmark[:13]) + " ..."},
+        )
     )
+    return figures
 
 
-# 3. Listing the catalogue.
+# 3. Archives of each size: put, get and listing.
 
 
-async def list_packages(url: str, sizes: Sizes) -> Figure:
+async def archive_figures(url: str, sizes: Sizes, size: ArchiveSize) -> list[Figure]:
     raw = Redis.from_url(url)
-    store = RedisPackageStore.from_url(url, namespace=namespace())
-    records = [record(i) for i in range(sizes.listed)]
-    for start in range(0, len(records), 1000):
-        await asyncio.gather(*(store.put_package(r) for r in records[start : start + 1000]))
-    keys = Keyspace(store.namespace)
+    await load_put(raw)
+    ns = namespace()
+    keys = Keyspace(ns)
+    label, text = size_name(size.size), size_text(size.size)
+    rounds = sizes.rounds if size.rounds is None else min(size.rounds, sizes.rounds)
+    figures = []
+    async with writer(url, ns, cached=False) as store:
+        if size.puts:
 
-    async def store_round() -> float:
-        start = time.perf_counter()
-        listed = await store.list_packages()
-        elapsed = time.perf_counter() - start
-        assert len(listed) == len(records)
-        return elapsed
+            async def store_put() -> float:
+                batch = records(size.puts, size.size)
+                await store.put_package(records(1, size.size)[0])
+                start = time.perf_counter()
+                for r in batch:
+                    await store.put_package(r)
+                return (time.perf_counter() - start) / len(batch)
 
-    async def floor_round() -> float:
-        start = time.perf_counter()
-        members = cast(list[bytes], await raw.zrange(keys.index, 0, -1))
-        pipe = raw.pipeline(transaction=False)
-        for member in members:
-            pipe.hmget(keys.row(member[28:]), "archive", "deployed_at")
-        rows = await pipe.execute()
-        elapsed = time.perf_counter() - start
-        assert len(rows) == len(records)
-        return elapsed
+            async def raw_put() -> float:
+                commands = [raw_put_command(keys, r) for r in records(size.puts, size.size)]
+                start = time.perf_counter()
+                for command in commands:
+                    await call(raw, command)
+                return (time.perf_counter() - start) / len(commands)
 
-    store_s, raw_s = [], []
-    for _ in range(sizes.rounds):
-        store_s.append(await store_round())
-        raw_s.append(await floor_round())
-    store_t, raw_t = statistics.median(store_s), statistics.median(raw_s)
+            (store_t, raw_t), _ = await median_rounds(rounds, store_put, raw_put)
+            figures.append(
+                Figure(
+                    f"put_{label}",
+                    f"put_package one at a time, {text}, route caching off "
+                    f"(time per call; floor: one raw {RAW_PUT})",
+                    store_t * 1e6,
+                    raw_t * 1e6,
+                    "us",
+                    store_t / raw_t,
+                    1.10,
+                    "<=",
+                )
+            )
+        await raw.flushdb()
+        listed = records(size.listed, size.size)
+        for start in range(0, len(listed), 100):
+            await asyncio.gather(*(store.put_package(r) for r in listed[start : start + 100]))
+        got = [listed[i % len(listed)] for i in range(size.gets)]
+        row_keys = [keys.row(row_id(r.workflow_type, r.content_hash)) for r in got]
 
-    # Client memory while iterating: the peak of what Python allocates, against the
-    # catalogue the iterator walks through (the store holds one chunk at a time).
-    chunk = max(1, min(1000, sizes.listed // 10))
-    gc.collect()
-    tracemalloc.start()
-    try:
-        count = 0
-        async for _ in store.iter_packages(chunk=chunk):
-            count += 1
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    catalogue = sum(len(r.archive) for r in records)
-    await store.aclose()
+        async def store_get() -> float:
+            start = time.perf_counter()
+            for r in got:
+                await store.get_package(r.workflow_type, r.content_hash)
+            return (time.perf_counter() - start) / len(got)
+
+        async def raw_get() -> float:
+            start = time.perf_counter()
+            for key in row_keys:
+                await raw.hmget(key, [b"archive", b"deployed_at"])
+            return (time.perf_counter() - start) / len(row_keys)
+
+        (store_t, raw_t), _ = await median_rounds(rounds, store_get, raw_get)
+        figures.append(
+            Figure(
+                f"get_{label}",
+                f"get_package one at a time, {text} (time per call; floor: one raw HMGET)",
+                store_t * 1e6,
+                raw_t * 1e6,
+                "us",
+                store_t / raw_t,
+                1.10,
+                "<=",
+            )
+        )
+
+        async def store_list() -> float:
+            start = time.perf_counter()
+            found = await store.list_packages()
+            elapsed = time.perf_counter() - start
+            assert len(found) == len(listed)
+            return elapsed
+
+        async def raw_list() -> float:
+            start = time.perf_counter()
+            members = cast(list[bytes], await raw.zrange(keys.index, 0, -1))
+            pipe = raw.pipeline(transaction=False)
+            for member in members:
+                pipe.hmget(keys.row(member[28:]), "archive", "deployed_at")
+            rows = await pipe.execute()
+            elapsed = time.perf_counter() - start
+            assert len(rows) == len(listed)
+            return elapsed
+
+        (store_t, raw_t), _ = await median_rounds(rounds, store_list, raw_list)
+        figures.append(
+            Figure(
+                f"list_{label}",
+                f"list_packages of {size.listed} x {text} (time per listing; floor: one "
+                "ZRANGE + one pipelined HMGET of every row)",
+                store_t * 1e3,
+                raw_t * 1e3,
+                "ms",
+                store_t / raw_t,
+                1.2,
+                "<=",
+            )
+        )
+    await raw.flushdb()
     await raw.aclose()
-    return Figure(
-        "list_packages",
-        f"list_packages of {sizes.listed} x 1 KiB (s per listing; floor: ZRANGE + HMGET pipeline)",
-        store_t,
-        raw_t,
-        "s",
-        store_t / raw_t,
-        1.3,
-        "<=",
-        {
-            "iter_packages_chunk": chunk,
-            "iter_packages_peak_bytes": peak,
-            "catalogue_archive_bytes": catalogue,
-            "iter_peak_over_catalogue": peak / catalogue,
-            "iterated": count,
-        },
-    )
+    return figures
 
 
 # 4. Route lookups from the cache, and how stale another engine's cache can be.
 
 
-async def route_lookup(url: str, sizes: Sizes) -> Figure:
+async def route_lookup(url: str, sizes: Sizes) -> list[Figure]:
     raw = Redis.from_url(url)
     ns = namespace()
-    writer = RedisPackageStore.from_url(url, namespace=ns)
-    cached = RedisPackageStore.from_url(url, namespace=ns, cache_routes=True)
-    types = [f"type-{i}" for i in range(100)]
-    for i, workflow_type in enumerate(types):
-        await writer.put_package_route(workflow_type, f"h{i}")
-    if not await cached.route_cache_ready(10.0):
-        raise RuntimeError("the route cache did not go live")
     keys = Keyspace(ns)
+    types = [f"type-{i}" for i in range(100)]
     fields = [t.encode() for t in types]
+    async with writer(url, ns, cached=False) as plain, writer(url, ns, cached=True) as cached:
+        for i, workflow_type in enumerate(types):
+            await plain.put_package_route(workflow_type, f"h{i}")
+        await cached.route_cache_ready(30.0)
 
-    async def cached_round() -> float:
-        start = time.perf_counter()
-        for i in range(sizes.lookups):
-            await cached.get_package_route(types[i % 100])
-        return (time.perf_counter() - start) / sizes.lookups
+        async def cached_round() -> float:
+            start = time.perf_counter()
+            for i in range(sizes.lookups):
+                await cached.get_package_route(types[i % 100])
+            return (time.perf_counter() - start) / sizes.lookups
 
-    async def raw_round() -> float:
-        start = time.perf_counter()
-        for i in range(sizes.raw_lookups):
-            await raw.hget(keys.routes, fields[i % 100])
-        return (time.perf_counter() - start) / sizes.raw_lookups
+        async def raw_round() -> float:
+            start = time.perf_counter()
+            for i in range(sizes.raw_lookups):
+                await raw.hget(keys.routes, fields[i % 100])
+            return (time.perf_counter() - start) / sizes.raw_lookups
 
-    store_s, raw_s = [], []
-    for _ in range(sizes.rounds):
-        store_s.append(await cached_round())
-        raw_s.append(await raw_round())
-    store_t, raw_t = statistics.median(store_s), statistics.median(raw_s)
-
-    staleness = await cross_engine_staleness(writer, cached, sizes.staleness_samples)
-    await asyncio.gather(writer.aclose(), cached.aclose(), raw.aclose())
-    p50 = statistics.median(staleness)
+        (store_t, raw_t), _ = await median_rounds(sizes.rounds, cached_round, raw_round)
+        staleness = await cross_engine_staleness(plain, cached, sizes.staleness_samples)
+    await raw.aclose()
     p99 = percentile(staleness, 0.99)
-    return Figure(
-        "route_lookup",
-        "get_package_route, cached vs raw HGET (time per lookup; ratio = raw / cached)",
-        store_t * 1e6,
-        raw_t * 1e6,
-        "us",
-        raw_t / store_t,
-        50.0,
-        ">=",
-        {
-            "staleness_samples": len(staleness),
-            "staleness_p50_ms": p50 * 1e3,
-            "staleness_p99_ms": p99 * 1e3,
-            "staleness_max_ms": max(staleness) * 1e3,
-            "staleness_target_ms": 50.0,
-            "staleness_met": p99 * 1e3 <= 50.0,
-        },
-    )
+    return [
+        Figure(
+            "route_lookup",
+            "get_package_route from the cache, 100 routes (time per lookup; floor: a raw "
+            "HGET; ratio = floor / store, the speed-up)",
+            store_t * 1e6,
+            raw_t * 1e6,
+            "us",
+            raw_t / store_t,
+            50.0,
+            ">=",
+        ),
+        Figure(
+            "route_staleness",
+            "another engine's cache sees a route write, p99 (ms from the write's return)",
+            p99 * 1e3,
+            None,
+            "ms",
+            None,
+            50.0,
+            "<=",
+            "store",
+            {
+                "samples": len(staleness),
+                "p50_ms": statistics.median(staleness) * 1e3,
+                "max_ms": max(staleness) * 1e3,
+            },
+        ),
+    ]
 
 
 async def cross_engine_staleness(
@@ -369,26 +656,74 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-# 5. Server memory per package.
+# 5. Client memory of a listing of large archives, in a process that only lists.
+
+
+async def listing_memory(url: str, sizes: Sizes) -> Figure:
+    ns = namespace()
+    catalogue = sizes.rss_archive * sizes.rss_packages
+    async with writer(url, ns, cached=False) as store:
+        for r in records(sizes.rss_packages, sizes.rss_archive):
+            await store.put_package(r)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.processes",
+        "list-rss",
+        url,
+        ns,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    raw = Redis.from_url(url)
+    await raw.flushdb()
+    await raw.aclose()
+    if process.returncode != 0:
+        raise RuntimeError(f"the listing process failed: {err.decode(errors='replace')[-800:]}")
+    found = json.loads(out)
+    if found["listed"] != sizes.rss_packages:
+        raise RuntimeError(f"the listing process listed {found['listed']} packages")
+    over = (found["peak_kib"] - found["baseline_kib"]) / KIB
+    return Figure(
+        "iter_packages_rss",
+        f"client memory of iter_packages() over {sizes.rss_packages} x "
+        f"{size_text(sizes.rss_archive)}, in a process that only lists: peak RSS above "
+        "the baseline (floor: the catalogue's size; ratio = peak / catalogue)",
+        over,
+        catalogue / MIB,
+        "MiB",
+        over * MIB / catalogue,
+        200.0,
+        "<=",
+        "store",
+        {
+            "baseline_mib": found["baseline_kib"] / KIB,
+            "peak_mib": found["peak_kib"] / KIB,
+            "peak_reset": found["peak_reset"],
+        },
+    )
+
+
+# 6. Server memory per package.
 
 
 async def memory(binary: str | None, sizes: Sizes) -> Figure:
-    records = [record(i) for i in range(sizes.memory_packages)]
-    archive_bytes = sum(len(r.archive) for r in records)
+    batch = records(sizes.memory_packages)
+    archive_bytes = sum(len(r.archive) for r in batch)
 
     async def store_layout(url: str) -> None:
         async with RedisPackageStore.from_url(url, namespace=namespace()) as store:
-            for start in range(0, len(records), 1000):
-                batch = records[start : start + 1000]
-                await asyncio.gather(*(store.put_package(r) for r in batch))
+            for start in range(0, len(batch), 1000):
+                await asyncio.gather(*(store.put_package(r) for r in batch[start : start + 1000]))
 
     async def raw_layout(url: str) -> None:
         # The straightforward layout: a hash per package, a zset entry scored by time,
         # a route hash field; written by plain redis-py.
         raw = Redis.from_url(url)
-        for start in range(0, len(records), 1000):
+        for start in range(0, len(batch), 1000):
             pipe = raw.pipeline(transaction=False)
-            for r in records[start : start + 1000]:
+            for r in batch[start : start + 1000]:
                 pkg_id = f"{r.workflow_type}:{r.content_hash}"
                 pipe.hset(
                     f"raw:pkg:{pkg_id}",
@@ -407,16 +742,13 @@ async def memory(binary: str | None, sizes: Sizes) -> Figure:
             await write(server.url)
             after = int((await client.info("memory"))["used_memory"])
             await client.aclose()
-        per_package[name] = (after - before - archive_bytes) / len(records)
+        per_package[name] = (after - before - archive_bytes) / len(batch)
     return Figure(
         "memory",
-        f"server bytes per package beyond its archive ({sizes.memory_packages} x 1 KiB; "
-        "floor: hash + zset entry + route field)",
+        f"server memory per package beyond its archive ({sizes.memory_packages} x 1 KiB; "
+        "floor: a hash + a zset entry + a route field)",
         per_package["store"],
         per_package["raw"],
         "B",
         per_package["store"] / per_package["raw"],
-        None,
-        "report",
-        {"archive_bytes": archive_bytes, "packages": len(records)},
     )

@@ -36,13 +36,16 @@ def check_instant(value: object, field: str) -> datetime:
         raise ValueError(f"{field} falls outside years 1 to 9999 in UTC: {value!r}") from exc
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class PackageRecord:
     """One deployed version of a workflow package.
 
     ``(workflow_type, content_hash)`` identifies the row. ``deployed_at`` must be aware;
     stores hand it back in UTC, equal to the instant given, to the microsecond.
     Construction checks every field and raises ``TypeError`` or ``ValueError`` naming it.
+    Its ``repr`` shows the archive's size, not its bytes (``archive=<16777216 bytes>``),
+    so that logging a record costs a line whatever the archive; equality and hashing
+    compare every field, the archive's bytes included.
     """
 
     workflow_type: str
@@ -56,6 +59,13 @@ class PackageRecord:
         if not isinstance(self.archive, bytes):
             raise TypeError(f"archive must be bytes, not {type(self.archive).__name__}")
         check_instant(self.deployed_at, "deployed_at")
+
+    def __repr__(self) -> str:
+        return (
+            f"PackageRecord(workflow_type={self.workflow_type!r}, "
+            f"content_hash={self.content_hash!r}, archive=<{len(self.archive)} bytes>, "
+            f"deployed_at={self.deployed_at!r})"
+        )
 
 
 @dataclass(frozen=True)

@@ -247,4 +247,4 @@ def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.kvx"
     garbage.write_bytes(b"\xc1")  # a byte msgpack never uses
     fails(kv("import", str(garbage), *data), "malformed data")
-    fails(kv("import", str(tmp_path), *data), "no such file")
+    fails(kv("import", str(tmp_path), *data), "is a folder; name the export file")

@@ -22,6 +22,7 @@ from kvstore.redis.keyspace import Keyspace
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+from .test_pipeline import FakeClient, echo, pipeliner
 from .topology import eventually
 
 PASSWORD = "pw-never-logged-5e1f"
@@ -76,6 +77,46 @@ async def test_a_retry_is_logged_at_debug_and_a_spent_budget_at_warning(
     assert gave_up and all("retry budget spent" in r.getMessage() for r in gave_up)
     assert "Timeout" in gave_up[0].getMessage()
     assert_no_secret(caplog)
+
+
+async def test_thousands_of_calls_failing_together_log_a_few_lines_not_thousands(
+    guarded_server: LocalServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with RedisPackageStore.from_url(
+        url_of(guarded_server), namespace=fresh_namespace(), timeout=0.2, retry_budget=0.2
+    ) as store:
+        await store.ping()
+        assert guarded_server.pid is not None
+        os.kill(guarded_server.pid, signal.SIGSTOP)
+        try:
+            outcomes = await asyncio.gather(
+                *(store.get_package("wf", f"h{i}") for i in range(2000)), return_exceptions=True
+            )
+        finally:
+            os.kill(guarded_server.pid, signal.SIGCONT)
+    assert all(isinstance(o, BackendError) for o in outcomes)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 20, len(warnings)
+
+
+async def test_calls_expiring_together_in_the_queue_say_so_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A connection that sends nothing (the pipeliner's fake): every call waits in the
+    # queue until its hard end, and they all reach it together.
+    client = FakeClient()
+    pipe = pipeliner(client, timeout=0.1, retry_budget=0.2, max_units=4)
+    client.connection_pool.read_gate.clear()
+    client.connection_pool.send_gate.clear()
+    outcomes = await asyncio.wait_for(
+        asyncio.gather(*(pipe.run(echo(str(i))) for i in range(2000)), return_exceptions=True),
+        10,
+    )
+    await pipe.aclose()
+    assert all(isinstance(o, BackendError) for o in outcomes)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert 1 <= len(warnings) <= 3, len(warnings)
+    assert any("gave up at their hard end" in r.getMessage() for r in warnings)
 
 
 async def test_a_call_without_trouble_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:

@@ -179,3 +179,59 @@ async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
             assert "proto-max-bulk-len" in str(big) and str(2 << 20) in str(big)
             assert outcomes == [None] * 200
             assert len(await store.list_packages()) == 201
+
+
+async def test_large_archives_sent_in_slices_interleave_with_small_calls(
+    server: LocalServer,
+) -> None:
+    # A large put goes out a slice at a time, the loop running between slices: small
+    # calls made meanwhile go on other lanes or wait their turn, and every call gets
+    # its own reply, the archives back byte for byte.
+    big = [bytes([i]) * (5 * (1 << 20) + i) for i in range(3)]
+    async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+        await store.put_package(pkg("warm"))
+        small = [pkg(f"s{i}", f"{i}".encode(), i) for i in range(300)]
+        await asyncio.gather(
+            *(store.put_package(pkg(f"b{i}", archive, 1000 + i)) for i, archive in enumerate(big)),
+            *(store.put_package(record) for record in small),
+        )
+        got = await asyncio.gather(
+            *(store.get_package("t", f"b{i}") for i in range(len(big))),
+            *(store.get_package("t", record.content_hash) for record in small),
+        )
+        assert [r.archive if r else None for r in got] == [*big, *(r.archive for r in small)]
+
+
+async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
+    server: LocalServer,
+) -> None:
+    # The server drops the store's connections while large archives are going out a
+    # slice at a time: the rest of a command never goes out on a new connection (where
+    # the server would take it for commands), every put is sent again whole, and
+    # every call after it gets its own reply.
+    killer = Redis.from_url(server.url)
+    big = [bytes([i + 1]) * (12 * (1 << 20) + i) for i in range(3)]
+    try:
+        async with RedisPackageStore.from_url(
+            server.url, namespace=fresh_namespace(), timeout=5.0, retry_budget=20.0
+        ) as store:
+            await store.put_package(pkg("warm"))
+            puts = asyncio.gather(
+                *(store.put_package(pkg(f"b{i}", a, 10 + i)) for i, a in enumerate(big))
+            )
+            killed = 0
+            for _ in range(20):
+                await asyncio.sleep(0.005)
+                killed += await killer.client_kill_filter(_type="normal", skipme=True)
+                if puts.done():
+                    break
+            await puts
+            small = [pkg(f"s{i}", f"{i}".encode(), 100 + i) for i in range(200)]
+            await asyncio.gather(*(store.put_package(r) for r in small))
+            got = await asyncio.gather(*(store.get_package("t", f"b{i}") for i in range(3)))
+            assert [r.archive if r else None for r in got] == big
+            listed = {r.content_hash: r.archive for r in await store.list_packages()}
+            assert all(listed[r.content_hash] == r.archive for r in small)
+            assert killed > 0
+    finally:
+        await killer.aclose()

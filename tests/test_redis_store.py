@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import fakeredis
 import pytest
@@ -462,6 +464,81 @@ async def test_no_listing_returns_a_row_twice_while_rows_are_re_put_later(client
     assert all(len(ids) <= len(records) for ids in listings)
 
 
+def count_round_trips(store: RedisPackageStore) -> list[int]:
+    """Watch ``store``'s round trips: for each, the bytes of the archives it brought."""
+    brought: list[int] = []
+    run = store._pipeliner.run
+
+    async def counted(commands: Any, size: int = 0, *, alone: bool = False) -> list[Any]:
+        replies = await run(commands, size, alone=alone)
+        rows = [r for c, r in zip(commands, replies, strict=True) if "HMGET" in repr(c[0])]
+        brought.append(sum(len(r[0]) for r in rows if r[0] is not None))
+        return replies
+
+    store._pipeliner.run = counted  # type: ignore[method-assign]
+    return brought
+
+
+async def test_iter_packages_bounds_the_archives_of_each_round_trip(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    mib = 1 << 20
+    # Archives of odd sizes around the bound, and one larger than it, which comes alone.
+    sizes = [mib, mib + 1, mib - 1, 3 * mib, 1, 0, *[mib] * 30, 2 * mib, mib // 3]
+    records = [
+        pkg(f"t{i % 3}", f"h{i:03d}", bytes([i]) * size, n=i) for i, size in enumerate(sizes)
+    ]
+    for record in records:
+        await store.put_package(record)
+    brought = count_round_trips(store)
+    seen = [r async for r in store.iter_packages(chunk=16, max_bytes=2 * mib)]
+    assert seen == records
+    assert max(brought) == 3 * mib  # the large one, alone
+    assert sorted(brought)[-2] <= 2 * mib
+    assert sum(brought) == sum(sizes)
+
+
+async def test_a_listing_holds_no_archive_it_has_already_handed_out(client: Redis) -> None:
+    # The client's memory during a walk is a round trip's archives, not the catalogue's:
+    # nothing the store keeps (a pending call's bookkeeping included) may hold on to
+    # replies its caller has let go of.
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    mib = 1 << 20
+    for i in range(24):
+        await store.put_package(pkg("t", f"h{i:02d}", bytes([i]) * (2 * mib), n=i))
+    tracemalloc.start()
+    try:
+        listed = 0
+        async for record in store.iter_packages(max_bytes=4 * mib):
+            listed += len(record.archive)
+            del record
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    await store.aclose()
+    assert listed == 48 * mib
+    assert peak < 16 * mib  # two round trips' archives and the parser's copies at most
+
+
+async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(
+    client: Redis,
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    records = [pkg(f"t{i % 3}", f"h{i:03d}", bytes(100), n=i) for i in range(250)]
+    for record in records:
+        await store.put_package(record)
+    brought = count_round_trips(store)
+    assert [r async for r in store.iter_packages(chunk=100)] == records
+    # The first members, then their sizes with the next members: two more than chunks.
+    assert len(brought) == 3 + 2
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "64", True, None])
+async def test_iter_packages_refuses_a_bad_max_bytes(client: Redis, bad: Any) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    with pytest.raises((TypeError, ValueError), match="max_bytes"):
+        await anext(store.iter_packages(max_bytes=bad))
+
+
 @pytest.mark.parametrize(
     "member",
     [
@@ -641,3 +718,28 @@ async def test_a_full_batch_reaches_the_server_before_the_tasks_behind_it_start(
         await asyncio.gather(*calls[:400], probe(), *calls[400:])
         assert seen[-1] >= 256
         assert len(await store.list_packages()) == 601
+
+
+@pytest.mark.parametrize("password", ["p", "pass", "word-"])
+async def test_a_short_password_is_redacted_without_mangling_the_message(password: str) -> None:
+    with LocalServer(settings={"requirepass": "the-right-one"}) as server:
+        url = f"redis://:{password}@127.0.0.1:{server.port}"
+        async with RedisPackageStore.from_url(url, timeout=2.0, retry_budget=0) as store:
+            with pytest.raises(BackendError) as raised:
+                await store.get_package_route("order")
+    message = str(raised.value)
+    assert "password" in message.lower(), message  # the server's words, whole
+    assert f" {password} " not in f" {message} " and f":{password}@" not in message
+
+
+async def test_a_write_after_a_restart_on_empty_data_loads_the_library_again() -> None:
+    # The restart closes every connection: the pipeliner's and the pooled one the first
+    # load used. The second load meets that closed connection first, and tries again.
+    with LocalServer() as server:
+        async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+            await store.put_package(pkg("order", "h1"))
+            for i in range(3):
+                server.stop()
+                server.start()  # no persistence: the data and the library are gone
+                await store.put_package(pkg("order", f"h{i + 2}"))
+                assert await store.get_package_route("order") == f"h{i + 2}"

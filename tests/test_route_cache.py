@@ -301,6 +301,36 @@ async def test_watch_yields_the_table_then_every_route_write(stores: StoreFactor
         ]
 
 
+async def test_own_and_foreign_writes_in_a_burst_reach_a_watch_in_server_order(
+    stores: StoreFactory,
+) -> None:
+    # The watcher knows its own writes' messages byte for byte and applies them
+    # undecoded; interleaved with another store's, in bursts that arrive together,
+    # every write must still come out as the server applied it.
+    writer, watcher = stores(cache_routes=True), stores(cache_routes=True)
+    assert await watcher.route_cache_ready(VISIBLE_WITHIN)
+    async with watcher.watch_routes() as watch:
+        expected: list[PackageRouteRecord] = []
+        for i in range(40):
+            own, other = f"typ\u00e9 {i % 3}", f"h\u00e4sh-{i}"
+            await asyncio.gather(
+                watcher.put_package_with_routes(pkg(own, other, i), ["\u6d41\u308c", own]),
+                writer.put_package_route(own, f"foreign-{i}"),
+            )
+            if i % 2:
+                await watcher.put_package_route("\u6d41\u308c", f"mine-{i}")
+        seen = await next_routes(watch, 40 * 3 + 20)
+        server = {r.workflow_type: r.content_hash for r in await writer.list_package_routes()}
+        last: dict[str, str] = {}
+        for record in seen:
+            last[record.workflow_type] = record.content_hash
+        assert last == server
+        for workflow_type, content_hash in server.items():
+            assert await watcher.get_package_route(workflow_type) == content_hash
+        expected = [r for r in seen if r.content_hash.startswith("mine-")]
+        assert [r.content_hash for r in expected] == [f"mine-{i}" for i in range(1, 40, 2)]
+
+
 async def test_watch_made_before_the_cache_loads_starts_from_the_table(
     stores: StoreFactory,
 ) -> None:
@@ -482,8 +512,11 @@ async def resettable(request: pytest.FixtureRequest) -> AsyncIterator[Resettable
     await server.aclose()
 
 
-async def fill_then_reset(server: ResettableServer) -> tuple[RedisPackageStore, RedisPackageStore]:
-    """Two caching stores, a writer and a reader; 40 route writes; then the reset.
+async def fill_then_reset(
+    server: ResettableServer, *others: RedisPackageStore
+) -> tuple[RedisPackageStore, RedisPackageStore]:
+    """Two caching stores, a writer and a reader; 40 route writes, which the reader and
+    the caching stores ``others`` have all applied; then the reset.
 
     An older snapshot is saved after the tenth write of each type: it brings back
     ``order -> h9`` and ``spare -> s9``.
@@ -500,7 +533,11 @@ async def fill_then_reset(server: ResettableServer) -> tuple[RedisPackageStore, 
             await server.save_point()
 
     async def caught_up() -> bool:
-        return await reader.get_package_route("order") == "h29"
+        for store in (reader, *others):
+            ready = await store.route_cache_ready(0)
+            if not (ready and await store.get_package_route("order") == "h29"):
+                return False
+        return True
 
     assert await eventually(caught_up)
     await server.reset()
@@ -552,7 +589,7 @@ async def test_after_a_reset_a_watch_is_given_the_routes_that_changed(
     watcher = resettable.store(cache_routes=True, route_health_interval=HEALTH)
     assert await watcher.route_cache_ready(VISIBLE_WITHIN)
     async with watcher.watch_routes() as watch:
-        writer, _ = await fill_then_reset(resettable)
+        writer, _ = await fill_then_reset(resettable, watcher)
         await next_routes(watch, 40)  # every write before the reset
         await writer.put_package_route("order", "new")
         # The reload finds what changed against what the watch was told: "order"

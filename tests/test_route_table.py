@@ -197,6 +197,36 @@ def test_a_namespace_never_written_takes_its_first_message() -> None:
     assert table.lookup("order") == "h1"
 
 
+def test_an_own_write_that_made_the_counter_is_applied_when_its_reply_came_first() -> None:
+    # The store's first write makes the counter, at the clock; its reply can be noted
+    # before its message arrives. That message is the counter's first, not a lost one.
+    table = loaded(0)
+    table.note_write(CLOCK + 1, "h1", ["order", "billing"])
+    table.note_write(CLOCK + 2, "h2", ["order"])  # a second put, answered before either
+    assert table.apply_message(CLOCK + 1, "h1", ["order", "billing"]) is Message.APPLIED
+    assert table.answering
+    assert table.stream_table() == [("billing", "h1"), ("order", "h1")]
+    assert table.apply_message(CLOCK + 2, "h2", ["order"]) is Message.APPLIED
+    assert table.lookup("order") == "h2"
+
+
+def test_an_own_write_of_a_lost_counter_is_not_taken_for_a_new_ones_first() -> None:
+    table = loaded(10, order="h10")
+    table.note_write(12, "mine", ["order"])  # then FLUSHDB, before its message came
+    assert table.version_read(0, table.mark())
+    assert table.apply_snapshot(0, {}, table.mark()) == []
+    assert table.apply_message(12, "mine", ["order"]) is Message.RELOAD
+
+
+def test_a_counter_made_anew_at_a_version_seen_of_another_counter_is_reloaded() -> None:
+    table = loaded(10, order="h10")
+    assert table.apply_message(11, "h11", ["order"]) is Message.APPLIED
+    assert table.version_read(0, table.mark())
+    assert table.apply_snapshot(0, {}, table.mark()) == []
+    # Not this store's write: a version no higher than one seen is not trusted.
+    assert table.apply_message(11, "other", ["order"]) is Message.RELOAD
+
+
 def test_a_message_of_a_counter_made_anew_after_an_old_one_is_a_skip() -> None:
     table = loaded(10, order="h10")
     assert table.apply_message(11, "h11", ["order"]) is Message.APPLIED

@@ -6,7 +6,7 @@ import socket
 from urllib.parse import quote
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kvstore import RedisPackageStore
@@ -76,14 +76,21 @@ def leaks(secret: str, text: str) -> bool:
 def test_no_url_shows_its_password(
     secret: str, place: str, prefix: str, host: str, tail: str
 ) -> None:
-    url = url_with(secret, place, prefix, host, tail)
-    assert not leaks(secret, redact_url(url))
+    # The same URL with another password says nothing that contains this one by chance
+    # (a secret such as "redis+se" is part of the scheme's name, not a leak).
+    other = "Zq9-placeholder"
+    assume(not leaks(secret, said(url_with(other, place, prefix, host, tail)).replace(other, "")))
+    text = said(url_with(secret, place, prefix, host, tail))
+    assert not leaks(secret, text), text
+
+
+def said(url: str) -> str:
+    """All the library says of ``url``: its redacted form, and the error or the store."""
     try:
         store = RedisPackageStore.from_url(url, timeout=0.1)
     except (ValueError, TypeError) as exc:
-        assert not leaks(secret, str(exc)), str(exc)
-    else:
-        assert not leaks(secret, repr(store))
+        return f"{redact_url(url)}\n{exc}"
+    return f"{redact_url(url)}\n{store!r}"
 
 
 @pytest.mark.parametrize(

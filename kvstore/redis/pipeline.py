@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import builtins
 import logging
+import math
+import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError, TimeoutError
 
 from kvstore.redis.retry import Backoff, Budget, is_transient
-from kvstore.redis.wire import Command, flatten, pack_commands
+from kvstore.redis.wire import SLICE, Command, flatten, pack_commands, pack_parts
 
 T = TypeVar("T")
 
@@ -69,11 +71,12 @@ class _Deadlines:
         self._expire = expire
         self._running: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        # The hard ends and futures of units in the order they were made, so in the
-        # order of their hard ends (one budget for all): the front is the next to
-        # expire. Settled ones leave when they reach the front, so this holds at most a
-        # hard end's worth of calls; not the units, so not their archives.
-        self._units: deque[tuple[float, asyncio.Future[list[Any]]]] = deque()
+        # The hard ends of units and weak references to their futures, in the order
+        # they were made, so in the order of their hard ends (one budget for all): the
+        # front is the next to expire. Settled ones leave when they reach the front, so
+        # this holds at most a hard end's worth of entries; weak, because a settled
+        # future holds its replies (a listing's archives) until its caller lets go.
+        self._units: deque[tuple[float, weakref.ref[asyncio.Future[list[Any]]]]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float:
@@ -82,7 +85,7 @@ class _Deadlines:
 
     def track(self, pending: _Pending) -> None:
         """Fail ``pending`` at its hard end if it is not settled by then."""
-        self._units.append((pending.hard_end, pending.future))
+        self._units.append((pending.hard_end, weakref.ref(pending.future)))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
 
@@ -120,9 +123,13 @@ class _Deadlines:
                 self._expired.add(task)
                 task.cancel()
         units = self._units
-        while units and (units[0][0] <= now or units[0][1].done()):
-            _, future = units.popleft()
-            if not future.done():
+        while units:
+            hard_end, ref = units[0]
+            future = ref()
+            if future is not None and not future.done() and hard_end > now:
+                break
+            units.popleft()
+            if future is not None and not future.done():
                 self._expire(future)
         busy = self._running or units
         self._timer = loop.call_later(self._tick, self._check) if busy else None
@@ -185,6 +192,12 @@ class Pipeliner:
     answered: if the server drops the connection because of it, no other call was on
     that connection. Dropped ``DROPS_BEFORE_REFUSAL`` times, it raises.
 
+    A batch whose ``size`` is ``SLICE`` (1 MiB) or more is sent in parts
+    (``kvstore.redis.wire.pack_parts``): its large arguments in slices of ``SLICE`` bytes,
+    never copied whole, with the event loop running between parts, so a large archive
+    holds the loop for one slice at a time. If the connection is dropped meanwhile, the
+    rest is not sent (never on a new connection); the batch goes again whole.
+
     Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
 
@@ -230,6 +243,9 @@ class Pipeliner:
         # failure (its class and text, unredacted) since the last reply, if any.
         self.reached = False
         self.last_failure: str | None = None
+        # Calls expired since the last warning said so, and when it did.
+        self._expired = 0
+        self._expiry_said_at = -math.inf
 
     async def run(
         self, commands: Sequence[Command], size: int = 0, *, alone: bool = False
@@ -377,10 +393,15 @@ class Pipeliner:
             connection = lane.connection
             lane.in_flight.append(batch)
             sent = True  # from here on the lane answers for the batch
-            data = pack_commands([c for p in units for c in p.commands])
-            await self._within(
-                connection.send_packed_command(data, check_health=False), batch.deadline
-            )
+            commands = [c for p in units for c in p.commands]
+            # Large arguments go in slices, the loop running between them.
+            parts = pack_parts(commands) if batch.size >= SLICE else None
+            if parts is None or len(parts) == 1:
+                data = pack_commands(commands) if parts is None else bytes(parts[0])
+                sending = connection.send_packed_command(data, check_health=False)
+            else:
+                sending = _send_in_slices(connection, parts, lambda: lane.connection is connection)
+            await self._within(sending, batch.deadline)
         except asyncio.CancelledError:
             # The caller that was writing was cancelled: the others go again, at once. A
             # write cut short leaves its connection in an unknown state, so what was in
@@ -588,7 +609,17 @@ class Pipeliner:
         exc = TimeoutError(f"no reply within {spent:g} s, retries included")
         self.last_failure = _describe(exc)
         error = self._translate(exc)
-        _log.warning("a call gave up, its retry budget spent: %s", error)
+        # Thousands may expire together behind a stall: one line a second at most.
+        self._expired += 1
+        now = asyncio.get_running_loop().time()
+        if now >= self._expiry_said_at + 1.0:
+            _log.warning(
+                "%d call(s) gave up at their hard end, retry budget spent: %s",
+                self._expired,
+                error,
+            )
+            self._expired = 0
+            self._expiry_said_at = now
         future.set_exception(error)
 
     def _spawn(
@@ -655,6 +686,24 @@ def _routed(client: Any, command: Command) -> tuple[Command, dict[str, Any]]:
         except SlotNotCoveredError:
             pass  # the slot table is being renewed: redis-py finds the node itself
     return args, {}
+
+
+async def _send_in_slices(
+    connection: Any, parts: list[bytes | memoryview], alive: Callable[[], bool]
+) -> None:
+    """Send ``parts`` (of ``pack_parts``: large arguments in slices, never copied
+    whole) one at a time: between them the event loop runs and the socket drains, so a
+    large archive stalls the loop for one slice at a time, not for the whole archive.
+
+    Stops with ``ConnectionError`` as soon as the connection is no longer ``alive()``
+    (its lane dropped it meanwhile): the rest of a command must never go out on a
+    connection made anew, where the server would take it for a command of its own."""
+    for i, part in enumerate(parts):
+        if i and not (alive() and connection.is_connected):
+            raise ConnectionError("the connection was lost while a large unit was sent")
+        # One part a call: a list of parts would be joined into one buffer by the transport.
+        await connection.send_packed_command([part], check_health=False)
+        await asyncio.sleep(0)
 
 
 async def _read_replies(connection: Any, count: int) -> list[Any]:

@@ -38,6 +38,13 @@ again: a silently dead subscription serves stale routes for at most about
 ``2 * health_interval`` seconds. On any failure the cache drops its subscription, goes
 not live, and starts again from step 1, so a reconnect always reloads in full.
 
+The subscription is read with the connection's own reply reader, in batches: every
+reply already buffered is taken at once, and after a batch the replies are left to
+gather for a millisecond, so a burst of writes costs one wake-up per batch rather than
+one per write (a write of another store is seen at most that much later). The message
+of a write this store made is known byte for byte from the write's reply, so it is
+applied without being decoded; any other message is decoded.
+
 Writes made through the store that owns the cache are applied at once (``note_write``),
 so a store always reads its own acknowledged writes: a reply whose version is not newer
 than the cached entry sends lookups of that type to the server until the table can tell
@@ -54,6 +61,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sys
 from collections import deque
 from collections.abc import Iterable
@@ -80,6 +88,14 @@ __all__ = ["ASK_SERVER", "RouteCache", "RouteCacheError", "RouteWatch"]
 _log = logging.getLogger(__name__)
 
 _PING: Final = b"kvstore-route-cache "
+# The most replies of the subscription read in one turn, between checks of the clock.
+_BATCH = 1024
+# After a batch, how long the subscription's replies are left to gather before the
+# next is read: a burst of writes costs one wake-up per batch, not one per write.
+_GATHER = 0.001
+# Own writes whose messages are awaited, beyond which those the stream has passed are
+# forgotten (a message that came before its write's reply leaves one behind).
+_OWN_WRITES = 4096
 # Setting up a subscription has a bound even when the store's calls have none.
 _DEFAULT_SETUP_TIMEOUT = 10.0
 # Snapshots in a row that each find the server's version going backwards: beyond this
@@ -139,6 +155,9 @@ class RouteCache:
         self._generation = 0
         self._awaiting_pong = False
         self._changed = asyncio.Event()
+        # The message each recent write of this store published, byte for byte, with
+        # what it says: such a message is applied without being decoded.
+        self._own_writes: dict[bytes, tuple[int, str, list[str]]] = {}
         self._watches: set[RouteWatch] = set()
         self._task: asyncio.Task[None] | None = None
         self._session_went_live = False
@@ -185,7 +204,23 @@ class RouteCache:
 
     def note_write(self, version: int, content_hash: str, types: Iterable[str]) -> None:
         """Apply a route write this process made, from the script's reply."""
-        self._table.note_write(version, content_hash, types)
+        changed = list(types)
+        self._table.note_write(version, content_hash, changed)
+        if self._table.answering and version > self._table.stream_version:
+            # Its message is still to come: the scripts publish exactly these bytes.
+            announced = b"%d\x00%b" % (
+                version,
+                "\x00".join([content_hash, *changed]).encode("utf-8"),
+            )
+            self._own_writes[announced] = (version, content_hash, changed)
+
+    def _forget_own_writes(self) -> None:
+        """Bound the own writes awaited: those the stream has passed never come."""
+        if len(self._own_writes) > _OWN_WRITES:
+            passed = self._table.stream_version
+            self._own_writes = {m: w for m, w in self._own_writes.items() if w[0] > passed}
+            if len(self._own_writes) > _OWN_WRITES:
+                self._own_writes.clear()  # their messages are then decoded: no harm
 
     def watch(self) -> RouteWatch:
         """A new watch of route writes; see ``RouteWatch``."""
@@ -240,6 +275,7 @@ class RouteCache:
     async def _follow(self) -> None:
         """Subscribe, load, and follow the channel until something fails."""
         node = self._node = await self._node_client()
+        self._own_writes.clear()  # a new subscription: their messages may never come
         pubsub = node.pubsub()
         saved_retry: Retry | None = None
         try:
@@ -304,12 +340,14 @@ class RouteCache:
         raise RouteCacheError("the server did not confirm the subscription")
 
     async def _listen(self, pubsub: PubSub) -> None:
+        connection = pubsub.connection
+        assert connection is not None, "a session listens on its subscription"
         loop = asyncio.get_running_loop()
         next_check = loop.time() + self._health_interval
         # Ends by an exception, cancellation or closing; each turn waits at most one interval.
         while not self._closed:
-            message = await pubsub.get_message(timeout=self._health_interval)
-            if message is None:
+            replies = await self._read_batch(connection)
+            if not replies:
                 if self._awaiting_pong:
                     raise RouteCacheError(
                         f"no reply to PING within {self._health_interval}s; "
@@ -318,22 +356,67 @@ class RouteCache:
                 await self._ping(pubsub)
             else:
                 self._awaiting_pong = False  # any answer shows the connection alive
-                kind = message["type"]
-                if kind == "smessage":
-                    await self._on_message(pubsub, message["data"])
-                elif kind == "pong":
-                    if message["data"] == _PING + b"%d" % self._generation:
-                        self._table.settled()
-                elif kind == "ssubscribe":
-                    raise RouteCacheError(
-                        "the subscription was re-established: changes may be lost"
-                    )
-                elif kind == "sunsubscribe":
-                    # The server drops shard subscribers when their slot moves to another node.
-                    raise RouteCacheError("the server ended the subscription: its slot moved")
+                for reply in replies:
+                    await self._on_reply(pubsub, reply)
+                self._forget_own_writes()
+                await asyncio.sleep(_GATHER)
             if loop.time() >= next_check:
                 await self._check_version(pubsub)
                 next_check = loop.time() + self._health_interval
+
+    async def _read_batch(self, connection: Connection) -> list[Any]:
+        """The subscription's next replies: every one already buffered, up to
+        ``_BATCH``, once the first has come; none after ``health_interval`` of quiet.
+
+        The connection's own reply reader, without the pub/sub layer of redis-py over
+        it (message dictionaries, a retry wrapper, a timer per message): one timer for
+        the wait, one for the drain, whatever the batch holds.
+        """
+        first = await connection.read_response(
+            timeout=self._health_interval, disconnect_on_error=False, push_request=True
+        )
+        if first is None:
+            return []
+        replies = [first]
+        can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
+        if not await can_read():
+            return replies
+        try:
+            # Bounded as a whole: a reply whose rest never comes is read on at the next turn
+            # (the parser keeps what it has), and the silence is then noticed as usual.
+            async with _deadline(self._health_interval):
+                while len(replies) < _BATCH and await can_read():
+                    replies.append(
+                        await connection.read_response(
+                            timeout=math.inf, disconnect_on_error=False, push_request=True
+                        )
+                    )
+        except asyncio.TimeoutError:
+            pass
+        return replies
+
+    async def _on_reply(self, pubsub: PubSub, reply: Any) -> None:
+        """Act on one reply of the subscription: a message, a pong, or a change of it."""
+        if not isinstance(reply, list):
+            # RESP3 answers a PING on a subscribed connection as a plain reply.
+            kind, data = b"pong", reply
+        elif len(reply) >= 2:
+            kind, data = reply[0], reply[-1]
+        else:
+            raise RouteCacheError(f"unexpected reply on the subscription: {reply!r}")
+        if isinstance(kind, str):
+            kind = kind.encode()
+        kind = kind.lower()
+        if kind == b"smessage":
+            await self._on_message(pubsub, data)
+        elif kind == b"pong":
+            if data == _PING + b"%d" % self._generation:
+                self._table.settled()
+        elif kind == b"ssubscribe":
+            raise RouteCacheError("the subscription was re-established: changes may be lost")
+        elif kind == b"sunsubscribe":
+            # The server drops shard subscribers when their slot moves to another node.
+            raise RouteCacheError("the server ended the subscription: its slot moved")
 
     async def _ping(self, pubsub: PubSub) -> None:
         await pubsub.ping(_PING + b"%d" % self._generation)
@@ -358,11 +441,19 @@ class RouteCache:
     async def _on_message(self, pubsub: PubSub, data: Any) -> None:
         if not isinstance(data, bytes):
             raise RouteCacheError(f"unexpected message on the route channel: {data!r}")
-        version_text, _, rest = data.partition(b"\x00")
-        content_hash, *types = rest.split(b"\x00")
-        version = int(version_text)
-        text = content_hash.decode("utf-8")
-        changed = [t.decode("utf-8") for t in types]
+        own = self._own_writes.pop(data, None)
+        if own is not None:
+            # Byte for byte the message of a write this store made: what it says is known.
+            version, text, changed = own
+        else:
+            version_text, _, rest = data.partition(b"\x00")
+            content_hash, *types = rest.split(b"\x00")
+            try:
+                version = int(version_text)
+                text = content_hash.decode("utf-8")
+                changed = [t.decode("utf-8") for t in types]
+            except ValueError as exc:  # UnicodeDecodeError included
+                raise RouteCacheError(f"unexpected message on the route channel: {data!r}") from exc
         before = self._table.stream_version
         outcome = self._table.apply_message(version, text, changed)
         if outcome is Message.APPLIED:

@@ -13,7 +13,10 @@ The rules:
 - A snapshot ``(V, routes)`` replaces the table; the lookups answer from it.
 - A message above the stream's version by exactly one is applied, and so is the first
   message after a snapshot that found no counter, if it is above every version ever
-  seen (the write that made the counter anew, at the server's clock). Any other
+  seen (the write that made the counter anew, at the server's clock), or is at the
+  version of a write this store noted (its reply came first), above every version the
+  server showed otherwise: the versions of own writes are forgotten when the server is
+  found to have gone back, so a version noted is one of the counter that is. Any other
   message further ahead means one was lost (or the counter was made anew meanwhile):
   reload.
 - A message at or below the stream's version is one published before the snapshot was
@@ -80,8 +83,13 @@ class RouteTable:
         # before the snapshot was read.
         self._settling = False
         self.highest_seen = 0
-        # The highest version seen of any counter, kept across a reset.
+        # The highest version seen of any counter, kept across a reset; and the same
+        # without this store's own writes' replies.
         self._ever_seen = 0
+        self._ever_read = 0
+        # The versions of this store's own writes whose messages are still to come,
+        # since the server last went back (which forgets them).
+        self._own_versions: set[int] = set()
         # Own writes not shown to be current: type -> the write's version.
         self._unsure: dict[str, int] = {}
         self.answering = False
@@ -128,6 +136,7 @@ class RouteTable:
         self._stream_routes = dict(routes)
         self.stream_version = version
         self._saw(version)
+        self._own_versions = {v for v in self._own_versions if v > version}
         self._unsure.clear()
         self._settling = True
         self.answering = True
@@ -142,8 +151,12 @@ class RouteTable:
             self._went_backwards(version)
             return Message.RELOAD
         # A snapshot without a counter is followed by the write that makes one, at
-        # the server's clock: above every version of any earlier counter.
-        made_anew = self.stream_version == 0 and version > self._ever_seen
+        # the server's clock: above every version of any earlier counter, or this
+        # store's own write, whose reply was noted before its message came.
+        made_anew = self.stream_version == 0 and (
+            version > self._ever_seen
+            or (version > self._ever_read and version in self._own_versions)
+        )
         if not changed or (version != self.stream_version + 1 and not made_anew):
             # A version never announced (a lost message, a counter made anew, a script
             # stopped midway): only a fresh snapshot is sure to be right.
@@ -151,6 +164,7 @@ class RouteTable:
             return Message.RELOAD
         self.stream_version = version
         self._saw(version)
+        self._own_versions.discard(version)
         self._settling = False
         for workflow_type in changed:
             self._stream_routes[workflow_type] = content_hash
@@ -178,7 +192,9 @@ class RouteTable:
 
     def note_write(self, version: int, content_hash: str, types: Iterable[str]) -> None:
         """Apply a route write this store made, from its script's reply."""
-        self._saw(version)
+        if version > self.stream_version:
+            self._own_versions.add(version)
+        self._saw(version, own=True)
         changed = list(types)
         self._set(version, content_hash, changed)
         for workflow_type in changed:
@@ -200,15 +216,18 @@ class RouteTable:
                 self._versions[workflow_type] = version
                 self._unsure.pop(workflow_type, None)
 
-    def _saw(self, version: int) -> None:
+    def _saw(self, version: int, *, own: bool = False) -> None:
         self.highest_seen = max(self.highest_seen, version)
         self._ever_seen = max(self._ever_seen, version)
+        if not own:
+            self._ever_read = max(self._ever_read, version)
 
     def _went_backwards(self, version: int) -> None:
         # Every known version is of the lost timeline: the next snapshot replaces all.
         self._versions = dict.fromkeys(self._stream_routes, version)
         self._routes = dict(self._stream_routes)
         self._unsure.clear()
+        self._own_versions.clear()
         self.stream_version = version
         self.highest_seen = version
         self.answering = False

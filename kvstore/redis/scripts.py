@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from kvstore.redis.wire import Recurring
+from kvstore.redis.wire import PrePacked
 
 PRELUDE = "library.lua"
 _NAME = "kvstore_{digest}"  # the library; its functions add "_<operation>"
@@ -39,10 +39,10 @@ class Function:
     name: str
     numkeys: int
 
-    def head(self, *leading: bytes) -> Recurring:
+    def call_prefix(self, *leading: bytes) -> PrePacked:
         """``FCALL``, the function's name, the key count and the ``leading`` keys and
         arguments that every call of a namespace shares, formatted once."""
-        return Recurring("FCALL", self.name, self.numkeys, *leading)
+        return PrePacked("FCALL", self.name, self.numkeys, *leading)
 
 
 @dataclass(frozen=True)

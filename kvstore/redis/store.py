@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -40,7 +42,7 @@ from kvstore.redis.keyspace import (
 )
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
-from kvstore.redis.retry import no_client_retries
+from kvstore.redis.retry import Backoff, Budget, no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, RouteCache, RouteWatch
 from kvstore.redis.scripts import (
     DELETE_PACKAGE,
@@ -51,22 +53,25 @@ from kvstore.redis.scripts import (
     load_library,
 )
 from kvstore.redis.urls import client_from_url
-from kvstore.redis.wire import Command, Recurring, flatten
+from kvstore.redis.wire import Command, PrePacked, flatten
 
 _log = logging.getLogger(__name__)
 
-_HMGET_ROW = Recurring("HMGET")
-_ROW_FIELDS = Recurring(b"archive", b"deployed_at")
-_HGET_STAMP = Recurring("HGET")
-_STAMP_FIELD = Recurring(b"deployed_at")
-_HSTRLEN = Recurring("HSTRLEN")
-_ARCHIVE_FIELD = Recurring(b"archive")
+_HMGET_ROW = PrePacked("HMGET")
+_ROW_FIELDS = PrePacked(b"archive", b"deployed_at")
+_HGET_STAMP = PrePacked("HGET")
+_STAMP_FIELD = PrePacked(b"deployed_at")
+_HSTRLEN = PrePacked("HSTRLEN")
+_ARCHIVE_FIELD = PrePacked(b"archive")
 
 # An archive larger than this is checked against the server's proto-max-bulk-len before
 # it is sent, so that a server that would refuse it never drops a connection carrying
 # other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
 # to set the limit under 1 MiB).
 LARGE_ARGUMENT = 512 << 10
+# What one round trip of ``iter_packages`` reads of archives, at most (unless one archive
+# alone is larger): the client's memory for a listing, whatever the archives' sizes.
+LISTING_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -171,13 +176,13 @@ class RedisPackageStore:
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
         self._keys = k = Keyspace(namespace)
         # What every call of a kind shares, formatted once (see each lua/ file's header).
-        self._put_head = PUT_PACKAGE.head(k.format, k.index, k.routes, k.route_version)
-        self._put_shared = Recurring(FORMAT_VERSION, k.route_changes)
-        self._route_head = PUT_ROUTE.head(
+        self._put_prefix = PUT_PACKAGE.call_prefix(k.format, k.index, k.routes, k.route_version)
+        self._put_shared = PrePacked(FORMAT_VERSION, k.route_changes)
+        self._route_prefix = PUT_ROUTE.call_prefix(
             k.format, k.routes, k.route_version, FORMAT_VERSION, k.route_changes
         )
-        self._delete_head = DELETE_PACKAGE.head(k.format, k.index)
-        self._format_check = (Recurring("GET", k.format),)
+        self._delete_prefix = DELETE_PACKAGE.call_prefix(k.format, k.index)
+        self._format_check = (PrePacked("GET", k.format),)
         self._client = client
         self._owns_client = False
         password = options.get("password")
@@ -350,7 +355,7 @@ class RedisPackageStore:
         alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
         version = await self._call(
             (
-                self._put_head,
+                self._put_prefix,
                 self._keys.row(row),
                 self._put_shared,
                 row,
@@ -404,13 +409,13 @@ class RedisPackageStore:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        await self._call((self._delete_head, self._keys.row(row), FORMAT_VERSION, row))
+        await self._call((self._delete_prefix, self._keys.row(row), FORMAT_VERSION, row))
 
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
         version = await self._call(
             (
-                self._route_head,
+                self._route_prefix,
                 route.workflow_type.encode("utf-8"),
                 route.content_hash.encode("utf-8"),
             ),
@@ -483,19 +488,32 @@ class RedisPackageStore:
     async def list_packages(self) -> list[PackageRecord]:
         return [record async for record in self.iter_packages()]
 
-    async def iter_packages(self, *, chunk: int = 1000) -> AsyncIterator[PackageRecord]:
+    async def iter_packages(
+        self, *, chunk: int = 1000, max_bytes: int = LISTING_BYTES
+    ) -> AsyncIterator[PackageRecord]:
         """Every record in ``list_packages`` order, fetched ``chunk`` rows at a time.
 
         The index is walked by member, not by rank, so a row neither put nor deleted
         during the walk is returned exactly once even while others are written or
         deleted; a row put or deleted meanwhile is returned at most once, as it was or as
-        it became. Memory: at most ``chunk`` records at a time, plus the id of each row
+        it became. Memory: at most ``chunk`` records at a time, and at most ``max_bytes``
+        of archives per round trip (a single larger archive comes alone), as sized by an
+        ``HSTRLEN`` of each row one round trip before it is read; plus the id of each row
         already returned (its workflow type and content hash, about 100 bytes with
         Python's overhead; never its archive), which is how a row read at its old place
         and met again at the later place a re-put moved it to is not returned twice.
+        Small archives still take one round trip per chunk, the sizes of the next chunk
+        asked for with the rows of this one. ``max_bytes`` must be a positive int.
         """
+        if type(max_bytes) is not int:
+            raise TypeError(f"max_bytes must be a positive int, not {type(max_bytes).__name__}")
+        if max_bytes <= 0:
+            raise ValueError(f"max_bytes must be a positive int, not {max_bytes!r}")
         async for key, member, ((archive, _),) in self._walk(
-            chunk, lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)], lambda replies: replies[0][1]
+            chunk,
+            lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)],
+            lambda replies: replies[0][1],
+            max_bytes=max_bytes,
         ):
             if not isinstance(archive, bytes):
                 raise SerializationError(f"{key!r} is missing its archive")
@@ -521,6 +539,8 @@ class RedisPackageStore:
         chunk: int,
         fetch_row: Callable[[bytes], list[Command]],
         stamp_of: Callable[[list[Any]], Any],
+        *,
+        max_bytes: int | None = None,
     ) -> AsyncIterator[tuple[bytes, _Member, list[Any]]]:
         """``(key, index member, replies to fetch_row(key))`` for each row in index order,
         ``chunk`` rows per round trip, each row at most once.
@@ -531,26 +551,74 @@ class RedisPackageStore:
         belongs unless the walk is past it. A row already yielded (read at its old
         place, then re-put with a later stamp) is skipped where it is met again; the
         set of row ids that remembers them is the walk's only memory beyond one chunk.
+
+        With ``max_bytes``, the rows' archives are sized (``HSTRLEN``) one round trip
+        before they are read, and a round trip reads rows whose archives add up to at
+        most ``max_bytes``, or one row alone if its archive alone is larger. The sizes
+        of the next members go with the rows of the previous ones, so small archives
+        still take one round trip per chunk.
         """
         check_chunk(chunk)
         k = self._keys
         listed: set[bytes] = set()
+        # Members read from the index whose size is still to be asked for, and members
+        # with their archive's size (0 for every row without max_bytes), in index order.
+        unsized: list[_Member] = []
+        sized: deque[tuple[_Member, int]] = deque()
         members: list[Any] = await self._read(self._next_members(b"-", chunk))
-        while members:
-            rows = [self._member(m) for m in members]
+        more = len(members) == chunk
+        last = members[-1] if members else b""
+        if max_bytes is None:
+            sized.extend((self._member(m), 0) for m in members)
+        else:
+            unsized = [self._member(m) for m in members]
+        while sized or unsized:
+            rows = self._take_rows(sized, chunk, max_bytes)
             fetch = [command for row in rows for command in fetch_row(k.row(row.row))]
-            width = len(fetch) // len(rows)
-            more = len(members) == chunk
-            if more:
-                fetch.append(self._next_members(b"(" + members[-1], chunk))
+            width = len(fetch) // len(rows) if rows else 0
+            # Once the rows sized are all read (by this round trip), the sizes of the
+            # members read next, and the members after them: one chunk ahead, no more.
+            asking = [] if sized else unsized
+            fetch.extend((_HSTRLEN, k.row(row.row), _ARCHIVE_FIELD) for row in asking)
+            ask_members = more and not sized
+            if ask_members:
+                fetch.append(self._next_members(b"(" + last, chunk))
             replies = await self._unit(fetch)
+            sizes = replies[len(rows) * width : len(rows) * width + len(asking)]
+            if asking:
+                sized.extend(zip(asking, sizes, strict=True))
+                unsized = []
+            if ask_members:
+                members = replies[-1]
+                more = len(members) == chunk
+                last = members[-1] if members else last
+                if max_bytes is None:
+                    sized.extend((self._member(m), 0) for m in members)
+                else:
+                    unsized = [self._member(m) for m in members]
             for i, row in enumerate(rows):
                 found = replies[i * width : (i + 1) * width]
                 if stamp_of(found) != row.stamp or row.row in listed:
                     continue
                 listed.add(row.row)
                 yield k.row(row.row), row, found
-            members = replies[-1] if more else []
+
+    @staticmethod
+    def _take_rows(
+        sized: deque[tuple[_Member, int]], chunk: int, max_bytes: int | None
+    ) -> list[_Member]:
+        """The next rows to read: up to ``chunk``, their archives within ``max_bytes``
+        (at least one row, whatever its size)."""
+        rows: list[_Member] = []
+        total = 0
+        while sized and len(rows) < chunk:
+            row, size = sized[0]
+            if max_bytes is not None and rows and total + size > max_bytes:
+                break
+            sized.popleft()
+            rows.append(row)
+            total += size
+        return rows
 
     def _next_members(self, after: bytes, chunk: int) -> Command:
         return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
@@ -589,19 +657,29 @@ class RedisPackageStore:
         A store loads it by itself when a call finds it missing; this is for an operator
         (``kvstore setup``) whose engines' credentials may not ``FUNCTION LOAD``.
         """
-        try:
-            coro = load_library(self._client)
-            if self._timeout is None:
-                return await coro
-            return await asyncio.wait_for(coro, self._timeout)
-        except NoPermissionError as exc:
-            raise BackendError(
-                f"the kvstore library {LIBRARY.name} is not loaded on {self._server} and "
-                "this credential may not load it; run `kvstore setup --url URL` with a "
-                "credential that may (FUNCTION LOAD)"
-            ) from exc
-        except (ResponseError, OSError, asyncio.TimeoutError, RedisError) as exc:
-            raise self._backend_error(exc) from None
+        # Retried like any call: a load often follows a restart, whose first attempt may
+        # meet a pooled connection the server closed.
+        loop = asyncio.get_running_loop()
+        budget = Budget(self._options.retry_budget, self._timeout)
+        retry_until = budget.retry_until(loop.time())
+        backoff = Backoff()
+        while True:
+            try:
+                coro = load_library(self._client)
+                if self._timeout is None:
+                    return await coro
+                return await asyncio.wait_for(coro, self._timeout)
+            except NoPermissionError as exc:
+                raise BackendError(
+                    f"the kvstore library {LIBRARY.name} is not loaded on {self._server} and "
+                    "this credential may not load it; run `kvstore setup --url URL` with a "
+                    "credential that may (FUNCTION LOAD)"
+                ) from exc
+            except (ResponseError, OSError, asyncio.TimeoutError, RedisError) as exc:
+                delay = budget.delay(exc, backoff, retry_until, loop.time())
+                if delay is None:
+                    raise self._backend_error(exc) from None
+            await asyncio.sleep(delay)
 
     async def _ensure_library(self) -> None:
         # One load in flight per store: the calls that find the library missing together
@@ -753,6 +831,8 @@ def _describe_server(client: Redis | RedisCluster, options: dict[str, Any]) -> s
 
 
 def _redact(text: str, secrets: list[str]) -> str:
+    # A secret is replaced where it stands as a whole, not inside a longer word, so a
+    # short password does not mangle the message around it ("p" in "password").
     for secret in secrets:
-        text = text.replace(secret, "***")
+        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", "***", text)
     return text

@@ -1,10 +1,11 @@
 """The operator's command line: ``kvstore deploy | ls | routes | route | rm | show |
-export | import | setup | demo``.
+export | import | setup | status | check | demo``, and ``kvstore --version``.
 
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
 starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
 locked, and stops it before exiting. Expected failures print one line to stderr, never a
-traceback, and exit 1 (2 for a wrong command line); SIGINT, SIGTERM and SIGHUP stop the
+traceback, and exit 1 (2 for a wrong command line); a server that cannot be reached or
+entered is named with what to do about it (``_explain``); SIGINT, SIGTERM and SIGHUP stop the
 server and exit 128 + the signal's number; a closed output pipe exits 141 quietly. No
 message carries a password.
 """
@@ -14,7 +15,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import hashlib
+import importlib.metadata
 import json
 import os
 import secrets
@@ -27,8 +30,13 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from types import FrameType
 from typing import Any, BinaryIO, NoReturn, TextIO
+from urllib.parse import urlsplit
+
+from redis.exceptions import RedisError
 
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, StoreError
+from kvstore.records import check_text
+from kvstore.redis.keyspace import Keyspace, row_id
 from kvstore.tools.embedded_server import (
     EmbeddedServer,
     FolderInUse,
@@ -112,10 +120,16 @@ class _ProgressLine:
         self._stream.flush()
         self._shown = True
 
-    def close(self) -> None:
+    def clear(self) -> None:
+        """Erase the line, so that other output can be written; the next call redraws it."""
         if self._shown:
             self._stream.write("\r\x1b[K")
             self._stream.flush()
+            self._shown = False
+            self._last = 0.0
+
+    def close(self) -> None:
+        self.clear()
 
 
 # Checking arguments before any server is started.
@@ -184,27 +198,197 @@ async def _holders(store: RedisPackageStore, hashes: set[str]) -> dict[str, set[
 # The commands: each checks its arguments at once and returns what to do with a store.
 
 
-def cmd_deploy(args: argparse.Namespace) -> Action:
-    data = Path(args.file).read_bytes()
-    content_hash = args.hash if args.hash is not None else hashlib.sha256(data).hexdigest()
-    also: list[str] = args.also or []
+# Files read and put together by one deploy: memory holds one batch, at most BATCH
+# files and, unless one file alone is larger, BATCH_BYTES of archives.
+BATCH = 32
+BATCH_BYTES = 64 << 20
+
+
+def _readable(path: Path) -> None:
+    """Refuse, before anything is written, a file that cannot be deployed."""
+    if path.is_dir():
+        raise CliError(f"{path} is a folder; name the archive files to deploy")
     try:
-        record = PackageRecord(args.type, content_hash, data, datetime.now(timezone.utc))
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}; nothing was deployed") from None
+
+
+def cmd_deploy(args: argparse.Namespace) -> Action:
+    paths = [Path(name) for name in args.file]
+    also: list[str] = args.also or []
+    if args.hash is not None and len(paths) > 1:
+        raise CliError(
+            "--hash names one file's hash; with several files each is hashed (SHA-256)",
+            EXIT_USAGE,
+        )
+    for path in paths:
+        _readable(path)
+    if len(paths) == 1:
+        return _deploy_one(args.type, paths[0], args.hash, also)
+    url, timeout = _given_url(args), args.timeout
+    return _deploy_many(args.type, paths, also, lambda text: _explain(text, url, timeout))
+
+
+def _record(workflow_type: str, data: bytes, content_hash: str, at: datetime) -> PackageRecord:
+    try:
+        return PackageRecord(workflow_type, content_hash, data, at)
     except ValueError as exc:
         raise CliError(str(exc), EXIT_USAGE) from None
+
+
+def _deploy_one(workflow_type: str, path: Path, given: str | None, also: list[str]) -> Action:
+    data = path.read_bytes()
+    content_hash = given if given is not None else hashlib.sha256(data).hexdigest()
+    record = _record(workflow_type, data, content_hash, datetime.now(timezone.utc))
     for extra in also:
         _route_arg(extra, content_hash)
 
     async def run(store: RedisPackageStore) -> None:
-        if also:
-            await store.put_package_with_routes(record, also)
-        else:
-            await store.put_package(record)
+        await _put(store, record, also)
         print(f"deployed {record.workflow_type} {content_hash} ({_size(len(data))})")
-        for workflow_type in dict.fromkeys([record.workflow_type, *also]):
-            print(f"route {workflow_type} -> {_short(content_hash)}")
+        for routed in dict.fromkeys([record.workflow_type, *also]):
+            print(f"route {routed} -> {_short(content_hash)}")
 
     return run
+
+
+async def _put(store: RedisPackageStore, record: PackageRecord, also: list[str]) -> None:
+    if also:
+        await store.put_package_with_routes(record, also)
+    else:
+        await store.put_package(record)
+
+
+def _deploy_many(
+    workflow_type: str, paths: list[Path], also: list[str], explain: Callable[[str], str]
+) -> Action:
+    """Deploy every file as one deploy each would, in one command.
+
+    Each file is stamped ``now + i`` microseconds, ``i`` its place on the command line,
+    so the store lists them in that order; a file whose content repeats an earlier one's
+    counts at its last place, as a second deploy of it would. Puts run concurrently,
+    ``BATCH`` at a time, each re-pointing the route as any deploy does, so while they run
+    the route points at one of them; the last file is put alone, after all the others,
+    so the route ends at it.
+    """
+    for given in [workflow_type, *also]:  # checked now; the hashes once files are read
+        try:
+            check_text(given, "workflow_type")
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+
+    async def run(store: RedisPackageStore) -> None:
+        start = datetime.now(timezone.utc)
+        *others, final = enumerate(paths)
+        # The last file alone, after every other: the route ends at it.
+        batches = [*_batches(others), [final]]
+        progress = _ProgressLine(sys.stderr)
+        deployed = total_bytes = 0
+        records: list[tuple[PackageRecord, Path]] = []
+        reader_here = True
+        try:
+            for batch in batches:
+                records = [(_read_record(workflow_type, p, start, i), p) for i, p in batch]
+                await _put_batch(store, records, also, deployed, len(paths), explain)
+                deployed += len(records)
+                total_bytes += sum(len(r.archive) for r, _ in records)
+                if reader_here:
+                    reader_here = _report(progress, records, deployed, len(paths))
+        finally:
+            progress.close()
+        if not reader_here:
+            raise BrokenPipeError  # every file is deployed; main exits 141 quietly
+        last = records[-1][0]
+        print(f"deployed {deployed} files ({_size(total_bytes)}) as {workflow_type}")
+        for routed in dict.fromkeys([workflow_type, *also]):
+            print(f"route {routed} -> {_short(last.content_hash)} (the last file, {paths[-1]})")
+
+    return run
+
+
+def _batches(places: list[tuple[int, Path]]) -> Iterator[list[tuple[int, Path]]]:
+    """``places`` cut into runs of at most ``BATCH`` files and ``BATCH_BYTES`` (by the
+    files' sizes now; a file alone may be larger)."""
+    batch: list[tuple[int, Path]] = []
+    size = 0
+    for place in places:
+        grows = place[1].stat().st_size
+        if batch and (len(batch) == BATCH or size + grows > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(place)
+        size += grows
+    if batch:
+        yield batch
+
+
+def _read_record(workflow_type: str, path: Path, start: datetime, i: int) -> PackageRecord:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise CliError(f"{path}: {exc.strerror or exc}") from None
+    at = start + timedelta(microseconds=i)
+    return _record(workflow_type, data, hashlib.sha256(data).hexdigest(), at)
+
+
+async def _put_batch(
+    store: RedisPackageStore,
+    records: list[tuple[PackageRecord, Path]],
+    also: list[str],
+    before: int,
+    total: int,
+    explain: Callable[[str], str],
+) -> None:
+    """Put ``records`` together; on a failure, say how far the deploy got.
+
+    Of files with the same content in one batch only the last is put: two concurrent
+    puts of one row could land in either order, and the later place must win.
+    """
+    latest = {record.content_hash: (record, path) for record, path in records}
+    outcomes = await asyncio.gather(
+        *(_put(store, record, also) for record, _ in latest.values()), return_exceptions=True
+    )
+    failed = [
+        (path, exc)
+        for (_, path), exc in zip(latest.values(), outcomes, strict=True)
+        if exc is not None
+    ]
+    if not failed:
+        return
+    path, exc = failed[0]
+    if not isinstance(exc, Exception):
+        raise exc  # a cancellation: the signal is the message
+    landed = before + len(latest) - len(failed)
+    if not landed:
+        raise CliError(f"{explain(str(exc))}; nothing was deployed") from None
+    more = f" and {len(failed) - 1} more" if len(failed) > 1 else ""
+    raise CliError(
+        f"{explain(str(exc))}; {landed} of {total} files were deployed, {path}{more} "
+        "perhaps not (deploying them again is safe)"
+    ) from None
+
+
+def _report(
+    progress: _ProgressLine, records: list[tuple[PackageRecord, Path]], done: int, total: int
+) -> bool:
+    """Print a batch's lines; ``False`` once the reader of stdout has gone away."""
+    progress.clear()
+    try:
+        for record, path in records:
+            size = _size(len(record.archive))
+            print(f"deployed {record.workflow_type} {record.content_hash} ({size}) {path}")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Stopping here would leave the route at some file of this batch: finish the
+        # deploy with nothing more to say, and exit 141 after.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return False
+    progress("deploying", done, total, done)
+    return True
 
 
 def cmd_ls(args: argparse.Namespace) -> Action:
@@ -318,19 +502,28 @@ def cmd_rm(args: argparse.Namespace) -> Action:
         stranded = routing if not others else []
         if stranded and not args.force:
             raise CliError(
-                f"the route of {', '.join(stranded)} points at {_short(target)}; route it "
-                "elsewhere first, or pass --force to leave the route without an archive"
+                f"{_routes_of(stranded)} at {_short(target)}; route "
+                f"{'them' if len(stranded) > 1 else 'it'} elsewhere first, or pass --force "
+                f"to leave {'them' if len(stranded) > 1 else 'it'} without an archive"
             )
         await store.delete_package(record.workflow_type, target)
         print(f"removed {record.workflow_type} {target}")
         if stranded:
             print(
-                f"kvstore: warning: the route of {', '.join(stranded)} still points at "
+                f"kvstore: warning: {_routes_of(stranded, still=True)} at "
                 f"{_short(target)}, which has no archive now",
                 file=sys.stderr,
             )
 
     return run
+
+
+def _routes_of(types: Sequence[str], *, still: bool = False) -> str:
+    """``the routes of a, b and c point``: a sentence's start naming ``types``."""
+    names = sorted(types)
+    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    verb = "points" if len(names) == 1 else "point"
+    return f"the route{'s' if len(names) > 1 else ''} of {listed} {'still ' if still else ''}{verb}"
 
 
 def _write_all(stream: BinaryIO, data: bytes) -> None:
@@ -347,6 +540,8 @@ def cmd_show(args: argparse.Namespace) -> Action:
     to_stdout = args.output in (None, "-")
     if to_stdout and sys.stdout.isatty():
         raise CliError("refusing to write an archive to a terminal; use -o FILE or redirect")
+    if not to_stdout:
+        _output_file(args.output)
 
     async def run(store: RedisPackageStore) -> None:
         record = await _find(store, wanted.workflow_type, wanted.content_hash)
@@ -359,12 +554,20 @@ def cmd_show(args: argparse.Namespace) -> Action:
     return run
 
 
-def cmd_export(args: argparse.Namespace) -> Action:
-    path = Path(args.file)
-    if not path.parent.is_dir():
-        raise CliError(f"{path.parent}: no such folder")
+def _output_file(text: str) -> Path:
+    """A file to write, checked before any server is started."""
+    path = Path(text)
     if path.is_dir():
         raise CliError(f"{path} is a folder; name the file to write")
+    if not path.parent.is_dir():
+        if path.parent.exists():
+            raise CliError(f"{path.parent} is a file, not a folder")
+        raise CliError(f"{path.parent}: no such folder")
+    return path
+
+
+def cmd_export(args: argparse.Namespace) -> Action:
+    path = _output_file(args.file)
 
     async def run(store: RedisPackageStore) -> None:
         progress = _ProgressLine(sys.stderr)
@@ -379,6 +582,8 @@ def cmd_export(args: argparse.Namespace) -> Action:
 
 def cmd_import(args: argparse.Namespace) -> Action:
     path = Path(args.file)
+    if path.is_dir():
+        raise CliError(f"{path} is a folder; name the export file to read")
     if not path.is_file():
         raise CliError(f"{path}: no such file")
 
@@ -443,11 +648,50 @@ def cmd_check(args: argparse.Namespace) -> Action:
 
 
 async def _tour(
-    connect: Callable[[], RedisPackageStore], namespace: str, restart: Callable[[], None] | None
+    connect: Callable[[], RedisPackageStore],
+    namespace: str,
+    restart: Callable[[], None] | None,
+    *,
+    clean_up: bool,
 ) -> None:
+    """The tour, in ``namespace``, which must be empty. ``restart`` restarts the server;
+    without it (a server that is not ours) the tour reconnects instead, and says so.
+    With ``clean_up``, the namespace is removed at the end, whether the tour succeeded,
+    failed or was interrupted, so the server keeps nothing of it."""
+
     def say(text: str) -> None:
         print(text, flush=True)
 
+    async with connect() as store:
+        if await _holds_anything(store):
+            raise CliError(
+                f"namespace {namespace!r} already holds packages or routes; the demo writes "
+                "made-up ones and removes them after: name an empty namespace, or none"
+            )
+
+    async def remove() -> None:
+        async with connect() as store:
+            removed = await _remove_namespace(store)
+        say(f"removed the namespace {namespace!r} ({removed} keys)")
+
+    try:
+        await _tour_steps(connect, namespace, restart, say)
+    except BaseException:
+        if clean_up:
+            # The tour's failure is the message; a clean-up that fails too adds nothing.
+            with contextlib.suppress(Exception):
+                await remove()
+        raise
+    if clean_up:
+        await remove()
+
+
+async def _tour_steps(
+    connect: Callable[[], RedisPackageStore],
+    namespace: str,
+    restart: Callable[[], None] | None,
+    say: Callable[[str], None],
+) -> None:
     def version(workflow_type: str, n: int) -> tuple[bytes, str]:
         archive = f"{workflow_type} version {n}\n".encode() * 8
         return archive, hashlib.sha256(archive).hexdigest()
@@ -492,19 +736,50 @@ async def _tour(
             raise CliError("engine A still finds the deleted archive")
         say("engine A no longer finds it")
         before = (await a.list_packages(), await a.list_package_routes())
+        say("the engines close their connections")
 
     if restart is None:
-        say("the server is not ours to restart (--url): the engines reconnect instead")
+        say("the server is not ours to restart (--url); a new engine connects instead")
+        after_what = "a new connection"
     else:
         say("stopping the server and starting it again")
         restart()
+        after_what = "the restart"
     async with connect() as again:
         after = (await again.list_packages(), await again.list_package_routes())
     if after != before:
-        raise CliError("the catalogue differs after the restart")
+        raise CliError(f"the catalogue differs after {after_what}")
     say(
-        f"after the restart: {len(after[0])} packages and {len(after[1])} routes, exactly as before"
+        f"after {after_what}: {len(after[0])} packages and {len(after[1])} routes, "
+        "exactly as before"
     )
+
+
+async def _holds_anything(store: RedisPackageStore) -> bool:
+    async for _ in store.iter_package_heads(chunk=1):
+        return True  # one is enough; the loop closes the walk
+    return bool(await store.list_package_routes())
+
+
+async def _remove_namespace(store: RedisPackageStore) -> int:
+    """Delete every key of ``store``'s namespace: the layout marker, index, routes,
+    route version and each stored package's row; the number of keys deleted.
+
+    The keys are named, not scanned for, so this works on a cluster too (they share the
+    namespace's slot). For the demo's own namespace only: the contract has no way to
+    remove a route, so this reaches past it to the store's client.
+    """
+    keys = Keyspace(store.namespace)
+    names = [keys.format, keys.index, keys.routes, keys.route_version]
+    async for head in store.iter_package_heads():
+        names.append(keys.row(row_id(head.workflow_type, head.content_hash)))
+    try:
+        deleted = await asyncio.wait_for(store._client.delete(*names), store.options.timeout)
+    except (RedisError, asyncio.TimeoutError) as exc:
+        raise CliError(
+            f"could not remove the namespace {store.namespace!r}: {type(exc).__name__} {exc}"
+        ) from None
+    return int(deleted)
 
 
 def run_demo(args: argparse.Namespace) -> None:
@@ -512,11 +787,12 @@ def run_demo(args: argparse.Namespace) -> None:
     namespace = args.namespace or f"demo-{secrets.token_hex(4)}"
     url = args.url or os.environ.get("KVSTORE_URL")
     if url:
-        run_async(_tour(lambda: _open(url, namespace, args.timeout), namespace, None))
+        connect = functools.partial(_open, url, namespace, args.timeout)
+        run_async(_tour(connect, namespace, None, clean_up=True))
         return
     with contextlib.ExitStack() as stack:
         if args.data_dir:
-            folder = Path(args.data_dir)
+            folder = _data_dir(args.data_dir)
         else:
             folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="kvstore-demo-")))
         server = stack.enter_context(EmbeddedServer(folder))
@@ -526,11 +802,69 @@ def run_demo(args: argparse.Namespace) -> None:
             server.stop()
             server.start()
 
-        run_async(_tour(lambda: _open(server.url, namespace, args.timeout), namespace, restart))
+        connect = functools.partial(_open, server.url, namespace, args.timeout)
+        # A throwaway server's data goes with it; a --data-dir server's stays: clean it.
+        run_async(_tour(connect, namespace, restart, clean_up=bool(args.data_dir)))
         print("stopping the server", flush=True)
 
 
 # Wiring.
+
+
+def _data_dir(given: str | None) -> Path:
+    """The embedded server's folder, which need not exist yet; a file there is refused."""
+    folder = Path(given) if given else default_data_dir()
+    named = "--data-dir" if given else "the data folder (KVSTORE_DATA_DIR, XDG_DATA_HOME)"
+    for place in [folder, *folder.parents]:
+        if place.exists() and not place.is_dir():
+            raise CliError(
+                f"{named} {folder}: {place} is a file, not a folder; name a folder "
+                "(it is made if missing)",
+                EXIT_USAGE,
+            )
+    return folder
+
+
+def _given_url(args: argparse.Namespace) -> str | None:
+    """The server URL the operator gave, or ``None`` for the embedded server."""
+    return args.url or os.environ.get("KVSTORE_URL") or None
+
+
+def _explain(message: str, url: str | None, timeout: float) -> str:
+    """A store's failure to reach or enter the server, as a sentence an operator can act
+    on; any other message as it is. Never shows a password: ``message`` is the store's,
+    already redacted, and of ``url`` only the host part is used."""
+    where, _, detail = message.partition(": ")
+    try:
+        parts = None if url is None else urlsplit(url)
+        given = parts is not None and bool(parts.password or "password=" in parts.query)
+    except ValueError:  # not a URL from_url would take: the message is already exact
+        return message
+    if parts is not None:
+        hosts = parts.netloc.rpartition("@")[2]
+        if hosts and ("cluster" in where or "sentinel" in where):
+            where = f"{where} (via {hosts})"
+    if "AuthenticationError" in detail or "NOAUTH" in detail or "WRONGPASS" in detail:
+        if parts is None:
+            return message  # the embedded server's password is the command's own
+        if given:
+            return (
+                f"the server at {where} refused the password in the URL: it is wrong, or "
+                "the user is unknown or disabled"
+            )
+        return (
+            f"the server at {where} needs a password: put it in the URL "
+            "(redis://:PASSWORD@host:port) or KVSTORE_URL"
+        )
+    if "Connection refused" in detail or "Error 111 " in detail:
+        return f"no server listens at {where} (connection refused): is it running there?"
+    if "Name or service not known" in detail or "name resolution" in detail:
+        return f"the host of {where} is not known (its name does not resolve)"
+    if "DB index is out of range" in detail:
+        return f"the server at {where} has no database of the number the URL names (/DB)"
+    if detail.startswith("TimeoutError"):
+        return f"the server at {where} did not reply within {timeout:g} s (--timeout)"
+    return message
 
 
 @contextlib.contextmanager
@@ -541,7 +875,7 @@ def _server_url(args: argparse.Namespace) -> Iterator[str]:
             raise CliError("--data-dir is for the embedded server; drop it or --url", EXIT_USAGE)
         yield url
         return
-    folder = Path(args.data_dir) if args.data_dir else default_data_dir()
+    folder = _data_dir(args.data_dir)
     with EmbeddedServer(folder) as server:
         yield server.url
 
@@ -616,25 +950,46 @@ def _add_connection(parser: argparse.ArgumentParser, top: bool) -> None:
     )
 
 
+def _version() -> str:
+    """The installed package's version, as its metadata records it."""
+    try:
+        return importlib.metadata.version("kvstore")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "(version unknown: not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="kvstore", description="Deploy, inspect and move workflow packages in a kvstore."
     )
+    # Read only when asked: the metadata lookup is slow, and every command starts here.
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
     _add_connection(parser, top=True)
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    # Not required here: main names the commands when none is given.
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         _add_connection(sub, top=False)
         return sub
 
-    sub = command("deploy", "store a package archive and route its type(s) to it")
-    sub.add_argument("file", metavar="FILE")
+    sub = command(
+        "deploy",
+        "store package archives and route their type(s) to the last one given",
+    )
+    sub.add_argument(
+        "file",
+        metavar="FILE",
+        nargs="+",
+        help="archives, deployed in this order: the route ends at the last",
+    )
     sub.add_argument("--type", required=True, help="workflow type")
     sub.add_argument(
         "--also", action="append", metavar="TYPE", help="another type to route (repeatable)"
     )
-    sub.add_argument("--hash", help="content hash (default: SHA-256 of FILE, lowercase hex)")
+    sub.add_argument(
+        "--hash", help="content hash, of one FILE only (default: SHA-256 of each, lowercase hex)"
+    )
 
     sub = command("ls", "list stored packages and the types routed to each")
     sub.add_argument("--type", help="only this workflow type")
@@ -686,9 +1041,18 @@ def build_parser() -> argparse.ArgumentParser:
     command(
         "demo",
         "a tour: two engines share a server that restarts (a throwaway server and "
-        "namespace unless --url, --data-dir or --namespace say otherwise)",
+        "namespace unless --url, --data-dir or --namespace say otherwise; a --url "
+        "server is not restarted, and the demo's namespace is removed at the end)",
     )
     return parser
+
+
+def command_names(parser: argparse.ArgumentParser) -> list[str]:
+    """The commands ``parser`` knows, in the order of its help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return list(action.choices)
+    return []
 
 
 MAX_MESSAGE = 300  # characters of one error line; a longer one is cut
@@ -769,6 +1133,12 @@ async def _cancelled_by_signals(work: Awaitable[None]) -> int | None:
     return received[0] if received else None
 
 
+def _interrupted(signum: int) -> int:
+    name = signal.Signals(signum).name
+    _say_error("interrupted" if signum == signal.SIGINT else f"terminated ({name})")
+    return 128 + signum
+
+
 def _main(args: argparse.Namespace) -> int:
     try:
         if args.command == "demo":
@@ -781,7 +1151,9 @@ def _main(args: argparse.Namespace) -> int:
     except CliError as exc:
         _say_error(str(exc))
         return exc.code
-    except (StoreError, FolderInUse) as exc:
+    except StoreError as exc:
+        _say_error(_explain(str(exc), _given_url(args), args.timeout))
+    except FolderInUse as exc:
         _say_error(str(exc))
     except LocalServerError as exc:
         _say_error(f"the embedded server did not start: {str(exc).splitlines()[0]}")
@@ -791,10 +1163,7 @@ def _main(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         _say_error(f"{where}{exc.strerror or exc}")
     except (Interrupted, KeyboardInterrupt) as exc:
-        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
-        name = signal.Signals(signum).name
-        _say_error("interrupted" if signum == signal.SIGINT else f"terminated ({name})")
-        return 128 + signum
+        return _interrupted(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
     except Exception as exc:  # a bug: still one line, and no message that could hold a secret
         _say_error(f"internal error ({type(exc).__name__}); please report it")
     return EXIT_ERROR
@@ -810,7 +1179,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     for signum in SIGNALS:
         signal.signal(signum, _on_signal)
-    args = build_parser().parse_args(argv)
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+    except Interrupted as exc:  # before any server exists: only the message to say
+        return _interrupted(exc.signum)
+    if args.version:
+        print(f"kvstore {_version()}")
+        return 0
+    if args.command is None:
+        names = ", ".join(command_names(parser))
+        parser.error(f"name a command: {names}")
     try:
         code = _main(args)
         sys.stdout.flush()  # a closed pipe shows here for buffered output

@@ -1,0 +1,94 @@
+"""The bench's other processes, so that what they do is not charged to the one timed.
+
+``python -m bench.processes subscribe URL NAMESPACE``: another engine. It opens a store
+of ``NAMESPACE`` with ``cache_routes=True``, prints ``ready`` once its cache is live, and
+keeps following route changes until its standard input closes (the bench closes it, and
+a bench that dies closes it too).
+
+``python -m bench.processes list-rss URL NAMESPACE``: a process that only lists. It walks
+``iter_packages()`` once and prints, as JSON, its resident memory before the walk and its
+peak during it (``VmRSS`` and ``VmHWM`` of ``/proc/self/status``, the peak reset first
+where the kernel allows; elsewhere ``ru_maxrss``), with what it listed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import resource
+import sys
+from pathlib import Path
+
+from kvstore import RedisPackageStore
+
+_STATUS = Path("/proc/self/status")
+
+
+async def subscribe(url: str, namespace: str) -> int:
+    async with RedisPackageStore.from_url(url, namespace=namespace, cache_routes=True) as store:
+        if not await store.route_cache_ready(30.0):
+            print("the route cache did not go live", file=sys.stderr)
+            return 1
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        # Blocks a worker thread, not the loop: the cache keeps following meanwhile.
+        await loop.run_in_executor(None, sys.stdin.read)
+    return 0
+
+
+def _status_kib(name: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak() -> bool:
+    # "5" resets VmHWM to the current RSS (Linux 4.0 and later).
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+async def list_rss(url: str, namespace: str) -> dict[str, object]:
+    async with RedisPackageStore.from_url(url, namespace=namespace) as store:
+        await store.get_package_route("-")  # connected before the baseline is taken
+        baseline = _status_kib("VmRSS")
+        reset = _reset_peak() if baseline is not None else False
+        if baseline is None:
+            baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        listed = archive_bytes = 0
+        async for record in store.iter_packages():
+            listed += 1
+            archive_bytes += len(record.archive)
+            del record
+        peak = _status_kib("VmHWM") if reset else None
+        if peak is None:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {
+        "baseline_kib": baseline,
+        "peak_kib": peak,
+        "listed": listed,
+        "archive_bytes": archive_bytes,
+        "peak_reset": reset,
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 3 or argv[0] not in ("subscribe", "list-rss"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    what, url, namespace = argv
+    if what == "subscribe":
+        return asyncio.run(subscribe(url, namespace))
+    print(json.dumps(asyncio.run(list_rss(url, namespace))), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
