@@ -24,6 +24,7 @@ from kvstore.redis.route_cache import RouteWatch
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace
+from .topology import raw_command
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 # A generous bound for a change to cross from one store to another; the bench measures
@@ -194,25 +195,43 @@ async def test_while_the_subscription_is_down_lookups_ask_the_server(
 ) -> None:
     if backend == "fakeredis":
         pytest.skip("acts behind the store's back with a real server's CLIENT commands")
-    cached, writer = stores(cache_routes=True), stores()
+    writer = stores()
     await writer.put_package_route("order", "old")
-    assert await cached.route_cache_ready(VISIBLE_WITHIN)
-    assert await cached.get_package_route("order") == "old"
     admin = raw(backend)
-    assert await admin.client_kill_filter(_type="pubsub") >= 1
-    # The change is published while no subscription exists, so it is never delivered:
-    # only asking the server gives the new value, and it must be given at once.
-    await writer.put_package_route("order", "new")
-    assert await cached.get_package_route("order") == "new"
-    # It resubscribes and reloads in full, then answers from memory again.
-    assert await cached.route_cache_ready(VISIBLE_WITHIN)
-    assert await cached.get_package_route("order") == "new"
-    await writer.put_package_route("order", "newer")
+    # The cache's own user, whose right to subscribe the test takes away to keep the
+    # cache down for as long as it likes.
+    user, port = f"cache-{writer.namespace}", admin.connection_pool.connection_kwargs["port"]
+    await raw_command(admin, "ACL", "SETUSER", user, "on", ">pw", "+@all", "~*", "allchannels")
+    cached = RedisPackageStore.from_url(
+        f"redis://{user}:pw@127.0.0.1:{port}", namespace=writer.namespace, cache_routes=True
+    )
+    try:
+        assert await cached.route_cache_ready(VISIBLE_WITHIN)
+        assert await cached.get_package_route("order") == "old"
+        await raw_command(admin, "ACL", "SETUSER", user, "-ssubscribe")
+        assert await admin.client_kill_filter(_type="pubsub", username=user) >= 1
 
-    async def follows() -> bool:
-        return await cached.get_package_route("order") == "newer"
+        async def down() -> bool:
+            return not await cached.route_cache_ready(0)
 
-    assert await eventually(follows)
+        assert await eventually(down)
+        # The change is published while no subscription exists, so it is never delivered:
+        # only asking the server gives the new value, and it must be given at once.
+        await writer.put_package_route("order", "new")
+        assert await cached.get_package_route("order") == "new"
+        # Allowed again, it resubscribes and reloads in full, then answers from memory.
+        await raw_command(admin, "ACL", "SETUSER", user, "+ssubscribe")
+        assert await cached.route_cache_ready(VISIBLE_WITHIN)
+        assert await cached.get_package_route("order") == "new"
+        await writer.put_package_route("order", "newer")
+
+        async def follows() -> bool:
+            return await cached.get_package_route("order") == "newer"
+
+        assert await eventually(follows)
+    finally:
+        await cached.aclose()
+        await admin.acl_deluser(user)
 
 
 async def test_a_silently_stalled_subscription_is_noticed_by_the_health_check(
