@@ -207,7 +207,7 @@ class RouteCache:
         changed = list(types)
         self._table.note_write(version, content_hash, changed)
         if self._table.answering and version > self._table.stream_version:
-            # Its message is still to come: the scripts publish exactly these bytes.
+            # Its message is still to come: the functions publish exactly these bytes.
             announced = b"%d\x00%b" % (
                 version,
                 "\x00".join([content_hash, *changed]).encode("utf-8"),

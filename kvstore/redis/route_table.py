@@ -1,6 +1,6 @@
 """The version rules of a route cache, as a table that does no I/O.
 
-The scripts that write routes raise ``{ns}:route-version`` and publish each change with
+The functions that write routes raise ``{ns}:route-version`` and publish each change with
 that version, in the same atomic step; a counter made anew (after ``FLUSHDB``, or a
 restart without the data) starts at the server's clock in microseconds, above any version
 a lost counter reached. A ``RouteCache`` feeds a ``RouteTable`` what it reads (snapshots,

@@ -129,9 +129,12 @@ class RedisPackageStore:
     route of the namespace in memory, kept true by the changes the write functions publish
     (``kvstore.redis.route_cache``): ``get_package_route`` answers from memory while the
     subscription is healthy and from the server otherwise, a store always sees its own
-    writes, and another store's write is seen as soon as its message arrives (a
-    silently dead subscription is noticed within about ``2 * route_health_interval``
-    seconds). ``watch_routes`` then yields route writes as they happen.
+    acknowledged writes, and another store's write is seen as soon as its message arrives
+    (a silently dead subscription is noticed within about ``2 * route_health_interval``
+    seconds). When the server's data goes back (a flush, a restart without persistence,
+    an older snapshot, a lagging replica promoted), every cache converges on what the
+    server holds within about ``2 * route_health_interval`` seconds of reaching it.
+    ``watch_routes`` then yields route writes as they happen.
 
     With ``telemetry=True`` every call is a span and a measurement through OpenTelemetry
     (``kvstore.redis.telemetry``); it logs through ``logging.getLogger("kvstore")``

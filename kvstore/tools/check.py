@@ -1,4 +1,4 @@
-"""``kvstore check [--repair]``: is the namespace's keyspace what the scripts leave?
+"""``kvstore check [--repair]``: is the namespace's keyspace what the functions leave?
 
 ``check_store(store)`` walks the index (``ZRANGEBYLEX``, a chunk at a time) and the
 namespace's keys (``SCAN`` with a ``MATCH`` on the escaped ``{ns}:`` prefix) and reports
@@ -16,7 +16,7 @@ one ``MULTI``/``EXEC`` under ``WATCH`` of the row and of the layout marker:
 * a row that no index member names at its own ``deployed_at`` is indexed there, and
   members naming it at another stamp are removed.
 
-``WATCH`` on the row alone suffices because every script that changes a row's index
+``WATCH`` on the row alone suffices because every function that changes a row's index
 members (put, delete) writes that row in the same step: if any did so after the fix
 read the row, ``EXEC`` does nothing and the fix is judged again from fresh reads. No
 Lua is involved, so the fix works with whatever scripts or Functions the writers use.
