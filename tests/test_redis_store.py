@@ -286,7 +286,8 @@ async def test_calls_that_find_the_library_missing_together_load_it_once(
     assert len(await store.list_packages()) == 50
 
 
-async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client: Redis) -> None:
+async def store_slow_to_load_the_library(client: Redis) -> RedisPackageStore:
+    """A store on a server without the library, whose load of it takes 0.3 s."""
     store = RedisPackageStore(client, namespace=fresh_namespace())
     await client.function_flush()
     load = store.load_library
@@ -296,6 +297,11 @@ async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client
         return await load()
 
     store.load_library = slow  # type: ignore[method-assign]
+    return store
+
+
+async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client: Redis) -> None:
+    store = await store_slow_to_load_the_library(client)
     first = asyncio.create_task(store.put_package(pkg("order", "h1")))
     second = asyncio.create_task(store.put_package(pkg("order", "h2", n=1)))
     await asyncio.sleep(0.1)  # both found the library missing and wait for one load
@@ -306,15 +312,7 @@ async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client
 
 
 async def test_closing_the_store_during_the_load_fails_the_waiting_calls(client: Redis) -> None:
-    store = RedisPackageStore(client, namespace=fresh_namespace())
-    await client.function_flush()
-    load = store.load_library
-
-    async def slow() -> list[str]:
-        await asyncio.sleep(0.3)
-        return await load()
-
-    store.load_library = slow  # type: ignore[method-assign]
+    store = await store_slow_to_load_the_library(client)
     waiting = asyncio.create_task(store.put_package(pkg("order", "h1")))
     await asyncio.sleep(0.1)
     await store.aclose()
