@@ -5,6 +5,11 @@ of ``NAMESPACE`` with ``cache_routes=True``, prints ``ready`` once its cache is 
 keeps following route changes until its standard input closes (the bench closes it, and
 a bench that dies closes it too).
 
+``python -m bench.processes changes URL NAMESPACE TYPE``: another engine that says when its
+cache applies each write of ``TYPE``'s route: it prints ``ready``, then a line
+``<time.monotonic()> <hash>`` per write, until its standard input closes. The monotonic
+clock is the machine's, so the bench compares it with its own.
+
 ``python -m bench.processes list-rss URL NAMESPACE``: a process that only lists. It walks
 ``iter_packages()`` once and prints, as JSON, its resident memory before the walk and its
 peak during it (``VmRSS`` and ``VmHWM`` of ``/proc/self/status``, the peak reset first
@@ -17,6 +22,7 @@ import asyncio
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 
 from kvstore import RedisPackageStore
@@ -33,6 +39,25 @@ async def subscribe(url: str, namespace: str) -> int:
         loop = asyncio.get_running_loop()
         # Blocks a worker thread, not the loop: the cache keeps following meanwhile.
         await loop.run_in_executor(None, sys.stdin.read)
+    return 0
+
+
+async def changes(url: str, namespace: str, workflow_type: str) -> int:
+    async with RedisPackageStore.from_url(url, namespace=namespace, cache_routes=True) as store:
+        if not await store.route_cache_ready(30.0):
+            print("the route cache did not go live", file=sys.stderr)
+            return 1
+
+        async def report() -> None:
+            async with store.watch_routes() as watch:
+                async for route in watch:  # applied by the cache as it yields it
+                    if route.workflow_type == workflow_type:
+                        print(f"{time.monotonic()!r} {route.content_hash}", flush=True)
+
+        reporting = asyncio.get_running_loop().create_task(report())
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+        reporting.cancel()
     return 0
 
 
@@ -80,6 +105,8 @@ async def list_rss(url: str, namespace: str) -> dict[str, object]:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["changes"] and len(argv) == 4:
+        return asyncio.run(changes(*argv[1:]))
     if len(argv) != 3 or argv[0] not in ("subscribe", "list-rss"):
         print(__doc__, file=sys.stderr)
         return 2

@@ -134,6 +134,17 @@ async def test_the_other_engine_subscribes_from_another_process(
     await raw.aclose()
 
 
+async def test_staleness_is_measured_by_another_process_that_applies_every_write(
+    valkey_server: LocalServer,
+) -> None:
+    # A sample the other engine never reports counts as 2 s: every one must be reported.
+    ns = F.namespace()
+    async with F.writer(valkey_server.url, ns, cached=False) as plain:
+        samples = await F.cross_engine_staleness(valkey_server.url, ns, plain, 5)
+    assert len(samples) == 5
+    assert all(0.0 <= s < 2.0 for s in samples), samples
+
+
 async def test_the_listing_process_reports_its_peak_above_its_baseline(
     valkey_server: LocalServer,
 ) -> None:

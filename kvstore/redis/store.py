@@ -376,10 +376,11 @@ class RedisPackageStore:
     async def _refused_or_unknown(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because
         the server's limit is unknown; raises ``BackendError`` if it is over the limit."""
-        async with self._max_bulk_lock:
-            if not self._max_bulk_read:
-                self._max_bulk = await self._read_max_bulk_len()
-                self._max_bulk_read = True
+        if not self._max_bulk_read:  # once per store; the lock keeps it one read
+            async with self._max_bulk_lock:
+                if not self._max_bulk_read:
+                    self._max_bulk = await self._read_max_bulk_len()
+                    self._max_bulk_read = True
         limit = self._max_bulk
         if limit is not None and size > limit:
             raise BackendError(
