@@ -99,12 +99,13 @@ def check_record(value: object) -> PackageRecord:
     return value
 
 
-def check_chunk(value: object) -> int:
-    """Return ``value`` if it is usable as a listing's ``chunk``: a positive int."""
+def check_chunk(value: object, field: str = "chunk") -> int:
+    """Return ``value`` if it is usable as a listing's ``chunk`` (or other ``field`` that
+    counts something): a positive int."""
     if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"chunk must be a positive int, not {type(value).__name__}")
+        raise TypeError(f"{field} must be a positive int, not {type(value).__name__}")
     if value < 1:
-        raise ValueError(f"chunk must be a positive int, not {value!r}")
+        raise ValueError(f"{field} must be a positive int, not {value!r}")
     return value
 
 

@@ -509,10 +509,7 @@ class RedisPackageStore:
         Small archives still take one round trip per chunk, the sizes of the next chunk
         asked for with the rows of this one. ``max_bytes`` must be a positive int.
         """
-        if type(max_bytes) is not int:
-            raise TypeError(f"max_bytes must be a positive int, not {type(max_bytes).__name__}")
-        if max_bytes <= 0:
-            raise ValueError(f"max_bytes must be a positive int, not {max_bytes!r}")
+        check_chunk(max_bytes, "max_bytes")
         async for key, member, ((archive, _),) in self._walk(
             chunk,
             lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)],
