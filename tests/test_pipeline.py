@@ -250,6 +250,18 @@ async def test_queued_calls_fail_at_their_own_hard_end_behind_a_stall() -> None:
     await pipe.aclose()
 
 
+async def test_settled_calls_leave_the_hard_end_bookkeeping_as_they_go() -> None:
+    # Held for seconds (a hard end's worth), every call's entry would make each garbage
+    # collection of a busy store slower; what stays is about what is in flight.
+    pipe = pipeliner(FakeClient(), timeout=5.0, retry_budget=5.0, max_units=64)
+    deadlines = pipe._deadlines
+    assert deadlines is not None
+    for round_ in range(20):
+        await asyncio.gather(*(pipe.run(echo(f"{round_}.{i}")) for i in range(500)))
+        assert len(deadlines._units) <= 500
+    await pipe.aclose()
+
+
 async def test_a_cancel_landing_with_the_deadline_is_a_cancel() -> None:
     # The store's timer has cancelled the attempt, and before the task runs again its
     # caller cancels it too: the caller's cancellation must be what the task raises.

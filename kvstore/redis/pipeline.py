@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError, TimeoutError
 
+from kvstore.redis.replies import read_replies
 from kvstore.redis.retry import Backoff, Budget, is_transient
 from kvstore.redis.wire import SLICE, Command, flatten, pack_commands, pack_parts
 
@@ -85,7 +86,16 @@ class _Deadlines:
 
     def track(self, pending: _Pending) -> None:
         """Fail ``pending`` at its hard end if it is not settled by then."""
-        self._units.append((pending.hard_end, weakref.ref(pending.future)))
+        units = self._units
+        # Units mostly settle in the order they were made: the settled ones at the front
+        # leave now, so this holds about what is in flight, not seconds of calls (whose
+        # entries would make every garbage collection slower).
+        while units:
+            future = units[0][1]()
+            if future is not None and not future.done():
+                break
+            units.popleft()
+        units.append((pending.hard_end, weakref.ref(pending.future)))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
 
@@ -476,7 +486,7 @@ class Pipeliner:
             while lane.in_flight and lane.connection is connection:
                 batch = lane.in_flight[0]
                 count = sum(len(p.commands) for p in batch.units)
-                replies = await self._within(_read_replies(connection, count), batch.deadline)
+                replies = await self._within(read_replies(connection, count), batch.deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
                 refusal = next((r for r in replies if _is_protocol_error(r)), None)
@@ -704,13 +714,3 @@ async def _send_in_slices(
         # One part a call: a list of parts would be joined into one buffer by the transport.
         await connection.send_packed_command([part], check_health=False)
         await asyncio.sleep(0)
-
-
-async def _read_replies(connection: Any, count: int) -> list[Any]:
-    replies: list[Any] = []
-    for _ in range(count):
-        try:
-            replies.append(await connection.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
