@@ -651,10 +651,17 @@ async def test_a_call_rides_out_a_short_outage_within_its_retry_budget() -> None
             assert await store.get_package_route("order") == "h2"
 
 
-async def test_a_resp3_client_keeps_the_whole_contract(valkey_server: LocalServer) -> None:
+@pytest.mark.parametrize("cache_routes", [False, True])
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_a_client_of_either_protocol_keeps_the_whole_contract(
+    valkey_server: LocalServer, protocol: int, cache_routes: bool
+) -> None:
+    # Replies, and a route cache's messages, are read differently in RESP2 and RESP3.
     await run_package_store_suite(
         lambda: RedisPackageStore(
-            Redis.from_url(valkey_server.url, protocol=3), namespace=fresh_namespace()
+            Redis.from_url(valkey_server.url, protocol=protocol),
+            namespace=fresh_namespace(),
+            cache_routes=cache_routes,
         )
     )
 

@@ -38,9 +38,14 @@ def pkg(workflow_type: str, content_hash: str, n: int = 0) -> PackageRecord:
     return PackageRecord(workflow_type, content_hash, b"zip", T0 + timedelta(microseconds=n))
 
 
-@pytest.fixture(params=["fakeredis", *SERVERS])
+# "valkey-resp2": Valkey with a RESP2 client, whose messages are not pushes.
+@pytest.fixture(params=["fakeredis", *SERVERS, "valkey-resp2"])
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def client_options(backend: str) -> dict[str, Any]:
+    return {"protocol": 2} if backend.endswith("-resp2") else {}
 
 
 def store_factory(request: pytest.FixtureRequest, backend: str) -> StoreFactory:
@@ -50,9 +55,9 @@ def store_factory(request: pytest.FixtureRequest, backend: str) -> StoreFactory:
         return lambda namespace, **options: RedisPackageStore(
             fakeredis.FakeAsyncRedis(server=fake_server), namespace=namespace, **options
         )
-    url = request.getfixturevalue(f"{backend}_server").url
+    url = request.getfixturevalue(f"{backend.partition('-')[0]}_server").url
     return lambda namespace, **options: RedisPackageStore.from_url(
-        url, namespace=namespace, **options
+        url, namespace=namespace, **client_options(backend), **options
     )
 
 
@@ -81,7 +86,7 @@ async def raw(request: pytest.FixtureRequest) -> AsyncIterator[Callable[[str], R
     clients: list[Redis] = []
 
     def connect(server: str) -> Redis:
-        client = Redis.from_url(request.getfixturevalue(f"{server}_server").url)
+        client = Redis.from_url(request.getfixturevalue(f"{server.partition('-')[0]}_server").url)
         clients.append(client)
         return client
 
@@ -449,6 +454,7 @@ class ResettableServer:
 
     def __init__(self, backend: str, how: str) -> None:
         self.how = how
+        self.client_options = client_options(backend)
         self.namespace = fresh_namespace()
         self.fake = fakeredis.FakeServer() if backend == "fakeredis" else None
         self.server: LocalServer | None = None
@@ -466,7 +472,9 @@ class ResettableServer:
             store = RedisPackageStore(client, namespace=self.namespace, **options)
         else:
             assert self.server is not None
-            store = RedisPackageStore.from_url(self.server.url, namespace=self.namespace, **options)
+            store = RedisPackageStore.from_url(
+                self.server.url, namespace=self.namespace, **self.client_options, **options
+            )
         self.stores.append(store)
         return store
 

@@ -75,6 +75,7 @@ from redis.asyncio.retry import Retry
 
 from kvstore.records import PackageRouteRecord
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.replies import PUBSUB_KINDS, handle_push, lean_reader, take_buffered
 from kvstore.redis.retry import Backoff, no_silent_reconnect
 from kvstore.redis.route_table import ASK_SERVER, AskServer, Message, RouteTable
 
@@ -357,7 +358,12 @@ class RouteCache:
             else:
                 self._awaiting_pong = False  # any answer shows the connection alive
                 for reply in replies:
-                    await self._on_reply(pubsub, reply)
+                    # Most replies are messages, applied with no await.
+                    outcome = self._on_message(reply)
+                    if outcome is None:
+                        await self._on_reply(pubsub, reply)
+                    elif outcome is Message.RELOAD:
+                        await self._reload(pubsub)
                 self._forget_own_writes()
                 await asyncio.sleep(_GATHER)
             if loop.time() >= next_check:
@@ -370,7 +376,8 @@ class RouteCache:
 
         The connection's own reply reader, without the pub/sub layer of redis-py over
         it (message dictionaries, a retry wrapper, a timer per message): one timer for
-        the wait, one for the drain, whatever the batch holds.
+        the wait; the rest are taken from the parser as they stand when it is hiredis
+        (``kvstore.redis.replies``), or drained with one more timer otherwise.
         """
         first = await connection.read_response(
             timeout=self._health_interval, disconnect_on_error=False, push_request=True
@@ -378,6 +385,11 @@ class RouteCache:
         if first is None:
             return []
         replies = [first]
+        reader = lean_reader(connection)
+        if reader is not None:
+            while (push := take_buffered(reader, replies, _BATCH, PUBSUB_KINDS)) is not None:
+                await handle_push(connection, push)
+            return replies
         can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
         if not await can_read():
             return replies
@@ -408,7 +420,8 @@ class RouteCache:
             kind = kind.encode()
         kind = kind.lower()
         if kind == b"smessage":
-            await self._on_message(pubsub, data)
+            if self._apply_message(data) is Message.RELOAD:
+                await self._reload(pubsub)
         elif kind == b"pong":
             if data == _PING + b"%d" % self._generation:
                 self._table.settled()
@@ -438,7 +451,15 @@ class RouteCache:
             self._log_backwards(_version(found), floor)
             await self._reload(pubsub)
 
-    async def _on_message(self, pubsub: PubSub, data: Any) -> None:
+    def _on_message(self, reply: Any) -> Message | None:
+        """Apply ``reply`` if it is a message of the channel, saying how; ``None`` for
+        any other reply (``_on_reply`` acts on those)."""
+        if isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage":
+            return self._apply_message(reply[2])
+        return None
+
+    def _apply_message(self, data: Any) -> Message:
+        """Apply a message of the channel; ``RELOAD``: the caller reloads."""
         if not isinstance(data, bytes):
             raise RouteCacheError(f"unexpected message on the route channel: {data!r}")
         own = self._own_writes.pop(data, None)
@@ -468,7 +489,7 @@ class RouteCache:
                 version,
                 before,
             )
-            await self._reload(pubsub)
+        return outcome
 
     async def _reload(self, pubsub: PubSub) -> None:
         self._table.go_down()
