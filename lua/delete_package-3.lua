@@ -14,15 +14,22 @@
     error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local refused = refusal(KEYS, {'string', 'zset', 'hash'}, ARGV[1])
+local _, refused = layout(KEYS, ARGV[1])
 if refused then
   return refused
 end
-
-local stamp = redis.call('HGET', KEYS[3], 'deployed_at')
+local stamp
+stamp, refused = checked(KEYS, 3, 'hash', 'HGET', KEYS[3], 'deployed_at')
+if refused then
+  return refused
+end
 if not stamp then
   return 0
 end
-redis.call('ZREM', KEYS[2], stamp .. ' ' .. ARGV[2])
+-- The first write also checks the index's type.
+_, refused = checked(KEYS, 2, 'zset', 'ZREM', KEYS[2], stamp .. ' ' .. ARGV[2])
+if refused then
+  return refused
+end
 redis.call('DEL', KEYS[3])
 return 1

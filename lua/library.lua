@@ -14,49 +14,76 @@
 
 -- Redis does not undo a script's writes when a later command of it fails, so a key of
 -- the wrong type (someone else's data in the namespace) must stop an operation before
--- its first write: every key is checked up front.
--- `kinds[i]` is what KEYS[i] must hold when it exists; the error reply, or nil.
-local function wrong_type(keys, kinds)
-  for i, kind in ipairs(kinds) do
-    local found = redis.call('TYPE', keys[i])['ok']
-    if found ~= 'none' then
-      local wanted = kind
-      if kind == 'counter' then
-        wanted = 'string'
-      end
-      if found ~= wanted
-        or (kind == 'counter' and not string.match(redis.call('GET', keys[i]), '^%-?%d+$'))
-      then
-        return redis.error_reply(string.format('KVSTORE_TYPE %d %s %s', i, found, kind))
-      end
+-- its first write. Each key is checked by a command the operation needs anyway where
+-- one can be (a read, or the first write: refused with WRONGTYPE, it changes nothing),
+-- and by TYPE otherwise, so a check costs no call of its own where it need not.
+
+-- The refusal of an operation because keys[i] holds something other than a `kind`.
+local function type_refusal(keys, i, kind)
+  local found = redis.call('TYPE', keys[i])['ok']
+  return redis.error_reply(string.format('KVSTORE_TYPE %d %s %s', i, found, kind))
+end
+
+-- nil when keys[i] is absent or holds a `kind` (as TYPE names it), else the refusal.
+local function not_of_type(keys, i, kind)
+  local found = redis.call('TYPE', keys[i])['ok']
+  if found ~= 'none' and found ~= kind then
+    return redis.error_reply(string.format('KVSTORE_TYPE %d %s %s', i, found, kind))
+  end
+  return nil
+end
+
+-- `redis.pcall(...)`, a command on keys[i], which needs a `kind` there: its reply and
+-- nil; or nil and the refusal when keys[i] holds another type; or nil and the error
+-- when the server refused the command for another reason.
+local function checked(keys, i, kind, ...)
+  local reply = redis.pcall(...)
+  if type(reply) == 'table' and reply['err'] then
+    if string.find(tostring(reply['err']), 'WRONGTYPE', 1, true) then
+      return nil, type_refusal(keys, i, kind)
     end
+    return nil, reply
   end
-  return nil
+  return reply, nil
 end
 
--- The error reply when `keys` do not hold what `kinds` says, or when the layout marker
--- keys[1] names another layout than `version`; nil when the operation may go on.
-local function refusal(keys, kinds, version)
-  local wrong = wrong_type(keys, kinds)
-  if wrong then
-    return wrong
+-- The layout marker keys[1] (false when absent) and nil; or nil and the refusal when it
+-- is not a string, or names another layout than `version`.
+local function layout(keys, version)
+  local found, refused = checked(keys, 1, 'string', 'GET', keys[1])
+  if refused then
+    return nil, refused
   end
-  local found = redis.call('GET', keys[1])
   if found and found ~= version then
-    return redis.error_reply('KVSTORE_FORMAT ' .. found)
+    return nil, redis.error_reply('KVSTORE_FORMAT ' .. found)
   end
-  return nil
+  return found, nil
 end
 
--- The routes table's next version, from the counter at `key` (the route version rule).
--- A counter made anew (the namespace's first route, or after FLUSHDB or a restart that
--- kept no data) starts at the server's clock in microseconds, so it starts above every
--- version the lost one reached: a route cache holding an old version sees the new ones
--- as newer.
-local function next_route_version(key)
-  if redis.call('EXISTS', key) == 0 then
+-- The route version counter keys[i] (false when absent) and nil; or nil and the refusal
+-- when it is not a string holding an integer.
+local function route_counter(keys, i)
+  local found, refused = checked(keys, i, 'counter', 'GET', keys[i])
+  if refused then
+    return nil, refused
+  end
+  if found and not string.match(found, '^%-?%d+$') then
+    return nil, type_refusal(keys, i, 'counter')
+  end
+  return found, nil
+end
+
+-- The routes table's next version, written to the counter at `key`, which holds `found`
+-- (as route_counter read it). A counter made anew (the namespace's first route, or
+-- after FLUSHDB or a restart that kept no data) starts at the server's clock in
+-- microseconds, so it starts above every version the lost one reached: a route cache
+-- holding an old version sees the new ones as newer.
+local function next_route_version(key, found)
+  if not found then
     local t = redis.call('TIME')
-    redis.call('SET', key, string.format('%d', tonumber(t[1]) * 1000000 + tonumber(t[2])))
+    local version = tonumber(t[1]) * 1000000 + tonumber(t[2]) + 1
+    redis.call('SET', key, string.format('%d', version))
+    return version
   end
   return redis.call('INCR', key)
 end

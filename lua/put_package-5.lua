@@ -29,18 +29,38 @@
     error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local refused = refusal(KEYS, {'string', 'zset', 'hash', 'counter', 'hash'}, ARGV[1])
+local format, refused = layout(KEYS, ARGV[1])
 if refused then
   return refused
 end
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local old
+old, refused = checked(KEYS, 5, 'hash', 'HGET', KEYS[5], 'deployed_at')
+if refused then
+  return refused
+end
+local counter
+counter, refused = route_counter(KEYS, 4)
+if refused then
+  return refused
+end
+refused = not_of_type(KEYS, 3, 'hash')
+if refused then
+  return refused
+end
+-- The first write also checks the index's type.
+local _
+_, refused = checked(KEYS, 2, 'zset', 'ZADD', KEYS[2], 0, ARGV[4] .. ' ' .. ARGV[3])
+if refused then
+  return refused
+end
 
-local old = redis.call('HGET', KEYS[5], 'deployed_at')
 if old and old ~= ARGV[4] then
   redis.call('ZREM', KEYS[2], old .. ' ' .. ARGV[3])
 end
+if not format then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
 redis.call('HSET', KEYS[5], 'archive', ARGV[5], 'deployed_at', ARGV[4])
-redis.call('ZADD', KEYS[2], 0, ARGV[4] .. ' ' .. ARGV[3])
 local change = {'', ARGV[6]}
 for i = 7, #ARGV do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[6])
@@ -48,7 +68,7 @@ for i = 7, #ARGV do
 end
 -- The counter and the message are written with the routes, so a cache that holds
 -- version N holds exactly the table the server held at N.
-local version = next_route_version(KEYS[4])
+local version = next_route_version(KEYS[4], counter)
 change[1] = string.format('%d', version)
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.

@@ -21,15 +21,27 @@
     error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local refused = refusal(KEYS, {'string', 'hash', 'counter'}, ARGV[1])
+local format, refused = layout(KEYS, ARGV[1])
 if refused then
   return refused
 end
-redis.call('SET', KEYS[1], ARGV[1], 'NX')
+local counter
+counter, refused = route_counter(KEYS, 3)
+if refused then
+  return refused
+end
+-- The first write also checks the routes' type.
+local _
+_, refused = checked(KEYS, 2, 'hash', 'HSET', KEYS[2], ARGV[3], ARGV[4])
+if refused then
+  return refused
+end
 
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+if not format then
+  redis.call('SET', KEYS[1], ARGV[1])
+end
 -- Counter and message go with the write, so a cache at version N holds the table at N.
-local version = next_route_version(KEYS[3])
+local version = next_route_version(KEYS[3], counter)
 -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
 -- stays on the shard that holds the namespace, where its route caches subscribe.
 redis.call('SPUBLISH', ARGV[2], string.format('%d', version) .. '\0' .. ARGV[4] .. '\0' .. ARGV[3])
