@@ -7,6 +7,7 @@ store's cache is checked against what another store wrote, never against a mock.
 from __future__ import annotations
 
 import asyncio
+import functools
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timedelta, timezone
@@ -159,6 +160,50 @@ async def test_a_route_written_elsewhere_becomes_visible(stores: StoreFactory) -
     assert await reader.get_package_route("never") is None
     assert await reader.route_cache_ready(0), "it stayed live, so those answers were cached"
     assert await reader.list_package_routes() == await writer.list_package_routes()
+
+
+async def test_another_stores_write_is_seen_during_a_long_burst_of_own_writes(
+    backend: str,
+) -> None:
+    # A busy store's subscription carries its own writes' messages too; read a batch at
+    # a time with a pause after each, it fell further behind the longer a burst lasted.
+    if backend == "fakeredis":
+        pytest.skip("fakeredis delivers messages as they are published")
+    binary = shutil.which("redis-server") if backend == "redis" else None
+    if backend == "redis" and binary is None:
+        pytest.skip("redis-server is not on the PATH (.ci/run installs it)")
+    namespace = fresh_namespace()
+    # A server of its own: the burst leaves a hundred thousand rows behind.
+    with LocalServer(binary) as own:
+        async with (
+            RedisPackageStore.from_url(
+                own.url, namespace=namespace, cache_routes=True, **client_options(backend)
+            ) as busy,
+            RedisPackageStore.from_url(own.url, namespace=namespace) as other,
+        ):
+            assert await busy.route_cache_ready(VISIBLE_WITHIN)
+            bursting = True
+
+            async def burst() -> None:
+                n = 0
+                while bursting and n < 400_000:
+                    await asyncio.gather(
+                        *(busy.put_package(pkg(f"t{n + i}", "h", n + i)) for i in range(4000))
+                    )
+                    n += 4000
+
+            async def sees(content_hash: str) -> bool:
+                return await busy.get_package_route("watched") == content_hash
+
+            bursts = asyncio.get_running_loop().create_task(burst())
+            try:
+                for i in range(3):
+                    await asyncio.sleep(1.0)  # well into the burst
+                    await other.put_package_route("watched", f"elsewhere-{i}")
+                    assert await eventually(functools.partial(sees, f"elsewhere-{i}"))
+            finally:
+                bursting = False
+                await bursts
 
 
 async def test_a_store_reads_its_own_writes_at_once(stores: StoreFactory) -> None:

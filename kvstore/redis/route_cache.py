@@ -64,7 +64,7 @@ import logging
 import math
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Final
 
@@ -95,8 +95,9 @@ _BATCH = 1024
 # next is read: a burst of writes costs one wake-up per batch, not one per write.
 _GATHER = 0.001
 # Own writes whose messages are awaited, beyond which those the stream has passed are
-# forgotten (a message that came before its write's reply leaves one behind).
-_OWN_WRITES = 4096
+# forgotten (a message that came before its write's reply leaves one behind). Thousands
+# of puts in flight put thousands here at once.
+_OWN_WRITES = 1 << 16
 # Setting up a subscription has a bound even when the store's calls have none.
 _DEFAULT_SETUP_TIMEOUT = 10.0
 # Snapshots in a row that each find the server's version going backwards: beyond this
@@ -158,7 +159,7 @@ class RouteCache:
         self._changed = asyncio.Event()
         # The message each recent write of this store published, byte for byte, with
         # what it says: such a message is applied without being decoded.
-        self._own_writes: dict[bytes, tuple[int, str, list[str]]] = {}
+        self._own_writes: dict[bytes, tuple[int, str, Sequence[str]]] = {}
         self._watches: set[RouteWatch] = set()
         self._task: asyncio.Task[None] | None = None
         self._session_went_live = False
@@ -203,17 +204,14 @@ class RouteCache:
                 return self.live
         return self.live
 
-    def note_write(self, version: int, content_hash: str, types: Iterable[str]) -> None:
+    def note_write(self, version: int, content_hash: str, types: Sequence[str]) -> None:
         """Apply a route write this process made, from the script's reply."""
-        changed = list(types)
-        self._table.note_write(version, content_hash, changed)
-        if self._table.answering and version > self._table.stream_version:
+        table = self._table
+        table.note_write(version, content_hash, types)
+        if table.answering and version > table.stream_version:
             # Its message is still to come: the functions publish exactly these bytes.
-            announced = b"%d\x00%b" % (
-                version,
-                "\x00".join([content_hash, *changed]).encode("utf-8"),
-            )
-            self._own_writes[announced] = (version, content_hash, changed)
+            announced = b"%d\x00%b" % (version, "\x00".join((content_hash, *types)).encode())
+            self._own_writes[announced] = (version, content_hash, types)
 
     def _forget_own_writes(self) -> None:
         """Bound the own writes awaited: those the stream has passed never come."""
@@ -365,7 +363,8 @@ class RouteCache:
                     elif outcome is Message.RELOAD:
                         await self._reload(pubsub)
                 self._forget_own_writes()
-                await asyncio.sleep(_GATHER)
+                # A full batch means more is waiting: read on at the next turn of the loop.
+                await asyncio.sleep(_GATHER if len(replies) < _BATCH else 0)
             if loop.time() >= next_check:
                 await self._check_version(pubsub)
                 next_check = loop.time() + self._health_interval
@@ -385,12 +384,24 @@ class RouteCache:
         if first is None:
             return []
         replies = [first]
+        can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
         reader = lean_reader(connection)
         if reader is not None:
-            while (push := take_buffered(reader, replies, _BATCH, PUBSUB_KINDS)) is not None:
-                await handle_push(connection, push)
+            # Everything received so far, up to a batch: what the parser holds, then what
+            # the connection has buffered (a read that returns without waiting).
+            while len(replies) < _BATCH:
+                push = take_buffered(reader, replies, _BATCH, PUBSUB_KINDS)
+                if push is not None:
+                    await handle_push(connection, push)
+                elif len(replies) < _BATCH and await can_read():
+                    replies.append(
+                        await connection.read_response(
+                            timeout=math.inf, disconnect_on_error=False, push_request=True
+                        )
+                    )
+                else:
+                    break
             return replies
-        can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
         if not await can_read():
             return replies
         try:

@@ -44,7 +44,7 @@ The rules:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping, Sequence
 from typing import Final
 
 
@@ -142,10 +142,12 @@ class RouteTable:
         self.answering = True
         return changes
 
-    def apply_message(self, version: int, content_hash: str, types: Iterable[str]) -> Message:
+    def apply_message(self, version: int, content_hash: str, types: Sequence[str]) -> Message:
         """Apply a message of the subscription: ``content_hash`` now routes ``types``."""
-        changed = list(types)
-        if version <= self.stream_version and changed:
+        # Called for every write of the namespace, so the rules' building blocks are
+        # spelled out here rather than called.
+        stream = self.stream_version
+        if version <= stream and types:
             if self._settling:
                 return Message.SKIPPED
             self._went_backwards(version)
@@ -153,22 +155,28 @@ class RouteTable:
         # A snapshot without a counter is followed by the write that makes one, at
         # the server's clock: above every version of any earlier counter, or this
         # store's own write, whose reply was noted before its message came.
-        made_anew = self.stream_version == 0 and (
+        made_anew = stream == 0 and (
             version > self._ever_seen
             or (version > self._ever_read and version in self._own_versions)
         )
-        if not changed or (version != self.stream_version + 1 and not made_anew):
+        if not types or (version != stream + 1 and not made_anew):
             # A version never announced (a lost message, a counter made anew, a script
             # stopped midway): only a fresh snapshot is sure to be right.
             self.answering = False
             return Message.RELOAD
         self.stream_version = version
         self._saw(version)
-        self._own_versions.discard(version)
+        if self._own_versions:
+            self._own_versions.discard(version)
         self._settling = False
-        for workflow_type in changed:
-            self._stream_routes[workflow_type] = content_hash
-        self._set(version, content_hash, changed)
+        stream_routes, routes, versions = self._stream_routes, self._routes, self._versions
+        for workflow_type in types:
+            stream_routes[workflow_type] = content_hash
+            if version > versions.get(workflow_type, -1):  # as _set
+                routes[workflow_type] = content_hash
+                versions[workflow_type] = version
+                if self._unsure:
+                    self._unsure.pop(workflow_type, None)
         return Message.APPLIED
 
     def settled(self) -> None:
@@ -190,17 +198,21 @@ class RouteTable:
                 del self._unsure[workflow_type]
         return False
 
-    def note_write(self, version: int, content_hash: str, types: Iterable[str]) -> None:
+    def note_write(self, version: int, content_hash: str, types: Sequence[str]) -> None:
         """Apply a route write this store made, from its script's reply."""
         if version > self.stream_version:
             self._own_versions.add(version)
         self._saw(version, own=True)
-        changed = list(types)
-        self._set(version, content_hash, changed)
-        for workflow_type in changed:
-            if self._versions[workflow_type] != version and self._routes[workflow_type] != (
-                content_hash
-            ):
+        routes, versions = self._routes, self._versions
+        for workflow_type in types:
+            current = versions.get(workflow_type, -1)
+            if version > current:  # as _set
+                routes[workflow_type] = content_hash
+                versions[workflow_type] = version
+                if self._unsure:
+                    self._unsure.pop(workflow_type, None)
+            elif current != version and routes[workflow_type] != content_hash:
+                # A newer version is held, with another hash: which is current is unknown.
                 self._unsure[workflow_type] = version
 
     def go_down(self) -> None:
@@ -217,10 +229,12 @@ class RouteTable:
                 self._unsure.pop(workflow_type, None)
 
     def _saw(self, version: int, *, own: bool = False) -> None:
-        self.highest_seen = max(self.highest_seen, version)
-        self._ever_seen = max(self._ever_seen, version)
-        if not own:
-            self._ever_read = max(self._ever_read, version)
+        if version > self.highest_seen:
+            self.highest_seen = version
+        if version > self._ever_seen:
+            self._ever_seen = version
+        if not own and version > self._ever_read:
+            self._ever_read = version
 
     def _went_backwards(self, version: int) -> None:
         # Every known version is of the lost timeline: the next snapshot replaces all.
