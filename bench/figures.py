@@ -148,11 +148,14 @@ def records(count: int, size: int = KIB) -> list[PackageRecord]:
 async def median_rounds(
     rounds: int, *sides: Callable[[], Awaitable[float]]
 ) -> tuple[list[float], list[list[float]]]:
-    """The median of each side over ``rounds`` rounds, the sides taking turns in each."""
+    """The median of each side over ``rounds`` rounds, the sides taking turns in each,
+    and each round starting with the next side: none always goes first, after whatever
+    came before (a process's freed memory, say, is reused by whoever allocates next)."""
     samples: list[list[float]] = [[] for _ in sides]
-    for _ in range(rounds):
-        for side, found in zip(sides, samples, strict=True):
-            found.append(await side())
+    for round_ in range(rounds):
+        for i in range(len(sides)):
+            turn = (round_ + i) % len(sides)
+            samples[turn].append(await sides[turn]())
     return [statistics.median(s) for s in samples], samples
 
 

@@ -179,6 +179,38 @@ async def test_batches_are_pipelined_several_deep_on_one_connection() -> None:
     await pipe.aclose()
 
 
+async def test_units_with_large_replies_follow_one_another_on_one_connection() -> None:
+    client = FakeClient()
+    pool = client.connection_pool
+    pipe = pipeliner(client, lanes=3, max_units=4)
+    pool.read_gate.clear()  # the server answers nothing yet
+    large = [asyncio.ensure_future(pipe.run(echo(f"L{i}"), large_reply=True)) for i in range(6)]
+    small = [asyncio.ensure_future(pipe.run(echo(f"s{i}"))) for i in range(40)]
+    for _ in range(50):
+        await asyncio.sleep(0)
+    carrying = [
+        c for c in pool.made if any(cmd[1].startswith(b"L") for cmds, _ in c.sends for cmd in cmds)
+    ]
+    assert len(carrying) == 1, "every large reply comes on one connection"
+    large_sends = [cmds for cmds, _ in carrying[0].sends if cmds[0][1].startswith(b"L")]
+    assert large_sends == [[[b"ECHO", f"L{i}".encode()]] for i in range(6)], "in order, one a batch"
+    assert len(pool.made) > 1, "the other units are not kept off the other connections"
+    pool.read_gate.set()
+    assert await asyncio.gather(*large) == [[f"L{i}".encode()] for i in range(6)]
+    assert await asyncio.gather(*small) == [[f"s{i}".encode()] for i in range(40)]
+    await pipe.aclose()
+
+
+async def test_units_with_large_replies_survive_a_dropped_connection() -> None:
+    client = FakeClient()
+    pool = client.connection_pool
+    pipe = pipeliner(client, lanes=2)
+    pool.drop_after = 3  # the connection drops with units still in flight on it
+    calls = [pipe.run(echo(f"L{i}"), large_reply=True) for i in range(12)]
+    assert await asyncio.gather(*calls) == [[f"L{i}".encode()] for i in range(12)]
+    await pipe.aclose()
+
+
 async def test_a_connection_dropped_mid_batch_loses_and_duplicates_no_reply() -> None:
     client = FakeClient()
     pool = client.connection_pool

@@ -467,8 +467,10 @@ def count_round_trips(store: RedisPackageStore) -> list[int]:
     brought: list[int] = []
     run = store._pipeliner.run
 
-    async def counted(commands: Any, size: int = 0, *, alone: bool = False) -> list[Any]:
-        replies = await run(commands, size, alone=alone)
+    async def counted(
+        commands: Any, size: int = 0, *, alone: bool = False, large_reply: bool = False
+    ) -> list[Any]:
+        replies = await run(commands, size, alone=alone, large_reply=large_reply)
         rows = [r for c, r in zip(commands, replies, strict=True) if "HMGET" in repr(c[0])]
         brought.append(sum(len(r[0]) for r in rows if r[0] is not None))
         return replies
@@ -515,6 +517,40 @@ async def test_a_listing_holds_no_archive_it_has_already_handed_out(client: Redi
     await store.aclose()
     assert listed == 48 * mib
     assert peak < 16 * mib  # two round trips' archives and the parser's copies at most
+
+
+async def test_a_listing_asks_for_the_next_archives_before_handing_out_the_last(
+    client: Redis,
+) -> None:
+    # The server sends the next round trip while the rows of one are handed out; the
+    # archives under way and being handed out stay within max_bytes.
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    mib = 1 << 20
+    for i in range(24):
+        await store.put_package(pkg("t", f"h{i:02d}", bytes([i]) * (2 * mib), n=i))
+    run = store._pipeliner.run
+    reading: list[int] = []  # the archive bytes of each round trip under way
+    most = 0
+
+    async def watched(commands: Any, size: int = 0, **options: Any) -> list[Any]:
+        nonlocal most
+        rows = 2 * mib * sum("HMGET" in repr(c[0]) for c in commands)
+        reading.append(rows)
+        most = max(most, sum(reading))
+        try:
+            return await run(commands, size, **options)
+        finally:
+            reading.remove(rows)
+
+    store._pipeliner.run = watched  # type: ignore[method-assign]
+    handed_out = 0
+    async for _ in store.iter_packages(max_bytes=8 * mib):
+        # Round trips of two archives: the one whose rows are handed out (4 MiB) and
+        # what is under way hold 8 MiB at most.
+        assert sum(reading) <= 4 * mib
+        handed_out += 1
+    assert handed_out == 24
+    assert most == 8 * mib, "two round trips of two archives under way at once"
 
 
 async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(

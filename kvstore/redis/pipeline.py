@@ -51,6 +51,7 @@ class _Pending:
     retry_until: float  # not tried again after this
     hard_end: float  # failed at this, wherever it waits
     alone: bool = False
+    large_reply: bool = False
     drops: int = 0  # how often the server dropped the connection carrying it alone
     call: Any = None  # the observed call it belongs to (kvstore.redis.telemetry), if any
 
@@ -202,6 +203,11 @@ class Pipeliner:
     answered: if the server drops the connection because of it, no other call was on
     that connection. Dropped ``DROPS_BEFORE_REFUSAL`` times, it raises.
 
+    A unit run with ``large_reply=True`` (a listing's archives) goes on the last lane,
+    pipelined behind the other such units, each a batch of its own: large replies come
+    one after another on one connection, each handed out as soon as it is read, rather
+    than interleaved on several, where each would hold a connection's buffers at once.
+
     A batch whose ``size`` is ``SLICE`` (1 MiB) or more is sent in parts
     (``kvstore.redis.wire.pack_parts``): its large arguments in slices of ``SLICE`` bytes,
     never copied whole, with the event loop running between parts, so a large archive
@@ -242,6 +248,7 @@ class Pipeliner:
         self._max_bytes = max_bytes
         self._queue: deque[_Pending] = deque()
         self._alone: deque[_Pending] = deque()  # units to send alone, on the first lane
+        self._large: deque[_Pending] = deque()  # units with large replies, for the last lane
         self._flush_planned = False
         self._writing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -258,10 +265,16 @@ class Pipeliner:
         self._expiry_said_at = -math.inf
 
     async def run(
-        self, commands: Sequence[Command], size: int = 0, *, alone: bool = False
+        self,
+        commands: Sequence[Command],
+        size: int = 0,
+        *,
+        alone: bool = False,
+        large_reply: bool = False,
     ) -> list[Any]:
         """The replies to ``commands``; ``size`` is about how many bytes they carry;
-        ``alone``: send them with nothing else on their connection."""
+        ``alone``: send them with nothing else on their connection; ``large_reply``:
+        their replies are large, and follow the other such units on one connection."""
         if self._closed:
             raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
@@ -274,14 +287,15 @@ class Pipeliner:
             budget.retry_until(made),
             budget.hard_end(made),
             alone,
+            large_reply,
         )
         if self._deadlines is not None:
             self._deadlines.track(pending)
         if self.observer is not None:
             pending.call = self.observer.current()
         try:
-            if alone:
-                self._alone.append(pending)
+            if alone or large_reply:
+                (self._alone if alone else self._large).append(pending)
                 self._plan_flush()
                 return await pending.future
             queue = self._queue
@@ -328,7 +342,7 @@ class Pipeliner:
 
     def _flush(self) -> None:
         self._flush_planned = False
-        if self._closed or self._writing or not (self._queue or self._alone):
+        if self._closed or self._writing or not self._waiting():
             return
         if self._paused():
             return  # the failure that paused sending planned a flush for its end
@@ -344,6 +358,18 @@ class Pipeliner:
                 unit = self._alone.popleft()
                 if not unit.future.done():
                     await self._write(first, [unit], alone=True)
+            while self._large and not self._paused():
+                last = self._lanes[-1]
+                if (
+                    last.lock.locked()
+                    or last.alone
+                    or (last is self._lanes[0] and self._alone)
+                    or last.units >= self._room[0]
+                ):
+                    break  # its reader, or writer, plans a flush when done
+                unit = self._large.popleft()
+                if not unit.future.done():
+                    await self._write(last, [unit], alone=False)
             while self._queue and not self._paused():
                 lane = self._free_lane(idle=False)
                 if lane is None:
@@ -390,7 +416,7 @@ class Pipeliner:
                 else:
                     await self._write_pipelined(lane, batch)
         finally:
-            if self._queue or self._alone:
+            if self._waiting():
                 self._plan_flush()  # whoever queued while this lane was busy
 
     async def _write_pipelined(self, lane: _Lane, batch: _Batch) -> None:
@@ -496,7 +522,7 @@ class Pipeliner:
                     self._lane_failed(lane, None)
                     return
                 self._delivered(batch.units, replies)
-                if self._queue or self._alone:
+                if self._waiting():
                     self._plan_flush()  # the room this batch leaves may be waited for
         except Exception as exc:
             if lane.connection is connection:
@@ -539,7 +565,7 @@ class Pipeliner:
             self._requeue(units)
         else:
             self._failed(units, exc)
-        if self._alone:
+        if self._alone or self._large:
             self._plan_flush()
 
     def _count_drop(self, pending: _Pending) -> None:
@@ -567,10 +593,17 @@ class Pipeliner:
         await self._pool.release(connection)
 
     def _requeue(self, units: list[_Pending]) -> None:
-        waiting = [p for p in units if not p.future.done()]
-        self._alone.extendleft(reversed([p for p in waiting if p.alone]))
-        self._queue.extendleft(reversed([p for p in waiting if not p.alone]))
+        self._put_back([p for p in units if not p.future.done()])
         self._plan_flush()
+
+    def _put_back(self, units: list[_Pending]) -> None:
+        """Queue ``units`` again, each where it waits, ahead of what is queued there."""
+        self._alone.extendleft(reversed([p for p in units if p.alone]))
+        self._large.extendleft(reversed([p for p in units if p.large_reply and not p.alone]))
+        self._queue.extendleft(reversed([p for p in units if not (p.alone or p.large_reply)]))
+
+    def _waiting(self) -> bool:
+        return bool(self._queue or self._alone or self._large)
 
     def _failed(self, units: list[_Pending], exc: BaseException) -> None:
         if not self._closed:
@@ -604,8 +637,7 @@ class Pipeliner:
             self.observer.retried([p.call for p in units], exc)
 
     def _requeue_later(self, units: list[_Pending], resume_at: float) -> None:
-        self._alone.extendleft(reversed([p for p in units if p.alone]))
-        self._queue.extendleft(reversed([p for p in units if not p.alone]))
+        self._put_back(units)
         self._resume_at = max(self._resume_at, resume_at)
         loop = asyncio.get_running_loop()
         loop.call_at(self._resume_at, self._plan_flush)
@@ -649,9 +681,10 @@ class Pipeliner:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._discards, return_exceptions=True)
         closed = ConnectionError("the store was closed")
-        waiting = [*self._queue, *self._alone]
+        waiting = [*self._queue, *self._alone, *self._large]
         self._queue.clear()
         self._alone.clear()
+        self._large.clear()
         for lane in self._lanes:
             waiting.extend(p for b in lane.in_flight for p in b.units)
             connection, lane.connection = lane.connection, None

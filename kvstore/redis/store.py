@@ -53,7 +53,7 @@ from kvstore.redis.scripts import (
     load_library,
 )
 from kvstore.redis.urls import client_from_url
-from kvstore.redis.wire import Command, PrePacked, flatten
+from kvstore.redis.wire import SLICE, Command, PrePacked, flatten
 
 _log = logging.getLogger(__name__)
 
@@ -72,6 +72,8 @@ LARGE_ARGUMENT = 512 << 10
 # What one round trip of ``iter_packages`` reads of archives, at most (unless one archive
 # alone is larger): the client's memory for a listing, whatever the archives' sizes.
 LISTING_BYTES = 64 << 20
+# The most archive bytes one round trip of a listing reads (a larger archive comes alone).
+LISTING_GROUP = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -501,13 +503,16 @@ class RedisPackageStore:
         during the walk is returned exactly once even while others are written or
         deleted; a row put or deleted meanwhile is returned at most once, as it was or as
         it became. Memory: at most ``chunk`` records at a time, and at most ``max_bytes``
-        of archives per round trip (a single larger archive comes alone), as sized by an
-        ``HSTRLEN`` of each row one round trip before it is read; plus the id of each row
-        already returned (its workflow type and content hash, about 100 bytes with
-        Python's overhead; never its archive), which is how a row read at its old place
-        and met again at the later place a re-put moved it to is not returned twice.
-        Small archives still take one round trip per chunk, the sizes of the next chunk
-        asked for with the rows of this one. ``max_bytes`` must be a positive int.
+        of archives at a time, those being handed out and those under way together (a
+        single larger archive comes alone), as sized by an ``HSTRLEN`` of each row one
+        round trip before it is read; plus the id of each row already returned (its
+        workflow type and content hash, about 100 bytes with Python's overhead; never its
+        archive), which is how a row read at its old place and met again at the later
+        place a re-put moved it to is not returned twice. Large archives come in round
+        trips of at most 8 MiB, several under way on one connection, so the server sends
+        the next while the caller reads one; small archives take one round trip per
+        chunk, the sizes of the next chunk asked for with the rows of this one.
+        ``max_bytes`` must be a positive int.
         """
         check_chunk(max_bytes, "max_bytes")
         async for key, member, ((archive, _),) in self._walk(
@@ -554,14 +559,21 @@ class RedisPackageStore:
         set of row ids that remembers them is the walk's only memory beyond one chunk.
 
         With ``max_bytes``, the rows' archives are sized (``HSTRLEN``) one round trip
-        before they are read, and a round trip reads rows whose archives add up to at
-        most ``max_bytes``, or one row alone if its archive alone is larger. The sizes
-        of the next members go with the rows of the previous ones, so small archives
-        still take one round trip per chunk.
+        before they are read; a round trip reads rows whose archives add up to at most
+        ``LISTING_GROUP`` (or half of ``max_bytes``, if less), or one row alone if its
+        archive alone is larger; and round trips are sent ahead while the archives under
+        way and those being yielded stay within ``max_bytes``. The sizes of the next
+        members go with the rows of the previous ones, so small archives still take one
+        round trip per chunk.
         """
         check_chunk(chunk)
         k = self._keys
         listed: set[bytes] = set()
+        # With a byte bound, round trips of a few MiB of archives each (LISTING_GROUP, or
+        # half the bound if less) are under way together, as many as the bound holds with
+        # the round trip whose rows are being handed out: the server sends the next while
+        # the rows of one are yielded, and memory is used and given back in small pieces.
+        group = None if max_bytes is None else max(1, min(max_bytes // 2, LISTING_GROUP))
         # Members read from the index whose size is still to be asked for, and members
         # with their archive's size (0 for every row without max_bytes), in index order.
         unsized: list[_Member] = []
@@ -573,43 +585,84 @@ class RedisPackageStore:
             sized.extend((self._member(m), 0) for m in members)
         else:
             unsized = [self._member(m) for m in members]
-        while sized or unsized:
-            rows = self._take_rows(sized, chunk, max_bytes)
+        # Round trips under way, in index order: the task that brings their replies, the
+        # rows, the members whose sizes they ask, whether they ask for the next members,
+        # and the bytes of their archives.
+        under_way: deque[tuple[asyncio.Task[list[Any]], list[_Member], list[_Member], bool, int]]
+        under_way = deque()
+        handing_out = 0  # the bytes of the archives of the rows being yielded
+        loop = asyncio.get_running_loop()
+
+        def room() -> bool:
+            """Whether the next rows may be asked for now."""
+            if not sized:
+                return False  # nothing is sent ahead of a round trip asking for sizes
+            if not under_way:
+                return True
+            if max_bytes is None or group is None:
+                return False
+            held = handing_out + sum(entry[4] for entry in under_way)
+            return held + max(group, sized[0][1]) <= max_bytes
+
+        def send() -> None:
+            nonlocal unsized, more
+            rows, size = self._take_rows(sized, chunk, group)
             fetch = [command for row in rows for command in fetch_row(k.row(row.row))]
-            width = len(fetch) // len(rows) if rows else 0
             # Once the rows sized are all read (by this round trip), the sizes of the
             # members read next, and the members after them: one chunk ahead, no more.
-            asking = [] if sized else unsized
+            asking, unsized = ([], unsized) if sized else (unsized, [])
             fetch.extend((_HSTRLEN, k.row(row.row), _ARCHIVE_FIELD) for row in asking)
             ask_members = more and not sized
             if ask_members:
                 fetch.append(self._next_members(b"(" + last, chunk))
-            replies = await self._unit(fetch)
-            sizes = replies[len(rows) * width : len(rows) * width + len(asking)]
-            if asking:
+                more = False  # until the reply says
+            # Archives of a MiB and more follow each other on one connection.
+            task = loop.create_task(self._unit(fetch, large_reply=size >= SLICE))
+            under_way.append((task, rows, asking, ask_members, size))
+
+        try:
+            while True:
+                while room():
+                    send()
+                if not under_way:
+                    if not (unsized or more):
+                        return
+                    send()
+                task, rows, asking, asked_members, handing_out = under_way.popleft()
+                replies = await task
+                width = (len(replies) - len(asking) - asked_members) // len(rows) if rows else 0
+                sizes = replies[len(rows) * width : len(rows) * width + len(asking)]
                 sized.extend(zip(asking, sizes, strict=True))
-                unsized = []
-            if ask_members:
-                members = replies[-1]
-                more = len(members) == chunk
-                last = members[-1] if members else last
-                if max_bytes is None:
-                    sized.extend((self._member(m), 0) for m in members)
-                else:
-                    unsized = [self._member(m) for m in members]
-            for i, row in enumerate(rows):
-                found = replies[i * width : (i + 1) * width]
-                if stamp_of(found) != row.stamp or row.row in listed:
-                    continue
-                listed.add(row.row)
-                yield k.row(row.row), row, found
+                if asked_members:
+                    members = replies[-1]
+                    more = len(members) == chunk
+                    last = members[-1] if members else last
+                    if max_bytes is None:
+                        sized.extend((self._member(m), 0) for m in members)
+                    else:
+                        unsized = [self._member(m) for m in members]
+                while room():  # the next round trips go before these rows are handed out
+                    send()
+                found: list[Any] = []
+                for i, row in enumerate(rows):
+                    found = replies[i * width : (i + 1) * width]
+                    if stamp_of(found) != row.stamp or row.row in listed:
+                        continue
+                    listed.add(row.row)
+                    yield k.row(row.row), row, found
+                # Not held while the next round trip is awaited.
+                replies = found = []
+                handing_out = 0
+        finally:
+            for task, *_ in under_way:
+                task.cancel()
 
     @staticmethod
     def _take_rows(
         sized: deque[tuple[_Member, int]], chunk: int, max_bytes: int | None
-    ) -> list[_Member]:
-        """The next rows to read: up to ``chunk``, their archives within ``max_bytes``
-        (at least one row, whatever its size)."""
+    ) -> tuple[list[_Member], int]:
+        """The next rows to read, and their archives' bytes: up to ``chunk`` rows, their
+        archives within ``max_bytes`` (at least one row, whatever its size)."""
         rows: list[_Member] = []
         total = 0
         while sized and len(rows) < chunk:
@@ -619,7 +672,7 @@ class RedisPackageStore:
             sized.popleft()
             rows.append(row)
             total += size
-        return rows
+        return rows, total
 
     def _next_members(self, after: bytes, chunk: int) -> Command:
         return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
@@ -715,9 +768,11 @@ class RedisPackageStore:
         (reply,) = await self._unit([command])
         return reply
 
-    async def _unit(self, commands: list[Command]) -> list[Any]:
+    async def _unit(self, commands: list[Command], *, large_reply: bool = False) -> list[Any]:
         """Replies to ``commands``, sent with a check that the layout is ours."""
-        found, *replies = await self._pipeliner.run([self._format_check, *commands])
+        found, *replies = await self._pipeliner.run(
+            [self._format_check, *commands], large_reply=large_reply
+        )
         found = self._reply(found)
         if found is not None and found != FORMAT_VERSION:
             raise self._layout_error(found)
