@@ -370,13 +370,13 @@ class RouteCache:
                 next_check = loop.time() + self._health_interval
 
     async def _read_batch(self, connection: Connection) -> list[Any]:
-        """The subscription's next replies: every one already buffered, up to
+        """The subscription's next replies: every one received so far, up to
         ``_BATCH``, once the first has come; none after ``health_interval`` of quiet.
 
         The connection's own reply reader, without the pub/sub layer of redis-py over
         it (message dictionaries, a retry wrapper, a timer per message): one timer for
-        the wait; the rest are taken from the parser as they stand when it is hiredis
-        (``kvstore.redis.replies``), or drained with one more timer otherwise.
+        the wait and one for the rest, which are taken from the parser as they stand
+        when it is hiredis (``kvstore.redis.replies``), and read one at a time otherwise.
         """
         first = await connection.read_response(
             timeout=self._health_interval, disconnect_on_error=False, push_request=True
@@ -386,29 +386,19 @@ class RouteCache:
         replies = [first]
         can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
         reader = lean_reader(connection)
-        if reader is not None:
-            # Everything received so far, up to a batch: what the parser holds, then what
-            # the connection has buffered (a read that returns without waiting).
-            while len(replies) < _BATCH:
-                push = take_buffered(reader, replies, _BATCH, PUBSUB_KINDS)
-                if push is not None:
-                    await handle_push(connection, push)
-                elif len(replies) < _BATCH and await can_read():
-                    replies.append(
-                        await connection.read_response(
-                            timeout=math.inf, disconnect_on_error=False, push_request=True
-                        )
-                    )
-                else:
-                    break
-            return replies
-        if not await can_read():
-            return replies
         try:
             # Bounded as a whole: a reply whose rest never comes is read on at the next turn
             # (the parser keeps what it has), and the silence is then noticed as usual.
             async with _deadline(self._health_interval):
-                while len(replies) < _BATCH and await can_read():
+                while len(replies) < _BATCH:
+                    if reader is not None:
+                        push = take_buffered(reader, replies, _BATCH, PUBSUB_KINDS)
+                        if push is not None:
+                            await handle_push(connection, push)
+                            continue
+                    # What the connection has buffered: a read that returns without waiting.
+                    if len(replies) == _BATCH or not await can_read():
+                        break
                     replies.append(
                         await connection.read_response(
                             timeout=math.inf, disconnect_on_error=False, push_request=True
