@@ -43,17 +43,42 @@ BYTES_PER_CONNECTION = 2  # times max_bytes
 DROPS_BEFORE_REFUSAL = 2
 
 
-@dataclass(eq=False, slots=True)
 class _Pending:
-    commands: Sequence[Command]
-    future: asyncio.Future[list[Any]]
-    size: int
-    retry_until: float  # not tried again after this
-    hard_end: float  # failed at this, wherever it waits
-    alone: bool = False
-    large_reply: bool = False
-    drops: int = 0  # how often the server dropped the connection carrying it alone
-    call: Any = None  # the observed call it belongs to (kvstore.redis.telemetry), if any
+    """A unit of commands waiting for its replies."""
+
+    # Slots, and a weak reference: the deadline bookkeeping refers to units weakly.
+    __slots__ = (
+        "__weakref__",
+        "alone",
+        "call",
+        "commands",
+        "drops",
+        "future",
+        "hard_end",
+        "large_reply",
+        "retry_until",
+        "size",
+    )
+
+    def __init__(
+        self,
+        commands: Sequence[Command],
+        future: asyncio.Future[list[Any]],
+        size: int,
+        retry_until: float,
+        hard_end: float,
+        alone: bool = False,
+        large_reply: bool = False,
+    ) -> None:
+        self.commands = commands
+        self.future = future
+        self.size = size
+        self.retry_until = retry_until  # not tried again after this
+        self.hard_end = hard_end  # failed at this, wherever it waits
+        self.alone = alone
+        self.large_reply = large_reply
+        self.drops = 0  # how often the server dropped the connection carrying it alone
+        self.call: Any = None  # the observed call it belongs to (telemetry), if any
 
 
 class _Deadlines:
@@ -73,12 +98,11 @@ class _Deadlines:
         self._expire = expire
         self._running: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        # The hard ends of units and weak references to their futures, in the order
-        # they were made, so in the order of their hard ends (one budget for all): the
-        # front is the next to expire. Settled ones leave when they reach the front, so
-        # this holds at most a hard end's worth of entries; weak, because a settled
-        # future holds its replies (a listing's archives) until its caller lets go.
-        self._units: deque[tuple[float, weakref.ref[asyncio.Future[list[Any]]]]] = deque()
+        # Weak references to units, in the order they were made, so in the order of
+        # their hard ends (one budget for all): the front is the next to expire. Settled
+        # ones leave when they reach the front; weak, because a unit holds its commands
+        # (an archive) and its future its replies (a listing's archives).
+        self._units: deque[weakref.ref[_Pending]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float:
@@ -92,11 +116,11 @@ class _Deadlines:
         # leave now, so this holds about what is in flight, not seconds of calls (whose
         # entries would make every garbage collection slower).
         while units:
-            future = units[0][1]()
-            if future is not None and not future.done():
+            front = units[0]()
+            if front is not None and not front.future.done():
                 break
             units.popleft()
-        units.append((pending.hard_end, weakref.ref(pending.future)))
+        units.append(weakref.ref(pending))
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
 
@@ -135,13 +159,12 @@ class _Deadlines:
                 task.cancel()
         units = self._units
         while units:
-            hard_end, ref = units[0]
-            future = ref()
-            if future is not None and not future.done() and hard_end > now:
+            pending = units[0]()
+            if pending is not None and not pending.future.done() and pending.hard_end > now:
                 break
             units.popleft()
-            if future is not None and not future.done():
-                self._expire(future)
+            if pending is not None and not pending.future.done():
+                self._expire(pending.future)
         busy = self._running or units
         self._timer = loop.call_later(self._tick, self._check) if busy else None
 

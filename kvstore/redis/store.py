@@ -344,16 +344,21 @@ class RedisPackageStore:
     # Writes: one function call each.
 
     async def put_package(self, record: PackageRecord) -> None:
-        await self._put(record, (check_record(record).workflow_type,))
+        await self._put(check_record(record))
 
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
     ) -> None:
-        types = [check_record(record).workflow_type, *check_route_types(route_workflow_types)]
-        await self._put(record, tuple(dict.fromkeys(types)))
+        own = check_record(record).workflow_type
+        also = dict.fromkeys(check_route_types(route_workflow_types))
+        also.pop(own, None)
+        await self._put(record, tuple(also))
 
-    async def _put(self, record: PackageRecord, types: tuple[str, ...]) -> None:
+    async def _put(self, record: PackageRecord, also: tuple[str, ...] = ()) -> None:
+        """Put ``record``, re-pointing the routes of its own type and of ``also``."""
         # The record checked its fields when it was made; deployed_at is aware and in range.
+        # Nothing here outlives the call that need not: thousands of puts in flight each
+        # keep what they hold through a garbage collection or more.
         stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
         row = row_id(record.workflow_type, record.content_hash)
         size = len(record.archive)
@@ -367,13 +372,16 @@ class RedisPackageStore:
                 stamp,
                 record.archive,
                 record.content_hash.encode("utf-8"),
-                *[t.encode("utf-8") for t in types],
+                record.workflow_type.encode("utf-8"),
+                *[t.encode("utf-8") for t in also],
             ),
             size,  # what makes a pipeline heavy
             alone=alone,
         )
         if self._route_cache is not None:
-            self._route_cache.note_write(version, record.content_hash, types)
+            self._route_cache.note_write(
+                version, record.content_hash, (record.workflow_type, *also)
+            )
 
     async def _refused_or_unknown(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because
