@@ -36,7 +36,7 @@ def check_instant(value: object, field: str) -> datetime:
         raise ValueError(f"{field} falls outside years 1 to 9999 in UTC: {value!r}") from exc
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class PackageRecord:
     """One deployed version of a workflow package.
 
@@ -68,7 +68,7 @@ class PackageRecord:
         )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PackageRouteRecord:
     """The version a workflow type's new runs start on."""
 
@@ -80,7 +80,7 @@ class PackageRouteRecord:
         check_text(self.content_hash, "content_hash")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class PackageHead:
     """A stored package without its archive: what a listing shows, at a fraction of the
     bytes. ``size`` is the archive's length in bytes."""

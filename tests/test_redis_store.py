@@ -6,11 +6,11 @@ import asyncio
 import shutil
 import time
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import fakeredis
 import pytest
@@ -551,6 +551,28 @@ async def test_a_listing_asks_for_the_next_archives_before_handing_out_the_last(
         handed_out += 1
     assert handed_out == 24
     assert most == 8 * mib, "two round trips of two archives under way at once"
+
+
+async def test_a_listing_left_early_leaves_no_round_trip_behind(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    mib = 1 << 20
+    for i in range(12):
+        await store.put_package(pkg("t", f"h{i:02d}", bytes([i]) * mib, n=i))
+
+    def round_trips() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "_unit" in repr(t.get_coro())]
+
+    walk = cast(AsyncGenerator[PackageRecord, None], store.iter_packages(max_bytes=8 * mib))
+    first = await walk.__anext__()
+    assert round_trips(), "the next round trips are under way"
+    await walk.aclose()
+    for _ in range(100):  # each is cancelled, and ends at its next turn
+        if not round_trips():
+            break
+        await asyncio.sleep(0)
+    assert round_trips() == []
+    assert first.content_hash == "h00"
+    assert len(await store.list_packages()) == 12
 
 
 async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(

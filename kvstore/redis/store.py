@@ -664,6 +664,8 @@ class RedisPackageStore:
         finally:
             for task, *_ in under_way:
                 task.cancel()
+                if task.done() and not task.cancelled():
+                    task.exception()  # retrieved: the walk ended with another error, or none
 
     @staticmethod
     def _take_rows(
