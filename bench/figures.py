@@ -80,7 +80,7 @@ FULL = Sizes(
     archives=(
         ArchiveSize(KIB, puts=0, gets=2000, listed=10_000),  # the 1 KiB put is put_one
         ArchiveSize(MIB, puts=100, gets=100, listed=64),
-        ArchiveSize(16 * MIB, puts=8, gets=8, listed=16, rounds=3),
+        ArchiveSize(16 * MIB, puts=8, gets=8, listed=16, rounds=5),
     ),
     lookups=50_000,
     raw_lookups=3000,
