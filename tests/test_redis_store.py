@@ -29,6 +29,7 @@ from kvstore import (
 from kvstore.conformance import run_package_store_suite
 from kvstore.redis.keyspace import Keyspace, row_id
 from kvstore.redis.scripts import LIBRARY, Library, build_library, load_library
+from kvstore.redis.streamed import STREAM_FROM
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace
@@ -467,10 +468,8 @@ def count_round_trips(store: RedisPackageStore) -> list[int]:
     brought: list[int] = []
     run = store._pipeliner.run
 
-    async def counted(
-        commands: Any, size: int = 0, *, alone: bool = False, large_reply: bool = False
-    ) -> list[Any]:
-        replies = await run(commands, size, alone=alone, large_reply=large_reply)
+    async def counted(commands: Any, size: int = 0, **options: Any) -> list[Any]:
+        replies = await run(commands, size, **options)
         rows = [r for c, r in zip(commands, replies, strict=True) if "HMGET" in repr(c[0])]
         brought.append(sum(len(r[0]) for r in rows if r[0] is not None))
         return replies
@@ -693,6 +692,24 @@ async def test_large_archive_round_trips_on_a_real_server(server: LocalServer) -
         got = await store.get_package("big", "h")
         assert got is not None and got.archive == archive
     assert row_id("big", "h") == b"big\x00h"
+
+
+async def test_archives_around_the_size_read_in_slices_come_back_whole(
+    server: LocalServer,
+) -> None:
+    sizes = [STREAM_FROM - 1, STREAM_FROM, STREAM_FROM + 1, 5 * STREAM_FROM + 3]
+    records = [
+        pkg("t", f"h{i}", bytes(range(256)) * (size // 256) + bytes(size % 256), n=i)
+        for i, size in enumerate(sizes)
+    ]
+    async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+        for record in records:
+            await store.put_package(record)
+        # One at a time, many at once, and listed in round trips of a few archives.
+        assert [await store.get_package("t", r.content_hash) for r in records] == records
+        found = await asyncio.gather(*(store.get_package("t", r.content_hash) for r in records))
+        assert found == records
+        assert [r async for r in store.iter_packages(max_bytes=4 * STREAM_FROM)] == records
 
 
 async def test_a_call_rides_out_a_short_outage_within_its_retry_budget() -> None:

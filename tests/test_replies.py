@@ -1,6 +1,7 @@
-"""Replies taken many at a time off a connection's hiredis reader are exactly the replies
-redis-py would have read one at a time: in order, refusals as values, connection errors
-raised, and pushes (RESP3) handed to redis-py's own handling, never taken for a reply."""
+"""Replies taken many at a time off a connection's hiredis reader, or read off its stream
+in slices, are exactly the replies redis-py would have read one at a time: in order,
+refusals as values, connection errors raised, and pushes (RESP3) handed to redis-py's own
+handling, never taken for a reply."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any
 import hiredis
 import pytest
 from redis._parsers.base import BaseParser
-from redis._parsers.hiredis import NOT_ENOUGH_DATA
+from redis._parsers.encoders import Encoder
+from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 from redis.asyncio import Redis
-from redis.exceptions import BusyLoadingError, ResponseError
+from redis.exceptions import BusyLoadingError, ConnectionError, InvalidResponse, ResponseError
 
 from kvstore.redis.replies import PUBSUB_KINDS, lean_reader, read_replies, take_buffered
+from kvstore.redis.streamed import STREAM_FROM, read_streamed
 from kvstore.redis.wire import pack_commands
 from kvstore.tools.server_process import LocalServer
 
@@ -147,3 +150,118 @@ def test_a_subscription_keeps_its_pushes_and_stops_at_any_other() -> None:
     assert push is not None and push[0] == b"invalidate"
     assert take_buffered(parser, replies, 10, PUBSUB_KINDS) is None
     assert replies[-1] == [b"smessage", b"ch", b"y"]
+
+
+# Replies that may hold an archive, read off the stream in slices.
+
+
+@pytest.mark.parametrize("protocol", [2, 3])
+async def test_streamed_replies_are_the_replies_hiredis_makes(
+    server: LocalServer, protocol: int
+) -> None:
+    sizes = [0, 1, STREAM_FROM - 1, STREAM_FROM, STREAM_FROM + 1, 3 * STREAM_FROM + 7]
+
+    def commands(key: str) -> list[tuple[Any, ...]]:
+        made: list[tuple[Any, ...]] = []
+        for i, size in enumerate(sizes):
+            made += [
+                ("HSET", f"{key}h{i}", "archive", bytes([i + 1]) * size, "stamp", f"s{i}"),
+                ("HMGET", f"{key}h{i}", "archive", "stamp", "absent"),
+                ("GET", f"{key}absent"),
+                ("INCR", f"{key}h{i}"),  # refused: WRONGTYPE
+                ("HGETALL", f"{key}h{i}"),  # a map in RESP3
+                ("ZRANGEBYLEX", f"{key}absent", "-", "+"),
+            ]
+        return made
+
+    replies = {}
+    for reading in (read_replies, read_streamed):
+        sent = commands(f"{fresh_namespace()}:")
+        async with held(Redis.from_url(server.url, protocol=protocol)) as connection:
+            await connection.send_packed_command(pack_commands(sent), check_health=False)
+            replies[reading] = await reading(connection, len(sent))
+    streamed, parsed = replies[read_streamed], replies[read_replies]
+    assert len(streamed) == len(parsed) == 6 * len(sizes)
+    for i, (mine, theirs) in enumerate(zip(streamed, parsed, strict=True)):
+        if isinstance(theirs, ResponseError):
+            assert type(mine) is type(theirs) and str(mine) == str(theirs), i
+        else:
+            assert mine == theirs, i
+    assert streamed[-5] == [bytes([6]) * (3 * STREAM_FROM + 7), b"s5", None]
+
+
+async def test_a_push_among_streamed_replies_goes_to_redis_pys_handler(
+    valkey_server: LocalServer,
+) -> None:
+    client = Redis.from_url(valkey_server.url, protocol=3)
+    writer = Redis.from_url(valkey_server.url)
+    key = f"{fresh_namespace()}:tracked"
+    pushed: list[Any] = []
+
+    async def on_invalidation(push: Any) -> None:
+        pushed.append(push)
+
+    async with held(client) as connection:
+        connection._parser.set_invalidation_push_handler(on_invalidation)
+        await connection.send_command("CLIENT", "TRACKING", "ON")
+        assert await connection.read_response() in (b"OK", "OK")
+        await connection.send_command("GET", key)
+        assert await connection.read_response() is None
+        await writer.set(key, bytes(2 * STREAM_FROM))  # an invalidation is pushed
+        await asyncio.sleep(0.05)
+        await connection.send_packed_command(
+            pack_commands([("ECHO", b"a"), ("GET", key)]), check_health=False
+        )
+        replies = await read_streamed(connection, 2)
+    await writer.aclose()
+    assert replies == [b"a", bytes(2 * STREAM_FROM)]
+    assert len(pushed) == 1 and pushed[0][0] == b"invalidate"
+
+
+async def test_what_the_parser_read_ahead_is_read_through_it(valkey_server: LocalServer) -> None:
+    # hiredis reads ahead of the reply it parses: the next reply has begun inside it, so
+    # it must finish that reply, the archive made in one step.
+    key = f"{fresh_namespace()}:big"
+    async with held(Redis.from_url(valkey_server.url)) as connection:
+        await connection.send_packed_command(
+            pack_commands([("SET", key, bytes(3 * STREAM_FROM)), ("ECHO", b"a"), ("GET", key)]),
+            check_health=False,
+        )
+        await asyncio.sleep(0.05)  # all of it has come
+        assert await read_replies(connection, 2) == [b"OK", b"a"]
+        parser = lean_reader(connection)
+        assert parser is not None and parser.has_data()
+        assert await read_streamed(connection, 1) == [bytes(3 * STREAM_FROM)]
+
+
+class _Connection:
+    """Just enough of a redis-py connection over a stream the test feeds."""
+
+    def __init__(self) -> None:
+        self._reader = asyncio.StreamReader()
+        self.encoder = Encoder("utf-8", "strict", decode_responses=False)  # type: ignore[no-untyped-call]
+        self.protocol = 2
+        self._parser = _AsyncHiredisParser(65536)
+        self._parser.on_connect(self)  # type: ignore[no-untyped-call]
+
+
+async def test_a_stream_that_ends_mid_reply_is_a_connection_error() -> None:
+    connection = _Connection()
+    connection._reader.feed_data(b"*2\r\n$%d\r\n" % (2 * STREAM_FROM) + bytes(STREAM_FROM))
+    connection._reader.feed_eof()
+    with pytest.raises(ConnectionError):
+        await read_streamed(connection, 1)
+
+
+async def test_a_bulk_string_longer_than_it_said_is_a_protocol_error() -> None:
+    connection = _Connection()
+    connection._reader.feed_data(b"$%d\r\n" % STREAM_FROM + bytes(STREAM_FROM + 5) + b"\r\n")
+    with pytest.raises(InvalidResponse):
+        await read_streamed(connection, 1)
+
+
+async def test_a_loading_server_is_raised_from_a_streamed_reply() -> None:
+    connection = _Connection()
+    connection._reader.feed_data(b"-LOADING Redis is loading the dataset\r\n")
+    with pytest.raises(BusyLoadingError):
+        await read_streamed(connection, 1)

@@ -25,6 +25,7 @@ from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError
 
 from kvstore.redis.replies import read_replies
 from kvstore.redis.retry import Backoff, Budget, is_transient
+from kvstore.redis.streamed import read_streamed
 from kvstore.redis.wire import SLICE, Command, flatten, pack_commands, pack_parts
 
 T = TypeVar("T")
@@ -58,6 +59,7 @@ class _Pending:
         "large_reply",
         "retry_until",
         "size",
+        "streamed",
     )
 
     def __init__(
@@ -69,6 +71,7 @@ class _Pending:
         hard_end: float,
         alone: bool = False,
         large_reply: bool = False,
+        streamed: bool = False,
     ) -> None:
         self.commands = commands
         self.future = future
@@ -77,6 +80,7 @@ class _Pending:
         self.hard_end = hard_end  # failed at this, wherever it waits
         self.alone = alone
         self.large_reply = large_reply
+        self.streamed = streamed
         self.drops = 0  # how often the server dropped the connection carrying it alone
         self.call: Any = None  # the observed call it belongs to (telemetry), if any
 
@@ -231,6 +235,10 @@ class Pipeliner:
     one after another on one connection, each handed out as soon as it is read, rather
     than interleaved on several, where each would hold a connection's buffers at once.
 
+    The replies of a unit run with ``streamed=True`` (one that may bring an archive) are
+    read by ``kvstore.redis.streamed``: a large archive in slices, the loop running
+    between them, where the connection allows it.
+
     A batch whose ``size`` is ``SLICE`` (1 MiB) or more is sent in parts
     (``kvstore.redis.wire.pack_parts``): its large arguments in slices of ``SLICE`` bytes,
     never copied whole, with the event loop running between parts, so a large archive
@@ -294,10 +302,12 @@ class Pipeliner:
         *,
         alone: bool = False,
         large_reply: bool = False,
+        streamed: bool = False,
     ) -> list[Any]:
         """The replies to ``commands``; ``size`` is about how many bytes they carry;
         ``alone``: send them with nothing else on their connection; ``large_reply``:
-        their replies are large, and follow the other such units on one connection."""
+        their replies are large, and follow the other such units on one connection;
+        ``streamed``: their replies may hold large archives, read in slices."""
         if self._closed:
             raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
@@ -311,6 +321,7 @@ class Pipeliner:
             budget.hard_end(made),
             alone,
             large_reply,
+            streamed,
         )
         if self._deadlines is not None:
             self._deadlines.track(pending)
@@ -534,8 +545,7 @@ class Pipeliner:
         try:
             while lane.in_flight and lane.connection is connection:
                 batch = lane.in_flight[0]
-                count = sum(len(p.commands) for p in batch.units)
-                replies = await self._within(read_replies(connection, count), batch.deadline)
+                replies = await self._within(_read_batch(connection, batch), batch.deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
                 refusal = next((r for r in replies if _is_protocol_error(r)), None)
@@ -770,3 +780,14 @@ async def _send_in_slices(
         # One part a call: a list of parts would be joined into one buffer by the transport.
         await connection.send_packed_command([part], check_health=False)
         await asyncio.sleep(0)
+
+
+async def _read_batch(connection: Any, batch: _Batch) -> list[Any]:
+    """The replies to ``batch``, those of its ``streamed`` units read in slices."""
+    if not any(p.streamed for p in batch.units):
+        return await read_replies(connection, sum(len(p.commands) for p in batch.units))
+    replies: list[Any] = []
+    for p in batch.units:
+        read = read_streamed if p.streamed else read_replies
+        replies.extend(await read(connection, len(p.commands)))
+    return replies

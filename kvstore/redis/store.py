@@ -444,7 +444,7 @@ class RedisPackageStore:
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
         key = self._keys.row(row)
-        archive, stamp = await self._read((_HMGET_ROW, key, _ROW_FIELDS))
+        ((archive, stamp),) = await self._unit([(_HMGET_ROW, key, _ROW_FIELDS)], archives=True)
         if archive is None and stamp is None:
             return None
         return self._record(key, row, archive, stamp)
@@ -625,7 +625,8 @@ class RedisPackageStore:
                 fetch.append(self._next_members(b"(" + last, chunk))
                 more = False  # until the reply says
             # Archives of a MiB and more follow each other on one connection.
-            task = loop.create_task(self._unit(fetch, large_reply=size >= SLICE))
+            large = size >= SLICE
+            task = loop.create_task(self._unit(fetch, large_reply=large, archives=large))
             under_way.append((task, rows, asking, ask_members, size))
 
         try:
@@ -778,10 +779,13 @@ class RedisPackageStore:
         (reply,) = await self._unit([command])
         return reply
 
-    async def _unit(self, commands: list[Command], *, large_reply: bool = False) -> list[Any]:
-        """Replies to ``commands``, sent with a check that the layout is ours."""
+    async def _unit(
+        self, commands: list[Command], *, large_reply: bool = False, archives: bool = False
+    ) -> list[Any]:
+        """Replies to ``commands``, sent with a check that the layout is ours.
+        ``archives``: the replies may hold archives (read in slices when large)."""
         found, *replies = await self._pipeliner.run(
-            [self._format_check, *commands], large_reply=large_reply
+            [self._format_check, *commands], large_reply=large_reply, streamed=archives
         )
         found = self._reply(found)
         if found is not None and found != FORMAT_VERSION:
