@@ -19,7 +19,7 @@ from redis.asyncio import Redis
 from redis.exceptions import BusyLoadingError, ConnectionError, InvalidResponse, ResponseError
 
 from kvstore.redis.replies import PUBSUB_KINDS, lean_reader, read_replies, take_buffered
-from kvstore.redis.streamed import STREAM_FROM, read_streamed
+from kvstore.redis.streamed import STREAM_FROM, _stream_of, read_streamed
 from kvstore.redis.wire import pack_commands
 from kvstore.tools.server_process import LocalServer
 
@@ -46,10 +46,11 @@ def reader() -> Any:
 async def test_the_installed_redis_py_is_read_lean(
     valkey_server: LocalServer, protocol: int
 ) -> None:
-    # If a redis-py upgrade moves what the lean path needs, this fails rather than the
-    # store silently reading one reply at a time.
+    # If a redis-py upgrade moves what the lean paths need, this fails rather than the
+    # store silently reading one reply at a time, or a large archive in one step.
     async with held(Redis.from_url(valkey_server.url, protocol=protocol)) as connection:
         assert lean_reader(connection) is not None
+        assert _stream_of(connection) is not None, "a large archive is read in slices"
 
 
 @pytest.mark.parametrize("protocol", [2, 3])
