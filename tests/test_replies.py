@@ -239,6 +239,13 @@ async def test_a_bulk_string_longer_than_it_said_is_a_protocol_error() -> None:
         await read_streamed(connection, 1)
 
 
+async def test_a_length_that_is_not_a_number_is_a_protocol_error() -> None:
+    connection = _Connection()
+    connection._reader.feed_data(b"$12x\r\n")
+    with pytest.raises(InvalidResponse):
+        await read_streamed(connection, 1)
+
+
 async def test_a_loading_server_is_raised_from_a_streamed_reply() -> None:
     connection = _Connection()
     connection._reader.feed_data(b"-LOADING Redis is loading the dataset\r\n")

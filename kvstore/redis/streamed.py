@@ -75,6 +75,8 @@ async def read_streamed(connection: Any, count: int) -> list[Any]:
             replies.append(reply)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
         raise ConnectionError(f"the connection failed while a reply was read: {exc!r}") from exc
+    except ValueError as exc:  # a length or number that is not one
+        raise InvalidResponse(f"Protocol error: {exc}") from exc
     return replies
 
 
