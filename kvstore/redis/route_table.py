@@ -144,8 +144,8 @@ class RouteTable:
 
     def apply_message(self, version: int, content_hash: str, types: Sequence[str]) -> Message:
         """Apply a message of the subscription: ``content_hash`` now routes ``types``."""
-        # Called for every write of the namespace, so the rules' building blocks are
-        # spelled out here rather than called.
+        # Called for every write of the namespace: the rules are spelled out here, not
+        # called as helpers.
         stream = self.stream_version
         if version <= stream and types:
             if self._settling:
@@ -172,7 +172,7 @@ class RouteTable:
         stream_routes, routes, versions = self._stream_routes, self._routes, self._versions
         for workflow_type in types:
             stream_routes[workflow_type] = content_hash
-            if version > versions.get(workflow_type, -1):  # as _set
+            if version > versions.get(workflow_type, -1):  # newer than what lookups answer
                 routes[workflow_type] = content_hash
                 versions[workflow_type] = version
                 if self._unsure:
@@ -206,7 +206,7 @@ class RouteTable:
         routes, versions = self._routes, self._versions
         for workflow_type in types:
             current = versions.get(workflow_type, -1)
-            if version > current:  # as _set
+            if version > current:  # newer than what lookups answer
                 routes[workflow_type] = content_hash
                 versions[workflow_type] = version
                 if self._unsure:
@@ -220,13 +220,6 @@ class RouteTable:
         self.answering = False
 
     # The rules' building blocks.
-
-    def _set(self, version: int, content_hash: str, types: list[str]) -> None:
-        for workflow_type in types:
-            if version > self._versions.get(workflow_type, -1):
-                self._routes[workflow_type] = content_hash
-                self._versions[workflow_type] = version
-                self._unsure.pop(workflow_type, None)
 
     def _saw(self, version: int, *, own: bool = False) -> None:
         if version > self.highest_seen:

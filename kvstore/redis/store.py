@@ -69,8 +69,9 @@ _ARCHIVE_FIELD = PrePacked(b"archive")
 # other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
 # to set the limit under 1 MiB).
 LARGE_ARGUMENT = 512 << 10
-# What one round trip of ``iter_packages`` reads of archives, at most (unless one archive
-# alone is larger): the client's memory for a listing, whatever the archives' sizes.
+# What ``iter_packages`` holds of archives at a time, those being handed out and those
+# under way together (unless one archive alone is larger): the client's memory for a
+# listing, whatever the archives' sizes.
 LISTING_BYTES = 64 << 20
 # The most archive bytes one round trip of a listing reads (a larger archive comes alone).
 LISTING_GROUP = 8 << 20
@@ -357,8 +358,8 @@ class RedisPackageStore:
     async def _put(self, record: PackageRecord, also: tuple[str, ...] = ()) -> None:
         """Put ``record``, re-pointing the routes of its own type and of ``also``."""
         # The record checked its fields when it was made; deployed_at is aware and in range.
-        # Nothing here outlives the call that need not: thousands of puts in flight each
-        # keep what they hold through a garbage collection or more.
+        # Until its reply comes a put holds little beyond its command: with thousands in
+        # flight, every garbage collection meanwhile walks each object they hold.
         stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
         row = row_id(record.workflow_type, record.content_hash)
         size = len(record.archive)
