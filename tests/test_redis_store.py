@@ -712,6 +712,26 @@ async def test_archives_around_the_size_read_in_slices_come_back_whole(
         assert [r async for r in store.iter_packages(max_bytes=4 * STREAM_FROM)] == records
 
 
+async def test_large_gets_cut_off_mid_archive_come_back_whole(server: LocalServer) -> None:
+    # An archive read in slices whose connection drops halfway is read again, whole.
+    killer = Redis.from_url(server.url)
+    archives = [bytes([i]) * (6 * STREAM_FROM + i) for i in range(4)]
+    async with RedisPackageStore.from_url(
+        server.url, namespace=fresh_namespace(), timeout=2.0, retry_budget=10.0
+    ) as store:
+        for i, archive in enumerate(archives):
+            await store.put_package(pkg("t", f"h{i}", archive, n=i))
+        gets = asyncio.gather(*(store.get_package("t", f"h{i % 4}") for i in range(24)))
+        killed = 0
+        for _ in range(3):
+            await asyncio.sleep(0.02)
+            killed += await killer.client_kill_filter(_type="normal", skipme=True)
+        found = await gets
+        assert killed > 0
+        assert [r.archive if r else None for r in found] == [archives[i % 4] for i in range(24)]
+    await killer.aclose()
+
+
 async def test_a_call_rides_out_a_short_outage_within_its_retry_budget() -> None:
     with LocalServer(settings={"appendonly": "yes"}) as flaky:
         async with RedisPackageStore.from_url(
