@@ -264,15 +264,14 @@ async def call(client: Redis, command: tuple[Any, ...]) -> Any:
 
 
 @asynccontextmanager
-async def other_engine(url: str, ns: str) -> AsyncIterator[int]:
-    """A process with a caching store of ``ns``, live until the block ends; yields its pid."""
+async def engine_process(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``python -m bench.processes *args``, once it says ``ready``; its standard input is
+    closed when the block ends, which ends it (killed if it does not end in 15 s)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "bench.processes",
-        "subscribe",
-        url,
-        ns,
+        *args,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
@@ -281,7 +280,7 @@ async def other_engine(url: str, ns: str) -> AsyncIterator[int]:
         line = await asyncio.wait_for(process.stdout.readline(), 60.0)
         if line.strip() != b"ready":
             raise RuntimeError(f"the other engine did not start (it said {line!r})")
-        yield process.pid
+        yield process
     finally:
         process.stdin.close()
         try:
@@ -289,6 +288,13 @@ async def other_engine(url: str, ns: str) -> AsyncIterator[int]:
         except asyncio.TimeoutError:
             process.kill()
             await process.wait()
+
+
+@asynccontextmanager
+async def other_engine(url: str, ns: str) -> AsyncIterator[int]:
+    """A process with a caching store of ``ns``, live until the block ends; yields its pid."""
+    async with engine_process("subscribe", url, ns) as process:
+        yield process.pid
 
 
 @asynccontextmanager
@@ -638,23 +644,9 @@ async def cross_engine_staleness(
     writer's reply came back counts as 0; one never applied within 2 s counts as 2 s.
     """
     workflow_type = "staleness"
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "bench.processes",
-        "changes",
-        url,
-        ns,
-        workflow_type,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-    )
-    assert process.stdin is not None and process.stdout is not None
     found: list[float] = []
-    try:
-        line = await asyncio.wait_for(process.stdout.readline(), 60.0)
-        if line.strip() != b"ready":
-            raise RuntimeError(f"the other engine did not start (it said {line!r})")
+    async with engine_process("changes", url, ns, workflow_type) as process:
+        assert process.stdout is not None
         for i in range(samples):
             value = f"stale-{i}"
             await writer.put_package_route(workflow_type, value)
@@ -671,13 +663,6 @@ async def cross_engine_staleness(
                 pass
             found.append(max(0.0, seen - returned))
             await asyncio.sleep(0.002)  # spread the samples over time
-    finally:
-        process.stdin.close()
-        try:
-            await asyncio.wait_for(process.wait(), 15.0)
-        except asyncio.TimeoutError:
-            process.kill()
-            await process.wait()
     return found
 
 
