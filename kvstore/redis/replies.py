@@ -34,7 +34,14 @@ except ImportError:  # pragma: no cover - without them, replies are read the slo
 else:
     _PUSH = getattr(hiredis, "PushNotification", None)  # hiredis 3.2 and later
 
-__all__ = ["PUBSUB_KINDS", "lean_reader", "read_replies", "take_buffered"]
+__all__ = [
+    "PUBSUB_KINDS",
+    "handle_push",
+    "lean_reader",
+    "raise_connection_error",
+    "read_replies",
+    "take_buffered",
+]
 
 # The pushes of a subscription (RESP3), as ``take_buffered(..., keep=PUBSUB_KINDS)`` keeps them.
 PUBSUB_KINDS: Final = frozenset(
@@ -86,12 +93,19 @@ def take_buffered(
             kind = reply[0] if reply else b""
             if (kind if type(kind) is bytes else str(kind).encode()).lower() not in keep:
                 return reply  # type: ignore[no-any-return]
-        elif isinstance(reply, ConnectionError):
-            raise reply
-        elif type(reply) is list and reply and isinstance(reply[0], ConnectionError):
-            raise reply[0]
+        else:
+            raise_connection_error(reply)
         replies.append(reply)
     return None
+
+
+def raise_connection_error(reply: Any) -> None:
+    """Raise ``reply`` if it is a connection error (a server loading its data, say), or
+    an array led by one, as redis-py raises them; any other refusal stays a value."""
+    if isinstance(reply, ConnectionError):
+        raise reply
+    if type(reply) is list and reply and isinstance(reply[0], ConnectionError):
+        raise reply[0]
 
 
 async def handle_push(connection: Any, push: list[Any]) -> None:

@@ -27,7 +27,7 @@ from typing import Any, Final
 from redis._parsers.base import BaseParser
 from redis.exceptions import ConnectionError, InvalidResponse
 
-from kvstore.redis.replies import handle_push, lean_reader, read_replies
+from kvstore.redis.replies import handle_push, lean_reader, raise_connection_error, read_replies
 from kvstore.redis.wire import SLICE
 
 __all__ = ["STREAM_FROM", "read_streamed"]
@@ -68,10 +68,7 @@ async def read_streamed(connection: Any, count: int) -> list[Any]:
             if type(reply) is _Push:
                 await handle_push(connection, reply)
                 continue
-            if isinstance(reply, ConnectionError):
-                raise reply
-            if type(reply) is list and reply and isinstance(reply[0], ConnectionError):
-                raise reply[0]
+            raise_connection_error(reply)
             replies.append(reply)
     except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError) as exc:
         raise ConnectionError(f"the connection failed while a reply was read: {exc!r}") from exc
