@@ -91,8 +91,8 @@ async def run(url: str, binary: str | None, sizes: F.Sizes) -> dict[str, Any]:
 
 def growth_tables(results: dict[str, Any]) -> str:
     catalogue = grid(
-        "How cost grows with the catalogue (1 KiB archives; us per put, one at a time; "
-        "us per package listed; ratio = store / raw)",
+        "How cost grows with the catalogue (1 KiB archives, route caching on; us per put, "
+        "one at a time; us per package listed; ratio = store / raw)",
         ("packages", "put", "raw put", "ratio", "list/pkg", "raw list/pkg", "ratio"),
         [
             (
