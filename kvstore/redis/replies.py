@@ -25,19 +25,20 @@ from redis.exceptions import ConnectionError, ResponseError
 
 try:
     import hiredis
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-    from redis._parsers.hiredis import _AsyncHiredisParser
+    from redis._parsers.hiredis import NOT_ENOUGH_DATA, _AsyncHiredisParser
 except ImportError:  # pragma: no cover - without them, replies are read the slow way
     _AsyncHiredisParser = None  # type: ignore[assignment,misc]
-    _NOT_ENOUGH_DATA = None
+    NOT_ENOUGH_DATA = None
     _PUSH: Any = None
 else:
     _PUSH = getattr(hiredis, "PushNotification", None)  # hiredis 3.2 and later
 
 __all__ = [
+    "NOT_ENOUGH_DATA",
     "PUBSUB_KINDS",
     "handle_push",
     "lean_reader",
+    "passed_on",
     "raise_connection_error",
     "read_replies",
     "take_buffered",
@@ -87,16 +88,23 @@ def take_buffered(
     gets = reader.gets
     while len(replies) < most:
         reply = gets()
-        if reply is _NOT_ENOUGH_DATA:
+        if reply is NOT_ENOUGH_DATA:
             return None
-        if type(reply) is _PUSH:
-            kind = reply[0] if reply else b""
-            if (kind if type(kind) is bytes else str(kind).encode()).lower() not in keep:
-                return reply  # type: ignore[no-any-return]
-        else:
-            raise_connection_error(reply)
+        if passed_on(reply, keep):
+            return reply  # type: ignore[no-any-return]
         replies.append(reply)
     return None
+
+
+def passed_on(reply: Any, keep: frozenset[bytes] = frozenset()) -> bool:
+    """Whether ``reply``, taken from a hiredis reader, is a push for redis-py's handler
+    (``handle_push``): one whose kind is not in ``keep``. Raises it if it is a
+    connection error (``raise_connection_error``)."""
+    if type(reply) is _PUSH:
+        kind = reply[0] if reply else b""
+        return (kind if type(kind) is bytes else str(kind).encode()).lower() not in keep
+    raise_connection_error(reply)
+    return False
 
 
 def raise_connection_error(reply: Any) -> None:

@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sys
 from collections import deque
 from collections.abc import Sequence
@@ -76,7 +75,13 @@ from redis.asyncio.retry import Retry
 
 from kvstore.records import PackageRouteRecord
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
-from kvstore.redis.replies import PUBSUB_KINDS, handle_push, lean_reader, take_buffered
+from kvstore.redis.replies import (
+    NOT_ENOUGH_DATA,
+    PUBSUB_KINDS,
+    handle_push,
+    lean_reader,
+    passed_on,
+)
 from kvstore.redis.retry import Backoff, no_silent_reconnect
 from kvstore.redis.route_table import ASK_SERVER, AskServer, Message, RouteTable
 
@@ -346,8 +351,10 @@ class RouteCache:
         next_check = loop.time() + self._health_interval
         # Ends by an exception, cancellation or closing; each turn waits at most one interval.
         while not self._closed:
-            replies = await self._read_batch(connection)
-            if not replies:
+            first = await connection.read_response(
+                timeout=self._health_interval, disconnect_on_error=False, push_request=True
+            )
+            if first is None:
                 if self._awaiting_pong:
                     raise RouteCacheError(
                         f"no reply to PING within {self._health_interval}s; "
@@ -356,58 +363,77 @@ class RouteCache:
                 await self._ping(pubsub)
             else:
                 self._awaiting_pong = False  # any answer shows the connection alive
-                for reply in replies:
-                    # Most replies are messages, applied with no await.
-                    outcome = self._on_message(reply)
-                    if outcome is None:
-                        await self._on_reply(pubsub, reply)
-                    elif outcome is Message.RELOAD:
-                        await self._reload(pubsub)
+                taken = await self._take_replies(pubsub, connection, first)
                 self._forget_own_writes()
                 # A full batch means more is waiting: read on at the next turn of the loop.
-                await asyncio.sleep(_GATHER if len(replies) < _BATCH else 0)
+                await asyncio.sleep(_GATHER if taken < _BATCH else 0)
             if loop.time() >= next_check:
                 await self._check_version(pubsub)
                 next_check = loop.time() + self._health_interval
 
-    async def _read_batch(self, connection: Connection) -> list[Any]:
-        """The subscription's next replies: every one received so far, up to
-        ``_BATCH``, once the first has come; none after ``health_interval`` of quiet.
+    async def _take_replies(self, pubsub: PubSub, connection: Connection, first: Any) -> int:
+        """Act on ``first``, then on every reply of the subscription received so far, up
+        to ``_BATCH`` in all, in order; returns how many.
 
         The connection's own reply reader, without the pub/sub layer of redis-py over
-        it (message dictionaries, a retry wrapper, a timer per message): one timer for
-        the wait and one for the rest, which are taken from the parser as they stand
-        when it is hiredis (``kvstore.redis.replies``), and read one at a time otherwise.
+        it (message dictionaries, a retry wrapper, a timer per message). When it parses
+        with hiredis, messages are applied as they are taken from its reader
+        (``_apply_held``), and only other replies go through ``_on_reply``; otherwise
+        each reply already buffered is read through ``read_response``.
         """
-        first = await connection.read_response(
-            timeout=self._health_interval, disconnect_on_error=False, push_request=True
-        )
-        if first is None:
-            return []
-        replies = [first]
-        can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
+        taken = 1
+        reply: Any = first
         reader = lean_reader(connection)
-        try:
-            # Bounded as a whole: a reply whose rest never comes is read on at the next turn
-            # (the parser keeps what it has), and the silence is then noticed as usual.
-            async with _deadline(self._health_interval):
-                while len(replies) < _BATCH:
-                    if reader is not None:
-                        push = take_buffered(reader, replies, _BATCH, PUBSUB_KINDS)
-                        if push is not None:
-                            await handle_push(connection, push)
-                            continue
-                    # What the connection has buffered: a read that returns without waiting.
-                    if len(replies) == _BATCH or not await can_read():
-                        break
-                    replies.append(
-                        await connection.read_response(
-                            timeout=math.inf, disconnect_on_error=False, push_request=True
-                        )
-                    )
-        except asyncio.TimeoutError:
-            pass
-        return replies
+        can_read = getattr(connection, "can_read", None) or connection.can_read_destructive
+        while True:
+            if reply is Message.RELOAD:
+                await self._reload(pubsub)
+            elif reader is not None and passed_on(reply, PUBSUB_KINDS):
+                await handle_push(connection, reply)
+            else:
+                outcome = self._on_message(reply)
+                if outcome is None:
+                    await self._on_reply(pubsub, reply)
+                elif outcome is Message.RELOAD:
+                    await self._reload(pubsub)
+            if reader is not None:
+                applied, reply = self._apply_held(reader, _BATCH - taken)
+                taken += applied
+                if reply is not None:
+                    taken += reply is not Message.RELOAD
+                    continue
+            # What the connection has buffered: a read that returns without waiting.
+            if taken >= _BATCH or not await can_read():
+                return taken
+            # Bounded: a reply whose rest never comes is read on at the next turn (the
+            # parser keeps what it has), and the silence is then noticed as usual.
+            reply = await connection.read_response(
+                timeout=self._health_interval, disconnect_on_error=False, push_request=True
+            )
+            if reply is None:
+                return taken
+            taken += 1
+
+    def _apply_held(self, reader: Any, most: int) -> tuple[int, Any]:
+        """Apply the channel's messages ``reader`` (hiredis) already holds, in order and
+        up to ``most``, each as it is taken: a burst's messages are never gathered in a
+        list, garbage every collection would walk. Returns how many were applied and
+        what stopped it: ``None`` (nothing left, or ``most`` applied),
+        ``Message.RELOAD`` (the last one applied calls for a reload), or the first
+        reply that is not a message of the channel, taken from the reader."""
+        gets = reader.gets
+        apply = self._apply_message
+        applied = 0
+        while applied < most:
+            reply = gets()
+            if reply is NOT_ENOUGH_DATA:
+                return applied, None
+            if not (isinstance(reply, list) and len(reply) == 3 and reply[0] == b"smessage"):
+                return applied, reply
+            applied += 1
+            if apply(reply[2]) is Message.RELOAD:
+                return applied, Message.RELOAD
+        return applied, None
 
     async def _on_reply(self, pubsub: PubSub, reply: Any) -> None:
         """Act on one reply of the subscription: a message, a pong, or a change of it."""
