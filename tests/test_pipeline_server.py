@@ -20,6 +20,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore.redis.pipeline import _stream_writer
 from kvstore.redis.scripts import load_library
 from kvstore.tools.server_process import LocalServer
 
@@ -200,6 +201,21 @@ async def test_large_archives_sent_in_slices_interleave_with_small_calls(
             *(store.get_package("t", record.content_hash) for record in small),
         )
         assert [r.archive if r else None for r in got] == [*big, *(r.archive for r in small)]
+
+
+async def test_the_installed_redis_py_lets_slices_go_to_the_transport_uncopied(
+    server: LocalServer,
+) -> None:
+    # If a redis-py upgrade moves the connection's writer, this fails rather than every
+    # slice of a large archive being copied once more on its way out.
+    client = Redis.from_url(server.url)
+    connection = await client.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+    try:
+        await connection.connect()
+        assert _stream_writer(connection) is not None
+    finally:
+        await client.connection_pool.release(connection)
+        await client.aclose()
 
 
 async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(

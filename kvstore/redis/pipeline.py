@@ -777,9 +777,28 @@ async def _send_in_slices(
     for i, part in enumerate(parts):
         if i and not (alive() and connection.is_connected):
             raise ConnectionError("the connection was lost while a large unit was sent")
-        # One part a call: a list of parts would be joined into one buffer by the transport.
-        await connection.send_packed_command([part], check_health=False)
+        writer = _stream_writer(connection) if i and type(part) is not bytes else None
+        if writer is None:
+            # One part a call: a list of parts would be joined into one buffer.
+            await connection.send_packed_command([part], check_health=False)
+        else:
+            # A slice goes to the transport as it is: redis-py would join it into a copy
+            # of its own first (Python before 3.12 joins even a list of one part).
+            try:
+                writer.write(part)
+                await writer.drain()
+            except OSError as exc:
+                await connection.disconnect(nowait=True)
+                raise ConnectionError(f"writing a large unit failed: {exc}") from exc
         await asyncio.sleep(0)
+
+
+def _stream_writer(connection: Any) -> asyncio.StreamWriter | None:
+    """The ``asyncio.StreamWriter`` of a connected redis-py ``connection`` (its private
+    ``_writer``), or ``None`` if it has none: its parts are then sent through
+    ``send_packed_command``."""
+    writer = getattr(connection, "_writer", None)
+    return writer if isinstance(writer, asyncio.StreamWriter) else None
 
 
 async def _read_batch(connection: Any, batch: _Batch) -> list[Any]:
