@@ -345,7 +345,16 @@ class RedisPackageStore:
     # Writes: one function call each.
 
     async def put_package(self, record: PackageRecord) -> None:
-        await self._put(check_record(record))
+        command, size = self._put_command(check_record(record))
+        alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
+        # What _call does, spelled out: every deploy comes this way, and with thousands
+        # in flight each coroutine a put holds across its wait is one more object for
+        # every garbage collection meanwhile to walk.
+        unit = self._with_wait(command)
+        replies = await self._pipeliner.run(unit, size, alone=alone)
+        if is_missing_function(replies[0]):
+            replies = await self._run_with_library(unit, size, alone)
+        self._note_put(record, self._result(command, replies))
 
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
@@ -353,32 +362,31 @@ class RedisPackageStore:
         own = check_record(record).workflow_type
         also = dict.fromkeys(check_route_types(route_workflow_types))
         also.pop(own, None)
-        await self._put(record, tuple(also))
-
-    async def _put(self, record: PackageRecord, also: tuple[str, ...] = ()) -> None:
-        """Put ``record``, re-pointing the routes of its own type and of ``also``."""
-        # The record checked its fields when it was made; deployed_at is aware and in range.
-        # Until its reply comes a put holds little beyond its command: with thousands in
-        # flight, every garbage collection meanwhile walks each object they hold.
-        stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
-        row = row_id(record.workflow_type, record.content_hash)
-        size = len(record.archive)
+        command, size = self._put_command(record, tuple(also))
         alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
-        version = await self._call(
-            (
-                self._put_prefix,
-                self._keys.row(row),
-                self._put_shared,
-                row,
-                stamp,
-                record.archive,
-                record.content_hash.encode("utf-8"),
-                record.workflow_type.encode("utf-8"),
-                *[t.encode("utf-8") for t in also],
-            ),
-            size,  # what makes a pipeline heavy
-            alone=alone,
+        self._note_put(record, await self._call(command, size, alone=alone), tuple(also))
+
+    def _put_command(
+        self, record: PackageRecord, also: tuple[str, ...] = ()
+    ) -> tuple[Command, int]:
+        """The call that puts ``record``, re-pointing the routes of its own type and of
+        ``also``, and how many bytes it carries."""
+        # The record checked its fields when it was made; deployed_at is aware and in range.
+        row = row_id(record.workflow_type, record.content_hash)
+        command = (
+            self._put_prefix,
+            self._keys.row(row),
+            self._put_shared,
+            row,
+            encode_stamp(record.deployed_at.astimezone(timezone.utc)),
+            record.archive,
+            record.content_hash.encode("utf-8"),
+            record.workflow_type.encode("utf-8"),
+            *[t.encode("utf-8") for t in also],
         )
+        return command, len(record.archive)
+
+    def _note_put(self, record: PackageRecord, version: int, also: tuple[str, ...] = ()) -> None:
         if self._route_cache is not None:
             self._route_cache.note_write(
                 version, record.content_hash, (record.workflow_type, *also)
@@ -694,19 +702,33 @@ class RedisPackageStore:
     async def _call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
         """The reply to ``command``, an ``FCALL`` of the library, loading the library
         first if the server lacks it. ``alone``: sent with nothing else in flight."""
-        wait = self._wait
-        commands = (command,) if wait is None else (command, wait)
-        replies = await self._pipeliner.run(commands, size, alone=alone)
+        unit = self._with_wait(command)
+        replies = await self._pipeliner.run(unit, size, alone=alone)
         if is_missing_function(replies[0]):
-            # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
-            self._library_found = False
-            await self._ensure_library()
-            replies = await self._pipeliner.run(commands, size, alone=alone)
+            replies = await self._run_with_library(unit, size, alone)
+        return self._result(command, replies)
+
+    def _with_wait(self, command: Command) -> tuple[Command, ...]:
+        """``command`` as a unit: followed by ``WAIT`` when writes wait for replicas."""
+        return (command,) if self._wait is None else (command, self._wait)
+
+    async def _run_with_library(
+        self, unit: tuple[Command, ...], size: int, alone: bool
+    ) -> list[Any]:
+        # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
+        self._library_found = False
+        await self._ensure_library()
+        return await self._pipeliner.run(unit, size, alone=alone)
+
+    def _result(self, command: Command, replies: list[Any]) -> Any:
+        """What the function ``command`` called replied, its refusals raised; and, with
+        ``min_replicas``, raises if fewer replicas acknowledged the write."""
         reply = replies[0]
         if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
             raise self._type_error(command, str(reply))
         result = self._reply(reply)
         self._library_found = True  # the function ran
+        wait = self._wait
         if wait is not None:
             acked, wanted = self._reply(replies[1]), wait[1]
             if acked < wanted:
