@@ -12,6 +12,7 @@ from kvstore.redis.wire import SLICE, Command, PrePacked, flatten, pack_commands
 # Arguments as the store passes them: bytes, text (any that encodes as UTF-8), integers.
 arguments = st.one_of(
     st.binary(max_size=40),
+    st.binary(min_size=250, max_size=300),  # across the longest header formatted once
     st.text(st.characters(codec="utf-8"), max_size=20),
     st.integers(),
 )

@@ -9,7 +9,7 @@ own: on a put, that halves the client's packing work.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Final
 
 Command = tuple[Any, ...]
 
@@ -51,10 +51,16 @@ def flatten(command: Command) -> Command:
     return tuple(flat)
 
 
+# The header of each bulk string shorter than this, formatted once: keys, row ids,
+# stamps, hashes and types all are.
+_BULK_HEADERS: Final = tuple(b"$%d\r\n" % n for n in range(256))
+
+
 def pack_commands(commands: Sequence[Command]) -> bytes:
     """``commands`` in the Redis protocol: each an array of bulk strings."""
     parts: list[bytes] = []
     append = parts.append
+    headers = _BULK_HEADERS
     for command in commands:
         count = len(command)
         head = len(parts)
@@ -62,7 +68,11 @@ def pack_commands(commands: Sequence[Command]) -> bytes:
         for arg in command:
             kind = type(arg)
             if kind is bytes:
-                append(b"$%d\r\n%b\r\n" % (len(arg), arg))
+                # Joined once, at the end: an argument is copied no sooner.
+                size = len(arg)
+                append(headers[size] if size < 256 else b"$%d\r\n" % size)
+                append(arg)
+                append(b"\r\n")
             elif kind is PrePacked:
                 append(arg.packed)
                 count += len(arg.args) - 1
