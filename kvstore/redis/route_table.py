@@ -33,9 +33,12 @@ The rules:
   store's own writes newer than the snapshot are dropped (the server may have lost
   them), the highest version seen becomes the lower one, and the table does not answer
   until a fresh snapshot is applied.
-- A write of this store (``note_write``, from its script's reply) is applied to each type
-  whose entry is older. One that is not newer than the entry, and names another hash,
-  is either a concurrent write that lost to a newer one, or a write to a server whose
+- A write of this store (``note_write``, from its script's reply) above the stream's
+  version (its message still to come) is answered for each of its types, over the
+  stream's table, until the stream reaches it (its message, or a newer write of the type,
+  or a snapshot at or above it), unless a newer own write of the type is answered
+  already. One that is not newer than what is answered, and names another hash, is
+  either a concurrent write that lost to a newer one, or a write to a server whose
   version went backwards and that nothing has shown yet; the type is then answered by the
   server (``ASK_SERVER``) until a snapshot, or a version read that shows the server did
   not go back past that write. So a store always sees its own acknowledged writes.
@@ -73,11 +76,13 @@ class RouteTable:
     """
 
     def __init__(self) -> None:
-        # What lookups answer: the stream's table plus this store's own newer writes.
-        self._routes: dict[str, str] = {}
-        self._versions: dict[str, int] = {}
-        # The table exactly as of ``stream_version``: what watches are told about.
+        # The table exactly as of ``stream_version``: what watches are told about, and
+        # what lookups answer, but for this store's own newer writes.
         self._stream_routes: dict[str, str] = {}
+        # This store's own writes the stream has not reached: type -> (version, hash).
+        # Lookups answer these over the stream's table. Every message writes the
+        # stream's table and nothing else, unless it reaches one of these.
+        self._own: dict[str, tuple[int, str]] = {}
         self.stream_version = 0
         # Whether messages at or below the stream's version may still be ones published
         # before the snapshot was read.
@@ -100,7 +105,11 @@ class RouteTable:
         """The route's hash, ``None`` if there is none, or ``ASK_SERVER``."""
         if not self.answering or workflow_type in self._unsure:
             return ASK_SERVER
-        return self._routes.get(workflow_type)
+        if self._own:
+            mine = self._own.get(workflow_type)
+            if mine is not None:
+                return mine[1]
+        return self._stream_routes.get(workflow_type)
 
     def stream_table(self) -> list[tuple[str, str]]:
         """Every route as of the stream's version, in code-point order of type."""
@@ -125,14 +134,8 @@ class RouteTable:
             self._went_backwards(version)
             return None
         changes = sorted((t, h) for t, h in routes.items() if self._stream_routes.get(t) != h)
-        table = dict(routes)
-        versions = dict.fromkeys(routes, version)
-        for workflow_type, own in self._versions.items():
-            if own > version:  # this store's write, newer than the snapshot
-                table[workflow_type] = self._routes[workflow_type]
-                versions[workflow_type] = own
-        self._routes = table
-        self._versions = versions
+        # This store's writes newer than the snapshot are still answered.
+        self._own = {t: mine for t, mine in self._own.items() if mine[0] > version}
         self._stream_routes = dict(routes)
         self.stream_version = version
         self._saw(version)
@@ -169,14 +172,19 @@ class RouteTable:
         if self._own_versions:
             self._own_versions.discard(version)
         self._settling = False
-        stream_routes, routes, versions = self._stream_routes, self._routes, self._versions
+        stream_routes, own = self._stream_routes, self._own
         for workflow_type in types:
             stream_routes[workflow_type] = content_hash
-            if version > versions.get(workflow_type, -1):  # newer than what lookups answer
-                routes[workflow_type] = content_hash
-                versions[workflow_type] = version
-                if self._unsure:
-                    self._unsure.pop(workflow_type, None)
+            if own:
+                mine = own.get(workflow_type)
+                if mine is not None:
+                    if version < mine[0]:
+                        continue  # this store's newer write is still answered
+                    del own[workflow_type]
+                    if version == mine[0]:
+                        continue  # its own message: nothing newer is known
+            if self._unsure:
+                self._unsure.pop(workflow_type, None)
         return Message.APPLIED
 
     def settled(self) -> None:
@@ -200,19 +208,22 @@ class RouteTable:
 
     def note_write(self, version: int, content_hash: str, types: Sequence[str]) -> None:
         """Apply a route write this store made, from its script's reply."""
-        if version > self.stream_version:
+        stream = self.stream_version
+        if version > stream:
             self._own_versions.add(version)
         self._saw(version, own=True)
-        routes, versions = self._routes, self._versions
+        own = self._own
         for workflow_type in types:
-            current = versions.get(workflow_type, -1)
-            if version > current:  # newer than what lookups answer
-                routes[workflow_type] = content_hash
-                versions[workflow_type] = version
+            mine = own.get(workflow_type)
+            if version > (stream if mine is None else mine[0]):  # newer than what is answered
+                own[workflow_type] = (version, content_hash)
                 if self._unsure:
                     self._unsure.pop(workflow_type, None)
-            elif current != version and routes[workflow_type] != content_hash:
-                # A newer version is held, with another hash: which is current is unknown.
+            elif (mine is None or version != mine[0]) and content_hash != (
+                self._stream_routes.get(workflow_type) if mine is None else mine[1]
+            ):
+                # What is answered is as new or newer, with another hash: which is current
+                # is unknown.
                 self._unsure[workflow_type] = version
 
     def go_down(self) -> None:
@@ -231,8 +242,7 @@ class RouteTable:
 
     def _went_backwards(self, version: int) -> None:
         # Every known version is of the lost timeline: the next snapshot replaces all.
-        self._versions = dict.fromkeys(self._stream_routes, version)
-        self._routes = dict(self._stream_routes)
+        self._own.clear()
         self._unsure.clear()
         self._own_versions.clear()
         self.stream_version = version
