@@ -495,13 +495,11 @@ class RouteCache:
             # Byte for byte the message of a write this store made: what it says is known.
             version, text, changed = own
         else:
-            version_text, _, rest = data.partition(b"\x00")
-            content_hash, *types = rest.split(b"\x00")
             try:
+                # "<version>\0<hash>\0<type>[\0<type>...]", all of it UTF-8.
+                version_text, text, *changed = data.decode("utf-8").split("\x00")
                 version = int(version_text)
-                text = content_hash.decode("utf-8")
-                changed = [t.decode("utf-8") for t in types]
-            except ValueError as exc:  # UnicodeDecodeError included
+            except ValueError as exc:  # UnicodeDecodeError, and too few fields, included
                 raise RouteCacheError(f"unexpected message on the route channel: {data!r}") from exc
         before = self._table.stream_version
         outcome = self._table.apply_message(version, text, changed)
