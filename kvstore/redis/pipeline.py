@@ -308,6 +308,23 @@ class Pipeliner:
         ``alone``: send them with nothing else on their connection; ``large_reply``:
         their replies are large, and follow the other such units on one connection;
         ``streamed``: their replies may hold large archives, read in slices."""
+        return await self.submit(
+            commands, size, alone=alone, large_reply=large_reply, streamed=streamed
+        )
+
+    def submit(
+        self,
+        commands: Sequence[Command],
+        size: int = 0,
+        *,
+        alone: bool = False,
+        large_reply: bool = False,
+        streamed: bool = False,
+    ) -> Awaitable[list[Any]]:
+        """``run``, as what to await for the replies: the unit's future itself while it
+        waits its turn, so thousands of calls in flight hold no coroutine of the
+        pipeliner's; a coroutine that sends it first when it is to go at once. Cancelling
+        the task that awaits it cancels the unit."""
         if self._closed:
             raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
@@ -327,22 +344,24 @@ class Pipeliner:
             self._deadlines.track(pending)
         if self.observer is not None:
             pending.call = self.observer.current()
-        try:
-            if alone or large_reply:
-                (self._alone if alone else self._large).append(pending)
-                self._plan_flush()
-                return await pending.future
-            queue = self._queue
-            queue.append(pending)
-            lane = None
-            if (len(queue) == 1 or len(queue) >= self._max_units) and not self._paused():
-                # Alone on an idle connection, or the last of a full batch: send now, in
-                # this task, so the server starts before the other ready tasks have run.
-                lane = self._free_lane(idle=len(queue) == 1)
+        if alone or large_reply:
+            (self._alone if alone else self._large).append(pending)
+            self._plan_flush()
+            return pending.future
+        queue = self._queue
+        queue.append(pending)
+        if (len(queue) == 1 or len(queue) >= self._max_units) and not self._paused():
+            # Alone on an idle connection, or the last of a full batch: send now, in
+            # the caller's task, so the server starts before the other ready tasks run.
+            lane = self._free_lane(idle=len(queue) == 1)
             if lane is not None:
-                await self._write(lane, self._take_batch(), alone=False)
-            else:
-                self._plan_flush()
+                return self._send_now(lane, pending)
+        self._plan_flush()
+        return pending.future
+
+    async def _send_now(self, lane: _Lane, pending: _Pending) -> list[Any]:
+        try:
+            await self._write(lane, self._take_batch(), alone=False)
             return await pending.future
         except asyncio.CancelledError:
             pending.future.cancel()
