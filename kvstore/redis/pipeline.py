@@ -14,7 +14,6 @@ import asyncio
 import builtins
 import logging
 import math
-import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
@@ -47,9 +46,8 @@ DROPS_BEFORE_REFUSAL = 2
 class _Pending:
     """A unit of commands waiting for its replies."""
 
-    # Slots, and a weak reference: the deadline bookkeeping refers to units weakly.
+    # Slots: thousands may be in flight, and every garbage collection walks them.
     __slots__ = (
-        "__weakref__",
         "alone",
         "call",
         "commands",
@@ -90,43 +88,29 @@ class _Deadlines:
     units that outlive their hard end are failed, wherever they wait.
 
     ``asyncio.timeout`` costs a timer per attempt, a tenth of a loopback round trip; here
-    an attempt costs a dictionary entry and a unit a place in a queue, and deadlines are
-    kept to within a quarter of ``timeout`` late. An expired attempt raises
-    ``TimeoutError`` in its task, unless its task was also cancelled by someone else:
-    that cancellation is then what it raises.
+    an attempt costs a dictionary entry, and a unit nothing: at each tick ``sweep(now)``
+    fails the units past their hard end where they wait, and says whether any still
+    waits. Deadlines are kept to within a quarter of ``timeout`` late. An expired
+    attempt raises ``TimeoutError`` in its task, unless its task was also cancelled by
+    someone else: that cancellation is then what it raises.
     """
 
-    def __init__(self, timeout: float, expire: Callable[[asyncio.Future[list[Any]]], None]) -> None:
+    def __init__(self, timeout: float, sweep: Callable[[float], bool]) -> None:
         self._timeout = timeout
         self._tick = timeout / 4
-        self._expire = expire
+        self._sweep = sweep
         self._running: dict[asyncio.Task[Any], float] = {}
         self._expired: set[asyncio.Task[Any]] = set()
-        # Weak references to units, in the order they were made, so in the order of
-        # their hard ends (one budget for all): the front is the next to expire. Settled
-        # ones leave when they reach the front; weak, because a unit holds its commands
-        # (an archive) and its future its replies (a listing's archives).
-        self._units: deque[weakref.ref[_Pending]] = deque()
         self._timer: asyncio.TimerHandle | None = None
 
     def deadline(self) -> float:
         """When an attempt that begins now must be over."""
         return asyncio.get_running_loop().time() + self._timeout
 
-    def track(self, pending: _Pending) -> None:
-        """Fail ``pending`` at its hard end if it is not settled by then."""
-        units = self._units
-        # Units mostly settle in the order they were made: the settled ones at the front
-        # leave now, so this holds about what is in flight, not seconds of calls (whose
-        # entries would make every garbage collection slower).
-        while units:
-            front = units[0]()
-            if front is not None and not front.future.done():
-                break
-            units.popleft()
-        units.append(weakref.ref(pending))
+    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
+        """A unit was made: the timer ticks until none waits."""
         if self._timer is None:
-            self._timer = asyncio.get_running_loop().call_later(self._tick, self._check)
+            self._timer = loop.call_later(self._tick, self._check)
 
     async def run(self, attempt: Awaitable[T], deadline: float | None = None) -> T:
         """``attempt``, cancelled and turned into ``TimeoutError`` if not over by
@@ -161,22 +145,13 @@ class _Deadlines:
             if deadline <= now and task not in self._expired:
                 self._expired.add(task)
                 task.cancel()
-        units = self._units
-        while units:
-            pending = units[0]()
-            if pending is not None and not pending.future.done() and pending.hard_end > now:
-                break
-            units.popleft()
-            if pending is not None and not pending.future.done():
-                self._expire(pending.future)
-        busy = self._running or units
+        busy = self._sweep(now) or self._running
         self._timer = loop.call_later(self._tick, self._check) if busy else None
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._units.clear()
 
 
 @dataclass(eq=False, slots=True)
@@ -263,7 +238,7 @@ class Pipeliner:
         self._client = client
         self._translate = translate
         self._budget = Budget(retry_budget, timeout)
-        self._deadlines = None if timeout is None else _Deadlines(timeout, self._expire)
+        self._deadlines = None if timeout is None else _Deadlines(timeout, self._expire_due)
         # Commands go straight onto pooled connections, except on a cluster client, which
         # routes them itself and carries one batch per lane at a time.
         self._pool: Any = None if isinstance(client, RedisCluster) else client.connection_pool
@@ -280,6 +255,7 @@ class Pipeliner:
         self._queue: deque[_Pending] = deque()
         self._alone: deque[_Pending] = deque()  # units to send alone, on the first lane
         self._large: deque[_Pending] = deque()  # units with large replies, for the last lane
+        self._sending: set[_Batch] = set()  # taken from a queue, not yet in a lane's flight
         self._flush_planned = False
         self._writing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -341,7 +317,7 @@ class Pipeliner:
             streamed,
         )
         if self._deadlines is not None:
-            self._deadlines.track(pending)
+            self._deadlines.arm(loop)
         if self.observer is not None:
             pending.call = self.observer.current()
         if alone or large_reply:
@@ -462,6 +438,7 @@ class Pipeliner:
         lane.size += batch.size
         if alone:
             lane.alone = True  # until its replies are read (_release)
+        self._sending.add(batch)  # where the sweep finds its units until it is sent
         try:
             async with lane.lock:
                 if self._pool is None:
@@ -469,6 +446,7 @@ class Pipeliner:
                 else:
                     await self._write_pipelined(lane, batch)
         finally:
+            self._sending.discard(batch)
             if self._waiting():
                 self._plan_flush()  # whoever queued while this lane was busy
 
@@ -693,6 +671,21 @@ class Pipeliner:
         self._resume_at = max(self._resume_at, resume_at)
         loop = asyncio.get_running_loop()
         loop.call_at(self._resume_at, self._plan_flush)
+
+    def _expire_due(self, now: float) -> bool:
+        """Fail every unit past its hard end, wherever it waits: a queue (a backoff
+        included), a batch being written, a connection's flight. Returns whether any
+        unit still waits."""
+        waiting = False
+        batches = [*self._sending, *(b for lane in self._lanes for b in lane.in_flight)]
+        for units in (self._queue, self._alone, self._large, *(b.units for b in batches)):
+            for p in units:
+                if not p.future.done():
+                    if p.hard_end <= now:
+                        self._expire(p.future)
+                    else:
+                        waiting = True
+        return waiting
 
     def _expire(self, future: asyncio.Future[list[Any]]) -> None:
         """A unit reached its hard end unsettled: fail its ``future``, wherever the unit
