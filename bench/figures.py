@@ -146,17 +146,43 @@ def records(count: int, size: int = KIB) -> list[PackageRecord]:
 
 
 async def median_rounds(
-    rounds: int, *sides: Callable[[], Awaitable[float]]
+    rounds: int,
+    *sides: Callable[[], Awaitable[float]],
+    settle: Callable[[], Awaitable[None]] | None = None,
 ) -> tuple[list[float], list[list[float]]]:
     """The median of each side over ``rounds`` rounds, the sides taking turns in each,
     and each round starting with the next side: none always goes first, after whatever
-    came before (a process's freed memory, say, is reused by whoever allocates next)."""
+    came before (a process's freed memory, say, is reused by whoever allocates next).
+    ``settle``, when given, is awaited before each side: what the side before left
+    running (another engine still applying its writes, say) is over before it starts."""
     samples: list[list[float]] = [[] for _ in sides]
     for round_ in range(rounds):
         for i in range(len(sides)):
             turn = (round_ + i) % len(sides)
+            if settle is not None:
+                await settle()
             samples[turn].append(await sides[turn]())
     return [statistics.median(s) for s in samples], samples
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time process ``pid`` has used, user and system (``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def quiet(pid: int, within: float = 10.0) -> None:
+    """Return once process ``pid`` uses no CPU for a tenth of a second, or after
+    ``within`` seconds: another engine has then applied every write it was sent."""
+    end = time.monotonic() + within
+    used = cpu_seconds(pid)
+    while time.monotonic() < end:
+        await asyncio.sleep(0.1)
+        now = cpu_seconds(pid)
+        if now == used:
+            return
+        used = now
 
 
 # The raw put: the one place that says how the store's put operation is invoked on the
@@ -340,8 +366,10 @@ async def put_one(url: str, sizes: Sizes, *, cached: bool) -> Figure:
             await call(raw, command)
         return (time.perf_counter() - start) / len(commands)
 
-    async with _maybe_other_engine(url, ns, cached):
-        (store_t, raw_t), _ = await median_rounds(sizes.rounds, store_round, raw_round)
+    async with _maybe_other_engine(url, ns, cached) as settle:
+        (store_t, raw_t), _ = await median_rounds(
+            sizes.rounds, store_round, raw_round, settle=settle
+        )
     await raw.aclose()
     return Figure(
         "put_one_cached" if cached else "put_one",
@@ -358,12 +386,16 @@ async def put_one(url: str, sizes: Sizes, *, cached: bool) -> Figure:
 
 
 @asynccontextmanager
-async def _maybe_other_engine(url: str, ns: str, cached: bool) -> AsyncIterator[None]:
+async def _maybe_other_engine(
+    url: str, ns: str, cached: bool
+) -> AsyncIterator[Callable[[], Awaitable[None]] | None]:
+    """With ``cached``, another engine's process for the block; yields what waits for it
+    to be quiet (every write of the side before applied), or ``None`` without one."""
     if not cached:
-        yield
+        yield None
         return
-    async with other_engine(url, ns):
-        yield
+    async with other_engine(url, ns) as pid:
+        yield lambda: quiet(pid)
 
 
 # 2. Thousands of puts in flight on one store; the server's own limit beside them.
@@ -405,8 +437,9 @@ async def put_concurrent(url: str, sizes: Sizes, *, cached: bool) -> list[Figure
             return await run_benchmark(benchmark)
 
         sides.append(benchmark_round)
-    async with _maybe_other_engine(url, ns, cached):
-        medians, _ = await median_rounds(sizes.rounds, *sides)
+    async with _maybe_other_engine(url, ns, cached) as settle:
+        # redis-benchmark's 100,000 writes keep the other engine busy after it ends.
+        medians, _ = await median_rounds(sizes.rounds, *sides, settle=settle)
     await raw.aclose()
     store_t, raw_t = medians[0], medians[1]
     figures = [

@@ -35,6 +35,14 @@ def test_before_a_snapshot_every_lookup_asks_the_server() -> None:
     assert not table.answering
 
 
+def test_a_snapshot_no_one_watches_lists_no_changes_and_answers_all_the_same() -> None:
+    table = loaded(10, order="h1")
+    assert table.apply_snapshot(12, {"order": "h2", "billing": "h3"}, 10, changes=False) == []
+    assert (table.lookup("order"), table.lookup("billing")) == ("h2", "h3")
+    assert table.stream_table() == [("billing", "h3"), ("order", "h2")]
+    assert table.apply_message(13, "h4", ["order"]) is Message.APPLIED
+
+
 def test_a_snapshot_answers_its_routes_and_none_for_the_rest() -> None:
     table = loaded(10, order="h1")
     assert table.answering

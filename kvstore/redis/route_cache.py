@@ -524,7 +524,7 @@ class RouteCache:
             floor = self._table.mark()
             async with _deadline(self._setup_timeout):
                 version, table = await self._snapshot()
-            changes = self._table.apply_snapshot(version, table, floor)
+            changes = self._table.apply_snapshot(version, table, floor, changes=bool(self._watches))
             if changes is None:
                 self._log_backwards(version, floor)
                 continue

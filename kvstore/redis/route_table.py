@@ -122,18 +122,24 @@ class RouteTable:
     # What the cache reads.
 
     def apply_snapshot(
-        self, version: int, routes: Mapping[str, str], floor: int
+        self, version: int, routes: Mapping[str, str], floor: int, *, changes: bool = True
     ) -> list[tuple[str, str]] | None:
         """Take the server's table at ``version``, read after ``mark()`` gave ``floor``.
 
         Returns the routes whose value differs from the stream's previous table (for
-        watches), or ``None`` if the server went backwards: the table was reset and does
-        not answer; take another snapshot.
+        watches; an empty list without ``changes``, when no one watches: a pair per
+        route of a large table is garbage every collection then walks), or ``None`` if
+        the server went backwards: the table was reset and does not answer; take
+        another snapshot.
         """
         if version < floor:
             self._went_backwards(version)
             return None
-        changes = sorted((t, h) for t, h in routes.items() if self._stream_routes.get(t) != h)
+        changed = (
+            sorted((t, h) for t, h in routes.items() if self._stream_routes.get(t) != h)
+            if changes
+            else []
+        )
         # This store's writes newer than the snapshot are still answered.
         self._own = {t: mine for t, mine in self._own.items() if mine[0] > version}
         self._stream_routes = dict(routes)
@@ -143,7 +149,7 @@ class RouteTable:
         self._unsure.clear()
         self._settling = True
         self.answering = True
-        return changes
+        return changed
 
     def apply_message(self, version: int, content_hash: str, types: Sequence[str]) -> Message:
         """Apply a message of the subscription: ``content_hash`` now routes ``types``."""
