@@ -242,9 +242,11 @@ def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) 
     """``redis-benchmark`` sending ``requests`` puts of ``size``-byte archives, 50
     connections with 16 in flight each: the server's limit for the put, with no
     client in the way. Each ``__rand_int__`` is drawn anew, from ``requests`` values,
-    for every command, so rows and routes differ while the rows a run adds stay
-    bounded; a command line cannot carry the NUL of a row id, so the row is
-    ``type-N:h`` (the script never parses it)."""
+    for every command, so rows differ while the rows a run adds stay bounded; a command
+    line cannot carry the NUL of a row id, so the row is ``type-N:h`` (the script never
+    parses it). Every put re-points one route, as each of the store's does: random
+    types would leave a table of ``requests`` routes in the namespace, which each
+    store the bench opens in it then loads and keeps (a raw client never does)."""
     binary = benchmark_binary()
     if binary is None:
         raise FileNotFoundError("redis-benchmark")
@@ -256,7 +258,7 @@ def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) 
         encode_stamp(T0),
         archive_of(size),
         b"h" + rand,
-        [b"type-" + rand],
+        [b"type-benchmark"],
     )
     args = [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in command]
     return [
