@@ -219,3 +219,34 @@ async def test_without_bench_stall_the_report_says_so(monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, cli.STALL_MODULE, None)  # as if the file were absent
     assert await cli.loop_stall("redis://127.0.0.1:1", F.MIB) is None
     assert "not measured" in cli.stall_text(None)
+
+
+async def test_quiet_waits_for_a_busy_process_to_stop_using_the_cpu() -> None:
+    # Busy for a bounded while, then asleep: quiet returns once the busy part is over.
+    busy = (
+        "import time\n"
+        "end = time.process_time() + 0.5\n"
+        "while time.process_time() < end: pass\n"
+        "time.sleep(30)"
+    )
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", busy)
+    try:
+        await F.quiet(process.pid, within=20.0)
+        assert F.cpu_seconds(process.pid) >= 0.45
+        assert process.returncode is None  # it went quiet, and is still there
+    finally:
+        process.kill()
+        await process.wait()
+
+
+async def test_quiet_gives_up_on_a_process_that_never_goes_quiet() -> None:
+    spin = "while True: pass"
+    process = await asyncio.create_subprocess_exec(sys.executable, "-c", spin)
+    try:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await F.quiet(process.pid, within=0.5)
+        assert loop.time() - started >= 0.5
+    finally:
+        process.kill()
+        await process.wait()
