@@ -39,12 +39,13 @@ again: a silently dead subscription serves stale routes for at most about
 not live, and starts again from step 1, so a reconnect always reloads in full.
 
 The subscription is read with the connection's own reply reader, in batches: every
-reply received so far is taken at once (up to a batch), and once the cache has caught up
-the replies are left to gather for a millisecond, so a burst of writes costs one wake-up
-per batch rather than one per write (a write of another store is seen at most that much
-later), and a long burst never leaves the cache behind. The message
-of a write this store made is known byte for byte from the write's reply, so it is
-applied without being decoded; any other message is decoded.
+reply received so far is taken at once (up to a batch), each message applied as it is
+taken, and once the cache has caught up the replies are left to gather for a
+millisecond, so a burst of writes costs one wake-up per batch rather than one per write
+(a write of another store is seen at most that much later), and a long burst never
+leaves the cache behind. The message of a write this store made is known byte for byte
+from the write's reply, so it is applied without being decoded; any other message is
+decoded once. A reload that no watch waits on lists no changes.
 
 Writes made through the store that owns the cache are applied at once (``note_write``),
 so a store always reads its own acknowledged writes: a reply whose version is not newer
