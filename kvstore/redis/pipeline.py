@@ -182,7 +182,7 @@ class _Lane:
 class Pipeliner:
     """Sends units of commands for many concurrent callers.
 
-    ``run(unit)`` returns one reply per command of the unit; a command the server
+    Awaited, ``run(unit)`` gives one reply per command of the unit; a command the server
     refused comes back as its ``ResponseError`` value, so it fails no neighbour. A
     failure of the connection or of the deadline (``timeout`` seconds from the moment a
     unit is sent) is retried with capped, jittered exponential backoff for up to
@@ -271,24 +271,7 @@ class Pipeliner:
         self._expired = 0
         self._expiry_said_at = -math.inf
 
-    async def run(
-        self,
-        commands: Sequence[Command],
-        size: int = 0,
-        *,
-        alone: bool = False,
-        large_reply: bool = False,
-        streamed: bool = False,
-    ) -> list[Any]:
-        """The replies to ``commands``; ``size`` is about how many bytes they carry;
-        ``alone``: send them with nothing else on their connection; ``large_reply``:
-        their replies are large, and follow the other such units on one connection;
-        ``streamed``: their replies may hold large archives, read in slices."""
-        return await self.submit(
-            commands, size, alone=alone, large_reply=large_reply, streamed=streamed
-        )
-
-    def submit(
+    def run(
         self,
         commands: Sequence[Command],
         size: int = 0,
@@ -297,10 +280,15 @@ class Pipeliner:
         large_reply: bool = False,
         streamed: bool = False,
     ) -> Awaitable[list[Any]]:
-        """``run``, as what to await for the replies: the unit's future itself while it
-        waits its turn, so thousands of calls in flight hold no coroutine of the
-        pipeliner's; a coroutine that sends it first when it is to go at once. Cancelling
-        the task that awaits it cancels the unit."""
+        """What to await for the replies to ``commands``; ``size`` is about how many
+        bytes they carry; ``alone``: send them with nothing else on their connection;
+        ``large_reply``: their replies are large, and follow the other such units on one
+        connection; ``streamed``: their replies may hold large archives, read in slices.
+
+        The awaitable is the unit's future itself while the unit waits its turn, so
+        thousands of calls in flight hold no coroutine of the pipeliner's; or a
+        coroutine that sends the unit first, when it is to go at once. Cancelling what
+        awaits it cancels the unit."""
         if self._closed:
             raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
@@ -324,20 +312,34 @@ class Pipeliner:
             (self._alone if alone else self._large).append(pending)
             self._plan_flush()
             return pending.future
-        queue = self._queue
-        queue.append(pending)
-        if (len(queue) == 1 or len(queue) >= self._max_units) and not self._paused():
-            # Alone on an idle connection, or the last of a full batch: send now, in
-            # the caller's task, so the server starts before the other ready tasks run.
-            lane = self._free_lane(idle=len(queue) == 1)
-            if lane is not None:
-                return self._send_now(lane, pending)
+        if self._goes_now(1) is not None:
+            return self._send_now(pending)
+        self._queue.append(pending)
         self._plan_flush()
         return pending.future
 
-    async def _send_now(self, lane: _Lane, pending: _Pending) -> list[Any]:
+    def _goes_now(self, coming: int) -> _Lane | None:
+        """The lane for the queue's batch if, with ``coming`` more units in it, it is to
+        go at once, in the caller's task, so the server starts before the other ready
+        tasks run: a unit alone on an idle connection, or the last of a full batch."""
+        queue = self._queue
+        while queue and queue[0].future.done():  # cancelled, or expired, while queued
+            queue.popleft()
+        queued = len(queue) + coming
+        if (queued == 1 or queued >= self._max_units) and not self._paused():
+            return self._free_lane(idle=queued == 1)
+        return None
+
+    async def _send_now(self, pending: _Pending) -> list[Any]:
+        # Queued only now that it is awaited, and asked again: what else ran meanwhile
+        # may have changed the answer.
+        self._queue.append(pending)
         try:
-            await self._write(lane, self._take_batch(), alone=False)
+            lane = self._goes_now(0)
+            if lane is None:
+                self._plan_flush()
+            else:
+                await self._write(lane, self._take_batch(), alone=False)
             return await pending.future
         except asyncio.CancelledError:
             pending.future.cancel()

@@ -349,9 +349,9 @@ class RedisPackageStore:
         alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
         # What _call does, spelled out: every deploy comes this way, and with thousands
         # in flight each coroutine a put holds across its wait is one more object for
-        # every garbage collection meanwhile to walk (so it awaits ``submit``, not ``run``).
+        # every garbage collection meanwhile to walk.
         unit = self._with_wait(command)
-        replies = await self._pipeliner.submit(unit, size, alone=alone)
+        replies = await self._pipeliner.run(unit, size, alone=alone)
         if is_missing_function(replies[0]):
             replies = await self._run_with_library(unit, size, alone)
         self._note_put(record, self._result(command, replies))
