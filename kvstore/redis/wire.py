@@ -51,8 +51,8 @@ def flatten(command: Command) -> Command:
     return tuple(flat)
 
 
-# The header of each bulk string shorter than this, formatted once: keys, row ids,
-# stamps, hashes and types all are.
+# The headers of bulk strings under 256 bytes, formatted once: keys, row ids, stamps,
+# hashes and types are all that short.
 _BULK_HEADERS: Final = tuple(b"$%d\r\n" % n for n in range(256))
 
 
