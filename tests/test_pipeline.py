@@ -104,9 +104,21 @@ class FakePool:
         for gate in (self.connect_gate, self.send_gate, self.read_gate):
             gate.set()
         self.drop_after: int | None = None  # replies read before a connection drops
+        # Connection attempts so far; those numbered in ``refused`` fail, those in
+        # ``held`` wait for ``held_gate``.
+        self.attempts = 0
+        self.refused: set[int] = set()
+        self.held: set[int] = set()
+        self.held_gate = asyncio.Event()
 
     async def get_connection(self) -> FakeConnection:
+        self.attempts += 1
+        attempt = self.attempts
         await self.connect_gate.wait()
+        if attempt in self.held:
+            await self.held_gate.wait()
+        if attempt in self.refused:
+            raise ConnectionError("connection refused")
         connection = FakeConnection(self)
         self.made.append(connection)
         return connection
@@ -178,6 +190,61 @@ async def test_batches_are_pipelined_several_deep_on_one_connection() -> None:
     results = await asyncio.gather(*calls)
     assert results == [[str(i).encode()] for i in range(400)]
     await pipe.aclose()
+
+
+async def until(condition: Any, turns: int = 200) -> bool:
+    """Whether ``condition()`` holds within ``turns`` turns of the loop."""
+    for _ in range(turns):
+        if condition():
+            return True
+        await asyncio.sleep(0)
+    return bool(condition())
+
+
+async def test_the_first_connection_brings_every_lane_along() -> None:
+    # A lane connected only when a burst needs it connects in a task that waits behind
+    # the burst's own tasks: the burst would go on the lanes connected before it.
+    client = FakeClient()
+    pool = client.connection_pool
+    pipe = pipeliner(client, lanes=3, max_units=4)
+    assert await pipe.run(echo("first")) == [b"first"]
+    assert await until(lambda: len(pool.made) == 3), "the other lanes connected unasked"
+    pool.read_gate.clear()  # replies wait: batches pile up on every connection
+    calls = [asyncio.ensure_future(pipe.run(echo(str(i)))) for i in range(60)]
+    assert await until(lambda: all(len(c.sends) > 1 for c in pool.made[1:]))
+    assert len(pool.made) == 3
+    pool.read_gate.set()
+    assert await asyncio.gather(*calls) == [[str(i).encode()] for i in range(60)]
+    await pipe.aclose()
+
+
+async def test_a_lane_that_fails_to_connect_ahead_of_need_fails_no_call() -> None:
+    client = FakeClient()
+    pool = client.connection_pool
+    pipe = pipeliner(client, lanes=2, max_units=4)
+    pool.refused = {2}  # the lane connected in the background
+    assert await pipe.run(echo("first")) == [b"first"]
+    assert await until(lambda: pool.attempts == 2)
+    pool.read_gate.clear()
+    calls = [asyncio.ensure_future(pipe.run(echo(str(i)))) for i in range(40)]
+    # The lane connects again when a batch needs it.
+    assert await until(lambda: len(pool.made) == 2)
+    pool.read_gate.set()
+    assert await asyncio.gather(*calls) == [[str(i).encode()] for i in range(40)]
+    assert pipe.last_failure is None
+    await pipe.aclose()
+
+
+async def test_closing_while_a_lane_connects_ahead_of_need_leaves_nothing_running() -> None:
+    client = FakeClient()
+    pool = client.connection_pool
+    pipe = pipeliner(client, lanes=2)
+    pool.held = {2}  # the lane connected in the background never gets its connection
+    assert await pipe.run(echo("first")) == [b"first"]
+    assert await until(lambda: pool.attempts == 2)
+    await asyncio.wait_for(pipe.aclose(), 1.0)
+    assert not pipe._tasks
+    assert pool.made and all(c in pool.released for c in pool.made)
 
 
 async def test_units_with_large_replies_follow_one_another_on_one_connection() -> None:

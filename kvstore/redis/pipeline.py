@@ -458,6 +458,7 @@ class Pipeliner:
         sent = False
         try:
             if lane.connection is None:
+                self._connect_other_lanes()  # alongside this one
                 lane.connection = await self._within(self._pool.get_connection(), batch.deadline)
             connection = lane.connection
             lane.in_flight.append(batch)
@@ -490,6 +491,29 @@ class Pipeliner:
         else:
             if lane.reader is None and lane.connection is connection:
                 lane.reader = self._spawn(self._read(lane, connection))
+
+    def _connect_other_lanes(self) -> None:
+        """Connect, in the background, each lane that has no connection and is not in
+        use: a burst soon after the first call then finds every lane ready. A lane
+        connected only when a burst needs it is connected by a task that waits behind
+        the burst's own tasks, and the whole burst goes on the lanes already connected."""
+        for lane in self._lanes:
+            if lane.connection is None and not lane.lock.locked():
+                self._spawn(self._connect(lane))
+
+    async def _connect(self, lane: _Lane) -> None:
+        async with lane.lock:
+            if lane.connection is not None or self._closed:
+                return
+            try:
+                lane.connection = await self._within(self._pool.get_connection(), None)
+            except Exception as exc:
+                # Not a call's failure: the lane connects again when a batch needs it,
+                # and a failure then is that batch's.
+                _log.debug("connecting an idle lane failed: %s", _describe(exc))
+                return
+        if self._waiting():
+            self._plan_flush()
 
     async def _write_cluster(self, lane: _Lane, batch: _Batch) -> None:
         """Send ``batch`` through the cluster client, which routes each command."""

@@ -104,8 +104,9 @@ class RedisPackageStore:
     never closes a client it was given.
 
     Any number of tasks may share one store: concurrent calls are coalesced into
-    pipelines on at most ``lanes`` connections, which the store holds from its first
-    call until ``aclose()``, so none fails for want of a pooled connection. Each
+    pipelines on at most ``lanes`` connections, all made at its first call (which waits
+    for one of them) and held until ``aclose()``, so none fails for want of a pooled
+    connection, and a burst soon after the first call finds every one ready. Each
     attempt is bounded by ``timeout`` seconds (``None``: no bound). Transient failures
     (a broken or stalled connection, a loading server, a failover) are retried with
     capped, jittered backoff for ``retry_budget`` seconds; then, and on any other
