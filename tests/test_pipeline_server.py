@@ -182,6 +182,34 @@ async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
             assert len(await store.list_packages()) == 201
 
 
+async def test_the_first_call_connects_every_lane_and_a_burst_uses_them_all(
+    server: LocalServer,
+) -> None:
+    # Lanes connected only when a burst needs them are connected by tasks that wait
+    # behind the burst's own: the whole burst would go on the first call's connection.
+    client = Redis.from_url(server.url, client_name="every-lane")
+    watcher = Redis.from_url(server.url)
+
+    async def lanes() -> list[str]:
+        """The last command of each of the store's connections."""
+        return [c["cmd"] for c in await watcher.client_list() if c["name"] == "every-lane"]
+
+    await load_library(watcher)  # so the store's connections are its lanes alone
+    try:
+        async with RedisPackageStore(client, namespace=fresh_namespace(), lanes=3) as store:
+            await store.put_package(pkg("first"))
+            loop = asyncio.get_running_loop()
+            end = loop.time() + 10
+            while len(await lanes()) < 3 and loop.time() < end:
+                await asyncio.sleep(0.01)
+            assert len(await lanes()) == 3
+            await asyncio.gather(*(store.put_package(pkg(f"h{i}", n=i)) for i in range(3000)))
+            assert await lanes() == ["fcall"] * 3
+    finally:
+        await client.aclose()
+        await watcher.aclose()
+
+
 async def test_large_archives_sent_in_slices_interleave_with_small_calls(
     server: LocalServer,
 ) -> None:
