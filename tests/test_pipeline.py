@@ -18,7 +18,7 @@ import pytest
 from redis.exceptions import ConnectionError, ResponseError
 
 from kvstore import BackendError
-from kvstore.redis.pipeline import BATCHES_PER_CONNECTION, Pipeliner
+from kvstore.redis.pipeline import BATCHES_PER_CONNECTION, CLIENT_CONNECTIONS, Pipeliner
 
 
 def parse_commands(data: bytes) -> list[list[bytes]]:
@@ -128,8 +128,10 @@ class FakePool:
 
 
 class FakeClient:
-    def __init__(self) -> None:
+    def __init__(self, max_connections: int | None = None) -> None:
         self.connection_pool = FakePool()
+        if max_connections is not None:
+            self.connection_pool.max_connections = max_connections  # type: ignore[attr-defined]
 
 
 def pipeliner(
@@ -215,6 +217,19 @@ async def test_the_first_connection_brings_every_lane_along() -> None:
     assert len(pool.made) == 3
     pool.read_gate.set()
     assert await asyncio.gather(*calls) == [[str(i).encode()] for i in range(60)]
+    await pipe.aclose()
+
+
+async def test_a_pool_without_room_beside_the_lanes_connects_them_as_needed() -> None:
+    # The client's own commands (a library load, a route cache) need connections of the
+    # pool too: lanes connected ahead of need would take the last ones.
+    client = FakeClient(max_connections=2 + CLIENT_CONNECTIONS - 1)
+    pool = client.connection_pool
+    pipe = pipeliner(client, lanes=2)
+    assert await pipe.run(echo("first")) == [b"first"]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert pool.attempts == 1
     await pipe.aclose()
 
 

@@ -360,6 +360,21 @@ async def test_thousands_of_tasks_share_one_store_over_a_tiny_pool(server: Local
     await raw.aclose()
 
 
+@pytest.mark.parametrize("first", ["one put", "a burst"])
+async def test_a_store_loads_the_library_on_its_own_connections(first: str) -> None:
+    # A fresh server: the first puts find no library. Loaded through the client's pool,
+    # it would need a connection the lanes may all hold by then, and every put failed.
+    with LocalServer() as fresh:
+        raw = Redis.from_url(fresh.url, max_connections=2)
+        async with RedisPackageStore(raw, namespace=fresh_namespace()) as store:
+            if first == "one put":
+                await store.put_package(pkg("t", "h0"))
+            await asyncio.gather(*(store.put_package(pkg("t", f"h{i}", n=i)) for i in range(500)))
+            assert len(await store.list_packages()) == 500
+            assert store.health().library_loaded
+        await raw.aclose()
+
+
 async def test_one_refused_call_never_fails_its_neighbours(client: Redis) -> None:
     good = RedisPackageStore(client, namespace=fresh_namespace())
     broken = RedisPackageStore(client, namespace=fresh_namespace())

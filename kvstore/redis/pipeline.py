@@ -38,6 +38,11 @@ _log = logging.getLogger(__name__)
 BATCHES_PER_CONNECTION = 16
 BYTES_PER_CONNECTION = 2  # times max_bytes
 
+# Connections a store's client may need besides its lanes: a route cache's subscription,
+# and another while it loads. A pool with no room for them beyond the lanes has its lanes
+# connected one by one, as batches need them, so those still find one.
+CLIENT_CONNECTIONS = 2
+
 # A unit sent alone (``run(..., alone=True)``) whose connection the server drops this
 # many times is given up: the server refuses it, not the network.
 DROPS_BEFORE_REFUSAL = 2
@@ -248,6 +253,10 @@ class Pipeliner:
             else (BATCHES_PER_CONNECTION * max_units, BYTES_PER_CONNECTION * max_bytes)
         )
         self._lanes = [_Lane() for _ in range(lanes)]
+        limit = getattr(self._pool, "max_connections", None)
+        self._connect_together = self._pool is not None and (
+            not isinstance(limit, int) or limit >= lanes + CLIENT_CONNECTIONS
+        )
         self._backoff = Backoff(*backoff)
         self._resume_at = 0.0  # after a transient failure, nothing is sent before this
         self._max_units = max_units
@@ -458,7 +467,8 @@ class Pipeliner:
         sent = False
         try:
             if lane.connection is None:
-                self._connect_other_lanes()  # alongside this one
+                if self._connect_together:
+                    self._connect_other_lanes()  # alongside this one
                 lane.connection = await self._within(self._pool.get_connection(), batch.deadline)
             connection = lane.connection
             lane.in_flight.append(batch)
@@ -496,7 +506,8 @@ class Pipeliner:
         """Connect, in the background, each lane that has no connection and is not in
         use: a burst soon after the first call then finds every lane ready. A lane
         connected only when a burst needs it is connected by a task that waits behind
-        the burst's own tasks, and the whole burst goes on the lanes already connected."""
+        the burst's own tasks, and the whole burst goes on the lanes already connected.
+        Not done where the pool has no room beyond the lanes (``CLIENT_CONNECTIONS``)."""
         for lane in self._lanes:
             if lane.connection is None and not lane.lock.locked():
                 self._spawn(self._connect(lane))

@@ -17,9 +17,11 @@ it with ``FUNCTION DELETE kvstore_<12 hex>`` once no engine runs that release.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
@@ -101,13 +103,20 @@ def is_missing_function(reply: object) -> bool:
     return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
 
 
-async def load_library(client: Redis | RedisCluster, library: Library | None = None) -> list[str]:
+async def load_library(
+    client: Redis | RedisCluster,
+    library: Library | None = None,
+    *,
+    send: Callable[[tuple[str, str, bytes]], Awaitable[Any]] | None = None,
+) -> list[str]:
     """Load ``library`` (this release's) on the server, or on every primary of a cluster.
 
     Idempotent: a server that holds it already counts as done. One line per server says
     which: ``"<server>: loaded <name>"`` or ``"<server>: <name> was loaded already"``.
     Raises what the client raises, ``NoPermissionError`` when the credential may not
-    ``FUNCTION LOAD``.
+    ``FUNCTION LOAD``. ``send``, on a single node, sends the command instead of the
+    client and returns its reply, a refusal as its ``ResponseError`` value: a store
+    sends it on its own connections, so a load needs none of the pool's besides them.
     """
     library = LIBRARY if library is None else library
     said: list[str] = []
@@ -116,6 +125,9 @@ async def load_library(client: Redis | RedisCluster, library: Library | None = N
         for node in client.get_primaries():
             done = await _load(client, library, target_nodes=node)
             said.append(f"{node.name}: {done}")
+    elif send is not None:
+        reply = await send(("FUNCTION", "LOAD", library.text))
+        said.append(f"{_where(client)}: {_loaded(library, reply)}")
     else:
         said.append(f"{_where(client)}: {await _load(client, library)}")
     return said
@@ -123,10 +135,18 @@ async def load_library(client: Redis | RedisCluster, library: Library | None = N
 
 async def _load(client: Redis | RedisCluster, library: Library, **route: object) -> str:
     try:
-        await client.execute_command("FUNCTION", "LOAD", library.text, **route)
+        reply = await client.execute_command("FUNCTION", "LOAD", library.text, **route)
     except ResponseError as exc:
-        if "already exists" not in str(exc):
-            raise
+        reply = exc
+    return _loaded(library, reply)
+
+
+def _loaded(library: Library, reply: Any) -> str:
+    """What a ``FUNCTION LOAD`` of ``library`` that replied ``reply`` did; raises any
+    refusal but the server holding it already."""
+    if isinstance(reply, ResponseError):
+        if "already exists" not in str(reply):
+            raise reply
         return f"{library.name} was loaded already"
     return f"loaded {library.name}"
 

@@ -105,8 +105,9 @@ class RedisPackageStore:
 
     Any number of tasks may share one store: concurrent calls are coalesced into
     pipelines on at most ``lanes`` connections, all made at its first call (which waits
-    for one of them) and held until ``aclose()``, so none fails for want of a pooled
-    connection, and a burst soon after the first call finds every one ready. Each
+    for one of them; on a pool without room for two more, each as it is needed) and held
+    until ``aclose()``, so none fails for want of a pooled connection, and a burst soon
+    after the first call finds every one ready. The library is loaded on them too. Each
     attempt is bounded by ``timeout`` seconds (``None``: no bound). Transient failures
     (a broken or stalled connection, a loading server, a failover) are retried with
     capped, jittered backoff for ``retry_budget`` seconds; then, and on any other
@@ -754,7 +755,7 @@ class RedisPackageStore:
         backoff = Backoff()
         while True:
             try:
-                coro = load_library(self._client)
+                coro = load_library(self._client, send=self._send_one)
                 if self._timeout is None:
                     return await coro
                 return await asyncio.wait_for(coro, self._timeout)
@@ -769,6 +770,12 @@ class RedisPackageStore:
                 if delay is None:
                     raise self._backend_error(exc) from None
             await asyncio.sleep(delay)
+
+    async def _send_one(self, command: Command) -> Any:
+        """The reply to ``command``, sent on the store's own connections; a refusal is
+        its ``ResponseError`` value."""
+        (reply,) = await self._pipeliner.run((command,))
+        return reply
 
     async def _ensure_library(self) -> None:
         # One load in flight per store: the calls that find the library missing together
