@@ -98,11 +98,14 @@ def test_a_signal_at_any_moment_leaves_no_server_behind(data_dir: Path) -> None:
     assert ok("ls", "--data-dir", str(data_dir)).strip() == "no packages"
 
 
+AFTER_A_WRITE = "; each write is all or nothing: `kvstore ls` shows which were made\n"
+
+
 @pytest.mark.parametrize(
     ("signum", "says"),
     [
-        (signal.SIGTERM, "kvstore: terminated (SIGTERM)\n"),
-        (signal.SIGINT, "kvstore: interrupted\n"),
+        (signal.SIGTERM, "kvstore: terminated (SIGTERM)" + AFTER_A_WRITE),
+        (signal.SIGINT, "kvstore: interrupted" + AFTER_A_WRITE),
     ],
 )
 def test_a_signal_during_a_deploy_says_one_line_and_stops_the_server(

@@ -1136,9 +1136,16 @@ async def _cancelled_by_signals(work: Awaitable[None]) -> int | None:
     return received[0] if received else None
 
 
-def _interrupted(signum: int) -> int:
+# Commands that write: stopped midway, the writer wants to know what was done.
+WRITES = frozenset({"deploy", "route", "rm", "import"})
+
+
+def _interrupted(signum: int, command: str | None = None) -> int:
     name = signal.Signals(signum).name
-    _say_error("interrupted" if signum == signal.SIGINT else f"terminated ({name})")
+    said = "interrupted" if signum == signal.SIGINT else f"terminated ({name})"
+    if command in WRITES:
+        said += "; each write is all or nothing: `kvstore ls` shows which were made"
+    _say_error(said)
     return 128 + signum
 
 
@@ -1166,7 +1173,8 @@ def _main(args: argparse.Namespace) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         _say_error(f"{where}{exc.strerror or exc}")
     except (Interrupted, KeyboardInterrupt) as exc:
-        return _interrupted(exc.signum if isinstance(exc, Interrupted) else signal.SIGINT)
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        return _interrupted(signum, args.command)
     except ModuleNotFoundError as exc:
         if exc.name not in CLI_EXTRA:
             _say_error(f"internal error ({type(exc).__name__}); please report it")
