@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import Redis
 
+from bench import cpu
 from bench import figures as F
 from bench.report import Figure, missed, sig3, table
 from kvstore.redis.keyspace import Keyspace
@@ -250,3 +251,26 @@ async def test_quiet_gives_up_on_a_process_that_never_goes_quiet() -> None:
     finally:
         process.kill()
         await process.wait()
+
+
+@pytest.mark.parametrize("other_engine", [False, True])
+async def test_burst_costs_count_every_put_in_each_process(
+    valkey_server: LocalServer, other_engine: bool
+) -> None:
+    assert valkey_server.pid is not None
+    costs = await cpu.burst_costs(
+        valkey_server.url,
+        valkey_server.pid,
+        cached=True,
+        other_engine=other_engine,
+        rounds=3,
+        puts=200,
+    )
+    assert costs.bursts == 3 and 0 <= costs.full_collections <= 3
+    assert costs.writer_us > 0 and costs.server_us > 0 and costs.rate > 0
+    # The other engine applied 600 route changes: it used some CPU, and only it has it.
+    assert (costs.other_us is not None and costs.other_us > 0) == other_engine
+    split = [costs.rate_with_full, costs.rate_without_full]
+    assert sum(rate is not None for rate in split) == 1 + (0 < costs.full_collections < 3)
+    line = cpu.table([costs]).splitlines()[1]
+    assert line.startswith("caching on, other engine" if other_engine else "caching on ")
