@@ -221,8 +221,8 @@ async def test_the_first_connection_brings_every_lane_along() -> None:
 
 
 async def test_a_pool_without_room_beside_the_lanes_connects_them_as_needed() -> None:
-    # The client's own commands (a library load, a route cache) need connections of the
-    # pool too: lanes connected ahead of need would take the last ones.
+    # A route cache's subscription and reads need connections of the pool too: lanes
+    # connected ahead of need would take the last ones.
     client = FakeClient(max_connections=2 + CLIENT_CONNECTIONS - 1)
     pool = client.connection_pool
     pipe = pipeliner(client, lanes=2)
