@@ -133,7 +133,8 @@ async def burst_costs(
                     other_cpu += thread_cpu(other_pid) - other
         finally:
             gc.callbacks.remove(full)
-            gc.unfreeze()
+            if freeze:
+                gc.unfreeze()
     done = rounds * puts
     slow = [r for r, f in zip(rates, with_full, strict=True) if f]
     fast = [r for r, f in zip(rates, with_full, strict=True) if not f]
