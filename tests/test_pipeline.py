@@ -18,7 +18,7 @@ import pytest
 from redis.exceptions import ConnectionError, ResponseError
 
 from kvstore import BackendError
-from kvstore.redis.pipeline import BATCHES_PER_CONNECTION, CLIENT_CONNECTIONS, Pipeliner
+from kvstore.redis.pipeline import BATCHES_PER_CONNECTION, Pipeliner
 
 
 def parse_commands(data: bytes) -> list[list[bytes]]:
@@ -220,16 +220,17 @@ async def test_the_first_connection_brings_every_lane_along() -> None:
     await pipe.aclose()
 
 
-async def test_a_pool_without_room_beside_the_lanes_connects_them_as_needed() -> None:
+@pytest.mark.parametrize("room", [1, 2])
+async def test_lanes_connect_ahead_of_need_only_with_room_for_the_clients_own(room: int) -> None:
     # A route cache's subscription and reads need connections of the pool too: lanes
-    # connected ahead of need would take the last ones.
-    client = FakeClient(max_connections=2 + CLIENT_CONNECTIONS - 1)
+    # connected ahead of need must not take the last ones.
+    client = FakeClient(max_connections=2 + room)
     pool = client.connection_pool
-    pipe = pipeliner(client, lanes=2)
+    pipe = pipeliner(client, lanes=2, spare_connections=2)
     assert await pipe.run(echo("first")) == [b"first"]
     for _ in range(20):
         await asyncio.sleep(0)
-    assert pool.attempts == 1
+    assert pool.attempts == (1 if room < 2 else 2)
     await pipe.aclose()
 
 

@@ -38,11 +38,6 @@ _log = logging.getLogger(__name__)
 BATCHES_PER_CONNECTION = 16
 BYTES_PER_CONNECTION = 2  # times max_bytes
 
-# Connections a store's client may need besides its lanes: a route cache's subscription,
-# and another while it loads. A pool with no room for them beyond the lanes has its lanes
-# connected one by one, as batches need them, so those still find one.
-CLIENT_CONNECTIONS = 2
-
 # A unit sent alone (``run(..., alone=True)``) whose connection the server drops this
 # many times is given up: the server refuses it, not the network.
 DROPS_BEFORE_REFUSAL = 2
@@ -225,6 +220,10 @@ class Pipeliner:
     holds the loop for one slice at a time. If the connection is dropped meanwhile, the
     rest is not sent (never on a new connection); the batch goes again whole.
 
+    The first lane connected brings the others along, in the background, so a burst soon
+    after the first call finds every lane ready; unless the pool (its ``max_connections``)
+    would then lack room for the ``spare_connections`` its client needs for itself.
+
     Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
 
@@ -239,6 +238,7 @@ class Pipeliner:
         backoff: tuple[float, float] = (0.02, 1.0),
         max_units: int = 256,
         max_bytes: int = 8 << 20,
+        spare_connections: int = 0,
     ) -> None:
         self._client = client
         self._translate = translate
@@ -253,9 +253,12 @@ class Pipeliner:
             else (BATCHES_PER_CONNECTION * max_units, BYTES_PER_CONNECTION * max_bytes)
         )
         self._lanes = [_Lane() for _ in range(lanes)]
+        # The lanes are connected together unless that would leave the pool without the
+        # ``spare_connections`` its client needs for itself (a route cache's): then each
+        # is connected as a batch needs it.
         limit = getattr(self._pool, "max_connections", None)
         self._connect_together = self._pool is not None and (
-            not isinstance(limit, int) or limit >= lanes + CLIENT_CONNECTIONS
+            not isinstance(limit, int) or limit >= lanes + spare_connections
         )
         self._backoff = Backoff(*backoff)
         self._resume_at = 0.0  # after a transient failure, nothing is sent before this
@@ -507,7 +510,7 @@ class Pipeliner:
         use: a burst soon after the first call then finds every lane ready. A lane
         connected only when a burst needs it is connected by a task that waits behind
         the burst's own tasks, and the whole burst goes on the lanes already connected.
-        Not done where the pool has no room beyond the lanes (``CLIENT_CONNECTIONS``)."""
+        Not done where the pool lacks room for ``spare_connections`` beside the lanes."""
         for lane in self._lanes:
             if lane.connection is None and not lane.lock.locked():
                 self._spawn(self._connect(lane))

@@ -105,6 +105,9 @@ _GATHER = 0.001
 # forgotten (a message that came before its write's reply leaves one behind). Thousands
 # of puts in flight put thousands here at once.
 _OWN_WRITES = 1 << 16
+# Connections a cache takes from its client's pool: the subscription, and another while
+# it reads a snapshot or the version.
+POOL_CONNECTIONS = 2
 # Setting up a subscription has a bound even when the store's calls have none.
 _DEFAULT_SETUP_TIMEOUT = 10.0
 # Snapshots in a row that each find the server's version going backwards: beyond this

@@ -43,7 +43,7 @@ from kvstore.redis.keyspace import (
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.pipeline import Pipeliner
 from kvstore.redis.retry import Backoff, Budget, no_client_retries
-from kvstore.redis.route_cache import ASK_SERVER, RouteCache, RouteWatch
+from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache, RouteWatch
 from kvstore.redis.scripts import (
     DELETE_PACKAGE,
     LIBRARY,
@@ -105,19 +105,19 @@ class RedisPackageStore:
 
     Any number of tasks may share one store: concurrent calls are coalesced into
     pipelines on at most ``lanes`` connections, all made at its first call (which waits
-    for one of them; on a pool without room for two more, each as it is needed) and held
-    until ``aclose()``, so none fails for want of a pooled connection, and a burst soon
-    after the first call finds every one ready. The library is loaded on them too. Each
-    attempt is bounded by ``timeout`` seconds (``None``: no bound). Transient failures
-    (a broken or stalled connection, a loading server, a failover) are retried with
-    capped, jittered backoff for ``retry_budget`` seconds; then, and on any other
-    failure of the server, the call raises ``BackendError``, whose message never
-    carries a password. No call outlives about ``retry_budget + timeout`` from when it
-    was made, however many are queued before it; a caller's cancellation always ends its
-    call with ``CancelledError``. An archive over the server's ``proto-max-bulk-len``
-    raises ``BackendError`` and fails no other call (see ``LARGE_ARGUMENT``). Every
-    operation is idempotent, which is what makes retrying safe. Calls still waiting
-    when the store is closed raise ``BackendError``.
+    for one of them; each as it is needed where the pool lacks room for a route cache's
+    connections besides) and held until ``aclose()``, so none fails for want of a pooled
+    connection, and a burst soon after the first call finds every one ready. The library
+    is loaded on them too. Each attempt is bounded by ``timeout`` seconds (``None``: no
+    bound). Transient failures (a broken or stalled connection, a loading server, a
+    failover) are retried with capped, jittered backoff for ``retry_budget`` seconds;
+    then, and on any other failure of the server, the call raises ``BackendError``,
+    whose message never carries a password. No call outlives about ``retry_budget +
+    timeout`` from when it was made, however many are queued before it; a caller's
+    cancellation always ends its call with ``CancelledError``. An archive over the
+    server's ``proto-max-bulk-len`` raises ``BackendError`` and fails no other call (see
+    ``LARGE_ARGUMENT``). Every operation is idempotent, which is what makes retrying
+    safe. Calls still waiting when the store is closed raise ``BackendError``.
 
     Each write is one ``FCALL`` of the kvstore library (``kvstore.redis.scripts``). A
     call that finds the library missing loads it (on every primary of a cluster; one
@@ -202,6 +202,9 @@ class RedisPackageStore:
             timeout=timeout,
             retry_budget=retry_budget,
             translate=self._backend_error,
+            # What else takes connections of the pool: the route cache, if any (the
+            # library is loaded on the lanes).
+            spare_connections=POOL_CONNECTIONS if cache_routes else 0,
         )
         # The server's proto-max-bulk-len, read on the first large put (None: unknown).
         self._max_bulk: int | None = None
@@ -416,7 +419,7 @@ class RedisPackageStore:
         not choose; fakeredis has no such setting)."""
         if isinstance(self._client, RedisCluster):
             return None
-        (reply,) = await self._pipeliner.run((("CONFIG", "GET", "proto-max-bulk-len"),))
+        reply = await self._send_one(("CONFIG", "GET", "proto-max-bulk-len"))
         # A flat list in RESP2, a map in RESP3; empty when the server has no such setting.
         value: Any
         if isinstance(reply, dict):
