@@ -291,6 +291,17 @@ class RedisPackageStore:
         """The options the store was made with."""
         return self._options
 
+    @property
+    def client(self) -> Redis | RedisCluster:
+        """The redis-py client the store speaks through (given, or made by ``from_url``).
+
+        The operator's tools borrow it for commands beyond the contract (``INFO``,
+        ``SCAN``, ``WATCH``): the store sends its own calls on connections it holds, so
+        a borrowed command takes another pooled connection and never interleaves with
+        the store's pipelines. Closing it is the store's job when it made it.
+        """
+        return self._client
+
     def __repr__(self) -> str:
         return f"RedisPackageStore(namespace={self.namespace!r}, server={self._server!r})"
 

@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def borrow_client(store: RedisPackageStore) -> Redis:
     """The store's client; ``TypeError`` for a cluster client (the tools speak to one node)."""
-    client = store._client
+    client = store.client
     if isinstance(client, RedisCluster):
         raise TypeError("status and check speak to one server, not to a Redis Cluster")
     return client

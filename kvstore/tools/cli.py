@@ -777,7 +777,7 @@ async def _remove_namespace(store: RedisPackageStore) -> int:
     async for head in store.iter_package_heads():
         names.append(keys.row(row_id(head.workflow_type, head.content_hash)))
     try:
-        deleted = await asyncio.wait_for(store._client.delete(*names), store.options.timeout)
+        deleted = await asyncio.wait_for(store.client.delete(*names), store.options.timeout)
     except (RedisError, asyncio.TimeoutError) as exc:
         raise CliError(
             f"could not remove the namespace {store.namespace!r}: {type(exc).__name__} {exc}"
