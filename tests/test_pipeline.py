@@ -19,6 +19,8 @@ from redis.exceptions import ConnectionError, ResponseError
 
 from kvstore import BackendError
 from kvstore.redis.pipeline import BATCHES_PER_CONNECTION, Pipeliner
+from kvstore.redis.retry import Curve
+from kvstore.redis.transports import PooledTransport
 
 
 def parse_commands(data: bytes) -> list[list[bytes]]:
@@ -138,12 +140,12 @@ def pipeliner(
     client: FakeClient, *, timeout: float | None = 5.0, retry_budget: float = 5.0, **options: Any
 ) -> Pipeliner:
     return Pipeliner(
-        client,
+        PooledTransport(client.connection_pool),
         lanes=options.pop("lanes", 1),
         timeout=timeout,
         retry_budget=retry_budget,
         translate=lambda exc: BackendError(f"{type(exc).__name__}: {exc}"),
-        backoff=(0.001, 0.01),
+        backoff=Curve(0.001, 0.01),
         **options,
     )
 

@@ -20,8 +20,8 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore
-from kvstore.redis.pipeline import _stream_writer
 from kvstore.redis.scripts import load_library
+from kvstore.redis.transports import _stream_writer
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace

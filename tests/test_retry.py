@@ -17,7 +17,16 @@ from redis.exceptions import (
     TryAgainError,
 )
 
-from kvstore.redis.retry import Backoff, Budget, is_transient, no_client_retries
+from kvstore.redis.retry import (
+    DEFAULT_CURVE,
+    Backoff,
+    Budget,
+    Curve,
+    backoff_delay,
+    call_with_retry,
+    is_transient,
+    no_client_retries,
+)
 
 
 @pytest.mark.parametrize(
@@ -82,19 +91,63 @@ def test_budget_bounds_retries_and_calls() -> None:
 
 
 def test_budget_delay_never_passes_the_retry_deadline() -> None:
-    budget = Budget(retry_budget=5.0, timeout=1.0)
-    backoff = Backoff(first=1.0, cap=1.0, jitter=False)
-    assert budget.delay(ConnectionError(), backoff, retry_until=10.0, now=9.0) == 1.0
-    assert budget.delay(ConnectionError(), backoff, retry_until=10.0, now=9.75) == 0.25
-    assert budget.delay(ConnectionError(), backoff, retry_until=10.0, now=10.0) is None
+    budget = Budget(retry_budget=5.0, timeout=1.0, curve=Curve(first=1.0, cap=1.0, jitter=False))
+    assert budget.delay(ConnectionError(), 1, retry_until=10.0, now=9.0) == 1.0
+    assert budget.delay(ConnectionError(), 1, retry_until=10.0, now=9.75) == 0.25
+    assert budget.delay(ConnectionError(), 1, retry_until=10.0, now=10.0) is None
 
 
 def test_budget_gives_up_at_once_on_what_is_not_transient() -> None:
     budget = Budget(retry_budget=5.0, timeout=1.0)
-    backoff = Backoff(jitter=False)
-    assert budget.delay(AuthenticationError(), backoff, retry_until=10.0, now=0.0) is None
-    assert budget.delay(ResponseError(), backoff, retry_until=10.0, now=0.0) is None
-    assert backoff.next() == backoff.next() / 2  # nothing was counted: 0.05, then 0.1
+    assert budget.delay(AuthenticationError(), 1, retry_until=10.0, now=0.0) is None
+    assert budget.delay(ResponseError(), 1, retry_until=10.0, now=0.0) is None
+
+
+def test_the_curve_is_a_function_of_the_failures_alone() -> None:
+    curve = Curve(first=0.05, cap=2.0, jitter=False)
+    assert [curve.delay(n) for n in range(1, 9)] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0]
+    assert curve.delay(3) == curve.delay(3)  # no state: the same failures, the same delay
+    assert curve.delay(10**9) == 2.0
+    assert 0.01 <= backoff_delay(1) <= DEFAULT_CURVE.first  # jittered down to half at most
+
+
+async def test_call_with_retry_tries_again_until_the_budget_is_spent() -> None:
+    budget = Budget(retry_budget=0.2, timeout=1.0, curve=Curve(first=0.01, cap=0.02))
+    tries = 0
+
+    async def flaky() -> str:
+        nonlocal tries
+        tries += 1
+        if tries < 3:
+            raise ConnectionError("reset")
+        return "done"
+
+    assert await call_with_retry(flaky, budget, lambda exc: RuntimeError(str(exc))) == "done"
+    assert tries == 3
+
+    async def refused() -> str:
+        nonlocal tries
+        tries += 1
+        raise ResponseError("NOPERM")
+
+    tries = 0
+    with pytest.raises(RuntimeError, match="NOPERM"):
+        await call_with_retry(refused, budget, lambda exc: RuntimeError(str(exc)))
+    assert tries == 1  # a refusal is not tried again
+
+    async def down() -> str:
+        raise ConnectionError("refused")
+
+    with pytest.raises(RuntimeError, match="refused"):
+        await call_with_retry(down, budget, lambda exc: RuntimeError(str(exc)))
+
+
+async def test_call_with_retry_bounds_each_attempt_by_the_timeout() -> None:
+    budget = Budget(retry_budget=0.0, timeout=0.05)
+    with pytest.raises(RuntimeError, match="TimeoutError"):
+        await call_with_retry(
+            lambda: asyncio.sleep(10), budget, lambda exc: RuntimeError(type(exc).__name__)
+        )
 
 
 def test_the_clients_own_retries_are_off() -> None:

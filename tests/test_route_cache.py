@@ -309,8 +309,8 @@ async def test_a_skipped_version_makes_the_cache_reload(stores: StoreFactory, ba
     # A message three versions ahead: versions in between were never seen, so the
     # cache must not trust it, and must take the table from the server instead.
     keys = Keyspace(cached.namespace)
-    client = cached._client
-    cache = cached._route_cache
+    client = cached.client
+    cache = cached.route_cache
     assert cache is not None
     reloads = cache.reloads
     found = await client.get(keys.route_version)
@@ -331,7 +331,7 @@ async def test_a_skipped_version_makes_the_cache_reload(stores: StoreFactory, ba
 
 async def test_a_foreign_layout_keeps_the_cache_off(stores: StoreFactory) -> None:
     cached = stores(cache_routes=True)
-    await cached._client.set(Keyspace(cached.namespace).format, b"9")
+    await cached.client.set(Keyspace(cached.namespace).format, b"9")
     with pytest.raises(SerializationError, match="layout"):
         await cached.get_package_route("order")
     assert not await cached.route_cache_ready(0.3)
@@ -451,7 +451,7 @@ async def test_closing_the_store_ends_watches_and_the_subscription(
     store = store_factory(request, backend)(fresh_namespace(), cache_routes=True)
     assert await store.route_cache_ready(VISIBLE_WITHIN)
     watch = store.watch_routes()
-    task = store._route_cache._task if store._route_cache else None
+    task = store.route_cache._task if store.route_cache else None
     assert task is not None and not task.done()
     await store.aclose()
     assert task.done()

@@ -106,7 +106,7 @@ async def test_a_put_is_one_client_span_with_the_conventional_attributes(
         "db.operation.name": "put_package",
         "db.stored_procedure_name": PUT_PACKAGE.name,
         "db.namespace": "0",
-        "server.address": store._server.split(":")[0],
+        "server.address": store.server.split(":")[0],
         "server.port": 6379,
         "kvstore.namespace": store.namespace,
         "kvstore.attempts": 1,
@@ -259,7 +259,7 @@ async def test_the_route_cache_gauge_and_reloads_follow_a_lost_subscription(
 
         def reloaded() -> bool:
             (count,) = points("kvstore.route_cache.reloads", store.namespace)
-            return bool(count.value >= 2 and store._route_cache and store._route_cache.live)
+            return bool(count.value >= 2 and store.route_cache and store.route_cache.live)
 
         await eventually(reloaded, within=10.0, what="the cache reloaded after its subscription")
         (live,) = points("kvstore.route_cache.live", store.namespace)
@@ -291,7 +291,7 @@ async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
         "    async with RedisPackageStore(fakeredis.FakeAsyncRedis()) as s:\n"
         "        await s.ping(); await s.list_packages()\n"
         "        assert not set(vars(s)) & {'put_package', 'iter_packages', 'ping'}\n"
-        "        assert s._pipeliner.observer is None\n"
+        "        assert s.observer is None\n"
         "asyncio.run(main())\n"
         "print('kvstore.redis.telemetry' in sys.modules)\n"
     )
@@ -341,7 +341,8 @@ async def test_every_shape_of_deployment_names_its_server_and_never_a_password(
     namespace = fresh_namespace()
     store = RedisPackageStore.from_url(url, namespace=namespace, telemetry=True)
     try:
-        assert store._pipeliner.observer.base == {
+        assert store.observer is not None
+        assert store.observer.base == {
             "db.system.name": "redis",
             "kvstore.namespace": namespace,
             **expected,

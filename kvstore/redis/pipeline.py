@@ -4,8 +4,11 @@ Thousands of tasks can share one store: calls are queued and sent together in ba
 pipelined several deep on at most ``lanes`` held connections, and each caller gets its
 own replies. A call that finds a connection idle is sent at once as a plain command, so
 it costs what the raw client costs. Only ``lanes`` connections are ever in use, so no
-call fails because a pool ran out. When to retry, and for how long, is
-``kvstore.redis.retry``'s decision.
+call fails because a pool ran out. The pipeliner schedules: which unit goes on which
+lane, and when. How the bytes move is its transport's job (``kvstore.redis.transports``,
+chosen once by ``kvstore.redis.target``), when an attempt has run out of time is
+``kvstore.redis.deadlines``', and when to retry, and for how long, is
+``kvstore.redis.retry``'s.
 """
 
 from __future__ import annotations
@@ -16,167 +19,30 @@ import logging
 import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError, ResponseError, SlotNotCoveredError, TimeoutError
+from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
-from kvstore.redis.replies import read_replies
-from kvstore.redis.retry import Backoff, Budget, is_transient
-from kvstore.redis.streamed import read_streamed
-from kvstore.redis.wire import SLICE, Command, flatten, pack_commands, pack_parts
+from kvstore.redis.deadlines import Deadlines
+from kvstore.redis.lanes import Batch, Lane, Pending
+from kvstore.redis.retry import Budget, Curve, is_transient
+from kvstore.redis.transports import (
+    BATCHES_PER_CONNECTION,
+    ClusterTransport,
+    PooledTransport,
+    Transport,
+)
+from kvstore.redis.wire import Command
 
 T = TypeVar("T")
 
 _log = logging.getLogger(__name__)
 
-# How much one held connection carries at a time: batches of ``max_units`` units, and
-# bytes as a multiple of ``max_bytes``. Several batches deep, the server works on the
-# first while the client builds the next; the bounds keep what a broken connection
-# sends again, and what waits in its buffers, to a few batches.
-BATCHES_PER_CONNECTION = 16
-BYTES_PER_CONNECTION = 2  # times max_bytes
+__all__ = ["BATCHES_PER_CONNECTION", "DROPS_BEFORE_REFUSAL", "Pipeliner"]
 
 # A unit sent alone (``run(..., alone=True)``) whose connection the server drops this
 # many times is given up: the server refuses it, not the network.
 DROPS_BEFORE_REFUSAL = 2
-
-
-class _Pending:
-    """A unit of commands waiting for its replies."""
-
-    # Slots: thousands may be in flight, and every garbage collection walks them.
-    __slots__ = (
-        "alone",
-        "call",
-        "commands",
-        "drops",
-        "future",
-        "hard_end",
-        "large_reply",
-        "retry_until",
-        "size",
-        "streamed",
-    )
-
-    def __init__(
-        self,
-        commands: Sequence[Command],
-        future: asyncio.Future[list[Any]],
-        size: int,
-        retry_until: float,
-        hard_end: float,
-        alone: bool = False,
-        large_reply: bool = False,
-        streamed: bool = False,
-    ) -> None:
-        self.commands = commands
-        self.future = future
-        self.size = size
-        self.retry_until = retry_until  # not tried again after this
-        self.hard_end = hard_end  # failed at this, wherever it waits
-        self.alone = alone
-        self.large_reply = large_reply
-        self.streamed = streamed
-        self.drops = 0  # how often the server dropped the connection carrying it alone
-        self.call: Any = None  # the observed call it belongs to (telemetry), if any
-
-
-class _Deadlines:
-    """One timer for every deadline: attempts that outlive theirs are cancelled, and
-    units that outlive their hard end are failed, wherever they wait.
-
-    ``asyncio.timeout`` costs a timer per attempt, a tenth of a loopback round trip; here
-    an attempt costs a dictionary entry, and a unit nothing: at each tick ``sweep(now)``
-    fails the units past their hard end where they wait, and says whether any still
-    waits. Deadlines are kept to within a quarter of ``timeout`` late. An expired
-    attempt raises ``TimeoutError`` in its task, unless its task was also cancelled by
-    someone else: that cancellation is then what it raises.
-    """
-
-    def __init__(self, timeout: float, sweep: Callable[[float], bool]) -> None:
-        self._timeout = timeout
-        self._tick = timeout / 4
-        self._sweep = sweep
-        self._running: dict[asyncio.Task[Any], float] = {}
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def deadline(self) -> float:
-        """When an attempt that begins now must be over."""
-        return asyncio.get_running_loop().time() + self._timeout
-
-    def arm(self, loop: asyncio.AbstractEventLoop) -> None:
-        """A unit was made: the timer ticks until none waits."""
-        if self._timer is None:
-            self._timer = loop.call_later(self._tick, self._check)
-
-    async def run(self, attempt: Awaitable[T], deadline: float | None = None) -> T:
-        """``attempt``, cancelled and turned into ``TimeoutError`` if not over by
-        ``deadline`` (by default, ``timeout`` from now)."""
-        task = asyncio.current_task()
-        assert task is not None
-        loop = asyncio.get_running_loop()
-        self._running[task] = self.deadline() if deadline is None else deadline
-        if self._timer is None:
-            self._timer = loop.call_later(self._tick, self._check)
-        try:
-            return await attempt
-        except asyncio.CancelledError:
-            if task not in self._expired:
-                raise
-            # Python 3.11 and newer; Python 3.10 counts no cancellations, so there a
-            # cancel() that lands with the deadline is taken for the deadline.
-            uncancel = getattr(task, "uncancel", None)
-            if uncancel is not None and uncancel() > 0:
-                # Someone else cancelled the task too (asyncio.timeout, a TaskGroup,
-                # task.cancel()): their cancellation must arrive, not our timeout.
-                raise
-            raise TimeoutError(f"no reply within {self._timeout} s") from None
-        finally:
-            self._expired.discard(task)
-            del self._running[task]
-
-    def _check(self) -> None:
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        for task, deadline in self._running.items():
-            if deadline <= now and task not in self._expired:
-                self._expired.add(task)
-                task.cancel()
-        busy = self._sweep(now) or self._running
-        self._timer = loop.call_later(self._tick, self._check) if busy else None
-
-    def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-
-@dataclass(eq=False, slots=True)
-class _Batch:
-    units: list[_Pending]
-    size: int
-    deadline: float | None  # when the server's replies must all have come
-    alone: bool  # one unit, with nothing else on its connection until it is answered
-
-
-class _Lane:
-    """A pooled connection the pipeliner holds, with the batches sent on it whose replies
-    are still to be read, in the order they were sent."""
-
-    __slots__ = ("alone", "connection", "in_flight", "lock", "reader", "size", "units")
-
-    def __init__(self) -> None:
-        self.connection: Any = None
-        self.in_flight: deque[_Batch] = deque()
-        # Units and bytes in flight, or taken by a writer that has not sent them yet.
-        self.units = 0
-        self.size = 0
-        self.lock = asyncio.Lock()  # one writer at a time, so replies come in sent order
-        self.reader: asyncio.Task[None] | None = None
-        self.alone = False  # carries a unit sent alone: nothing else may join it
 
 
 class Pipeliner:
@@ -229,45 +95,40 @@ class Pipeliner:
 
     def __init__(
         self,
-        client: Any,
+        transport: Transport,
         *,
         lanes: int,
         timeout: float | None,
         translate: Callable[[BaseException], Exception],
         retry_budget: float = 0.0,
-        backoff: tuple[float, float] = (0.02, 1.0),
+        backoff: Curve | None = None,
         max_units: int = 256,
         max_bytes: int = 8 << 20,
         spare_connections: int = 0,
     ) -> None:
-        self._client = client
+        self._transport = transport
         self._translate = translate
-        self._budget = Budget(retry_budget, timeout)
-        self._deadlines = None if timeout is None else _Deadlines(timeout, self._expire_due)
-        # Commands go straight onto pooled connections, except on a cluster client, which
-        # routes them itself and carries one batch per lane at a time.
-        self._pool: Any = None if isinstance(client, RedisCluster) else client.connection_pool
-        self._room = (
-            (max_units, max_bytes)
-            if self._pool is None
-            else (BATCHES_PER_CONNECTION * max_units, BYTES_PER_CONNECTION * max_bytes)
+        self._budget = (
+            Budget(retry_budget, timeout)
+            if backoff is None
+            else Budget(retry_budget, timeout, backoff)
         )
-        self._lanes = [_Lane() for _ in range(lanes)]
+        self._deadlines = None if timeout is None else Deadlines(timeout, self._expire_due)
+        self._room = transport.room(max_units, max_bytes)
+        self._lanes = [Lane() for _ in range(lanes)]
         # The lanes are connected together unless that would leave the pool without the
         # ``spare_connections`` its client needs for itself (a route cache's): then each
         # is connected as a batch needs it.
-        limit = getattr(self._pool, "max_connections", None)
-        self._connect_together = self._pool is not None and (
-            not isinstance(limit, int) or limit >= lanes + spare_connections
+        self._connect_together = isinstance(transport, PooledTransport) and (
+            transport.has_room_for(lanes + spare_connections)
         )
-        self._backoff = Backoff(*backoff)
         self._resume_at = 0.0  # after a transient failure, nothing is sent before this
         self._max_units = max_units
         self._max_bytes = max_bytes
-        self._queue: deque[_Pending] = deque()
-        self._alone: deque[_Pending] = deque()  # units to send alone, on the first lane
-        self._large: deque[_Pending] = deque()  # units with large replies, for the last lane
-        self._sending: set[_Batch] = set()  # taken from a queue, not yet in a lane's flight
+        self._queue: deque[Pending] = deque()
+        self._alone: deque[Pending] = deque()  # units to send alone, on the first lane
+        self._large: deque[Pending] = deque()  # units with large replies, for the last lane
+        self._sending: set[Batch] = set()  # taken from a queue, not yet in a lane's flight
         self._flush_planned = False
         self._writing = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -306,7 +167,7 @@ class Pipeliner:
         loop = asyncio.get_running_loop()
         made = loop.time()
         budget = self._budget
-        pending = _Pending(
+        pending = Pending(
             commands,
             loop.create_future(),
             size,
@@ -330,7 +191,7 @@ class Pipeliner:
         self._plan_flush()
         return pending.future
 
-    def _goes_now(self, coming: int) -> _Lane | None:
+    def _goes_now(self, coming: int) -> Lane | None:
         """The lane for the queue's batch if, with ``coming`` more units in it, it is to
         go at once, in the caller's task, so the server starts before the other ready
         tasks run: a unit alone on an idle connection, or the last of a full batch."""
@@ -342,7 +203,7 @@ class Pipeliner:
             return self._free_lane(idle=queued == 1)
         return None
 
-    async def _send_now(self, pending: _Pending) -> list[Any]:
+    async def _send_now(self, pending: Pending) -> list[Any]:
         # Queued only now that it is awaited, and asked again: what else ran meanwhile
         # may have changed the answer.
         self._queue.append(pending)
@@ -362,7 +223,7 @@ class Pipeliner:
     def _paused(self) -> bool:
         return self._resume_at > asyncio.get_running_loop().time()
 
-    def _free_lane(self, *, idle: bool) -> _Lane | None:
+    def _free_lane(self, *, idle: bool) -> Lane | None:
         """The lane for a batch: an idle one, else (unless ``idle``) the least loaded
         with room. The first lane is kept for the units waiting to be sent alone."""
         units, size = self._room
@@ -421,8 +282,8 @@ class Pipeliner:
         finally:
             self._writing = False
 
-    def _take_batch(self) -> list[_Pending]:
-        batch: list[_Pending] = []
+    def _take_batch(self) -> list[Pending]:
+        batch: list[Pending] = []
         size = 0
         while self._queue and len(batch) < self._max_units:
             pending = self._queue[0]
@@ -435,14 +296,14 @@ class Pipeliner:
             size += pending.size
         return batch
 
-    async def _write(self, lane: _Lane, units: list[_Pending], *, alone: bool) -> None:
+    async def _write(self, lane: Lane, units: list[Pending], *, alone: bool) -> None:
         """Send ``units`` as one batch on ``lane``. Every outcome is handed to the units
         (replies, a retry, or their error); only the writer's own cancellation raises."""
         if not units:
             return
         if self.observer is not None:
             self.observer.batch(len(units))
-        batch = _Batch(
+        batch = Batch(
             units,
             sum(p.size for p in units),
             None if self._deadlines is None else self._deadlines.deadline(),
@@ -455,16 +316,17 @@ class Pipeliner:
         self._sending.add(batch)  # where the sweep finds its units until it is sent
         try:
             async with lane.lock:
-                if self._pool is None:
-                    await self._write_cluster(lane, batch)
+                transport = self._transport
+                if isinstance(transport, PooledTransport):
+                    await self._write_pipelined(transport, lane, batch)
                 else:
-                    await self._write_pipelined(lane, batch)
+                    await self._write_exchanged(transport, lane, batch)
         finally:
             self._sending.discard(batch)
             if self._waiting():
                 self._plan_flush()  # whoever queued while this lane was busy
 
-    async def _write_pipelined(self, lane: _Lane, batch: _Batch) -> None:
+    async def _write_pipelined(self, transport: PooledTransport, lane: Lane, batch: Batch) -> None:
         """Send ``batch`` on the lane's connection; its reader hands out the replies."""
         units = batch.units
         sent = False
@@ -472,18 +334,14 @@ class Pipeliner:
             if lane.connection is None:
                 if self._connect_together:
                     self._connect_other_lanes()  # alongside this one
-                lane.connection = await self._within(self._pool.get_connection(), batch.deadline)
+                lane.connection = await self._within(transport.connect(), batch.deadline)
             connection = lane.connection
             lane.in_flight.append(batch)
             sent = True  # from here on the lane answers for the batch
             commands = [c for p in units for c in p.commands]
-            # Large arguments go in slices, the loop running between them.
-            parts = pack_parts(commands) if batch.size >= SLICE else None
-            if parts is None or len(parts) == 1:
-                data = pack_commands(commands) if parts is None else bytes(parts[0])
-                sending = connection.send_packed_command(data, check_health=False)
-            else:
-                sending = _send_in_slices(connection, parts, lambda: lane.connection is connection)
+            sending = transport.send(
+                connection, commands, batch.size, lambda: lane.connection is connection
+            )
             await self._within(sending, batch.deadline)
         except asyncio.CancelledError:
             # The caller that was writing was cancelled: the others go again, at once. A
@@ -503,7 +361,7 @@ class Pipeliner:
                 self._failed(units, exc)
         else:
             if lane.reader is None and lane.connection is connection:
-                lane.reader = self._spawn(self._read(lane, connection))
+                lane.reader = self._spawn(self._read(transport, lane, connection))
 
     def _connect_other_lanes(self) -> None:
         """Connect, in the background, each lane that has no connection and is not in
@@ -515,12 +373,14 @@ class Pipeliner:
             if lane.connection is None and not lane.lock.locked():
                 self._spawn(self._connect(lane))
 
-    async def _connect(self, lane: _Lane) -> None:
+    async def _connect(self, lane: Lane) -> None:
+        transport = self._transport
+        assert isinstance(transport, PooledTransport), "only pooled lanes hold connections"
         async with lane.lock:
             if lane.connection is not None or self._closed:
                 return
             try:
-                lane.connection = await self._within(self._pool.get_connection(), None)
+                lane.connection = await self._within(transport.connect(), None)
             except Exception as exc:
                 # Not a call's failure: the lane connects again when a batch needs it,
                 # and a failure then is that batch's.
@@ -529,11 +389,13 @@ class Pipeliner:
         if self._waiting():
             self._plan_flush()
 
-    async def _write_cluster(self, lane: _Lane, batch: _Batch) -> None:
-        """Send ``batch`` through the cluster client, which routes each command."""
+    async def _write_exchanged(self, transport: ClusterTransport, lane: Lane, batch: Batch) -> None:
+        """Send ``batch`` through a transport that routes each command and answers in one
+        exchange (a cluster client): one batch per lane at a time."""
         units = batch.units
+        commands = [c for p in units for c in p.commands]
         try:
-            replies = await self._within(self._send_cluster(units), batch.deadline)
+            replies = await self._within(transport.exchange(commands), batch.deadline)
         except asyncio.CancelledError:
             self._release(lane, batch)
             self._requeue(units)
@@ -548,7 +410,7 @@ class Pipeliner:
             self._delivered(units, replies)
 
     @staticmethod
-    def _release(lane: _Lane, batch: _Batch) -> None:
+    def _release(lane: Lane, batch: Batch) -> None:
         lane.units -= len(batch.units)
         lane.size -= batch.size
         if batch.alone:
@@ -559,30 +421,14 @@ class Pipeliner:
             return await attempt
         return await self._deadlines.run(attempt, deadline)
 
-    async def _send_cluster(self, units: list[_Pending]) -> list[Any]:
-        # redis-py routes each command to the node of its slot.
-        client = self._client
-        await client.initialize()  # at once when it is: the slot table is needed here
-        commands = [c for p in units for c in p.commands]
-        if len(commands) == 1:
-            args, route = _routed(client, commands[0])
-            try:
-                return [await client.execute_command(*args, **route)]
-            except ResponseError as exc:
-                return [exc]
-        pipe = client.pipeline(transaction=False)
-        for command in commands:
-            args, route = _routed(client, command)
-            pipe.execute_command(*args, **route)
-        return list(await pipe.execute(raise_on_error=False))
-
     # Receiving.
 
-    async def _read(self, lane: _Lane, connection: Any) -> None:
+    async def _read(self, transport: PooledTransport, lane: Lane, connection: Any) -> None:
         try:
             while lane.in_flight and lane.connection is connection:
                 batch = lane.in_flight[0]
-                replies = await self._within(_read_batch(connection, batch), batch.deadline)
+                units = [(len(p.commands), p.streamed) for p in batch.units]
+                replies = await self._within(transport.receive(connection, units), batch.deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
                 refusal = next((r for r in replies if _is_protocol_error(r)), None)
@@ -601,8 +447,7 @@ class Pipeliner:
             if lane.reader is asyncio.current_task():
                 lane.reader = None
 
-    def _delivered(self, units: list[_Pending], replies: list[Any]) -> None:
-        self._backoff.reset()
+    def _delivered(self, units: list[Pending], replies: list[Any]) -> None:
         self.reached = True
         self.last_failure = None
         start = 0
@@ -614,7 +459,7 @@ class Pipeliner:
 
     # Failing.
 
-    def _lane_failed(self, lane: _Lane, exc: BaseException | None) -> None:
+    def _lane_failed(self, lane: Lane, exc: BaseException | None) -> None:
         """Drop the lane's connection; what was in flight on it is retried or failed
         as ``exc`` allows (``None``: sent again at once, for no fault of the server)."""
         connection, lane.connection = lane.connection, None
@@ -638,13 +483,13 @@ class Pipeliner:
         if self._alone or self._large:
             self._plan_flush()
 
-    def _count_drop(self, pending: _Pending) -> None:
+    def _count_drop(self, pending: Pending) -> None:
         """The server dropped the connection that carried ``pending`` alone."""
         pending.drops += 1
         if pending.drops >= DROPS_BEFORE_REFUSAL:
             self._refused(pending, f"it dropped the connection {pending.drops} times")
 
-    def _refused(self, pending: _Pending, how: str) -> None:
+    def _refused(self, pending: Pending, how: str) -> None:
         """The server refused ``pending``, sent alone, as it refuses an argument over its
         ``proto-max-bulk-len``."""
         if not pending.future.done():
@@ -659,14 +504,14 @@ class Pipeliner:
 
     async def _discard(self, connection: Any) -> None:
         # A connection left between a request and its replies must not be reused.
-        await connection.disconnect(nowait=True)
-        await self._pool.release(connection)
+        assert isinstance(self._transport, PooledTransport)
+        await self._transport.discard(connection)
 
-    def _requeue(self, units: list[_Pending]) -> None:
+    def _requeue(self, units: list[Pending]) -> None:
         self._put_back([p for p in units if not p.future.done()])
         self._plan_flush()
 
-    def _put_back(self, units: list[_Pending]) -> None:
+    def _put_back(self, units: list[Pending]) -> None:
         """Queue ``units`` again, each where it waits, ahead of what is queued there."""
         self._alone.extendleft(reversed([p for p in units if p.alone]))
         self._large.extendleft(reversed([p for p in units if p.large_reply and not p.alone]))
@@ -675,7 +520,7 @@ class Pipeliner:
     def _waiting(self) -> bool:
         return bool(self._queue or self._alone or self._large)
 
-    def _failed(self, units: list[_Pending], exc: BaseException) -> None:
+    def _failed(self, units: list[Pending], exc: BaseException) -> None:
         if not self._closed:
             self.last_failure = _describe(exc)
         waiting = [p for p in units if not p.future.done()]
@@ -685,7 +530,12 @@ class Pipeliner:
         now = loop.time()
         delay = None
         if not self._closed:
-            delay = self._budget.delay(exc, self._backoff, max(p.retry_until for p in waiting), now)
+            # Each unit counts its own failures: a unit that just came is not made to
+            # wait as long as one that kept failing.
+            for p in waiting:
+                p.failures += 1
+            failures = max(p.failures for p in waiting)
+            delay = self._budget.delay(exc, failures, max(p.retry_until for p in waiting), now)
         retry = [p for p in waiting if delay is not None and now < p.retry_until]
         for p in waiting:
             if p not in retry:
@@ -700,13 +550,13 @@ class Pipeliner:
                 self._translate(exc),
             )
 
-    def _note_retry(self, units: list[_Pending], exc: BaseException, delay: float) -> None:
+    def _note_retry(self, units: list[Pending], exc: BaseException, delay: float) -> None:
         if _log.isEnabledFor(logging.DEBUG):
             _log.debug("%d call(s) retried in %.3f s: %s", len(units), delay, self._translate(exc))
         if self.observer is not None:
             self.observer.retried([p.call for p in units], exc)
 
-    def _requeue_later(self, units: list[_Pending], resume_at: float) -> None:
+    def _requeue_later(self, units: list[Pending], resume_at: float) -> None:
         self._put_back(units)
         self._resume_at = max(self._resume_at, resume_at)
         loop = asyncio.get_running_loop()
@@ -773,10 +623,8 @@ class Pipeliner:
         for lane in self._lanes:
             waiting.extend(p for b in lane.in_flight for p in b.units)
             connection, lane.connection = lane.connection, None
-            if connection is not None:
-                if lane.in_flight:
-                    await connection.disconnect(nowait=True)
-                await self._pool.release(connection)
+            if connection is not None and isinstance(self._transport, PooledTransport):
+                await self._transport.release(connection, in_flight=bool(lane.in_flight))
             lane.in_flight.clear()
             lane.units = lane.size = 0
             lane.alone = False
@@ -800,65 +648,3 @@ def _dropped(exc: BaseException | None) -> bool:
 
 def _is_protocol_error(reply: Any) -> bool:
     return isinstance(reply, ResponseError) and str(reply).startswith("Protocol error")
-
-
-def _routed(client: Any, command: Command) -> tuple[Command, dict[str, Any]]:
-    """``command`` as a cluster client's method takes it, with the node an ``FCALL`` goes to.
-
-    redis-py finds the keys of an ``FCALL`` by asking a node (``COMMAND GETKEYS``), a
-    round trip per call; its first key names the node, and MOVED is still followed."""
-    args = flatten(command)
-    if args[0] == "FCALL" and int(args[2]) > 0:
-        try:
-            return args, {"target_nodes": client.get_node_from_key(args[3])}
-        except SlotNotCoveredError:
-            pass  # the slot table is being renewed: redis-py finds the node itself
-    return args, {}
-
-
-async def _send_in_slices(
-    connection: Any, parts: list[bytes | memoryview], alive: Callable[[], bool]
-) -> None:
-    """Send ``parts`` (of ``pack_parts``: large arguments in slices, never copied
-    whole) one at a time: between them the event loop runs and the socket drains, so a
-    large archive stalls the loop for one slice at a time, not for the whole archive.
-
-    Stops with ``ConnectionError`` as soon as the connection is no longer ``alive()``
-    (its lane dropped it meanwhile): the rest of a command must never go out on a
-    connection made anew, where the server would take it for a command of its own."""
-    for i, part in enumerate(parts):
-        if i and not (alive() and connection.is_connected):
-            raise ConnectionError("the connection was lost while a large unit was sent")
-        writer = _stream_writer(connection) if i and type(part) is not bytes else None
-        if writer is None:
-            # One part a call: a list of parts would be joined into one buffer.
-            await connection.send_packed_command([part], check_health=False)
-        else:
-            # A slice goes to the transport as it is: redis-py would join it into a copy
-            # of its own first (Python before 3.12 joins even a list of one part).
-            try:
-                writer.write(part)
-                await writer.drain()
-            except OSError as exc:
-                await connection.disconnect(nowait=True)
-                raise ConnectionError(f"writing a large unit failed: {exc}") from exc
-        await asyncio.sleep(0)
-
-
-def _stream_writer(connection: Any) -> asyncio.StreamWriter | None:
-    """The ``asyncio.StreamWriter`` of a connected redis-py ``connection`` (its private
-    ``_writer``), or ``None`` if it has none: its parts are then sent through
-    ``send_packed_command``."""
-    writer = getattr(connection, "_writer", None)
-    return writer if isinstance(writer, asyncio.StreamWriter) else None
-
-
-async def _read_batch(connection: Any, batch: _Batch) -> list[Any]:
-    """The replies to ``batch``, those of its ``streamed`` units read in slices."""
-    if not any(p.streamed for p in batch.units):
-        return await read_replies(connection, sum(len(p.commands) for p in batch.units))
-    replies: list[Any] = []
-    for p in batch.units:
-        read = read_streamed if p.streamed else read_replies
-        replies.extend(await read(connection, len(p.commands)))
-    return replies

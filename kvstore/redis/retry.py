@@ -2,10 +2,16 @@
 tries, and how long a call may go on trying.
 
 - ``is_transient(exc)``: a failure after which the same commands may well succeed.
-- ``Backoff``: capped exponential delays with jitter, restarted after a success.
+- ``backoff_delay(failures)``: the one curve of delays, capped, exponential and
+  jittered, a function of how many tries failed in a row (no state to share or reset);
+  ``Backoff`` counts the failures of a loop that runs for ever over it.
 - ``Budget``: the arithmetic of ``retry_budget`` and ``timeout``. A call retries until
   ``retry_budget`` seconds after it was made; its last attempt may take ``timeout``
   more, so no call outlives ``retry_budget + timeout``, its *hard end*.
+- ``call_with_retry(attempt, budget, translate)``: the one retry loop, for work that is
+  not a pipelined unit (loading the library); the pipeliner applies the same
+  ``Budget.delay`` to the units it queues again, and the route cache waits out the same
+  curve between sessions.
 - ``no_client_retries()``: redis-py's own retries are off, so the budget alone decides;
   ``no_silent_reconnect()``, the same for a subscription.
 """
@@ -15,7 +21,9 @@ from __future__ import annotations
 import asyncio
 import math
 import random
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
@@ -26,6 +34,8 @@ from redis.exceptions import (
     TimeoutError,
     TryAgainError,
 )
+
+T = TypeVar("T")
 
 # Failures after which the same commands may well succeed: the connection broke or
 # stalled, the server is loading or failing over, a cluster slot is moving.
@@ -47,27 +57,54 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, TRANSIENT) and not isinstance(exc, AuthenticationError)
 
 
+@dataclass(frozen=True, slots=True)
+class Curve:
+    """Delays between tries: ``first`` after one failure, doubling up to ``cap``; each
+    jittered down to as little as half (``jitter=True``), so clients that failed
+    together do not come back together."""
+
+    first: float = 0.02
+    cap: float = 1.0
+    jitter: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0 < self.first <= self.cap:
+            raise ValueError(f"backoff needs 0 < first <= cap, not {self.first!r} and {self.cap!r}")
+
+    def delay(self, failures: int) -> float:
+        """The delay before the next try, after ``failures`` failures in a row (1 or more)."""
+        # The exponent is bounded, so it never overflows however long a loop fails.
+        doublings = min(max(failures, 1) - 1, _MOST_DOUBLINGS)
+        delay: float = min(self.cap, self.first * 2.0**doublings)
+        return delay * random.uniform(0.5, 1.0) if self.jitter else delay
+
+
+# Past this many doublings every curve has long reached its cap.
+_MOST_DOUBLINGS = 64
+# The one curve every retry of the package follows unless a test asks for another.
+DEFAULT_CURVE = Curve()
+
+
+def backoff_delay(failures: int, curve: Curve = DEFAULT_CURVE) -> float:
+    """The delay before the next try after ``failures`` failures in a row."""
+    return curve.delay(failures)
+
+
 class Backoff:
-    """Delays between tries: ``first``, doubling up to ``cap``; each jittered down to as
-    little as half (``jitter=True``), so clients that failed together do not come back
-    together. ``reset()`` after a success starts again from ``first``."""
+    """The failures in a row of a loop that runs for ever (the route cache's sessions),
+    over a ``Curve``: ``next()`` counts one more and says how long to wait; ``reset()``
+    after a success starts again from ``first``."""
 
-    __slots__ = ("_cap", "_failures", "_first", "_jitter")
+    __slots__ = ("_curve", "_failures")
 
-    def __init__(self, first: float = 0.05, cap: float = 2.0, *, jitter: bool = True) -> None:
-        if not 0 < first <= cap:
-            raise ValueError(f"backoff needs 0 < first <= cap, not {first!r} and {cap!r}")
-        self._first = first
-        self._cap = cap
-        self._jitter = jitter
+    def __init__(self, first: float = 0.02, cap: float = 1.0, *, jitter: bool = True) -> None:
+        self._curve = Curve(first, cap, jitter)
         self._failures = 0
 
     def next(self) -> float:
         """The delay before the next try; each call counts one more failure."""
-        delay: float = min(self._cap, self._first * 2**self._failures)
-        if delay < self._cap:  # the exponent stops at the cap, so it never overflows
-            self._failures += 1
-        return delay * random.uniform(0.5, 1.0) if self._jitter else delay
+        self._failures = min(self._failures + 1, _MOST_DOUBLINGS + 1)
+        return self._curve.delay(self._failures)
 
     def reset(self) -> None:
         self._failures = 0
@@ -76,10 +113,12 @@ class Backoff:
 @dataclass(frozen=True, slots=True)
 class Budget:
     """How long a call may keep trying: ``retry_budget`` seconds of retries, each attempt
-    bounded by ``timeout`` (``None``: unbounded, and so is the call)."""
+    bounded by ``timeout`` (``None``: unbounded, and so is the call), waiting out
+    ``curve`` between tries."""
 
     retry_budget: float
     timeout: float | None
+    curve: Curve = field(default=DEFAULT_CURVE)
 
     def retry_until(self, made: float) -> float:
         """After this, a call made at ``made`` is not tried again."""
@@ -92,13 +131,38 @@ class Budget:
         return made + self.retry_budget + self.timeout
 
     def delay(
-        self, exc: BaseException, backoff: Backoff, retry_until: float, now: float
+        self, exc: BaseException, failures: int, retry_until: float, now: float
     ) -> float | None:
-        """How long to wait before trying again after ``exc``, or ``None`` to give up:
-        ``exc`` is not transient, or the budget is spent. Never past ``retry_until``."""
+        """How long to wait before trying again after ``exc``, the ``failures``-th
+        failure in a row, or ``None`` to give up: ``exc`` is not transient, or the
+        budget is spent. Never past ``retry_until``."""
         if now >= retry_until or not is_transient(exc):
             return None
-        return min(backoff.next(), retry_until - now)
+        return min(self.curve.delay(failures), retry_until - now)
+
+
+async def call_with_retry(
+    attempt: Callable[[], Awaitable[T]],
+    budget: Budget,
+    translate: Callable[[BaseException], Exception],
+) -> T:
+    """What ``attempt()`` returns, tried again after each transient failure while
+    ``budget`` allows, each try bounded by its ``timeout``; any other failure, or the
+    last, raises ``translate(exc)``. A cancellation of the caller is never retried."""
+    loop = asyncio.get_running_loop()
+    retry_until = budget.retry_until(loop.time())
+    failures = 0
+    while True:
+        try:
+            if budget.timeout is None:
+                return await attempt()
+            return await asyncio.wait_for(attempt(), budget.timeout)
+        except Exception as exc:
+            failures += 1
+            delay = budget.delay(exc, failures, retry_until, loop.time())
+            if delay is None:
+                raise translate(exc) from None
+        await asyncio.sleep(delay)
 
 
 def no_client_retries() -> Retry:

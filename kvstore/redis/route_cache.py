@@ -52,10 +52,11 @@ so a store always reads its own acknowledged writes: a reply whose version is no
 than the cached entry sends lookups of that type to the server until the table can tell
 which one is current.
 
-On a single node (``redis.asyncio.Redis``, Sentinel, fakeredis) the cache subscribes and
-reads through the store's client. On a cluster the channel carries the namespace's hash
-tag, so its messages stay on the shard that holds the namespace: each session opens a
-client of its own to that shard's primary, found anew, so a failover or a moved slot
+Each session asks the store's target (``kvstore.redis.target``) for the client of the
+node that publishes the channel: on a single node (``redis.asyncio.Redis``, Sentinel,
+fakeredis) the store's own client; on a cluster, where the channel carries the
+namespace's hash tag so its messages stay on the shard that holds the namespace, a
+client of that shard's primary, found anew each session, so a failover or a moved slot
 (after which the server ends shard subscriptions) is followed.
 """
 
@@ -69,9 +70,8 @@ from collections.abc import Sequence
 from types import TracebackType
 from typing import Any, Final
 
-from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.asyncio import Connection, Redis
 from redis.asyncio.client import PubSub
-from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 
 from kvstore.records import PackageRouteRecord
@@ -85,6 +85,7 @@ from kvstore.redis.replies import (
 )
 from kvstore.redis.retry import Backoff, no_silent_reconnect
 from kvstore.redis.route_table import ASK_SERVER, AskServer, Message, RouteTable
+from kvstore.redis.target import Target
 
 if sys.version_info >= (3, 11):
     from asyncio import timeout as _deadline
@@ -113,22 +114,6 @@ _DEFAULT_SETUP_TIMEOUT = 10.0
 # Snapshots in a row that each find the server's version going backwards: beyond this
 # the session starts again (with backoff) rather than spin.
 _MAX_RELOADS = 5
-# The options of a cluster's connections that a connection to one of its nodes takes:
-# credentials, socket settings and, by prefix, TLS (``ssl_*``). The cluster's own
-# options (pool sizes, reply callbacks) stay with it.
-_NODE_OPTIONS: Final = frozenset(
-    {
-        "username",
-        "password",
-        "credential_provider",
-        "client_name",
-        "protocol",
-        "socket_timeout",
-        "socket_connect_timeout",
-        "socket_keepalive",
-        "socket_keepalive_options",
-    }
-)
 
 
 class RouteCacheError(Exception):
@@ -145,7 +130,7 @@ class RouteCache:
 
     def __init__(
         self,
-        client: Redis | RedisCluster,
+        target: Target,
         keys: Keyspace,
         *,
         timeout: float | None,
@@ -154,7 +139,7 @@ class RouteCache:
     ) -> None:
         if health_interval <= 0:
             raise ValueError(f"health_interval must be positive, not {health_interval!r}")
-        self._client = client
+        self._target = target
         # The single node that serves the namespace's slot, for the session under way.
         self._node: Redis | None = None
         self._keys = keys
@@ -283,7 +268,10 @@ class RouteCache:
 
     async def _follow(self) -> None:
         """Subscribe, load, and follow the channel until something fails."""
-        node = self._node = await self._node_client()
+        try:
+            node = self._node = await self._target.subscription_client(self._keys.route_changes)
+        except LookupError as exc:
+            raise RouteCacheError(str(exc)) from None
         self._own_writes.clear()  # a new subscription: their messages may never come
         pubsub = node.pubsub()
         saved_retry: Retry | None = None
@@ -311,32 +299,7 @@ class RouteCache:
                 pubsub.connection.retry = saved_retry
             await pubsub.aclose()  # type: ignore[no-untyped-call]
             self._node = None
-            if node is not self._client:
-                await node.aclose()
-
-    async def _node_client(self) -> Redis:
-        """The client of the node whose shard holds the namespace (its channel included)."""
-        if isinstance(self._client, Redis):
-            return self._client
-        # A cluster: a client of its own to the primary that serves the namespace's slot,
-        # found anew each session, so a moved slot or a failover is followed.
-        await self._client.initialize()
-        node = self._client.get_node_from_key(self._keys.route_changes.decode("ascii"))
-        if node is None:
-            raise RouteCacheError(f"no cluster node serves {self._keys.route_changes!r}")
-        cluster_options = self._client.get_connection_kwargs()
-        options: dict[str, Any] = {
-            name: value
-            for name, value in cluster_options.items()
-            if name in _NODE_OPTIONS or name.startswith("ssl_")
-        }
-        pool = ConnectionPool(
-            connection_class=cluster_options.get("connection_class") or Connection,
-            host=node.host,
-            port=node.port,
-            **options,
-        )
-        return Redis.from_pool(pool)  # closing the client closes the pool
+            await self._target.release_subscription_client(node)
 
     async def _confirmed(self, pubsub: PubSub) -> None:
         # The server sends the confirmation before any message of the channel.

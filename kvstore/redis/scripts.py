@@ -17,7 +17,6 @@ it with ``FUNCTION DELETE kvstore_<12 hex>`` once no engine runs that release.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from importlib.abc import Traversable
@@ -27,6 +26,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from kvstore.redis.target import Send, Target, target_for
 from kvstore.redis.wire import PrePacked
 
 PRELUDE = "library.lua"
@@ -104,10 +104,10 @@ def is_missing_function(reply: object) -> bool:
 
 
 async def load_library(
-    client: Redis | RedisCluster,
+    client: Redis | RedisCluster | Target,
     library: Library | None = None,
     *,
-    send: Callable[[tuple[str, str, bytes]], Awaitable[Any]] | None = None,
+    send: Send | None = None,
 ) -> list[str]:
     """Load ``library`` (this release's) on the server, or on every primary of a cluster.
 
@@ -119,26 +119,11 @@ async def load_library(
     sends it on its own connections, so a load needs none of the pool's besides them.
     """
     library = LIBRARY if library is None else library
-    said: list[str] = []
-    if isinstance(client, RedisCluster):
-        await client.initialize()  # the nodes are known once it is
-        for node in client.get_primaries():
-            done = await _load(client, library, target_nodes=node)
-            said.append(f"{node.name}: {done}")
-    elif send is not None:
-        reply = await send(("FUNCTION", "LOAD", library.text))
-        said.append(f"{_where(client)}: {_loaded(library, reply)}")
-    else:
-        said.append(f"{_where(client)}: {await _load(client, library)}")
-    return said
-
-
-async def _load(client: Redis | RedisCluster, library: Library, **route: object) -> str:
-    try:
-        reply = await client.execute_command("FUNCTION", "LOAD", library.text, **route)
-    except ResponseError as exc:
-        reply = exc
-    return _loaded(library, reply)
+    target = client if isinstance(client, Target) else target_for(client)
+    return [
+        f"{server}: {_loaded(library, reply)}"
+        for server, reply in await target.load_library(library.text, send)
+    ]
 
 
 def _loaded(library: Library, reply: Any) -> str:
@@ -149,16 +134,6 @@ def _loaded(library: Library, reply: Any) -> str:
             raise reply
         return f"{library.name} was loaded already"
     return f"loaded {library.name}"
-
-
-def _where(client: Redis) -> str:
-    options = client.connection_pool.connection_kwargs
-    if "path" in options:
-        return f"unix://{options['path']}"
-    if "host" in options:
-        return f"{options['host']}:{options.get('port', 6379)}"
-    service = getattr(client.connection_pool, "service_name", None)
-    return f"sentinel service {service}" if isinstance(service, str) else "the server"
 
 
 LIBRARY = build_library()

@@ -1,27 +1,31 @@
 """The package store over Redis, Valkey, a Redis Cluster or fakeredis.
 
-Writes are single calls of the kvstore library's Redis functions (``lua/``, loaded by
-``kvstore.redis.scripts``), so a deploy's row, index entry and routes change together or
-not at all. The keys are laid out in ``kvstore.redis.keyspace``.
+A thin facade over the contract: each method checks its arguments, builds its commands
+and hands them to the parts that do the work, each in a module of its own:
+
+- ``kvstore.redis.target``: the deployment (one server, Sentinel, a cluster), decided once;
+- ``kvstore.redis.calls``: every call sent, reads led by the layout check, writes as one
+  ``FCALL`` of the library (``lua/``, loaded by ``kvstore.redis.scripts``), so a deploy's
+  row, index entry and routes change together or not at all;
+- ``kvstore.redis.listing``: the listing walk;
+- ``kvstore.redis.route_cache``: the routes kept in memory;
+- ``kvstore.redis.observing``: where telemetry meets the calls.
+
+The keys are laid out in ``kvstore.redis.keyspace``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import logging
-import re
-from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import timezone
 from types import TracebackType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ConnectionError, NoPermissionError, RedisError, ResponseError
 
-from kvstore.errors import BackendError, SerializationError
+from kvstore.errors import SerializationError
 from kvstore.records import (
     PackageHead,
     PackageRecord,
@@ -31,50 +35,29 @@ from kvstore.records import (
     check_route_types,
     check_text,
 )
+from kvstore.redis.calls import LARGE_ARGUMENT, Calls
 from kvstore.redis.keyspace import (
     FORMAT_VERSION,
     Keyspace,
     decode_stamp,
     encode_stamp,
     row_id,
-    split_index_member,
     split_row_id,
 )
+from kvstore.redis.listing import LISTING_BYTES, Walk, read_head, read_row
+from kvstore.redis.observing import observed, observed_iterator
 from kvstore.redis.options import DEFAULTS, StoreOptions
-from kvstore.redis.pipeline import Pipeliner
-from kvstore.redis.retry import Backoff, Budget, no_client_retries
+from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache, RouteWatch
-from kvstore.redis.scripts import (
-    DELETE_PACKAGE,
-    LIBRARY,
-    PUT_PACKAGE,
-    PUT_ROUTE,
-    is_missing_function,
-    load_library,
-)
+from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE
+from kvstore.redis.target import target_for
 from kvstore.redis.urls import client_from_url
-from kvstore.redis.wire import SLICE, Command, PrePacked, flatten
+from kvstore.redis.wire import Command, PrePacked
 
-_log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from kvstore.redis.telemetry import Observer
 
-_HMGET_ROW = PrePacked("HMGET")
-_ROW_FIELDS = PrePacked(b"archive", b"deployed_at")
-_HGET_STAMP = PrePacked("HGET")
-_STAMP_FIELD = PrePacked(b"deployed_at")
-_HSTRLEN = PrePacked("HSTRLEN")
-_ARCHIVE_FIELD = PrePacked(b"archive")
-
-# An archive larger than this is checked against the server's proto-max-bulk-len before
-# it is sent, so that a server that would refuse it never drops a connection carrying
-# other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
-# to set the limit under 1 MiB).
-LARGE_ARGUMENT = 512 << 10
-# What ``iter_packages`` holds of archives at a time, those being handed out and those
-# under way together (unless one archive alone is larger): the client's memory for a
-# listing, whatever the archives' sizes.
-LISTING_BYTES = 64 << 20
-# The most archive bytes one round trip of a listing reads (a larger archive comes alone).
-LISTING_GROUP = 8 << 20
+__all__ = ["RedisPackageStore", "StoreHealth"]
 
 
 @dataclass(frozen=True)
@@ -115,9 +98,10 @@ class RedisPackageStore:
     whose message never carries a password. No call outlives about ``retry_budget +
     timeout`` from when it was made, however many are queued before it; a caller's
     cancellation always ends its call with ``CancelledError``. An archive over the
-    server's ``proto-max-bulk-len`` raises ``BackendError`` and fails no other call (see
-    ``LARGE_ARGUMENT``). Every operation is idempotent, which is what makes retrying
-    safe. Calls still waiting when the store is closed raise ``BackendError``.
+    server's ``proto-max-bulk-len`` raises ``BackendError`` and fails no other call
+    (see ``kvstore.redis.calls.LARGE_ARGUMENT``). Every operation is idempotent, which
+    is what makes retrying safe. Calls still waiting when the store is closed raise
+    ``BackendError``.
 
     Each write is one ``FCALL`` of the kvstore library (``kvstore.redis.scripts``). A
     call that finds the library missing loads it (on every primary of a cluster; one
@@ -161,7 +145,7 @@ class RedisPackageStore:
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
     ) -> None:
-        self._options = StoreOptions(
+        self._options = options = StoreOptions(
             namespace=namespace,
             timeout=timeout,
             lanes=lanes,
@@ -172,14 +156,10 @@ class RedisPackageStore:
             route_health_interval=route_health_interval,
             telemetry=telemetry,
         )
-        if not isinstance(client, (Redis, RedisCluster)):
-            raise TypeError(
-                f"client must be a redis.asyncio.Redis or RedisCluster, not {type(client).__name__}"
-            )
-        options = _connection_options(client)
-        if options.get("decode_responses"):
+        self._target = target = target_for(client)
+        if target.connection_options().get("decode_responses"):
             raise ValueError("client must be made with decode_responses=False: archives are bytes")
-        if min_replicas and isinstance(client, RedisCluster):
+        if min_replicas and not target.waits_for_replicas:
             # WAIT names no key, so a cluster client cannot route it to the shard written.
             raise ValueError("min_replicas needs a single-primary client, not a cluster")
         self._keys = k = Keyspace(namespace)
@@ -190,45 +170,26 @@ class RedisPackageStore:
             k.format, k.routes, k.route_version, FORMAT_VERSION, k.route_changes
         )
         self._delete_prefix = DELETE_PACKAGE.call_prefix(k.format, k.index)
-        self._format_check = (PrePacked("GET", k.format),)
-        self._client = client
         self._owns_client = False
-        password = options.get("password")
-        self._secrets = [password] if isinstance(password, str) and password else []
-        self._server = _describe_server(client, options)
-        self._pipeliner = Pipeliner(
-            client,
-            lanes=lanes,
-            timeout=timeout,
-            retry_budget=retry_budget,
-            translate=self._backend_error,
-            # What else takes connections of the pool: the route cache, if any (the
-            # library is loaded on the lanes).
-            spare_connections=POOL_CONNECTIONS if cache_routes else 0,
+        # What else takes connections of the pool: the route cache, if any (the library
+        # is loaded on the lanes).
+        self._calls = Calls(
+            target, k, options, spare_connections=POOL_CONNECTIONS if cache_routes else 0
         )
-        # The server's proto-max-bulk-len, read on the first large put (None: unknown).
-        self._max_bulk: int | None = None
-        self._max_bulk_read = False
-        self._max_bulk_lock = asyncio.Lock()
-        self._wait: Command | None = None
-        if min_replicas:
-            self._wait = ("WAIT", min_replicas, round(replica_timeout * 1000))
-        self._timeout = timeout
-        self._loading: asyncio.Future[list[str]] | None = None
+        self._calls.load_hook = lambda: self.load_library()
         self._route_cache: RouteCache | None = None
         if cache_routes:
             self._route_cache = RouteCache(
-                client, self._keys, timeout=timeout, health_interval=route_health_interval
+                target, k, timeout=timeout, health_interval=route_health_interval
             )
-        # Whether a write found this release's library on the server (None: no write yet).
-        self._library_found: bool | None = None
+        self._observer: Observer | None = None
         if telemetry:
             # Imported only here: without telemetry, opentelemetry is never loaded.
-            from kvstore.redis import telemetry as observed
+            from kvstore.redis.telemetry import Observer as TelemetryObserver
 
-            self._pipeliner.observer = observed.instrument(
-                self, _telemetry_attributes(client, options, namespace)
-            )
+            observer = TelemetryObserver(target.telemetry_attributes(namespace), self._route_cache)
+            self._observer = observer
+            self._calls.pipeliner.observer = observer
 
     @classmethod
     def from_url(
@@ -300,20 +261,34 @@ class RedisPackageStore:
         a borrowed command takes another pooled connection and never interleaves with
         the store's pipelines. Closing it is the store's job when it made it.
         """
-        return self._client
+        return self._target.client
+
+    @property
+    def server(self) -> str:
+        """The server as the store's messages name it (``host:port``, ``unix://…``,
+        ``sentinel service <name>``, ``redis cluster``); never a secret."""
+        return self._calls.server
+
+    @property
+    def observer(self) -> Observer | None:
+        """What observes the store's calls: ``None`` unless made with ``telemetry=True``."""
+        return self._observer
+
+    @property
+    def route_cache(self) -> RouteCache | None:
+        """The store's route cache: ``None`` unless made with ``cache_routes=True``."""
+        return self._route_cache
 
     def __repr__(self) -> str:
-        return f"RedisPackageStore(namespace={self.namespace!r}, server={self._server!r})"
+        return f"RedisPackageStore(namespace={self.namespace!r}, server={self.server!r})"
 
     async def aclose(self) -> None:
         """Stop the store's own work and close the client if the store made it."""
         if self._route_cache is not None:
             await self._route_cache.aclose()
-        if self._loading is not None:
-            self._loading.cancel()
-        await self._pipeliner.aclose()
+        await self._calls.aclose()
         if self._owns_client:
-            await self._client.aclose()
+            await self._target.client.aclose()
 
     async def __aenter__(self) -> RedisPackageStore:
         return self
@@ -328,50 +303,45 @@ class RedisPackageStore:
 
     # Health.
 
+    @observed("ping")
     async def ping(self) -> None:
         """One round trip to the server through the store's own connections, sent as
         the store's calls are; raises ``BackendError`` if no answer comes within
         ``timeout`` seconds, retries included (a probe wants the state now, not after
         the retry budget), or if the server refuses it."""
-        run = self._pipeliner.run((("PING",),))
-        try:
-            if self._timeout is None:
-                (reply,) = await run
-            else:
-                (reply,) = await asyncio.wait_for(run, self._timeout)
-        except asyncio.TimeoutError:
-            stalled = TimeoutError(f"no answer to PING within {self._timeout} s")
-            self._pipeliner.last_failure = f"TimeoutError: {stalled}"  # for health()
-            raise self._backend_error(stalled) from None
-        self._reply(reply)
+        await self._calls.ping()
 
     def health(self) -> StoreHealth:
         """What the store knows of its server now, without a round trip; see
         ``StoreHealth``. Cheap enough for every readiness probe."""
-        failure = self._pipeliner.last_failure
+        calls = self._calls
         return StoreHealth(
-            connected=self._pipeliner.reached and failure is None,
+            connected=calls.connected,
             route_cache_live=None if self._route_cache is None else self._route_cache.live,
-            last_error=(
-                None if failure is None else f"{self._server}: {_redact(failure, self._secrets)}"
-            ),
-            library_loaded=self._library_found,
+            last_error=calls.last_error,
+            library_loaded=calls.library_found,
         )
+
+    @observed("load_library")
+    async def load_library(self) -> list[str]:
+        """Load this release's kvstore library on the server (on every primary of a
+        cluster), and say per server what was done; idempotent.
+
+        A store loads it by itself when a call finds it missing; this is for an operator
+        (``kvstore setup``) whose engines' credentials may not ``FUNCTION LOAD``.
+        """
+        return await self._calls.load_library()
 
     # Writes: one function call each.
 
+    @observed("put_package")
     async def put_package(self, record: PackageRecord) -> None:
         command, size = self._put_command(check_record(record))
-        alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
-        # What _call does, spelled out: every deploy comes this way, and with thousands
-        # in flight each coroutine a put holds across its wait is one more object for
-        # every garbage collection meanwhile to walk.
-        unit = self._with_wait(command)
-        replies = await self._pipeliner.run(unit, size, alone=alone)
-        if is_missing_function(replies[0]):
-            replies = await self._run_with_library(unit, size, alone)
-        self._note_put(record, self._result(command, replies))
+        alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
+        version = await self._calls.call(command, size, alone=alone)
+        self._note_routes(version, record.content_hash, (record.workflow_type,))
 
+    @observed("put_package_with_routes")
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
     ) -> None:
@@ -379,8 +349,9 @@ class RedisPackageStore:
         also = dict.fromkeys(check_route_types(route_workflow_types))
         also.pop(own, None)
         command, size = self._put_command(record, tuple(also))
-        alone = size > LARGE_ARGUMENT and await self._refused_or_unknown(size)
-        self._note_put(record, await self._call(command, size, alone=alone), tuple(also))
+        alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
+        version = await self._calls.call(command, size, alone=alone)
+        self._note_routes(version, record.content_hash, (own, *also))
 
     def _put_command(
         self, record: PackageRecord, also: tuple[str, ...] = ()
@@ -402,78 +373,44 @@ class RedisPackageStore:
         )
         return command, len(record.archive)
 
-    def _note_put(self, record: PackageRecord, version: int, also: tuple[str, ...] = ()) -> None:
+    def _note_routes(self, version: int, content_hash: str, types: tuple[str, ...]) -> None:
+        # A store reads its own acknowledged writes, whatever its subscription has seen.
         if self._route_cache is not None:
-            self._route_cache.note_write(
-                version, record.content_hash, (record.workflow_type, *also)
-            )
+            self._route_cache.note_write(version, content_hash, types)
 
-    async def _refused_or_unknown(self, size: int) -> bool:
-        """Whether a put whose archive is ``size`` bytes must be sent alone, because
-        the server's limit is unknown; raises ``BackendError`` if it is over the limit."""
-        if not self._max_bulk_read:  # once per store; the lock keeps it one read
-            async with self._max_bulk_lock:
-                if not self._max_bulk_read:
-                    self._max_bulk = await self._read_max_bulk_len()
-                    self._max_bulk_read = True
-        limit = self._max_bulk
-        if limit is not None and size > limit:
-            raise BackendError(
-                f"{self._server}: the archive is {size} bytes, over the server's "
-                f"proto-max-bulk-len of {limit} bytes: the server would refuse it"
-            )
-        return limit is None
-
-    async def _read_max_bulk_len(self) -> int | None:
-        """The server's proto-max-bulk-len, or ``None`` when it will not say (a user
-        without ``CONFIG`` rights gets ``NOPERM``; a cluster client asks a node it does
-        not choose; fakeredis has no such setting)."""
-        if isinstance(self._client, RedisCluster):
-            return None
-        reply = await self._send_one(("CONFIG", "GET", "proto-max-bulk-len"))
-        # A flat list in RESP2, a map in RESP3; empty when the server has no such setting.
-        value: Any
-        if isinstance(reply, dict):
-            value = reply.get(b"proto-max-bulk-len")
-        elif isinstance(reply, list) and len(reply) == 2:
-            value = reply[1]
-        else:
-            return None
-        try:
-            return int(value)
-        except (TypeError, ValueError):
-            return None
-
+    @observed("delete_package")
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        await self._call((self._delete_prefix, self._keys.row(row), FORMAT_VERSION, row))
+        await self._calls.call((self._delete_prefix, self._keys.row(row), FORMAT_VERSION, row))
 
+    @observed("put_package_route")
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
-        version = await self._call(
+        version = await self._calls.call(
             (
                 self._route_prefix,
                 route.workflow_type.encode("utf-8"),
                 route.content_hash.encode("utf-8"),
             ),
         )
-        if self._route_cache is not None:
-            self._route_cache.note_write(version, route.content_hash, (route.workflow_type,))
+        self._note_routes(version, route.content_hash, (route.workflow_type,))
 
     # Reads: plain commands, each unit led by a check of the layout marker.
 
+    @observed("get_package")
     async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
         key = self._keys.row(row)
-        ((archive, stamp),) = await self._unit([(_HMGET_ROW, key, _ROW_FIELDS)], archives=True)
+        ((archive, stamp),) = await self._calls.unit([read_row(key)], archives=True)
         if archive is None and stamp is None:
             return None
         return self._record(key, row, archive, stamp)
 
+    @observed("get_package_route")
     async def get_package_route(self, workflow_type: str) -> str | None:
         checked = check_text(workflow_type, "workflow_type")
         if self._route_cache is not None:
@@ -482,7 +419,7 @@ class RedisPackageStore:
                 return found
             # Not live yet, recovering, or unsure of this type: the server answers.
         field = checked.encode("utf-8")
-        value = await self._read(("HGET", self._keys.routes, field))
+        value = await self._calls.read(("HGET", self._keys.routes, field))
         return (
             None if value is None else self._text(value, f"{self._keys.routes!r} field {field!r}")
         )
@@ -508,8 +445,9 @@ class RedisPackageStore:
             return False
         return await self._route_cache.wait_live(timeout)
 
+    @observed("list_package_routes")
     async def list_package_routes(self) -> list[PackageRouteRecord]:
-        reply = await self._read(("HGETALL", self._keys.routes))
+        reply = await self._calls.read(("HGETALL", self._keys.routes))
         # A flat list in RESP2 from a single node, a map in RESP3 or through a cluster client.
         pairs = (
             reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
@@ -524,9 +462,11 @@ class RedisPackageStore:
         routes.sort(key=lambda r: r.workflow_type)
         return routes
 
+    @observed("list_packages")
     async def list_packages(self) -> list[PackageRecord]:
         return [record async for record in self.iter_packages()]
 
+    @observed_iterator("iter_packages")
     async def iter_packages(
         self, *, chunk: int = 1000, max_bytes: int = LISTING_BYTES
     ) -> AsyncIterator[PackageRecord]:
@@ -548,16 +488,20 @@ class RedisPackageStore:
         ``max_bytes`` must be a positive int.
         """
         check_chunk(max_bytes, "max_bytes")
-        async for key, member, ((archive, _),) in self._walk(
+        walk = Walk(
+            self._keys,
+            self._send_listing,
             chunk,
-            lambda key: [(_HMGET_ROW, key, _ROW_FIELDS)],
+            lambda key: [read_row(key)],
             lambda replies: replies[0][1],
             max_bytes=max_bytes,
-        ):
+        )
+        async for key, member, ((archive, _),) in walk.rows():
             if not isinstance(archive, bytes):
                 raise SerializationError(f"{key!r} is missing its archive")
             yield PackageRecord(member.workflow_type, member.content_hash, archive, member.at)
 
+    @observed_iterator("iter_package_heads")
     async def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
         """Every package as ``iter_packages`` lists it, without its archive.
 
@@ -566,300 +510,13 @@ class RedisPackageStore:
         promise while others write and the same memory bound as ``iter_packages``.
         Beyond the ``PackageStore`` contract: the command line lists with it.
         """
-        async for _, member, (_, size) in self._walk(
-            chunk,
-            lambda key: [(_HGET_STAMP, key, _STAMP_FIELD), (_HSTRLEN, key, _ARCHIVE_FIELD)],
-            lambda replies: replies[0],
-        ):
+        walk = Walk(self._keys, self._send_listing, chunk, read_head, lambda r: r[0])
+        async for _, member, (_, size) in walk.rows():
             yield PackageHead(member.workflow_type, member.content_hash, member.at, size)
 
-    async def _walk(
-        self,
-        chunk: int,
-        fetch_row: Callable[[bytes], list[Command]],
-        stamp_of: Callable[[list[Any]], Any],
-        *,
-        max_bytes: int | None = None,
-    ) -> AsyncIterator[tuple[bytes, _Member, list[Any]]]:
-        """``(key, index member, replies to fetch_row(key))`` for each row in index order,
-        ``chunk`` rows per round trip, each row at most once.
-
-        ``stamp_of(replies)`` is the row's ``deployed_at`` as read with them. A row whose
-        stamp is no longer the one its member carries was deleted or re-put since the
-        index was read: it is skipped here, and a re-put row is met again where it now
-        belongs unless the walk is past it. A row already yielded (read at its old
-        place, then re-put with a later stamp) is skipped where it is met again; the
-        set of row ids that remembers them is the walk's only memory beyond one chunk.
-
-        With ``max_bytes``, the rows' archives are sized (``HSTRLEN``) one round trip
-        before they are read; a round trip reads rows whose archives add up to at most
-        ``LISTING_GROUP`` (or half of ``max_bytes``, if less), or one row alone if its
-        archive alone is larger; and round trips are sent ahead while the archives under
-        way and those being yielded stay within ``max_bytes``. The sizes of the next
-        members go with the rows of the previous ones, so small archives still take one
-        round trip per chunk.
-        """
-        check_chunk(chunk)
-        k = self._keys
-        listed: set[bytes] = set()
-        # With a byte bound, round trips of a few MiB of archives each (LISTING_GROUP, or
-        # half the bound if less) are under way together, as many as the bound holds with
-        # the round trip whose rows are being handed out: the server sends the next while
-        # the rows of one are yielded, and memory is used and given back in small pieces.
-        group = None if max_bytes is None else max(1, min(max_bytes // 2, LISTING_GROUP))
-        # Members read from the index whose size is still to be asked for, and members
-        # with their archive's size (0 for every row without max_bytes), in index order.
-        unsized: list[_Member] = []
-        sized: deque[tuple[_Member, int]] = deque()
-        members: list[Any] = await self._read(self._next_members(b"-", chunk))
-        more = len(members) == chunk
-        last = members[-1] if members else b""
-        if max_bytes is None:
-            sized.extend((self._member(m), 0) for m in members)
-        else:
-            unsized = [self._member(m) for m in members]
-        # Round trips under way, in index order: the task that brings their replies, the
-        # rows, the members whose sizes they ask, whether they ask for the next members,
-        # and the bytes of their archives.
-        under_way: deque[tuple[asyncio.Task[list[Any]], list[_Member], list[_Member], bool, int]]
-        under_way = deque()
-        handing_out = 0  # the bytes of the archives of the rows being yielded
-        loop = asyncio.get_running_loop()
-
-        def room() -> bool:
-            """Whether the next rows may be asked for now."""
-            if not sized:
-                return False  # nothing is sent ahead of a round trip asking for sizes
-            if not under_way:
-                return True
-            if max_bytes is None or group is None:
-                return False
-            held = handing_out + sum(entry[4] for entry in under_way)
-            return held + max(group, sized[0][1]) <= max_bytes
-
-        def send() -> None:
-            nonlocal unsized, more
-            rows, size = self._take_rows(sized, chunk, group)
-            fetch = [command for row in rows for command in fetch_row(k.row(row.row))]
-            # Once the rows sized are all read (by this round trip), the sizes of the
-            # members read next, and the members after them: one chunk ahead, no more.
-            asking, unsized = ([], unsized) if sized else (unsized, [])
-            fetch.extend((_HSTRLEN, k.row(row.row), _ARCHIVE_FIELD) for row in asking)
-            ask_members = more and not sized
-            if ask_members:
-                fetch.append(self._next_members(b"(" + last, chunk))
-                more = False  # until the reply says
-            # Archives of a MiB and more follow each other on one connection.
-            large = size >= SLICE
-            task = loop.create_task(self._unit(fetch, large_reply=large, archives=large))
-            under_way.append((task, rows, asking, ask_members, size))
-
-        try:
-            while True:
-                while room():
-                    send()
-                if not under_way:
-                    if not (unsized or more):
-                        return
-                    send()
-                task, rows, asking, asked_members, handing_out = under_way.popleft()
-                replies = await task
-                width = (len(replies) - len(asking) - asked_members) // len(rows) if rows else 0
-                sizes = replies[len(rows) * width : len(rows) * width + len(asking)]
-                sized.extend(zip(asking, sizes, strict=True))
-                if asked_members:
-                    members = replies[-1]
-                    more = len(members) == chunk
-                    last = members[-1] if members else last
-                    if max_bytes is None:
-                        sized.extend((self._member(m), 0) for m in members)
-                    else:
-                        unsized = [self._member(m) for m in members]
-                while room():  # the next round trips go before these rows are handed out
-                    send()
-                found: list[Any] = []
-                for i, row in enumerate(rows):
-                    found = replies[i * width : (i + 1) * width]
-                    if stamp_of(found) != row.stamp or row.row in listed:
-                        continue
-                    listed.add(row.row)
-                    yield k.row(row.row), row, found
-                # Not held while the next round trip is awaited.
-                replies = found = []
-                handing_out = 0
-        finally:
-            for task, *_ in under_way:
-                task.cancel()
-                if task.done() and not task.cancelled():
-                    task.exception()  # retrieved: the walk ended with another error, or none
-
-    @staticmethod
-    def _take_rows(
-        sized: deque[tuple[_Member, int]], chunk: int, max_bytes: int | None
-    ) -> tuple[list[_Member], int]:
-        """The next rows to read, and their archives' bytes: up to ``chunk`` rows, their
-        archives within ``max_bytes`` (at least one row, whatever its size)."""
-        rows: list[_Member] = []
-        total = 0
-        while sized and len(rows) < chunk:
-            row, size = sized[0]
-            if max_bytes is not None and rows and total + size > max_bytes:
-                break
-            sized.popleft()
-            rows.append(row)
-            total += size
-        return rows, total
-
-    def _next_members(self, after: bytes, chunk: int) -> Command:
-        return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, chunk)
-
-    # The wire.
-
-    async def _call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
-        """The reply to ``command``, an ``FCALL`` of the library, loading the library
-        first if the server lacks it. ``alone``: sent with nothing else in flight."""
-        unit = self._with_wait(command)
-        replies = await self._pipeliner.run(unit, size, alone=alone)
-        if is_missing_function(replies[0]):
-            replies = await self._run_with_library(unit, size, alone)
-        return self._result(command, replies)
-
-    def _with_wait(self, command: Command) -> tuple[Command, ...]:
-        """``command`` as a unit: followed by ``WAIT`` when writes wait for replicas."""
-        return (command,) if self._wait is None else (command, self._wait)
-
-    async def _run_with_library(
-        self, unit: tuple[Command, ...], size: int, alone: bool
-    ) -> list[Any]:
-        # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
-        self._library_found = False
-        await self._ensure_library()
-        return await self._pipeliner.run(unit, size, alone=alone)
-
-    def _result(self, command: Command, replies: list[Any]) -> Any:
-        """What the function ``command`` called replied, its refusals raised; and, with
-        ``min_replicas``, raises if fewer replicas acknowledged the write."""
-        reply = replies[0]
-        if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
-            raise self._type_error(command, str(reply))
-        result = self._reply(reply)
-        self._library_found = True  # the function ran
-        wait = self._wait
-        if wait is not None:
-            acked, wanted = self._reply(replies[1]), wait[1]
-            if acked < wanted:
-                raise BackendError(
-                    f"{self._server}: {acked} of {wanted} replicas acknowledged the write in "
-                    f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
-                )
-        return result
-
-    async def load_library(self) -> list[str]:
-        """Load this release's kvstore library on the server (on every primary of a
-        cluster), and say per server what was done; idempotent.
-
-        A store loads it by itself when a call finds it missing; this is for an operator
-        (``kvstore setup``) whose engines' credentials may not ``FUNCTION LOAD``.
-        """
-        # Retried like any call: a load often follows a restart, whose first attempt may
-        # meet a pooled connection the server closed.
-        loop = asyncio.get_running_loop()
-        budget = Budget(self._options.retry_budget, self._timeout)
-        retry_until = budget.retry_until(loop.time())
-        backoff = Backoff()
-        while True:
-            try:
-                coro = load_library(self._client, send=self._send_one)
-                if self._timeout is None:
-                    return await coro
-                return await asyncio.wait_for(coro, self._timeout)
-            except NoPermissionError as exc:
-                raise BackendError(
-                    f"the kvstore library {LIBRARY.name} is not loaded on {self._server} and "
-                    "this credential may not load it; run `kvstore setup --url URL` with a "
-                    "credential that may (FUNCTION LOAD)"
-                ) from exc
-            except (ResponseError, OSError, asyncio.TimeoutError, RedisError) as exc:
-                delay = budget.delay(exc, backoff, retry_until, loop.time())
-                if delay is None:
-                    raise self._backend_error(exc) from None
-            await asyncio.sleep(delay)
-
-    async def _send_one(self, command: Command) -> Any:
-        """The reply to ``command``, sent on the store's own connections; a refusal is
-        its ``ResponseError`` value."""
-        (reply,) = await self._pipeliner.run((command,))
-        return reply
-
-    async def _ensure_library(self) -> None:
-        # One load in flight per store: the calls that find the library missing together
-        # wait for the same one. It is shielded, so a caller cancelled meanwhile does not
-        # cancel the others' load.
-        loading = self._loading
-        if loading is None:
-            loading = self._loading = asyncio.ensure_future(self.load_library())
-            loading.add_done_callback(self._loaded)
-        try:
-            await asyncio.shield(loading)
-        except asyncio.CancelledError:
-            if not loading.cancelled():
-                raise  # this caller was cancelled; the load goes on for the others
-            # Only aclose() cancels the load: fail as every call the closing cut short.
-            raise self._backend_error(ConnectionError("the store is closed")) from None
-
-    def _loaded(self, loading: asyncio.Future[list[str]]) -> None:
-        if self._loading is loading:
-            self._loading = None
-        if not loading.cancelled():
-            loading.exception()  # retrieved: the callers that awaited it raised it
-
-    def _type_error(self, command: Command, reply: str) -> SerializationError:
-        # "KVSTORE_TYPE <i> <found> <expected>": KEYS[i] of the command, which names
-        # the function and the key count before the keys.
-        index, found, expected = reply.split()[1:4]
-        key = flatten(command)[2 + int(index)]
-        return SerializationError(f"{key!r} holds a {found}, not a {expected}; nothing was written")
-
-    async def _read(self, command: Command) -> Any:
-        (reply,) = await self._unit([command])
-        return reply
-
-    async def _unit(
-        self, commands: list[Command], *, large_reply: bool = False, archives: bool = False
-    ) -> list[Any]:
-        """Replies to ``commands``, sent with a check that the layout is ours.
-        ``archives``: the replies may hold archives (read in slices when large)."""
-        found, *replies = await self._pipeliner.run(
-            [self._format_check, *commands], large_reply=large_reply, streamed=archives
-        )
-        found = self._reply(found)
-        if found is not None and found != FORMAT_VERSION:
-            raise self._layout_error(found)
-        return [self._reply(r) for r in replies]
-
-    def _reply(self, reply: Any) -> Any:
-        if isinstance(reply, ResponseError):
-            message = str(reply)
-            if message.startswith("KVSTORE_FORMAT "):
-                raise self._layout_error(message.removeprefix("KVSTORE_FORMAT ").encode())
-            raise self._backend_error(reply)
-        return reply
-
-    def _layout_error(self, found: bytes) -> SerializationError:
-        error = SerializationError(
-            f"{self._keys.format!r} says layout {found!r}; this kvstore reads and writes "
-            f"layout {FORMAT_VERSION!r} and will not touch the namespace"
-        )
-        _log.error("%s", error)
-        return error
-
-    def _backend_error(self, exc: BaseException) -> BackendError:
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        redacted = _redact(message, self._secrets)
-        error = BackendError(f"{self._server}: {redacted}")
-        if redacted == message:
-            error.__cause__ = exc
-        return error
+    async def _send_listing(self, commands: list[Command], *, large: bool) -> list[Any]:
+        # Archives of a MiB and more follow each other on one connection, read in slices.
+        return await self._calls.unit(commands, large=large, archives=large)
 
     # Decoding what the server holds.
 
@@ -872,82 +529,8 @@ class RedisPackageStore:
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
 
-    def _member(self, member: Any) -> _Member:
-        """An index member, decoded; ``SerializationError`` naming the key and the member."""
-        where = self._keys.index
-        if not isinstance(member, bytes):
-            raise SerializationError(f"{where!r} holds a non-bytes member: {member!r}")
-        try:
-            stamp, row = split_index_member(member)
-            workflow_type, content_hash = split_row_id(row)
-            at = decode_stamp(stamp)
-        except ValueError as exc:  # UnicodeDecodeError included
-            raise SerializationError(
-                f"{where!r} holds a malformed member {member!r}: {exc}"
-            ) from exc
-        return _Member(stamp, row, workflow_type, content_hash, at)
-
     def _text(self, value: Any, where: str) -> str:
         try:
             return bytes(value).decode("utf-8")
         except (TypeError, UnicodeDecodeError) as exc:
             raise SerializationError(f"{where} is not UTF-8 text: {value!r}") from exc
-
-
-class _Member(NamedTuple):
-    """An index member as a listing reads it: ``<stamp> <row id>`` and what they say."""
-
-    stamp: bytes
-    row: bytes
-    workflow_type: str
-    content_hash: str
-    at: datetime
-
-
-def _connection_options(client: Redis | RedisCluster) -> dict[str, Any]:
-    if isinstance(client, RedisCluster):
-        return dict(client.get_connection_kwargs())
-    return dict(client.connection_pool.connection_kwargs)
-
-
-def _telemetry_attributes(
-    client: Redis | RedisCluster, options: dict[str, Any], namespace: str
-) -> dict[str, Any]:
-    """The attributes every span and measurement of a store carries, by OpenTelemetry's
-    conventions: the server, the database index, the namespace (never a secret)."""
-    attributes: dict[str, Any] = {"kvstore.namespace": namespace}
-    if isinstance(client, RedisCluster):
-        nodes = client.nodes_manager.startup_nodes
-        if nodes:
-            first = next(iter(nodes.values()))
-            attributes["server.address"] = first.host
-            attributes["server.port"] = first.port
-        return attributes
-    if "path" in options:
-        attributes["server.address"] = options["path"]
-    elif "host" in options:
-        attributes["server.address"] = options["host"]
-        attributes["server.port"] = int(options.get("port", 6379))
-    attributes["db.namespace"] = str(options.get("db", 0))
-    return attributes
-
-
-def _describe_server(client: Redis | RedisCluster, options: dict[str, Any]) -> str:
-    if isinstance(client, RedisCluster):
-        return "redis cluster"
-    if "path" in options:
-        return f"unix://{options['path']}"
-    if "host" in options:
-        return f"{options['host']}:{options.get('port', 6379)}"
-    service = getattr(client.connection_pool, "service_name", None)
-    if isinstance(service, str):
-        return f"sentinel service {service}"
-    return type(client).__name__
-
-
-def _redact(text: str, secrets: list[str]) -> str:
-    # A secret is replaced where it stands as a whole, not inside a longer word, so a
-    # short password does not mangle the message around it ("p" in "password").
-    for secret in secrets:
-        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", "***", text)
-    return text

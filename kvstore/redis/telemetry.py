@@ -6,9 +6,10 @@ needs ``opentelemetry-api`` (the ``telemetry`` extra) and only the API: spans an
 go to whatever SDK the application configured, and nowhere when it configured none.
 
 Off by default (``RedisPackageStore(..., telemetry=False)``), it costs nothing: this
-module is not even imported, the store's methods are its own, and the pipeliner pays
-one attribute check per call and per batch. ``telemetry=True`` replaces the store's
-public methods on that instance by observed ones (``instrument``). Off is the default,
+module is not even imported, and each observed method of the store
+(``kvstore.redis.observing``) and the pipeliner pay one attribute check per call and per
+batch. ``telemetry=True`` gives the store an ``Observer``, which those methods hand each
+call to (``Observer.call``, ``Observer.iterate``). Off is the default,
 not "on when the API is installed": the API often comes in with other packages, and even
 its no-op spans cost a couple of microseconds per call.
 
@@ -51,8 +52,8 @@ import asyncio
 import contextvars
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncIterator, Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from opentelemetry import metrics, trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
@@ -62,9 +63,12 @@ from kvstore.errors import BackendError
 from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE
 
 if TYPE_CHECKING:
-    from kvstore.redis.store import RedisPackageStore
+    from kvstore.redis.route_cache import RouteCache
 
-__all__ = ["CALLS", "ITERATORS", "Observer", "instrument"]
+__all__ = ["CALLS", "ITERATORS", "Observer"]
+
+R = TypeVar("R")
+Y = TypeVar("Y")
 
 VERSION = "0.1.0"
 # The store's calls that are observed: coroutines, and async iterators.
@@ -152,13 +156,13 @@ class _Instruments:
 
     def _live(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         for observer in list(self.stores):
-            cache = observer.route_cache()
+            cache = observer.route_cache
             if cache is not None:
                 yield metrics.Observation(int(cache.live), observer.base)
 
     def _reloads(self, options: metrics.CallbackOptions) -> Iterable[metrics.Observation]:
         for observer in list(self.stores):
-            cache = observer.route_cache()
+            cache = observer.route_cache
             if cache is not None:
                 yield metrics.Observation(cache.reloads, observer.base)
 
@@ -188,8 +192,8 @@ class Observer:
     """The telemetry of one store: its spans, its share of the metrics, and the hooks
     the pipeliner calls (``current``, ``batch``, ``retried``)."""
 
-    def __init__(self, store: RedisPackageStore, attributes: dict[str, Any]) -> None:
-        self._store = weakref.ref(store)
+    def __init__(self, attributes: dict[str, Any], route_cache: RouteCache | None) -> None:
+        self.route_cache = route_cache
         self.base: dict[str, Any] = {"db.system.name": "redis", **attributes}
         self._tracer = trace.get_tracer("kvstore", VERSION)
         self._instruments = _shared()
@@ -203,10 +207,6 @@ class Observer:
             }
             for name in (*CALLS, *ITERATORS)
         }
-
-    def route_cache(self) -> Any:
-        store = self._store()
-        return None if store is None else store._route_cache
 
     # The pipeliner's hooks.
 
@@ -229,55 +229,40 @@ class Observer:
                 call.retries += 1
         self._instruments.retries.add(count, {**self.base, "error.type": _type_of(exc)})
 
-    # Observing a call.
+    # Observing a call: what the store's observed methods hand over.
 
-    def wrap(self, name: str, method: Callable[..., Awaitable[Any]]) -> Callable[..., Any]:
+    async def call(self, name: str, work: Coroutine[Any, Any, R]) -> R:
+        """Run ``work``, the coroutine of the store's operation ``name``, as one call."""
+        if (outer := _CURRENT.get()) is not None and outer.observer is self:
+            return await work  # part of a call already observed
         attributes = self._attributes[name]
-        tracer = self._tracer
-        instruments = self._instruments
+        call = Call(self)
+        token = _CURRENT.set(call)
+        start = time.perf_counter()
+        outcome = attributes
+        # A child of the caller's span; not made current, as nothing within the call
+        # makes spans of its own (which saves two context switches per call).
+        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        try:
+            return await work
+        except BaseException as exc:
+            outcome = self._failed(span, attributes, exc)
+            raise
+        finally:
+            _CURRENT.reset(token)
+            span.set_attribute("kvstore.attempts", call.attempts)
+            self._instruments.duration.record(time.perf_counter() - start, outcome)
+            span.end()
 
-        async def observed(*args: Any, **kwargs: Any) -> Any:
-            if (outer := _CURRENT.get()) is not None and outer.observer is self:
-                return await method(*args, **kwargs)  # part of a call already observed
-            call = Call(self)
-            token = _CURRENT.set(call)
-            start = time.perf_counter()
-            outcome = attributes
-            # A child of the caller's span; not made current, as nothing within the call
-            # makes spans of its own (which saves two context switches per call).
-            span = tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
-            try:
-                return await method(*args, **kwargs)
-            except BaseException as exc:
-                outcome = self._failed(span, attributes, exc)
-                raise
-            finally:
-                _CURRENT.reset(token)
-                span.set_attribute("kvstore.attempts", call.attempts)
-                instruments.duration.record(time.perf_counter() - start, outcome)
-                span.end()
-
-        observed.__name__ = name
-        observed.__doc__ = method.__doc__
-        return observed
-
-    def wrap_iterator(
-        self, name: str, method: Callable[..., AsyncIterator[Any]]
-    ) -> Callable[..., AsyncIterator[Any]]:
-        attributes = self._attributes[name]
-
-        def observed(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
-            if (outer := _CURRENT.get()) is not None and outer.observer is self:
-                return method(*args, **kwargs)
-            return self._iterate(name, attributes, method(*args, **kwargs))
-
-        observed.__name__ = name
-        observed.__doc__ = method.__doc__
-        return observed
+    def iterate(self, name: str, work: AsyncIterator[Y]) -> AsyncIterator[Y]:
+        """``work``, the async iterator of the store's operation ``name``, as one call."""
+        if (outer := _CURRENT.get()) is not None and outer.observer is self:
+            return work
+        return self._iterate(name, self._attributes[name], work)
 
     async def _iterate(
-        self, name: str, attributes: dict[str, Any], inner: AsyncIterator[Any]
-    ) -> AsyncIterator[Any]:
+        self, name: str, attributes: dict[str, Any], inner: AsyncIterator[Y]
+    ) -> AsyncIterator[Y]:
         # The span covers the whole walk; the call is current only while the walk
         # itself runs, not while the caller's loop body does between items.
         call = Call(self)
@@ -339,14 +324,3 @@ def _type_of(exc: BaseException) -> str:
     if module.startswith("kvstore."):
         module = "kvstore"
     return f"{module}.{cls.__qualname__}"
-
-
-def instrument(store: RedisPackageStore, attributes: dict[str, Any]) -> Observer:
-    """Observe ``store``'s calls: its public methods, on this instance, become observed
-    ones. Returns the observer, which the store hands to its pipeliner."""
-    observer = Observer(store, attributes)
-    for name in CALLS:
-        setattr(store, name, observer.wrap(name, getattr(store, name)))
-    for name in ITERATORS:
-        setattr(store, name, observer.wrap_iterator(name, getattr(store, name)))
-    return observer

@@ -15,21 +15,18 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError, RedisError, WatchError
 
 from kvstore.errors import BackendError
 from kvstore.redis.store import RedisPackageStore
+from kvstore.redis.target import target_for
 
 T = TypeVar("T")
 
 
 def borrow_client(store: RedisPackageStore) -> Redis:
     """The store's client; ``TypeError`` for a cluster client (the tools speak to one node)."""
-    client = store.client
-    if isinstance(client, RedisCluster):
-        raise TypeError("status and check speak to one server, not to a Redis Cluster")
-    return client
+    return target_for(store.client).admin_client()
 
 
 class Admin:

@@ -1,0 +1,309 @@
+"""Every call a store sends, and how its replies become results or the library's errors.
+
+Two kinds of call go through here, and nothing else speaks to the server for a store:
+
+- **Reads** (``read``, ``unit``): plain commands, each unit led by a ``GET`` of the
+  layout marker, so a namespace of another layout is refused before anything is read
+  from it.
+- **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``),
+  followed by ``WAIT`` when writes wait for replicas. A call that finds the library
+  missing loads it (one load at a time per store) and is sent once more. Its refusals
+  (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key.
+  A large archive is first checked against the server's ``proto-max-bulk-len``
+  (``sends_alone``).
+
+Every failure of the server becomes ``BackendError`` naming it, password redacted
+(``backend_error``), here and for the pipeliner.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from redis.exceptions import ConnectionError, NoPermissionError, ResponseError
+
+from kvstore.errors import BackendError, SerializationError
+from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.options import StoreOptions
+from kvstore.redis.pipeline import Pipeliner
+from kvstore.redis.retry import Budget, call_with_retry
+from kvstore.redis.scripts import LIBRARY, is_missing_function, load_library
+from kvstore.redis.target import Target
+from kvstore.redis.wire import Command, PrePacked, flatten
+
+_log = logging.getLogger("kvstore.redis.store")
+
+# An archive larger than this is checked against the server's proto-max-bulk-len before
+# it is sent, so that a server that would refuse it never drops a connection carrying
+# other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
+# to set the limit under 1 MiB).
+LARGE_ARGUMENT = 512 << 10
+
+
+class Calls:
+    """The calls of one store to its ``target``, over one namespace's ``keys``."""
+
+    def __init__(
+        self,
+        target: Target,
+        keys: Keyspace,
+        options: StoreOptions,
+        *,
+        spare_connections: int,
+    ) -> None:
+        self._target = target
+        self._keys = keys
+        self._timeout = options.timeout
+        self._budget = Budget(options.retry_budget, options.timeout)
+        password = target.connection_options().get("password")
+        self._secrets = [password] if isinstance(password, str) and password else []
+        self.pipeliner = Pipeliner(
+            target.transport(),
+            lanes=options.lanes,
+            timeout=options.timeout,
+            retry_budget=options.retry_budget,
+            translate=self.backend_error,
+            spare_connections=spare_connections,
+        )
+        self._format_check = (PrePacked("GET", keys.format),)
+        self._wait: Command | None = None
+        if options.min_replicas:
+            self._wait = (
+                "WAIT",
+                options.min_replicas,
+                round(options.replica_timeout * 1000),
+            )
+        # The server's proto-max-bulk-len, read on the first large put (None: unknown).
+        self._max_bulk: int | None = None
+        self._max_bulk_read = False
+        self._max_bulk_lock = asyncio.Lock()
+        self._loading: asyncio.Future[list[str]] | None = None
+        # Whether a write found this release's library on the server (None: no write yet).
+        self.library_found: bool | None = None
+        # What a call that finds the library missing runs: the store's public method,
+        # so a load that a call needs is seen (and observed) as one.
+        self.load_hook: Callable[[], Awaitable[list[str]]] = self.load_library
+
+    @property
+    def server(self) -> str:
+        return self._target.description
+
+    async def aclose(self) -> None:
+        if self._loading is not None:
+            self._loading.cancel()
+        await self.pipeliner.aclose()
+
+    # Health.
+
+    @property
+    def connected(self) -> bool:
+        """Whether the last reply waited for came, and no failure since."""
+        return self.pipeliner.reached and self.pipeliner.last_failure is None
+
+    @property
+    def last_error(self) -> str | None:
+        failure = self.pipeliner.last_failure
+        return None if failure is None else f"{self.server}: {redact(failure, self._secrets)}"
+
+    async def ping(self) -> None:
+        """One ``PING`` through the store's connections within ``timeout``, retries
+        included: a probe wants the state now, not after the retry budget."""
+        run = self.pipeliner.run((("PING",),))
+        try:
+            if self._timeout is None:
+                (reply,) = await run
+            else:
+                (reply,) = await asyncio.wait_for(run, self._timeout)
+        except asyncio.TimeoutError:
+            stalled = TimeoutError(f"no answer to PING within {self._timeout} s")
+            self.pipeliner.last_failure = f"TimeoutError: {stalled}"  # for health()
+            raise self.backend_error(stalled) from None
+        self.reply(reply)
+
+    # Writes: one function call each.
+
+    async def call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
+        """The reply to ``command``, an ``FCALL`` of the library, loading the library
+        first if the server lacks it. ``alone``: sent with nothing else in flight. Every
+        write of the store comes this way."""
+        unit = (command,) if self._wait is None else (command, self._wait)
+        replies = await self.pipeliner.run(unit, size, alone=alone)
+        if is_missing_function(replies[0]):
+            # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
+            self.library_found = False
+            await self._ensure_library()
+            replies = await self.pipeliner.run(unit, size, alone=alone)
+        return self._result(command, replies)
+
+    def _result(self, command: Command, replies: list[Any]) -> Any:
+        """What the function ``command`` called replied, its refusals raised; and, with
+        ``min_replicas``, raises if fewer replicas acknowledged the write."""
+        reply = replies[0]
+        if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
+            raise self._type_error(command, str(reply))
+        result = self.reply(reply)
+        self.library_found = True  # the function ran
+        wait = self._wait
+        if wait is not None:
+            acked, wanted = self.reply(replies[1]), wait[1]
+            if acked < wanted:
+                raise BackendError(
+                    f"{self.server}: {acked} of {wanted} replicas acknowledged the write in "
+                    f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
+                )
+        return result
+
+    def _type_error(self, command: Command, reply: str) -> SerializationError:
+        # "KVSTORE_TYPE <i> <found> <expected>": KEYS[i] of the command, which names
+        # the function and the key count before the keys.
+        index, found, expected = reply.split()[1:4]
+        key = flatten(command)[2 + int(index)]
+        return SerializationError(f"{key!r} holds a {found}, not a {expected}; nothing was written")
+
+    async def sends_alone(self, size: int) -> bool:
+        """Whether a put whose archive is ``size`` bytes must be sent alone, because
+        the server's limit is unknown; raises ``BackendError`` if it is over the limit."""
+        if size <= LARGE_ARGUMENT:
+            return False
+        if not self._max_bulk_read:  # once per store; the lock keeps it one read
+            async with self._max_bulk_lock:
+                if not self._max_bulk_read:
+                    self._max_bulk = await self._read_max_bulk_len()
+                    self._max_bulk_read = True
+        limit = self._max_bulk
+        if limit is not None and size > limit:
+            raise BackendError(
+                f"{self.server}: the archive is {size} bytes, over the server's "
+                f"proto-max-bulk-len of {limit} bytes: the server would refuse it"
+            )
+        return limit is None
+
+    async def _read_max_bulk_len(self) -> int | None:
+        """The server's proto-max-bulk-len, or ``None`` when it will not say (a user
+        without ``CONFIG`` rights gets ``NOPERM``; a cluster client asks a node it does
+        not choose; fakeredis has no such setting)."""
+        if not self._target.reads_server_config:
+            return None
+        reply = await self.send_one(("CONFIG", "GET", "proto-max-bulk-len"))
+        # A flat list in RESP2, a map in RESP3; empty when the server has no such setting.
+        value: Any
+        if isinstance(reply, dict):
+            value = reply.get(b"proto-max-bulk-len")
+        elif isinstance(reply, list) and len(reply) == 2:
+            value = reply[1]
+        else:
+            return None
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            return None
+
+    # The library.
+
+    async def load_library(self) -> list[str]:
+        """Load this release's library wherever the target needs it; see
+        ``RedisPackageStore.load_library``."""
+        # Retried like any call: a load often follows a restart, whose first attempt may
+        # meet a pooled connection the server closed.
+        return await call_with_retry(
+            lambda: load_library(self._target, send=self.send_one),
+            self._budget,
+            self._load_error,
+        )
+
+    def _load_error(self, exc: BaseException) -> Exception:
+        if isinstance(exc, NoPermissionError):
+            error = BackendError(
+                f"the kvstore library {LIBRARY.name} is not loaded on {self.server} and "
+                "this credential may not load it; run `kvstore setup --url URL` with a "
+                "credential that may (FUNCTION LOAD)"
+            )
+            error.__cause__ = exc
+            return error
+        return self.backend_error(exc)
+
+    async def send_one(self, command: Command) -> Any:
+        """The reply to ``command``, sent on the store's own connections; a refusal is
+        its ``ResponseError`` value."""
+        (reply,) = await self.pipeliner.run((command,))
+        return reply
+
+    async def _ensure_library(self) -> None:
+        # One load in flight per store: the calls that find the library missing together
+        # wait for the same one. It is shielded, so a caller cancelled meanwhile does not
+        # cancel the others' load.
+        loading = self._loading
+        if loading is None:
+            loading = self._loading = asyncio.ensure_future(self.load_hook())
+            loading.add_done_callback(self._loaded)
+        try:
+            await asyncio.shield(loading)
+        except asyncio.CancelledError:
+            if not loading.cancelled():
+                raise  # this caller was cancelled; the load goes on for the others
+            # Only aclose() cancels the load: fail as every call the closing cut short.
+            raise self.backend_error(ConnectionError("the store is closed")) from None
+
+    def _loaded(self, loading: asyncio.Future[list[str]]) -> None:
+        if self._loading is loading:
+            self._loading = None
+        if not loading.cancelled():
+            loading.exception()  # retrieved: the callers that awaited it raised it
+
+    # Reads: plain commands, each unit led by a check of the layout marker.
+
+    async def read(self, command: Command) -> Any:
+        (reply,) = await self.unit([command])
+        return reply
+
+    async def unit(
+        self, commands: list[Command], *, large: bool = False, archives: bool = False
+    ) -> list[Any]:
+        """Replies to ``commands``, sent with a check that the layout is ours.
+        ``archives``: the replies may hold archives (read in slices when large);
+        ``large``: they are of a MiB or more, sent behind each other on one connection."""
+        found, *replies = await self.pipeliner.run(
+            [self._format_check, *commands], large_reply=large, streamed=archives
+        )
+        found = self.reply(found)
+        if found is not None and found != FORMAT_VERSION:
+            raise self._layout_error(found)
+        return [self.reply(r) for r in replies]
+
+    def reply(self, reply: Any) -> Any:
+        """``reply``, or the library's error for a refusal."""
+        if isinstance(reply, ResponseError):
+            message = str(reply)
+            if message.startswith("KVSTORE_FORMAT "):
+                raise self._layout_error(message.removeprefix("KVSTORE_FORMAT ").encode())
+            raise self.backend_error(reply)
+        return reply
+
+    def _layout_error(self, found: bytes) -> SerializationError:
+        error = SerializationError(
+            f"{self._keys.format!r} says layout {found!r}; this kvstore reads and writes "
+            f"layout {FORMAT_VERSION!r} and will not touch the namespace"
+        )
+        _log.error("%s", error)
+        return error
+
+    def backend_error(self, exc: BaseException) -> BackendError:
+        """``exc`` as the library's error, naming the server, password redacted."""
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        redacted = redact(message, self._secrets)
+        error = BackendError(f"{self.server}: {redacted}")
+        if redacted == message:
+            error.__cause__ = exc
+        return error
+
+
+def redact(text: str, secrets: Sequence[str]) -> str:
+    # A secret is replaced where it stands as a whole, not inside a longer word, so a
+    # short password does not mangle the message around it ("p" in "password").
+    for secret in secrets:
+        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", "***", text)
+    return text

@@ -1,0 +1,262 @@
+"""The listing walk: every row of a namespace in index order, a chunk per round trip.
+
+``Walk`` reads the index (``{ns}:packages``) by member, never by rank, and the rows it
+names, through one function it is given, ``send(commands, large=...)``: the replies to
+``commands``, each refusal raised. The store gives it its pipeliner (every unit led by
+the check of the layout marker); a test can give it anything that answers, and count
+or delay the round trips it sees.
+
+The walk's promise (``RedisPackageStore.iter_packages`` states it to the caller):
+
+- a row neither put nor deleted during the walk is returned exactly once, even while
+  others are written or deleted; a row put or deleted meanwhile at most once, as it
+  was or as it became. A row whose stamp is no longer the one its member carries was
+  deleted or re-put since the index was read: it is skipped where it is met, and a
+  re-put row is met again where it now belongs unless the walk is past it. A row
+  already returned (read at its old place, then re-put later) is skipped where it is
+  met again; the set of row ids that remembers them is the walk's only memory beyond
+  one chunk.
+- with a byte bound, the rows' archives are sized (``HSTRLEN``) one round trip before
+  they are read; a round trip reads rows whose archives add up to at most
+  ``LISTING_GROUP`` (or half the bound, if less), or one row alone if its archive alone
+  is larger; and round trips are sent ahead while the archives under way and those
+  being handed out stay within the bound. The sizes of the next members go with the
+  rows of the previous ones, so small archives still take one round trip per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, NamedTuple, Protocol
+
+from kvstore.errors import SerializationError
+from kvstore.records import check_chunk
+from kvstore.redis.keyspace import Keyspace, decode_stamp, split_index_member, split_row_id
+from kvstore.redis.wire import SLICE, Command, PrePacked
+
+# What ``iter_packages`` holds of archives at a time, those being handed out and those
+# under way together (unless one archive alone is larger): the client's memory for a
+# listing, whatever the archives' sizes.
+LISTING_BYTES = 64 << 20
+# The most archive bytes one round trip of a listing reads (a larger archive comes alone).
+LISTING_GROUP = 8 << 20
+
+
+class Send(Protocol):
+    """The replies to ``commands``; ``large``: they may hold archives of a MiB or more."""
+
+    def __call__(
+        self, commands: list[Command], *, large: bool
+    ) -> Coroutine[Any, Any, list[Any]]: ...
+
+
+_HMGET = PrePacked("HMGET")
+_ROW_FIELDS = PrePacked(b"archive", b"deployed_at")
+_HGET = PrePacked("HGET")
+_STAMP_FIELD = PrePacked(b"deployed_at")
+_HSTRLEN = PrePacked("HSTRLEN")
+_ARCHIVE_FIELD = PrePacked(b"archive")
+
+
+def read_row(key: bytes) -> Command:
+    """The command that reads a row: its reply is ``[archive, deployed_at]``."""
+    return (_HMGET, key, _ROW_FIELDS)
+
+
+def read_head(key: bytes) -> list[Command]:
+    """The commands that read a row without its archive: ``deployed_at``, then the
+    archive's size."""
+    return [(_HGET, key, _STAMP_FIELD), archive_size(key)]
+
+
+def archive_size(key: bytes) -> Command:
+    return (_HSTRLEN, key, _ARCHIVE_FIELD)
+
+
+class Member(NamedTuple):
+    """An index member as a listing reads it: ``<stamp> <row id>`` and what they say."""
+
+    stamp: bytes
+    row: bytes
+    workflow_type: str
+    content_hash: str
+    at: datetime
+
+
+def decode_member(keys: Keyspace, member: Any) -> Member:
+    """An index member, decoded; ``SerializationError`` naming the key and the member."""
+    where = keys.index
+    if not isinstance(member, bytes):
+        raise SerializationError(f"{where!r} holds a non-bytes member: {member!r}")
+    try:
+        stamp, row = split_index_member(member)
+        workflow_type, content_hash = split_row_id(row)
+        at = decode_stamp(stamp)
+    except ValueError as exc:  # UnicodeDecodeError included
+        raise SerializationError(f"{where!r} holds a malformed member {member!r}: {exc}") from exc
+    return Member(stamp, row, workflow_type, content_hash, at)
+
+
+@dataclass(eq=False, slots=True)
+class RoundTrip:
+    """One round trip of a walk under way: what it reads, and what brings its replies.
+
+    Its replies are, in order: ``len(fetch_row(key))`` for each of ``rows``, the size of
+    each of ``sizing``, and the next members of the index if ``asks_members``.
+    """
+
+    replies: asyncio.Task[list[Any]]
+    rows: list[Member]
+    sizing: list[Member]
+    asks_members: bool
+    size: int  # the bytes of the archives of ``rows``
+
+
+class Walk:
+    """One walk of the index; ``rows()`` is the walk itself (see the module's promise).
+
+    ``fetch_row(key)`` is the commands that read a row, ``stamp_of(replies)`` the row's
+    ``deployed_at`` as read by them. ``max_bytes``: the bound on archives held, or
+    ``None`` for a walk that reads no archives.
+    """
+
+    def __init__(
+        self,
+        keys: Keyspace,
+        send: Send,
+        chunk: int,
+        fetch_row: Callable[[bytes], list[Command]],
+        stamp_of: Callable[[Sequence[Any]], Any],
+        *,
+        max_bytes: int | None = None,
+    ) -> None:
+        self._keys = keys
+        self._send = send
+        self._chunk = check_chunk(chunk)
+        self._fetch_row = fetch_row
+        self._stamp_of = stamp_of
+        self._max_bytes = max_bytes
+        # Round trips of a few MiB of archives each (LISTING_GROUP, or half the bound if
+        # less) are under way together, as many as the bound holds with the round trip
+        # whose rows are being handed out: the server sends the next while the rows of
+        # one are handed out, and memory is used and given back in small pieces.
+        self._group = None if max_bytes is None else max(1, min(max_bytes // 2, LISTING_GROUP))
+        # Members read from the index whose size is still to be asked for, and members
+        # with their archive's size (0 for every row without max_bytes), in index order.
+        self._unsized: list[Member] = []
+        self._sized: deque[tuple[Member, int]] = deque()
+        self._more = True  # the index may hold members after ``_last``
+        self._last = b""
+        self._under_way: deque[RoundTrip] = deque()
+        self._handing_out = 0  # the bytes of the archives of the rows being handed out
+        self._listed: set[bytes] = set()
+
+    async def rows(self) -> AsyncIterator[tuple[bytes, Member, list[Any]]]:
+        """``(key, index member, replies to fetch_row(key))`` for each row in index
+        order, each row at most once."""
+        (members,) = await self._send([self._next_members(b"-")], large=False)
+        self._take_members(members)
+        try:
+            while True:
+                self._send_ahead()
+                if not self._under_way:
+                    if not (self._unsized or self._more):
+                        return
+                    self._send_round_trip()
+                trip = self._under_way.popleft()
+                self._handing_out = trip.size
+                replies = await trip.replies
+                self._read_sizes_and_members(trip, replies)
+                self._send_ahead()  # the next round trips go before these rows are handed out
+                width = self._row_width(trip, replies)
+                found: list[Any] = []
+                for i, row in enumerate(trip.rows):
+                    found = replies[i * width : (i + 1) * width]
+                    if self._stamp_of(found) != row.stamp or row.row in self._listed:
+                        continue
+                    self._listed.add(row.row)
+                    yield self._keys.row(row.row), row, found
+                # Not held while the next round trip is awaited.
+                replies = found = []
+                self._handing_out = 0
+        finally:
+            for trip in self._under_way:
+                trip.replies.cancel()
+                if trip.replies.done() and not trip.replies.cancelled():
+                    trip.replies.exception()  # retrieved: the walk ended otherwise
+
+    def _take_members(self, members: list[Any]) -> None:
+        self._more = len(members) == self._chunk
+        self._last = members[-1] if members else self._last
+        decoded = [decode_member(self._keys, m) for m in members]
+        if self._max_bytes is None:
+            self._sized.extend((m, 0) for m in decoded)
+        else:
+            self._unsized = decoded
+
+    def _room(self) -> bool:
+        """Whether the next rows may be asked for now."""
+        if not self._sized:
+            return False  # nothing is sent ahead of a round trip asking for sizes
+        if not self._under_way:
+            return True
+        if self._max_bytes is None or self._group is None:
+            return False
+        held = self._handing_out + sum(trip.size for trip in self._under_way)
+        return held + max(self._group, self._sized[0][1]) <= self._max_bytes
+
+    def _send_ahead(self) -> None:
+        while self._room():
+            self._send_round_trip()
+
+    def _send_round_trip(self) -> None:
+        rows, size = self._take_rows()
+        commands = [c for row in rows for c in self._fetch_row(self._keys.row(row.row))]
+        # Once the rows sized are all read (by this round trip), the sizes of the
+        # members read next, and the members after them: one chunk ahead, no more.
+        sizing, self._unsized = ([], self._unsized) if self._sized else (self._unsized, [])
+        commands.extend(archive_size(self._keys.row(row.row)) for row in sizing)
+        asks_members = self._more and not self._sized
+        if asks_members:
+            commands.append(self._next_members(b"(" + self._last))
+            self._more = False  # until the reply says
+        # Archives of a MiB and more follow each other on one connection.
+        task = asyncio.get_running_loop().create_task(self._send(commands, large=size >= SLICE))
+        self._under_way.append(RoundTrip(task, rows, sizing, asks_members, size))
+
+    def _read_sizes_and_members(self, trip: RoundTrip, replies: list[Any]) -> None:
+        width = self._row_width(trip, replies)
+        start = len(trip.rows) * width
+        sizes = replies[start : start + len(trip.sizing)]
+        self._sized.extend(zip(trip.sizing, sizes, strict=True))
+        if trip.asks_members:
+            self._take_members(replies[-1])
+
+    @staticmethod
+    def _row_width(trip: RoundTrip, replies: list[Any]) -> int:
+        """How many replies each row of ``trip`` has."""
+        if not trip.rows:
+            return 0
+        return (len(replies) - len(trip.sizing) - trip.asks_members) // len(trip.rows)
+
+    def _take_rows(self) -> tuple[list[Member], int]:
+        """The next rows to read, and their archives' bytes: up to ``chunk`` rows, their
+        archives within a group (at least one row, whatever its size)."""
+        rows: list[Member] = []
+        total = 0
+        sized, group = self._sized, self._group
+        while sized and len(rows) < self._chunk:
+            row, size = sized[0]
+            if group is not None and rows and total + size > group:
+                break
+            sized.popleft()
+            rows.append(row)
+            total += size
+        return rows, total
+
+    def _next_members(self, after: bytes) -> Command:
+        return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, self._chunk)

@@ -1,0 +1,257 @@
+"""The deployment a store speaks to, decided once: one server, Sentinel, or a cluster.
+
+``target_for(client)`` looks at the client once, when the store is made, and returns the
+object that answers every later question whose answer depends on the deployment:
+
+=============================  ==========================  ============================
+question                       one server, Sentinel        a Redis Cluster
+=============================  ==========================  ============================
+``description``                ``host:port``, ``unix://…``, ``redis cluster``
+                               ``sentinel service <name>``
+``telemetry_attributes``       address, port, db index     the first startup node
+``transport``                  pooled lanes, pipelined     the cluster client routes
+``load_library``               on the server               on every primary
+``subscription_client``        the store's own client      a client of the primary that
+                                                           serves the key's slot
+``reads_server_config``        yes (``CONFIG GET``)        no (no node to choose)
+``waits_for_replicas``         yes (``WAIT``)              no (``WAIT`` names no key)
+``admin_client``               the store's client          refused: the tools speak to
+                                                           one server
+=============================  ==========================  ============================
+
+No other module asks which kind of deployment it is: each asks its target.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from typing import Any, Final
+
+from redis.asyncio import Connection, ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from kvstore.redis.transports import ClusterTransport, PooledTransport, Transport
+from kvstore.redis.wire import Command
+
+Send = Callable[[Command], Awaitable[Any]]
+
+# The options of a cluster's connections that a connection to one of its nodes takes:
+# credentials, socket settings and, by prefix, TLS (``ssl_*``). The cluster's own
+# options (pool sizes, reply callbacks) stay with it.
+_NODE_OPTIONS: Final = frozenset(
+    {
+        "username",
+        "password",
+        "credential_provider",
+        "client_name",
+        "protocol",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "socket_keepalive_options",
+    }
+)
+
+
+class Target(ABC):
+    """What a store needs to know of its deployment, asked of one object."""
+
+    waits_for_replicas: bool
+    reads_server_config: bool
+
+    @property
+    @abstractmethod
+    def client(self) -> Redis | RedisCluster: ...
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """The server as messages name it; never a secret."""
+
+    @abstractmethod
+    def connection_options(self) -> dict[str, Any]:
+        """The options the client's connections are made with."""
+
+    @abstractmethod
+    def telemetry_attributes(self, namespace: str) -> dict[str, Any]:
+        """The attributes every span and measurement of a store carries, by
+        OpenTelemetry's conventions: the server, the database index, the namespace."""
+
+    @abstractmethod
+    def transport(self) -> Transport:
+        """How the pipeliner's batches reach the server."""
+
+    @abstractmethod
+    async def load_library(
+        self, text: bytes, send: Send | None = None
+    ) -> list[tuple[str, bytes | ResponseError]]:
+        """``FUNCTION LOAD`` of ``text`` wherever the library must be: each server's name
+        with its reply, a refusal as its ``ResponseError`` value. ``send`` (one server
+        only) sends the command on the caller's own connections."""
+
+    @abstractmethod
+    async def subscription_client(self, key: bytes) -> Redis:
+        """A client of the node that publishes the messages of ``key``'s slot, found anew
+        at each call so a failover or a moved slot is followed. Close it with
+        ``release_subscription_client``."""
+
+    async def release_subscription_client(self, node: Redis) -> None:
+        if node is not self.client:
+            await node.aclose()
+
+    @abstractmethod
+    def admin_client(self) -> Redis:
+        """The client the operator's tools send plain commands through."""
+
+
+class SingleNode(Target):
+    """One server, through a ``Redis`` client (fakeredis included)."""
+
+    waits_for_replicas = True
+    reads_server_config = True
+
+    def __init__(self, client: Redis) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> Redis:
+        return self._client
+
+    def connection_options(self) -> dict[str, Any]:
+        return dict(self._client.connection_pool.connection_kwargs)
+
+    @property
+    def description(self) -> str:
+        options = self.connection_options()
+        if "path" in options:
+            return f"unix://{options['path']}"
+        if "host" in options:
+            return f"{options['host']}:{options.get('port', 6379)}"
+        return type(self._client).__name__
+
+    def telemetry_attributes(self, namespace: str) -> dict[str, Any]:
+        options = self.connection_options()
+        attributes: dict[str, Any] = {"kvstore.namespace": namespace}
+        if "path" in options:
+            attributes["server.address"] = options["path"]
+        elif "host" in options:
+            attributes["server.address"] = options["host"]
+            attributes["server.port"] = int(options.get("port", 6379))
+        attributes["db.namespace"] = str(options.get("db", 0))
+        return attributes
+
+    def transport(self) -> Transport:
+        return PooledTransport(self._client.connection_pool)
+
+    async def load_library(
+        self, text: bytes, send: Send | None = None
+    ) -> list[tuple[str, bytes | ResponseError]]:
+        command = ("FUNCTION", "LOAD", text)
+        if send is not None:
+            reply = await send(command)
+        else:
+            try:
+                reply = await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+            except ResponseError as exc:
+                reply = exc
+        return [(self.description, reply)]
+
+    async def subscription_client(self, key: bytes) -> Redis:
+        return self._client
+
+    def admin_client(self) -> Redis:
+        return self._client
+
+
+class Sentinel(SingleNode):
+    """The primary a Sentinel names, through a client whose pool follows failovers."""
+
+    @property
+    def description(self) -> str:
+        return f"sentinel service {self._client.connection_pool.service_name}"  # type: ignore[attr-defined]
+
+
+class Cluster(Target):
+    """A Redis Cluster, through a ``RedisCluster`` client."""
+
+    waits_for_replicas = False
+    reads_server_config = False
+
+    def __init__(self, client: RedisCluster) -> None:
+        self._client = client
+
+    @property
+    def client(self) -> RedisCluster:
+        return self._client
+
+    @property
+    def description(self) -> str:
+        return "redis cluster"
+
+    def connection_options(self) -> dict[str, Any]:
+        return dict(self._client.get_connection_kwargs())
+
+    def telemetry_attributes(self, namespace: str) -> dict[str, Any]:
+        attributes: dict[str, Any] = {"kvstore.namespace": namespace}
+        nodes = self._client.nodes_manager.startup_nodes
+        if nodes:
+            first = next(iter(nodes.values()))
+            attributes["server.address"] = first.host
+            attributes["server.port"] = first.port
+        return attributes
+
+    def transport(self) -> Transport:
+        return ClusterTransport(self._client)
+
+    async def load_library(
+        self, text: bytes, send: Send | None = None
+    ) -> list[tuple[str, bytes | ResponseError]]:
+        client = self._client
+        await client.initialize()  # the nodes are known once it is
+        said: list[tuple[str, bytes | ResponseError]] = []
+        for node in client.get_primaries():
+            try:
+                reply = await client.execute_command("FUNCTION", "LOAD", text, target_nodes=node)
+            except ResponseError as exc:
+                reply = exc
+            said.append((node.name, reply))
+        return said
+
+    async def subscription_client(self, key: bytes) -> Redis:
+        # A client of its own to the primary that serves the slot, found anew each time.
+        client = self._client
+        await client.initialize()
+        node = client.get_node_from_key(key.decode("ascii"))
+        if node is None:
+            raise LookupError(f"no cluster node serves {key!r}")
+        cluster_options = client.get_connection_kwargs()
+        options = {
+            name: value
+            for name, value in cluster_options.items()
+            if name in _NODE_OPTIONS or name.startswith("ssl_")
+        }
+        pool = ConnectionPool(
+            connection_class=cluster_options.get("connection_class") or Connection,
+            host=node.host,
+            port=node.port,
+            **options,
+        )
+        return Redis.from_pool(pool)  # closing the client closes the pool
+
+    def admin_client(self) -> Redis:
+        raise TypeError("status and check speak to one server, not to a Redis Cluster")
+
+
+def target_for(client: object) -> Target:
+    """The target of ``client``; ``TypeError`` for anything but a redis-py asyncio client."""
+    if isinstance(client, RedisCluster):
+        return Cluster(client)
+    if isinstance(client, Redis):
+        if isinstance(getattr(client.connection_pool, "service_name", None), str):
+            return Sentinel(client)
+        return SingleNode(client)
+    raise TypeError(
+        f"client must be a redis.asyncio.Redis or RedisCluster, not {type(client).__name__}"
+    )

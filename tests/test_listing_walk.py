@@ -1,0 +1,170 @@
+"""The listing walk on its own: its round trips, as a send it is given sees them.
+
+``kvstore.redis.listing.Walk`` takes the function that sends its commands; here that is
+``Recorder.send``, one pipeline of a raw client per round trip (fakeredis or a real
+server), which records what each round trip brought and what was under way at once.
+The store gives the walk its pipeliner instead; what the walk asks for is the same.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import PackageRecord, RedisPackageStore
+from kvstore.redis.keyspace import Keyspace
+from kvstore.redis.listing import Walk, read_row
+from kvstore.redis.wire import Command, flatten
+
+from .conftest import SERVERS, fresh_namespace
+
+MIB = 1 << 20
+T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+
+def pkg(workflow_type: str, content_hash: str, archive: bytes, n: int) -> PackageRecord:
+    return PackageRecord(workflow_type, content_hash, archive, T0 + timedelta(microseconds=n))
+
+
+@pytest.fixture(params=["fakeredis", *SERVERS])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    """A raw client on fakeredis or on each real server."""
+    if request.param == "fakeredis":
+        raw: Redis = fakeredis.FakeAsyncRedis()
+    else:
+        raw = Redis.from_url(request.getfixturevalue(f"{request.param}_server").url)
+    yield raw
+    await raw.aclose()
+
+
+class Recorder:
+    """A walk's ``send`` over ``client``: what each round trip brought, and the archive
+    bytes of the round trips under way at once (``archive`` bytes per row read)."""
+
+    def __init__(self, client: Redis, archive: int = 0) -> None:
+        self.client = client
+        self.archive = archive
+        self.brought: list[int] = []  # per round trip, the archive bytes it brought
+        self.reading: list[int] = []  # per round trip under way, its rows' archive bytes
+        self.most = 0  # the most archive bytes under way at once
+
+    async def send(self, commands: list[Command], *, large: bool) -> list[Any]:
+        rows = self.archive * sum(flatten(c)[0] == "HMGET" for c in commands)
+        self.reading.append(rows)
+        self.most = max(self.most, sum(self.reading))
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            for command in commands:
+                pipe.execute_command(*flatten(command))
+            replies = list(await pipe.execute())
+        finally:
+            self.reading.remove(rows)
+        read = [r for c, r in zip(commands, replies, strict=True) if flatten(c)[0] == "HMGET"]
+        self.brought.append(sum(len(r[0]) for r in read if r[0] is not None))
+        return replies
+
+
+def walk_of(
+    store: RedisPackageStore, recorder: Recorder, chunk: int = 1000, max_bytes: int | None = None
+) -> Walk:
+    """The walk ``iter_packages`` makes, sent through ``recorder``."""
+    return Walk(
+        Keyspace(store.namespace),
+        recorder.send,
+        chunk,
+        lambda key: [read_row(key)],
+        lambda replies: replies[0][1],
+        max_bytes=max_bytes,
+    )
+
+
+async def records(walk: Walk) -> list[PackageRecord]:
+    return [
+        PackageRecord(member.workflow_type, member.content_hash, replies[0][0], member.at)
+        async for _, member, replies in walk.rows()
+    ]
+
+
+async def test_iter_packages_bounds_the_archives_of_each_round_trip(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    # Archives of odd sizes around the bound, and one larger than it, which comes alone.
+    sizes = [MIB, MIB + 1, MIB - 1, 3 * MIB, 1, 0, *[MIB] * 30, 2 * MIB, MIB // 3]
+    puts = [pkg(f"t{i % 3}", f"h{i:03d}", bytes([i]) * size, n=i) for i, size in enumerate(sizes)]
+    for record in puts:
+        await store.put_package(record)
+    recorder = Recorder(client)
+    assert await records(walk_of(store, recorder, chunk=16, max_bytes=2 * MIB)) == puts
+    assert [r async for r in store.iter_packages(chunk=16, max_bytes=2 * MIB)] == puts
+    brought = recorder.brought
+    assert max(brought) == 3 * MIB  # the large one, alone
+    assert sorted(brought)[-2] <= 2 * MIB
+    assert sum(brought) == sum(sizes)
+
+
+async def test_a_listing_asks_for_the_next_archives_before_handing_out_the_last(
+    client: Redis,
+) -> None:
+    # The server sends the next round trip while the rows of one are handed out; the
+    # archives under way and being handed out stay within max_bytes.
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    for i in range(24):
+        await store.put_package(pkg("t", f"h{i:02d}", bytes([i]) * (2 * MIB), n=i))
+    recorder = Recorder(client, archive=2 * MIB)
+    handed_out = 0
+    async for _ in walk_of(store, recorder, max_bytes=8 * MIB).rows():
+        # Round trips of two archives: the one whose rows are handed out (4 MiB) and
+        # what is under way hold 8 MiB at most.
+        assert sum(recorder.reading) <= 4 * MIB
+        handed_out += 1
+    assert handed_out == 24
+    assert recorder.most == 8 * MIB, "two round trips of two archives under way at once"
+
+
+async def test_a_listing_left_early_leaves_no_round_trip_behind(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    for i in range(12):
+        await store.put_package(pkg("t", f"h{i:02d}", bytes([i]) * MIB, n=i))
+    recorder = Recorder(client)
+
+    def round_trips() -> list[asyncio.Task[Any]]:
+        return [t for t in asyncio.all_tasks() if "Recorder.send" in repr(t.get_coro())]
+
+    rows = walk_of(store, recorder, max_bytes=8 * MIB).rows()
+    _, first, _ = await anext(rows)
+    assert round_trips(), "the next round trips are under way"
+    await rows.aclose()  # type: ignore[attr-defined]
+    for _ in range(100):  # each is cancelled, and ends at its next turn
+        if not round_trips():
+            break
+        await asyncio.sleep(0)
+    assert round_trips() == []
+    assert first.content_hash == "h00"
+    assert len(await store.list_packages()) == 12
+
+
+async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(
+    client: Redis,
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    puts = [pkg(f"t{i % 3}", f"h{i:03d}", bytes(100), n=i) for i in range(250)]
+    for record in puts:
+        await store.put_package(record)
+    recorder = Recorder(client)
+    assert await records(walk_of(store, recorder, chunk=100, max_bytes=64 * MIB)) == puts
+    # The first members, then their sizes with the next members: two more than chunks.
+    assert len(recorder.brought) == 3 + 2
+
+
+@pytest.mark.parametrize("chunk", [0, -1, 1.5, True])
+def test_a_walk_refuses_a_bad_chunk(chunk: Any) -> None:
+    async def never(commands: list[Command], *, large: bool) -> list[Any]:
+        raise AssertionError("nothing is sent")
+
+    with pytest.raises((TypeError, ValueError), match="chunk"):
+        Walk(Keyspace("ns"), never, chunk, lambda key: [read_row(key)], lambda r: r[0][1])
