@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO, Protocol, TypeVar
 
 from kvstore import RedisPackageStore
 from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError
@@ -254,14 +254,7 @@ def cmd_status(args: argparse.Namespace) -> Action:
     async def run(store: RedisPackageStore) -> None:
         from kvstore.tools import status
 
-        try:
-            found = await status.read_status(store)
-        except TypeError as exc:  # a cluster URL
-            raise CliError(str(exc)) from None
-        if args.json:
-            print_json(found.as_json())
-        else:
-            print("\n".join(status.describe(found)))
+        await _print_report(status.read_status(store), status.describe, args.json)
 
     return run
 
@@ -270,16 +263,33 @@ def cmd_check(args: argparse.Namespace) -> Action:
     async def run(store: RedisPackageStore) -> None:
         from kvstore.tools import check
 
-        try:
-            report = await check.check_store(store, repair=args.repair)
-        except TypeError as exc:  # a cluster URL
-            raise CliError(str(exc)) from None
-        if args.json:
-            print_json(report.as_json())
-        else:
-            print("\n".join(check.describe(report)))
+        reading = check.check_store(store, repair=args.repair)
+        report = await _print_report(reading, check.describe, args.json)
         if not report.sound:
             sys.stdout.flush()
             raise SystemExit(EXIT_ERROR)  # the report is the message
 
     return run
+
+
+class _Report(Protocol):
+    def as_json(self) -> dict[str, Any]: ...
+
+
+_R = TypeVar("_R", bound=_Report)
+
+
+async def _print_report(
+    reading: Awaitable[_R], describe: Callable[[_R], list[str]], json: bool
+) -> _R:
+    """What ``reading`` (of status or check, which speak to one server) found, printed
+    as JSON or as the lines ``describe`` makes of it."""
+    try:
+        found = await reading
+    except TypeError as exc:  # a cluster URL
+        raise CliError(str(exc)) from None
+    if json:
+        print_json(found.as_json())
+    else:
+        print("\n".join(describe(found)))
+    return found
