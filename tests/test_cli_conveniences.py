@@ -21,7 +21,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.tools import cli
+from kvstore.tools.cli import common, demo, deploy
 from kvstore.tools.server_process import LocalServer
 from tests.conftest import SERVERS, fresh_namespace
 from tests.test_cli import as_json, fails, kv, ok
@@ -218,10 +218,10 @@ async def test_demo_removes_its_namespace_when_it_fails(valkey_server: LocalServ
         return RedisPackageStore.from_url(valkey_server.url, namespace=namespace)
 
     def broken_restart() -> None:
-        raise cli.CliError("the server did not come back")
+        raise common.CliError("the server did not come back")
 
-    with pytest.raises(cli.CliError, match="did not come back"):
-        await cli._tour(connect, namespace, broken_restart, clean_up=True)
+    with pytest.raises(common.CliError, match="did not come back"):
+        await demo._tour(connect, namespace, broken_restart, clean_up=True)
     assert await _keys(valkey_server.url, namespace) == []
 
 
@@ -324,14 +324,14 @@ def test_a_database_the_server_does_not_have_is_named(valkey_server: LocalServer
 def test_deploy_batches_are_bounded_in_files_and_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli, "BATCH_BYTES", 100)
+    monkeypatch.setattr(deploy, "BATCH_BYTES", 100)
     sizes = [10, 10, 90, 200, 5] + [1] * 40
     places = []
     for n, size in enumerate(sizes):
         path = tmp_path / f"{n}.zip"
         path.write_bytes(b"x" * size)
         places.append((n, path))
-    batches = [[n for n, _ in batch] for batch in cli._batches(places)]
+    batches = [[n for n, _ in batch] for batch in deploy._batches(places)]
     assert [n for batch in batches for n in batch] == list(range(len(sizes)))  # in order
     assert batches[:3] == [[0, 1], [2], [3]]  # 110 bytes is over; 200 alone is allowed
     assert [len(b) for b in batches[3:]] == [32, 9]  # then 32 files at most
