@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore, SerializationError
 from kvstore.conformance import BAD_TEXT, SCENARIOS, run_scenario
 from kvstore.redis.keyspace import Keyspace
-from kvstore.redis.route_cache import RouteWatch
+from kvstore.redis.route_watch import RouteWatch
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import SERVERS, fresh_namespace

@@ -65,9 +65,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from collections import deque
 from collections.abc import Sequence
-from types import TracebackType
 from typing import Any, Final
 
 from redis.asyncio import Connection, Redis
@@ -85,6 +83,7 @@ from kvstore.redis.replies import (
 )
 from kvstore.redis.retry import Backoff, no_silent_reconnect
 from kvstore.redis.route_table import ASK_SERVER, AskServer, Message, RouteTable
+from kvstore.redis.route_watch import RouteWatch
 from kvstore.redis.target import Target
 
 if sys.version_info >= (3, 11):
@@ -92,7 +91,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - redis-py depends on async-timeout below 3.11.3
     from async_timeout import timeout as _deadline
 
-__all__ = ["ASK_SERVER", "RouteCache", "RouteCacheError", "RouteWatch"]
+__all__ = ["ASK_SERVER", "RouteCache", "RouteCacheError"]
 
 _log = logging.getLogger(__name__)
 
@@ -223,7 +222,7 @@ class RouteCache:
         self.start()
         watch = RouteWatch(self, self._watch_limit)
         if self.live:
-            watch._take_table()
+            watch.take_table()
         self._watches.add(watch)
         return watch
 
@@ -241,7 +240,7 @@ class RouteCache:
         if task is not None and task.done() and not task.cancelled():
             task.exception()  # retrieved, so it is never reported as lost
         for watch in list(self._watches):
-            watch._finish()
+            watch.finish()
         self._watches.clear()
         self._changed.set()
 
@@ -472,7 +471,7 @@ class RouteCache:
         outcome = self._table.apply_message(version, text, changed)
         if outcome is Message.APPLIED:
             for watch in self._watches:
-                watch._push([PackageRouteRecord(t, text) for t in changed])
+                watch.push([PackageRouteRecord(t, text) for t in changed])
         elif outcome is Message.RELOAD:
             # A version never announced, or one the stream had already passed: only a
             # fresh snapshot is sure to be right.
@@ -499,7 +498,7 @@ class RouteCache:
             # Answered after every message published before the snapshot was read.
             await self._ping(pubsub)
             for watch in self._watches:
-                watch._push([PackageRouteRecord(t, h) for t, h in changes])
+                watch.push([PackageRouteRecord(t, h) for t, h in changes])
             self._changed.set()
             return
         raise RouteCacheError("the server's route version kept going backwards")
@@ -532,91 +531,15 @@ class RouteCache:
         self._table.go_down()
         self._changed.set()
 
-    def _stream_table(self) -> list[PackageRouteRecord]:
+    def stream_table(self) -> list[PackageRouteRecord]:
+        """The table as of the stream's version, for a watch."""
         return [PackageRouteRecord(t, h) for t, h in self._table.stream_table()]
 
-    def _forget(self, watch: RouteWatch) -> None:
+    def forget(self, watch: RouteWatch) -> None:
+        """Stop telling ``watch`` of writes."""
         self._watches.discard(watch)
 
 
 def _version(found: Any) -> int:
     """The route version a ``GET`` returned: an absent counter is version 0."""
     return 0 if found is None else int(found)
-
-
-class RouteWatch:
-    """An async iterator of the writes to a namespace's routes, as the cache sees them.
-
-    It first yields every route of the table as of version V, the version the cache
-    holds when the watch is made (or first loads, if it is not live yet), in code-point
-    order of workflow type; then each route write above V, in the order the server
-    applied them, including writes that left a route where it was. While the
-    subscription is down or the table is reloading nothing is yielded; once the
-    table is loaded again (after a reconnect, a lost message, or the server's version
-    going backwards), each route whose value changed meanwhile is yielded once, with
-    its current value. A route that no longer exists (after a flush or a restore) is
-    not yielded: a watch announces values, not removals. A watch that falls ``limit``
-    writes behind its reader is handed the whole table again instead of the writes it
-    missed. So the last value yielded for each type that has a route is always the
-    route's value as of the cache. It ends when the store is closed or the watch is
-    (``aclose``, or leaving ``async with``).
-    """
-
-    def __init__(self, cache: RouteCache, limit: int) -> None:
-        self._cache = cache
-        self._limit = limit
-        self._pending: deque[PackageRouteRecord] = deque()
-        self._needs_table = True
-        self._wake = asyncio.Event()
-        self._done = False
-
-    def _push(self, changes: list[PackageRouteRecord]) -> None:
-        # Called while the cache is live, its table already holding ``changes``.
-        self._wake.set()
-        if self._needs_table:
-            self._take_table()
-        elif len(self._pending) + len(changes) > self._limit:
-            self._pending.clear()
-            self._needs_table = True
-        else:
-            self._pending.extend(changes)
-
-    def _take_table(self) -> None:
-        self._needs_table = False
-        self._pending.extend(self._cache._stream_table())
-
-    def _finish(self) -> None:
-        self._done = True
-        self._wake.set()
-
-    def __aiter__(self) -> RouteWatch:
-        return self
-
-    async def __anext__(self) -> PackageRouteRecord:
-        # Each turn returns or waits for a wake-up; the wake-ups are the cache's writes.
-        while True:
-            if self._pending:
-                return self._pending.popleft()
-            if self._done:
-                raise StopAsyncIteration
-            if self._needs_table and self._cache.live:
-                self._take_table()
-                continue
-            self._wake.clear()
-            await self._wake.wait()
-
-    async def aclose(self) -> None:
-        self._cache._forget(self)
-        self._finish()
-        self._pending.clear()
-
-    async def __aenter__(self) -> RouteWatch:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()

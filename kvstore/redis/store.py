@@ -48,7 +48,8 @@ from kvstore.redis.listing import LISTING_BYTES, Walk, read_head, read_row
 from kvstore.redis.observing import observed, observed_iterator
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.retry import no_client_retries
-from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache, RouteWatch
+from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache
+from kvstore.redis.route_watch import RouteWatch
 from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE
 from kvstore.redis.target import target_for
 from kvstore.redis.urls import client_from_url
@@ -429,7 +430,7 @@ class RedisPackageStore:
 
         Registered when called (call it inside a running event loop): first every
         route, then each write, in the order the server applied them, including those
-        of other stores; see ``kvstore.redis.route_cache.RouteWatch`` for the exact promise.
+        of other stores; see ``kvstore.redis.route_watch.RouteWatch`` for the exact promise.
         """
         if self._route_cache is None:
             raise RuntimeError("watch_routes needs a store made with cache_routes=True")
