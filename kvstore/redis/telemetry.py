@@ -50,6 +50,8 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Coroutine, Iterable
@@ -66,6 +68,8 @@ if TYPE_CHECKING:
     from kvstore.redis.route_cache import RouteCache
 
 __all__ = ["CALLS", "ITERATORS", "Observer"]
+
+_log = logging.getLogger("kvstore.redis.telemetry")
 
 R = TypeVar("R")
 Y = TypeVar("Y")
@@ -194,6 +198,7 @@ class Observer:
 
     def __init__(self, attributes: dict[str, Any], route_cache: RouteCache | None) -> None:
         self.route_cache = route_cache
+        self._broken_said_at = -math.inf
         self.base: dict[str, Any] = {"db.system.name": "redis", **attributes}
         self._tracer = trace.get_tracer("kvstore", VERSION)
         self._instruments = _shared()
@@ -219,7 +224,10 @@ class Observer:
         return None
 
     def batch(self, units: int) -> None:
-        self._instruments.batch.record(units, self.base)
+        try:
+            self._instruments.batch.record(units, self.base)
+        except Exception as exc:
+            self._broken(exc)
 
     def retried(self, calls: Iterable[Call | None], exc: BaseException) -> None:
         count = 0
@@ -227,7 +235,20 @@ class Observer:
             count += 1
             if call is not None:
                 call.retries += 1
-        self._instruments.retries.add(count, {**self.base, "error.type": _type_of(exc)})
+        try:
+            self._instruments.retries.add(count, {**self.base, "error.type": _type_of(exc)})
+        except Exception as failure:
+            self._broken(failure)
+
+    def _broken(self, exc: Exception) -> None:
+        """Telemetry itself failed (a span processor, an exporter, an instrument): the
+        call goes on as if it were off, and the failure is logged, once a minute at most."""
+        now = time.monotonic()
+        if now >= self._broken_said_at + 60.0:
+            self._broken_said_at = now
+            _log.warning(
+                "telemetry failed, the store's calls go on: %s: %s", type(exc).__name__, exc
+            )
 
     # Observing a call: what the store's observed methods hand over.
 
@@ -240,9 +261,7 @@ class Observer:
         token = _CURRENT.set(call)
         start = time.perf_counter()
         outcome = attributes
-        # A child of the caller's span; not made current, as nothing within the call
-        # makes spans of its own (which saves two context switches per call).
-        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        span = self._start(name, attributes)
         try:
             return await work
         except BaseException as exc:
@@ -250,9 +269,7 @@ class Observer:
             raise
         finally:
             _CURRENT.reset(token)
-            span.set_attribute("kvstore.attempts", call.attempts)
-            self._instruments.duration.record(time.perf_counter() - start, outcome)
-            span.end()
+            self._end(span, start, outcome, {"kvstore.attempts": call.attempts})
 
     def iterate(self, name: str, work: AsyncIterator[Y]) -> AsyncIterator[Y]:
         """``work``, the async iterator of the store's operation ``name``, as one call."""
@@ -267,7 +284,7 @@ class Observer:
         # itself runs, not while the caller's loop body does between items.
         call = Call(self)
         start = time.perf_counter()
-        span = self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        span = self._start(name, attributes)
         rows = 0
         outcome = attributes
         try:
@@ -289,25 +306,52 @@ class Observer:
             aclose = getattr(inner, "aclose", None)
             if aclose is not None:
                 await aclose()
-            span.set_attribute("kvstore.attempts", call.attempts)
-            span.set_attribute("db.response.returned_rows", rows)
+            ending = {"kvstore.attempts": call.attempts, "db.response.returned_rows": rows}
+            self._end(span, start, outcome, ending)
+
+    def _start(self, name: str, attributes: dict[str, Any]) -> trace.Span | None:
+        """The call's span, or ``None`` if telemetry failed to make one."""
+        try:
+            # A child of the caller's span; not made current, as nothing within the call
+            # makes spans of its own (which saves two context switches per call).
+            return self._tracer.start_span(name, kind=SpanKind.CLIENT, attributes=attributes)
+        except Exception as exc:
+            self._broken(exc)
+            return None
+
+    def _end(
+        self,
+        span: trace.Span | None,
+        start: float,
+        outcome: dict[str, Any],
+        attributes: dict[str, Any],
+    ) -> None:
+        try:
             self._instruments.duration.record(time.perf_counter() - start, outcome)
-            span.end()
+            if span is not None:
+                span.set_attributes(attributes)
+                span.end()
+        except Exception as exc:
+            self._broken(exc)
 
     def _failed(
-        self, span: trace.Span, attributes: dict[str, Any], exc: BaseException
+        self, span: trace.Span | None, attributes: dict[str, Any], exc: BaseException
     ) -> dict[str, Any]:
         """Mark ``span`` failed by ``exc``; the attributes of the call's duration."""
         kind = _type_of(exc)
-        span.set_attribute("error.type", kind)
-        cause = exc.__cause__ if isinstance(exc, BackendError) else None
-        if isinstance(cause, ResponseError):
-            span.set_attribute("db.response.status_code", str(cause).split(" ", 1)[0])
-        # The class only: a message may name a key, and so a workflow type.
-        span.set_status(Status(StatusCode.ERROR, kind))
         outcome = {**attributes, "error.type": kind}
-        if kind != "cancelled":  # a caller that gave up is not a failure of the store
-            self._instruments.failures.add(1, outcome)
+        try:
+            if span is not None:
+                span.set_attribute("error.type", kind)
+                cause = exc.__cause__ if isinstance(exc, BackendError) else None
+                if isinstance(cause, ResponseError):
+                    span.set_attribute("db.response.status_code", str(cause).split(" ", 1)[0])
+                # The class only: a message may name a key, and so a workflow type.
+                span.set_status(Status(StatusCode.ERROR, kind))
+            if kind != "cancelled":  # a caller that gave up is not a failure of the store
+                self._instruments.failures.add(1, outcome)
+        except Exception as failure:
+            self._broken(failure)
         return outcome
 
 
