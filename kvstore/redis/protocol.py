@@ -6,9 +6,9 @@ written here once, so that neither side spells it again:
 * the refusals an operation replies instead of writing anything (``lua/library.lua``
   documents them): ``KVSTORE_TYPE <i> <found> <expected>`` and ``KVSTORE_FORMAT <found>``,
   recognised by ``type_refusal`` and ``format_refusal``;
-* the route-change message every function that writes routes publishes
-  (``lua/put_package-5.lua``, ``lua/put_route-3.lua``): ``encode_route_change`` makes the
-  bytes the Lua publishes, ``decode_route_change`` reads them back, refusing anything else;
+* the route-change message every function that writes routes publishes (built by
+  ``announce_routes`` in ``lua/library.lua``): ``encode_route_change`` makes the bytes the
+  Lua publishes, ``decode_route_change`` reads them back, refusing anything else;
 * pairs as the server sends them, a flat list in RESP2 and a map in RESP3 (``HGETALL``,
   ``CONFIG GET``, each library of ``FUNCTION LIST``): ``field_pairs`` reads either.
 
