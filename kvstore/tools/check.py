@@ -33,7 +33,6 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from kvstore.errors import BackendError
 from kvstore.redis.keyspace import (
     FORMAT_VERSION,
     Keyspace,
@@ -281,7 +280,7 @@ class _Checker:
         # The row's own replies may be WRONGTYPE, which its TYPE explains; others may not.
         for reply in [replies[0], *replies[3:]]:
             if isinstance(reply, Exception):
-                raise BackendError(f"{self.admin.store!r}: {type(reply).__name__}: {reply}")
+                raise self.admin.error(reply)
         return (
             replies[0],
             (replies[1], replies[2]),
