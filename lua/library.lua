@@ -10,6 +10,10 @@
         names it) where the operation needs a <expected>: "string", "hash", "zset", or
         "counter" (a string holding an integer)
     error "KVSTORE_FORMAT <found>"  KEYS[1], the layout marker, says another layout
+
+  Every operation that writes routes announces the change with announce_routes, below,
+  whose comment gives the message byte for byte. kvstore/redis/protocol.py recognises
+  these errors and encodes and decodes that message, so both sides say them once.
 ]]
 
 -- Redis does not undo a script's writes when a later command of it fails, so a key of
@@ -86,4 +90,23 @@ local function next_route_version(key, found)
     return version
   end
   return redis.call('INCR', key)
+end
+
+-- Route changes. Every operation that writes routes publishes (SPUBLISH) what it wrote
+-- on the namespace's channel {ns}:route-changes, after its writes, as one message:
+--
+--   "<version>\0<hash>\0<type>[\0<type>...]"
+--
+-- <version> the routes table's new version in decimal (as next_route_version returned
+-- it), <hash> the content hash the routes now point at, then each workflow type whose
+-- route was written, at least one. Types and hashes are UTF-8 text that never contains
+-- NUL, so NUL separates the fields. A route cache applies the messages in version order;
+-- kvstore/redis/protocol.py (encode_route_change, decode_route_change) makes and reads
+-- the same bytes, and tests/test_protocol.py checks this function publishes them.
+local function announce_routes(channel, version, content_hash, types)
+  local message = string.format('%d', version) .. '\0' .. content_hash .. '\0'
+    .. table.concat(types, '\0')
+  -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
+  -- stays on the shard that holds the namespace, where its route caches subscribe.
+  redis.call('SPUBLISH', channel, message)
 end

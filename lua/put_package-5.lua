@@ -21,8 +21,8 @@
   ARGV[6]  content hash the routes point at
   ARGV[7..] workflow types whose routes are re-pointed (at least one)
 
-  Publishes (SPUBLISH) on ARGV[2], after every write: "<version>\0<hash>\0<type>[\0<type>...]"
-  (types and hashes never contain NUL), <version> being the new value of KEYS[4].
+  Publishes on ARGV[2], after every write, the route change (announce_routes in
+  lua/library.lua): the new value of KEYS[4], ARGV[6], and ARGV[7..].
 
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
@@ -61,16 +61,13 @@ if not format then
   redis.call('SET', KEYS[1], ARGV[1])
 end
 redis.call('HSET', KEYS[5], 'archive', ARGV[5], 'deployed_at', ARGV[4])
-local change = {'', ARGV[6]}
+local types = {}
 for i = 7, #ARGV do
   redis.call('HSET', KEYS[3], ARGV[i], ARGV[6])
-  change[#change + 1] = ARGV[i]
+  types[#types + 1] = ARGV[i]
 end
 -- The counter and the message are written with the routes, so a cache that holds
 -- version N holds exactly the table the server held at N.
 local version = next_route_version(KEYS[4], counter)
-change[1] = string.format('%d', version)
--- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
--- stays on the shard that holds the namespace, where its route caches subscribe.
-redis.call('SPUBLISH', ARGV[2], table.concat(change, '\0'))
+announce_routes(ARGV[2], version, ARGV[6], types)
 return version

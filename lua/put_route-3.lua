@@ -13,8 +13,8 @@
   ARGV[3]  workflow type
   ARGV[4]  content hash
 
-  Publishes (SPUBLISH) on ARGV[2], after the write: "<version>\0<hash>\0<type>" (types and hashes
-  never contain NUL), <version> being the new value of KEYS[3].
+  Publishes on ARGV[2], after the write, the route change (announce_routes in
+  lua/library.lua): the new value of KEYS[3], ARGV[4], and ARGV[3].
 
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
@@ -42,7 +42,5 @@ if not format then
 end
 -- Counter and message go with the write, so a cache at version N holds the table at N.
 local version = next_route_version(KEYS[3], counter)
--- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
--- stays on the shard that holds the namespace, where its route caches subscribe.
-redis.call('SPUBLISH', ARGV[2], string.format('%d', version) .. '\0' .. ARGV[4] .. '\0' .. ARGV[3])
+announce_routes(ARGV[2], version, ARGV[4], {ARGV[3]})
 return version

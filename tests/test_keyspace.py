@@ -6,11 +6,13 @@ import asyncio
 from datetime import datetime, timezone
 
 import fakeredis
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvstore import InMemoryPackageStore, PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import (
+    Keyspace,
     decode_stamp,
     encode_stamp,
     index_member,
@@ -75,3 +77,39 @@ def test_redis_store_agrees_with_the_reference_store(ops: list[tuple[object, ...
         assert await redis.list_package_routes() == await reference.list_package_routes()
 
     asyncio.run(apply_all())
+
+
+@pytest.mark.parametrize(
+    ("key", "expected"),
+    [
+        (b"{ns}:format", "string"),
+        (b"{ns}:packages", "zset"),
+        (b"{ns}:routes", "hash"),
+        (b"{ns}:route-version", "string"),
+        (b"{ns}:pkg:order\x00h1", "hash"),
+        (b"{ns}:pkg:", "hash"),  # a row key, if one that names no package
+        (b"{ns}:route-changes", None),  # a channel, never a key
+        (b"{ns}:other", None),
+        (b"{ns2}:format", None),  # another namespace's
+        (b"format", None),
+    ],
+)
+def test_the_keyspace_table_gives_each_key_its_type(key: bytes, expected: str | None) -> None:
+    assert Keyspace("ns").expected_type(key) == expected
+
+
+@pytest.mark.parametrize(
+    ("key", "row"),
+    [
+        (b"{ns}:pkg:order\x00h1", b"order\x00h1"),
+        (b"{ns}:pkg:", b""),
+        (b"{ns}:pkg", None),
+        (b"{ns}:packages", None),
+        (b"{ns2}:pkg:order\x00h1", None),
+    ],
+)
+def test_a_row_key_gives_back_its_row_id(key: bytes, row: bytes | None) -> None:
+    keys = Keyspace("ns")
+    assert keys.row_of(key) == row
+    if row is not None:
+        assert keys.row(row) == key

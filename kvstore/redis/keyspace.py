@@ -21,6 +21,9 @@ key                      type     holds
                                   route caches follow the table in version order
 =======================  =======  ==========================================================
 
+Each key's type is the one ``TYPE`` names; ``Keyspace.expected_type`` answers from this
+table (``kvstore check`` asks it), and the Lua functions check it before they write.
+
 ``<stamp>`` is ``deployed_at`` in UTC as fixed-width ISO 8601 text,
 ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (27 bytes for every year from 1 to 9999), so byte order
 is time order to the microsecond, which a double score could not give beyond about
@@ -117,5 +120,26 @@ class Keyspace:
         self.route_changes = self.prefix + b"route-changes"
         self._row_prefix = self.prefix + b"pkg:"
 
+        # The type of each key of the table above but the rows, as TYPE names it.
+        self._types = {
+            self.format: "string",
+            self.index: "zset",
+            self.routes: "hash",
+            self.route_version: "string",
+        }
+
     def row(self, row: bytes) -> bytes:
         return self._row_prefix + row
+
+    def row_of(self, key: bytes) -> bytes | None:
+        """The row id ``key`` is the row of (not checked), or ``None`` if it is no row key."""
+        if not key.startswith(self._row_prefix):
+            return None
+        return key[len(self._row_prefix) :]
+
+    def expected_type(self, key: bytes) -> str | None:
+        """The type (as ``TYPE`` names it) the table gives ``key``, or ``None`` for a key
+        the namespace does not hold."""
+        if key.startswith(self._row_prefix):
+            return "hash"
+        return self._types.get(key)

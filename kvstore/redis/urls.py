@@ -29,6 +29,8 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.asyncio.sentinel import Sentinel
 
+from kvstore.redis.failures import MASK
+
 # A scheme and its slashes, however mistyped (``redis:/``, ``redis//``, ``unix:///``).
 _PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?/*")
 # Query parameters whose values are secrets; matched inside the lowercased name.
@@ -41,13 +43,16 @@ def redact_url(url: str) -> str:
     Everything between the scheme and the last ``@`` (the user information, however
     malformed) becomes ``***``, and so does the value of every query parameter whose
     name speaks of a secret (``password=``, ``requirepass=``, ``auth_token=``, …).
-    Redacting too much is harmless; showing a password is not.
+    Redacting too much is harmless; showing a password is not. The mask is
+    ``kvstore.redis.failures.redact``'s, but not its way: that one knows the secrets and
+    finds them in any text, while a URL that fails to parse has told no one its
+    password, which is found here by its place.
     """
     head = _PREFIX.match(url)
     start = head.end() if head else 0
     credentials_end = url.rfind("@")
     if credentials_end >= start:
-        url = url[:start] + "***" + url[credentials_end:]
+        url = url[:start] + MASK + url[credentials_end:]
     base, question, query = url.partition("?")
     if not question:
         return url
@@ -55,7 +60,7 @@ def redact_url(url: str) -> str:
     for parameter in query.split("&"):
         name, equals, _ = parameter.partition("=")
         if equals and any(word in unquote(name).lower() for word in _SECRET_PARAMETERS):
-            parameter = f"{name}=***"
+            parameter = f"{name}={MASK}"
         kept.append(parameter)
     return f"{base}?{'&'.join(kept)}"
 

@@ -33,15 +33,17 @@ from typing import Any
 
 from redis.exceptions import WatchError
 
-from kvstore.errors import BackendError
+from kvstore.records import check_text
 from kvstore.redis.keyspace import (
     FORMAT_VERSION,
     Keyspace,
     decode_stamp,
     index_member,
+    row_id,
     split_index_member,
     split_row_id,
 )
+from kvstore.redis.protocol import field_pairs
 from kvstore.redis.store import RedisPackageStore
 from kvstore.tools.admin import Admin
 
@@ -138,15 +140,21 @@ class _Checker:
     def find(self, kind: str, key: bytes, message: str) -> None:
         self.report.findings.append(Finding(kind, shown(key), message))
 
+    def expected(self, key: bytes) -> bytes:
+        """The type ``key`` of the namespace holds, as ``TYPE`` replies it."""
+        expected = self.keys.expected_type(key)
+        assert expected is not None, f"{key!r} is a key of the namespace"
+        return expected.encode()
+
     async def run(self, repair: bool) -> CheckReport:
         k = self.keys
         kind = await self.admin.command("TYPE", k.format)
-        if kind not in (b"none", b"string"):
+        if kind not in (b"none", self.expected(k.format)):
             self.find(
                 "wrong-type",
                 k.format,
-                f"is a {kind.decode()}, not a string: the layout cannot be told, so nothing "
-                "else is checked",
+                f"is a {kind.decode()}, not a {k.expected_type(k.format)}: the layout cannot "
+                "be told, so nothing else is checked",
             )
             return self.report
         layout = await self._layout()
@@ -159,14 +167,18 @@ class _Checker:
             )
             return self.report
         types = await self._scan()
+
+        def usable(key: bytes) -> bool:  # absent, or of its type
+            return types.get(key) in (None, self.expected(key))
+
         # Rows are judged against the index; without a usable index they cannot be.
-        if types.get(k.index, b"zset") == b"zset":
+        if usable(k.index):
             await self._walk_index()
             for row in sorted(set(self.members) | self.rows):
                 await self._judge_row(row, repair)
-        if types.get(k.routes, b"hash") == b"hash":
+        if usable(k.routes):
             await self._routes()
-        if types.get(k.route_version, b"string") == b"string":
+        if usable(k.route_version):
             version = await self.admin.command("GET", k.route_version)
             if version is not None and not version.isdigit():
                 self.find(
@@ -191,13 +203,6 @@ class _Checker:
     async def _scan(self) -> dict[bytes, bytes]:
         """The type of each key of the namespace other than rows; rows go to ``rows``."""
         k = self.keys
-        expected = {
-            k.format: b"string",
-            k.index: b"zset",
-            k.routes: b"hash",
-            k.route_version: b"string",
-        }
-        row_prefix = k.row(b"")
         pattern = glob_escape(k.prefix) + b"*"
         types: dict[bytes, bytes] = {}
         cursor: Any = 0
@@ -210,8 +215,8 @@ class _Checker:
                 if key in seen:  # SCAN may return a key twice
                     continue
                 seen.add(key)
-                if key.startswith(row_prefix):
-                    row = key[len(row_prefix) :]
+                row = k.row_of(key)
+                if row is not None:
                     try:
                         split_row_id(row)
                     except ValueError:
@@ -228,14 +233,14 @@ class _Checker:
                 if kind == b"none":
                     continue  # deleted since the scan met it
                 types[key] = kind
-                if key not in expected:
+                expected = k.expected_type(key)
+                if expected is None:
                     self.find("unknown-key", key, "a key that kvstore does not write")
-                elif kind != expected[key]:
+                elif kind != expected.encode():
                     self.find(
                         "wrong-type",
                         key,
-                        f"is a {kind.decode()}, not a {expected[key].decode()}: calls on "
-                        "the namespace will fail",
+                        f"is a {kind.decode()}, not a {expected}: calls on the namespace will fail",
                     )
             if int(cursor) == 0:
                 return types
@@ -281,7 +286,7 @@ class _Checker:
         # The row's own replies may be WRONGTYPE, which its TYPE explains; others may not.
         for reply in [replies[0], *replies[3:]]:
             if isinstance(reply, Exception):
-                raise BackendError(f"{self.admin.store!r}: {type(reply).__name__}: {reply}")
+                raise self.admin.error(reply)
         return (
             replies[0],
             (replies[1], replies[2]),
@@ -307,8 +312,12 @@ class _Checker:
                         f"not exist ({shown(key)!r}): listings skip it",
                     )
                 return
-            if kind != b"hash":
-                self.find("wrong-type", key, f"is a {kind.decode()}, not a hash: a package row")
+            if kind != self.expected(key):
+                self.find(
+                    "wrong-type",
+                    key,
+                    f"is a {kind.decode()}, not a {k.expected_type(key)}: a package row",
+                )
                 return
             good_stamp = isinstance(stamp, bytes) and _is_stamp(stamp)
             if not has_archive or not good_stamp:
@@ -428,40 +437,38 @@ class _Checker:
     async def _routes(self) -> None:
         k = self.keys
         reply = await self.admin.command("HGETALL", k.routes)
-        pairs = (
-            reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
-        )
-        by_hash: dict[bytes, set[bytes]] = {}
-        for row in set(self.members) | self.rows:
-            workflow_type, _, content_hash = row.partition(b"\x00")
-            by_hash.setdefault(content_hash, set()).add(workflow_type)
-        for workflow_type, content_hash in sorted(pairs):
+        by_hash: dict[str, set[str]] = {}
+        for row in set(self.members) | self.rows:  # each split once already, when met
+            holder, stored = split_row_id(row)
+            by_hash.setdefault(stored, set()).add(holder)
+        for raw_type, raw_hash in sorted(field_pairs(reply)):
             try:
-                split_row_id(workflow_type + b"\x00" + content_hash)
-            except ValueError:
+                workflow_type = check_text(raw_type.decode("utf-8"), "workflow type")
+                content_hash = check_text(raw_hash.decode("utf-8"), "content hash")
+            except ValueError:  # UnicodeDecodeError included
                 self.find(
                     "malformed-route",
                     k.routes,
-                    f"route {shown(workflow_type)!r} -> {shown(content_hash)!r} is not text "
+                    f"route {shown(raw_type)!r} -> {shown(raw_hash)!r} is not text "
                     "without NUL: listing routes fails on it",
                 )
                 continue
-            if await self.admin.command("EXISTS", k.row(workflow_type + b"\x00" + content_hash)):
+            if await self.admin.command("EXISTS", k.row(row_id(workflow_type, content_hash))):
                 continue
             holders = sorted(by_hash.get(content_hash, ()))
             if holders:
                 self.find(
                     "route-to-other-type",
                     k.routes,
-                    f"route {shown(workflow_type)} points at {shown(content_hash)}, stored "
-                    f"under {', '.join(shown(h) for h in holders)} only (as deploy --also "
+                    f"route {workflow_type} points at {content_hash}, stored "
+                    f"under {', '.join(holders)} only (as deploy --also "
                     "stores it); informational",
                 )
             else:
                 self.find(
                     "route-without-archive",
                     k.routes,
-                    f"route {shown(workflow_type)} points at {shown(content_hash)}, which has "
+                    f"route {workflow_type} points at {content_hash}, which has "
                     "no stored archive; informational (the contract allows it)",
                 )
 

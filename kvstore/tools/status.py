@@ -18,6 +18,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from kvstore.errors import BackendError, StoreError
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.protocol import field_pairs
 from kvstore.redis.scripts import LIBRARY
 from kvstore.redis.store import RedisPackageStore
 from kvstore.tools.admin import Admin
@@ -111,7 +112,7 @@ async def _config(admin: Admin, notes: list[str]) -> dict[str, str]:
     except NoPermissionError:
         notes.append(f"CONFIG GET is {UNREADABLE}")
         return {}
-    return {_text(k) or "": _text(v) or "" for k, v in dict(reply).items()}
+    return {_text(k) or "": _text(v) or "" for k, v in field_pairs(reply)}
 
 
 async def _namespace(admin: Admin, store: RedisPackageStore, status: Status) -> None:
@@ -153,7 +154,7 @@ async def _functions(admin: Admin, status: Status) -> None:
         raise
     names = []
     for library in reply:
-        entry = library if isinstance(library, dict) else _pairs(library)
+        entry = dict(field_pairs(library))
         name = _text(entry.get(b"library_name", entry.get("library_name")))
         if name is not None and name.startswith(LIBRARY_PREFIX):
             names.append(name)
@@ -285,10 +286,6 @@ def _size(n: int) -> str:
             break
         value, unit = value / 1024, larger
     return f"{n} B" if unit == "B" else f"{value:.1f} {unit} ({n} bytes)"
-
-
-def _pairs(flat: list[Any]) -> dict[Any, Any]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _text(value: Any) -> str | None:

@@ -1,0 +1,143 @@
+"""The contract between this package and its Lua library, and the shapes of server replies.
+
+What the Python side and the server-side Lua (``lua/``) must agree on byte for byte is
+written here once, so that neither side spells it again:
+
+* the refusals an operation replies instead of writing anything (``lua/library.lua``
+  documents them): ``KVSTORE_TYPE <i> <found> <expected>`` and ``KVSTORE_FORMAT <found>``,
+  recognised by ``type_refusal`` and ``format_refusal``;
+* the route-change message every function that writes routes publishes (built by
+  ``announce_routes`` in ``lua/library.lua``): ``encode_route_change`` makes the bytes the
+  Lua publishes, ``decode_route_change`` reads them back, refusing anything else;
+* pairs as the server sends them, a flat list in RESP2 and a map in RESP3 (``HGETALL``,
+  ``CONFIG GET``, each library of ``FUNCTION LIST``): ``field_pairs`` reads either.
+
+Nothing here does I/O. ``tests/test_protocol.py`` checks that what the Lua publishes on
+fakeredis, Valkey and Redis is exactly what ``encode_route_change`` makes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from redis.exceptions import ResponseError
+
+TYPE_REFUSAL = "KVSTORE_TYPE"
+FORMAT_REFUSAL = "KVSTORE_FORMAT"
+# The argument of FCALL that KEYS[1] is: FCALL, the function's name, the key count, keys.
+_FIRST_KEY = 3
+_tuple = tuple.__new__
+
+
+@dataclass(frozen=True, slots=True)
+class TypeRefusal:
+    """``KVSTORE_TYPE <index> <found> <expected>``: ``KEYS[index]`` (counted from 1, as
+    Lua counts) holds a ``found`` (a type as ``TYPE`` names it) where the operation
+    needs an ``expected`` (``string``, ``hash``, ``zset``, or ``counter``, a string
+    holding an integer). The operation wrote nothing."""
+
+    index: int
+    found: str
+    expected: str
+
+    def key_of(self, fcall: Sequence[Any]) -> Any:
+        """The refused key, ``KEYS[index]``, of ``fcall``: the ``FCALL`` refused, as the
+        flat sequence sent (``FCALL``, the function, the key count, the keys, ...)."""
+        return fcall[_FIRST_KEY + self.index - 1]
+
+
+class RouteChange(NamedTuple):
+    """What a route-change message says: the routes table's new ``version``, and the
+    workflow ``types`` (at least one) whose routes now point at ``content_hash``."""
+
+    version: int
+    content_hash: str
+    types: tuple[str, ...]
+
+
+def type_refusal(reply: object) -> TypeRefusal | None:
+    """What ``reply`` refused if it is a ``KVSTORE_TYPE`` refusal, else ``None``.
+
+    ``reply`` is a reply as the store's connections hand it (a refusal is its
+    ``ResponseError``); anything else, a malformed refusal included, is ``None``, so the
+    caller reports the reply as the server's failure.
+    """
+    if not isinstance(reply, ResponseError):
+        return None
+    words = str(reply).split(" ")
+    if len(words) != 4 or words[0] != TYPE_REFUSAL or not _is_decimal(words[1]):
+        return None
+    index = int(words[1])
+    if index < 1 or not words[2] or not words[3]:
+        return None
+    return TypeRefusal(index, words[2], words[3])
+
+
+def format_refusal(reply: object) -> bytes | None:
+    """The layout the namespace holds if ``reply`` is a ``KVSTORE_FORMAT`` refusal (the
+    marker names another layout than the caller's), else ``None``."""
+    if not isinstance(reply, ResponseError):
+        return None
+    code, space, found = str(reply).partition(" ")
+    if code != FORMAT_REFUSAL or not space:
+        return None
+    return found.encode("utf-8")
+
+
+def encode_route_change(version: int, content_hash: str, types: Sequence[str]) -> bytes:
+    """The message the library publishes when it points ``types`` at ``content_hash`` at
+    route ``version``: ``<version>\\0<hash>\\0<type>[\\0<type>...]`` in UTF-8, the version
+    in decimal. ``ValueError`` if no type is given, or a type or the hash is empty or
+    holds NUL: no message could say it."""
+    text = "\x00".join((content_hash, *types))
+    # The join's NULs are the separators: one more is in a field, and an empty field
+    # leaves two together or one at an end. Counted rather than looped: every put does it.
+    if not types or not content_hash or not all(types) or text.count("\x00") != len(types):
+        raise ValueError(
+            f"a route change needs a hash and at least one type, each non-empty text "
+            f"without NUL: {content_hash!r}, {list(types)!r}"
+        )
+    return b"%d\x00%b" % (version, text.encode("utf-8"))
+
+
+def decode_route_change(data: bytes) -> RouteChange:
+    """What the route-change message ``data`` says; ``ValueError`` if it is not one (not
+    UTF-8, fewer than three fields, a version not in decimal as Lua's ``%d`` writes it,
+    an empty hash or type), ``TypeError`` if it is not bytes. What it accepts is exactly
+    what ``encode_route_change`` makes."""
+    if not isinstance(data, bytes):
+        raise TypeError(f"a route change is bytes, not {type(data).__name__}")
+    try:
+        fields = data.decode("utf-8").split("\x00")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not a route change: {data!r}") from exc
+    if len(fields) < 3 or not _is_decimal(fields[0]) or "" in fields:
+        raise ValueError(f"not a route change: {data!r}")
+    # Made as a plain tuple is: a route cache decodes each message of another store.
+    return _tuple(RouteChange, (int(fields[0]), fields[1], tuple(fields[2:])))
+
+
+def field_pairs(reply: Any) -> list[tuple[Any, Any]]:
+    """The ``(field, value)`` pairs of a reply that is a flat list of them (RESP2) or a map
+    (RESP3, or a reply redis-py made a dict), in the server's order.
+
+    ``ValueError`` for a list of odd length, ``TypeError`` for any other reply: neither
+    is a reply of pairs.
+    """
+    if isinstance(reply, dict):
+        return list(reply.items())
+    if isinstance(reply, (list, tuple)):
+        if len(reply) % 2:
+            raise ValueError(f"a reply of pairs has an even length, not {len(reply)}")
+        return list(zip(reply[::2], reply[1::2], strict=True))
+    raise TypeError(f"a reply of pairs is a list or a map, not {type(reply).__name__}")
+
+
+def _is_decimal(text: str) -> bool:
+    """Whether ``text`` is an integer as Lua's ``%d`` writes it: ASCII digits, maybe after
+    a minus, with no leading zero (so a message decodes only from the bytes that
+    ``encode_route_change`` makes of what it says)."""
+    digits = text[1:] if text.startswith("-") else text
+    return digits.isascii() and digits.isdigit() and (digits[0] != "0" or text == "0")
