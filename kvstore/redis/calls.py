@@ -20,16 +20,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError, NoPermissionError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
+from kvstore.redis.failures import backend_error, client_secrets, redact
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
 from kvstore.redis.options import StoreOptions
 from kvstore.redis.pipeline import Pipeliner
+from kvstore.redis.protocol import field_pairs, format_refusal, type_refusal
 from kvstore.redis.retry import Budget, call_with_retry
 from kvstore.redis.scripts import LIBRARY, is_missing_function, load_library
 from kvstore.redis.target import Target
@@ -59,8 +60,7 @@ class Calls:
         self._keys = keys
         self._timeout = options.timeout
         self._budget = Budget(options.retry_budget, options.timeout)
-        password = target.connection_options().get("password")
-        self._secrets = [password] if isinstance(password, str) and password else []
+        self._secrets = client_secrets(target.client)
         self.pipeliner = Pipeliner(
             target.transport(),
             lanes=options.lanes,
@@ -121,7 +121,8 @@ class Calls:
         except asyncio.TimeoutError:
             stalled = TimeoutError(f"no answer to PING within {self._timeout} s")
             self.pipeliner.last_failure = f"TimeoutError: {stalled}"  # for health()
-            raise self.backend_error(stalled) from None
+            error = self.backend_error(stalled)
+            raise error from error.__cause__
         self.reply(reply)
 
     # Writes: one function call each.
@@ -143,8 +144,12 @@ class Calls:
         """What the function ``command`` called replied, its refusals raised; and, with
         ``min_replicas``, raises if fewer replicas acknowledged the write."""
         reply = replies[0]
-        if isinstance(reply, ResponseError) and str(reply).startswith("KVSTORE_TYPE "):
-            raise self._type_error(command, str(reply))
+        refusal = type_refusal(reply)
+        if refusal is not None:
+            key = refusal.key_of(flatten(command))
+            raise SerializationError(
+                f"{key!r} holds a {refusal.found}, not a {refusal.expected}; nothing was written"
+            )
         result = self.reply(reply)
         self.library_found = True  # the function ran
         wait = self._wait
@@ -156,13 +161,6 @@ class Calls:
                     f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
                 )
         return result
-
-    def _type_error(self, command: Command, reply: str) -> SerializationError:
-        # "KVSTORE_TYPE <i> <found> <expected>": KEYS[i] of the command, which names
-        # the function and the key count before the keys.
-        index, found, expected = reply.split()[1:4]
-        key = flatten(command)[2 + int(index)]
-        return SerializationError(f"{key!r} holds a {found}, not a {expected}; nothing was written")
 
     async def sends_alone(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because
@@ -189,17 +187,10 @@ class Calls:
         if not self._target.reads_server_config:
             return None
         reply = await self.send_one(("CONFIG", "GET", "proto-max-bulk-len"))
-        # A flat list in RESP2, a map in RESP3; empty when the server has no such setting.
-        value: Any
-        if isinstance(reply, dict):
-            value = reply.get(b"proto-max-bulk-len")
-        elif isinstance(reply, list) and len(reply) == 2:
-            value = reply[1]
-        else:
-            return None
+        # Empty when the server has no such setting; a refusal when it will not say.
         try:
-            return int(value)
-        except (TypeError, ValueError):
+            return int(dict(field_pairs(reply))[b"proto-max-bulk-len"])
+        except (KeyError, TypeError, ValueError):
             return None
 
     # The library.
@@ -246,7 +237,8 @@ class Calls:
             if not loading.cancelled():
                 raise  # this caller was cancelled; the load goes on for the others
             # Only aclose() cancels the load: fail as every call the closing cut short.
-            raise self.backend_error(ConnectionError("the store is closed")) from None
+            error = self.backend_error(ConnectionError("the store is closed"))
+            raise error from error.__cause__
 
     def _loaded(self, loading: asyncio.Future[list[str]]) -> None:
         if self._loading is loading:
@@ -277,9 +269,9 @@ class Calls:
     def reply(self, reply: Any) -> Any:
         """``reply``, or the library's error for a refusal."""
         if isinstance(reply, ResponseError):
-            message = str(reply)
-            if message.startswith("KVSTORE_FORMAT "):
-                raise self._layout_error(message.removeprefix("KVSTORE_FORMAT ").encode())
+            found = format_refusal(reply)
+            if found is not None:
+                raise self._layout_error(found)
             raise self.backend_error(reply)
         return reply
 
@@ -293,17 +285,4 @@ class Calls:
 
     def backend_error(self, exc: BaseException) -> BackendError:
         """``exc`` as the library's error, naming the server, password redacted."""
-        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        redacted = redact(message, self._secrets)
-        error = BackendError(f"{self.server}: {redacted}")
-        if redacted == message:
-            error.__cause__ = exc
-        return error
-
-
-def redact(text: str, secrets: Sequence[str]) -> str:
-    # A secret is replaced where it stands as a whole, not inside a longer word, so a
-    # short password does not mangle the message around it ("p" in "password").
-    for secret in secrets:
-        text = re.sub(rf"(?<![0-9A-Za-z]){re.escape(secret)}(?![0-9A-Za-z])", "***", text)
-    return text
+        return backend_error(exc, self.server, self._secrets)

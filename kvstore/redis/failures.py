@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from kvstore.errors import BackendError
+from kvstore.redis.target import target_for
 
 MASK = "***"
 
@@ -63,9 +64,5 @@ def client_secrets(client: Redis | RedisCluster) -> list[str]:
     A password a ``credential_provider`` hands out at each connection is not known
     here, and not redacted.
     """
-    if isinstance(client, RedisCluster):
-        options = client.get_connection_kwargs()
-    else:
-        options = client.connection_pool.connection_kwargs
-    password = options.get("password")
+    password = target_for(client).connection_options().get("password")
     return [password] if isinstance(password, str) and password else []

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from redis.exceptions import ConnectionError, ResponseError, TimeoutError
 
 from kvstore.redis.deadlines import Deadlines
+from kvstore.redis.failures import describe
 from kvstore.redis.lanes import Batch, Lane, Pending
 from kvstore.redis.retry import Budget, Curve, is_transient
 from kvstore.redis.transports import (
@@ -384,7 +385,7 @@ class Pipeliner:
             except Exception as exc:
                 # Not a call's failure: the lane connects again when a batch needs it,
                 # and a failure then is that batch's.
-                _log.debug("connecting an idle lane failed: %s", _describe(exc))
+                _log.debug("connecting an idle lane failed: %s", describe(exc))
                 return
         if self._waiting():
             self._plan_flush()
@@ -522,7 +523,7 @@ class Pipeliner:
 
     def _failed(self, units: list[Pending], exc: BaseException) -> None:
         if not self._closed:
-            self.last_failure = _describe(exc)
+            self.last_failure = describe(exc)
         waiting = [p for p in units if not p.future.done()]
         if not waiting:
             return
@@ -584,7 +585,7 @@ class Pipeliner:
         assert budget.timeout is not None  # no hard end without a timeout
         spent = budget.retry_budget + budget.timeout
         exc = TimeoutError(f"no reply within {spent:g} s, retries included")
-        self.last_failure = _describe(exc)
+        self.last_failure = describe(exc)
         error = self._translate(exc)
         # Thousands may expire together behind a stall: one line a second at most.
         self._expired += 1
@@ -633,10 +634,6 @@ class Pipeliner:
                 p.future.set_exception(self._translate(closed))
         if self._deadlines is not None:
             self._deadlines.close()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _dropped(exc: BaseException | None) -> bool:

@@ -161,7 +161,9 @@ async def call_with_retry(
             failures += 1
             delay = budget.delay(exc, failures, retry_until, loop.time())
             if delay is None:
-                raise translate(exc) from None
+                error = translate(exc)
+                # The cause the translation kept (none where it redacted a secret).
+                raise error from error.__cause__
         await asyncio.sleep(delay)
 
 

@@ -74,6 +74,7 @@ from redis.asyncio.retry import Retry
 
 from kvstore.records import PackageRouteRecord
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.protocol import decode_route_change, encode_route_change, field_pairs
 from kvstore.redis.replies import (
     NOT_ENOUGH_DATA,
     PUBSUB_KINDS,
@@ -204,7 +205,7 @@ class RouteCache:
         table.note_write(version, content_hash, types)
         if table.answering and version > table.stream_version:
             # Its message is still to come: the functions publish exactly these bytes.
-            announced = b"%d\x00%b" % (version, "\x00".join((content_hash, *types)).encode())
+            announced = encode_route_change(version, content_hash, types)
             self._own_writes[announced] = (version, content_hash, types)
 
     def _forget_own_writes(self) -> None:
@@ -462,10 +463,8 @@ class RouteCache:
             version, text, changed = own
         else:
             try:
-                # "<version>\0<hash>\0<type>[\0<type>...]", all of it UTF-8.
-                version_text, text, *changed = data.decode("utf-8").split("\x00")
-                version = int(version_text)
-            except ValueError as exc:  # UnicodeDecodeError, and too few fields, included
+                version, text, changed = decode_route_change(data)
+            except ValueError as exc:
                 raise RouteCacheError(f"unexpected message on the route channel: {data!r}") from exc
         before = self._table.stream_version
         outcome = self._table.apply_message(version, text, changed)
@@ -522,7 +521,7 @@ class RouteCache:
         if found is not None and found != FORMAT_VERSION:
             raise RouteCacheError(f"{keys.format!r} says layout {found!r}")
         try:
-            table = {t.decode("utf-8"): h.decode("utf-8") for t, h in pairs.items()}
+            table = {t.decode("utf-8"): h.decode("utf-8") for t, h in field_pairs(pairs)}
         except UnicodeDecodeError as exc:
             raise RouteCacheError(f"{keys.routes!r} holds text that is not UTF-8") from exc
         return _version(version), table

@@ -47,6 +47,7 @@ from kvstore.redis.keyspace import (
 from kvstore.redis.listing import LISTING_BYTES, Walk, read_head, read_row
 from kvstore.redis.observing import observed, observed_iterator
 from kvstore.redis.options import DEFAULTS, StoreOptions
+from kvstore.redis.protocol import field_pairs
 from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache
 from kvstore.redis.route_watch import RouteWatch
@@ -448,11 +449,7 @@ class RedisPackageStore:
 
     @observed("list_package_routes")
     async def list_package_routes(self) -> list[PackageRouteRecord]:
-        reply = await self._calls.read(("HGETALL", self._keys.routes))
-        # A flat list in RESP2 from a single node, a map in RESP3 or through a cluster client.
-        pairs = (
-            reply.items() if isinstance(reply, dict) else zip(reply[::2], reply[1::2], strict=True)
-        )
+        pairs = field_pairs(await self._calls.read(("HGETALL", self._keys.routes)))
         where = repr(self._keys.routes)
         routes = [
             PackageRouteRecord(
