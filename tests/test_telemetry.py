@@ -10,14 +10,14 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, ClassVar
 
 import fakeredis
 import pytest
 from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -25,6 +25,7 @@ from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
 from kvstore.conformance import run_package_store_suite
+from kvstore.redis import telemetry
 from kvstore.redis.keyspace import Keyspace
 from kvstore.redis.scripts import PUT_PACKAGE
 from kvstore.tools.server_process import LocalServer
@@ -349,3 +350,71 @@ async def test_every_shape_of_deployment_names_its_server_and_never_a_password(
         }
     finally:
         await store.aclose()
+
+
+class Exploding(SpanProcessor):
+    """A span processor that raises on the spans of the namespaces in ``targets``."""
+
+    targets: ClassVar[set[str]] = set()
+
+    def _hit(self, span: ReadableSpan) -> bool:
+        return (span.attributes or {}).get("kvstore.namespace") in self.targets
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if self._hit(span) and "start" in span.attributes.get("kvstore.namespace", ""):
+            raise RuntimeError("the span processor failed on start")
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self._hit(span):
+            raise RuntimeError("the span processor failed on end")
+
+
+@pytest.fixture(scope="module")
+def exploding() -> Iterator[type[Exploding]]:
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(Exploding())
+    yield Exploding
+    Exploding.targets.clear()
+
+
+@pytest.mark.parametrize("where", ["start", "end"])
+async def test_a_span_processor_that_raises_changes_no_calls_outcome(
+    exploding: type[Exploding], where: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    namespace = f"{where}-{fresh_namespace()}"
+    exploding.targets.add(namespace)
+    async with RedisPackageStore(
+        fakeredis.FakeAsyncRedis(), namespace=namespace, telemetry=True
+    ) as store:
+        for i in range(5):
+            await store.put_package(pkg("wf", f"h{i}"))
+        with pytest.raises(ValueError, match="NUL"):
+            await store.get_package("wf", "h\x00")  # a caller's mistake still raises as it is
+        await store.put_package_route("wf", "h2")
+        assert [r.content_hash for r in await store.list_packages()] == [f"h{i}" for i in range(5)]
+        assert [r async for r in store.iter_package_heads()] != []
+        assert await store.get_package_route("wf") == "h2"
+    assert "telemetry failed, the store's calls go on" in caplog.text
+    assert caplog.text.count("telemetry failed") == 1, "once a minute at most"
+
+
+class Broken:
+    """An instrument whose every measurement raises."""
+
+    def record(self, *args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("the instrument failed")
+
+    add = record
+
+
+async def test_an_instrument_that_raises_changes_no_calls_outcome(
+    store: RedisPackageStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instruments = telemetry._shared()
+    for name in ("duration", "batch", "retries", "failures"):
+        monkeypatch.setattr(instruments, name, Broken())
+    await asyncio.gather(*(store.put_package(pkg("wf", f"h{i}")) for i in range(50)))
+    assert len(await store.list_packages()) == 50
+    with pytest.raises(ValueError):
+        await store.delete_package("", "h1")
