@@ -10,7 +10,10 @@ written here once, so that neither side spells it again:
   ``announce_routes`` in ``lua/library.lua``): ``encode_route_change`` makes the bytes the
   Lua publishes, ``decode_route_change`` reads them back, refusing anything else;
 * pairs as the server sends them, a flat list in RESP2 and a map in RESP3 (``HGETALL``,
-  ``CONFIG GET``, each library of ``FUNCTION LIST``): ``field_pairs`` reads either.
+  ``CONFIG GET``, each library of ``FUNCTION LIST``): ``field_pairs`` reads either;
+* a workflow type or a content hash as the server holds it: ``stored_text`` reads it,
+  refusing what no write of the library leaves (bytes that are not UTF-8, empty text,
+  a NUL) with ``SerializationError`` naming where it was found.
 
 Nothing here does I/O. ``tests/test_protocol.py`` checks that what the Lua publishes on
 fakeredis, Valkey and Redis is exactly what ``encode_route_change`` makes.
@@ -23,6 +26,8 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from redis.exceptions import ResponseError
+
+from kvstore.errors import SerializationError
 
 TYPE_REFUSAL = "KVSTORE_TYPE"
 FORMAT_REFUSAL = "KVSTORE_FORMAT"
@@ -133,6 +138,19 @@ def field_pairs(reply: Any) -> list[tuple[Any, Any]]:
             raise ValueError(f"a reply of pairs has an even length, not {len(reply)}")
         return list(zip(reply[::2], reply[1::2], strict=True))
     raise TypeError(f"a reply of pairs is a list or a map, not {type(reply).__name__}")
+
+
+def stored_text(value: Any, where: str) -> str:
+    """``value``, a type or a hash the server held at ``where``, as text; damage (not
+    UTF-8, empty, holding NUL) raises ``SerializationError`` naming ``where``."""
+    try:
+        text = bytes(value).decode("utf-8")
+    except (TypeError, UnicodeDecodeError) as exc:
+        raise SerializationError(f"{where} is not UTF-8 text: {value!r}") from exc
+    if not text or "\x00" in text:
+        why = "empty" if not text else "text holding NUL"
+        raise SerializationError(f"{where} is {why}, which no write leaves: {value!r}")
+    return text
 
 
 def _is_decimal(text: str) -> bool:

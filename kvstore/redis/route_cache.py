@@ -72,9 +72,15 @@ from redis.asyncio import Connection, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.retry import Retry
 
+from kvstore.errors import SerializationError
 from kvstore.records import PackageRouteRecord
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
-from kvstore.redis.protocol import decode_route_change, encode_route_change, field_pairs
+from kvstore.redis.protocol import (
+    decode_route_change,
+    encode_route_change,
+    field_pairs,
+    stored_text,
+)
 from kvstore.redis.replies import (
     NOT_ENOUGH_DATA,
     PUBSUB_KINDS,
@@ -520,10 +526,15 @@ class RouteCache:
         found, version, pairs = await pipe.execute()
         if found is not None and found != FORMAT_VERSION:
             raise RouteCacheError(f"{keys.format!r} says layout {found!r}")
+        where = repr(keys.routes)
         try:
-            table = {t.decode("utf-8"): h.decode("utf-8") for t, h in field_pairs(pairs)}
-        except UnicodeDecodeError as exc:
-            raise RouteCacheError(f"{keys.routes!r} holds text that is not UTF-8") from exc
+            table = {
+                stored_text(t, f"{where} field {t!r}"): stored_text(h, f"{where} field {t!r}")
+                for t, h in field_pairs(pairs)
+            }
+        except SerializationError as exc:
+            # Lookups go to the server, which raises the same error to the caller.
+            raise RouteCacheError(str(exc)) from exc
         return _version(version), table
 
     def _go_down(self) -> None:

@@ -47,7 +47,7 @@ from kvstore.redis.keyspace import (
 from kvstore.redis.listing import LISTING_BYTES, Walk, read_head, read_row
 from kvstore.redis.observing import observed, observed_iterator
 from kvstore.redis.options import DEFAULTS, StoreOptions
-from kvstore.redis.protocol import field_pairs
+from kvstore.redis.protocol import field_pairs, stored_text
 from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache
 from kvstore.redis.route_watch import RouteWatch
@@ -423,7 +423,7 @@ class RedisPackageStore:
         field = checked.encode("utf-8")
         value = await self._calls.read(("HGET", self._keys.routes, field))
         return (
-            None if value is None else self._text(value, f"{self._keys.routes!r} field {field!r}")
+            None if value is None else stored_text(value, f"{self._keys.routes!r} field {field!r}")
         )
 
     def watch_routes(self) -> RouteWatch:
@@ -453,7 +453,7 @@ class RedisPackageStore:
         where = repr(self._keys.routes)
         routes = [
             PackageRouteRecord(
-                self._text(t, f"{where} field {t!r}"), self._text(h, f"{where} field {t!r}")
+                stored_text(t, f"{where} field {t!r}"), stored_text(h, f"{where} field {t!r}")
             )
             for t, h in pairs
         ]
@@ -526,9 +526,3 @@ class RedisPackageStore:
             return PackageRecord(workflow_type, content_hash, archive, decode_stamp(stamp))
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
-
-    def _text(self, value: Any, where: str) -> str:
-        try:
-            return bytes(value).decode("utf-8")
-        except (TypeError, UnicodeDecodeError) as exc:
-            raise SerializationError(f"{where} is not UTF-8 text: {value!r}") from exc

@@ -1,0 +1,80 @@
+"""Damage no write of the library leaves, made by hand on the server, reaches the caller
+as ``SerializationError`` naming the key: never a raw error, never a value the contract
+says cannot occur, and never a dead task."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+
+import fakeredis
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import PackageRecord, RedisPackageStore, SerializationError
+from kvstore.redis.keyspace import Keyspace
+
+from .conftest import SERVERS, fresh_namespace
+
+T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+
+# A routes field whose type or hash no write leaves: (field, value).
+DAMAGED_ROUTES = [
+    (b"empty-hash", b""),
+    (b"nul-hash", b"h\x00i"),
+    (b"", b"h1"),
+    (b"nul\x00type", b"h1"),
+    (b"not-utf8", b"\xff\xfe"),
+]
+
+
+@pytest.fixture(params=["fakeredis", *SERVERS])
+async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
+    if request.param == "fakeredis":
+        raw: Redis = fakeredis.FakeAsyncRedis()
+    else:
+        raw = Redis.from_url(request.getfixturevalue(f"{request.param}_server").url)
+    yield raw
+    await raw.aclose()
+
+
+@pytest.mark.parametrize(("field", "value"), DAMAGED_ROUTES)
+async def test_a_damaged_route_raises_serialization_error_naming_the_key(
+    client: Redis, field: bytes, value: bytes
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+    routes = Keyspace(store.namespace).routes
+    await client.hset(routes, field, value)
+    with pytest.raises(SerializationError, match="routes"):
+        await store.list_package_routes()
+    if field and b"\x00" not in field:
+        with pytest.raises(SerializationError, match="routes"):
+            await store.get_package_route(field.decode("utf-8", "replace"))
+    assert await store.get_package_route("order") == "h1"  # the sound routes still answer
+    await store.aclose()
+
+
+async def test_a_route_cache_over_a_damaged_route_serves_the_server_and_its_watch_lives(
+    client: Redis,
+) -> None:
+    store = RedisPackageStore(
+        client, namespace=fresh_namespace(), cache_routes=True, route_health_interval=0.1
+    )
+    await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+    await client.hset(Keyspace(store.namespace).routes, b"broken", b"h\x00")
+    watch = store.watch_routes()
+    # The cache cannot load a table holding damage: it is not live, and lookups go to
+    # the server, which names the damage to the caller who asks for that route.
+    assert not await store.route_cache_ready(timeout=0.5)
+    with pytest.raises(SerializationError, match="broken"):
+        await store.get_package_route("broken")
+    assert await store.get_package_route("order") == "h1"
+    # Repaired, the cache loads and the watch, alive all along, hands out the table.
+    await client.hdel(Keyspace(store.namespace).routes, b"broken")
+    assert await store.route_cache_ready(timeout=10)
+    first = await asyncio.wait_for(anext(watch), 10)
+    assert (first.workflow_type, first.content_hash) == ("order", "h1")
+    await watch.aclose()
+    await store.aclose()
