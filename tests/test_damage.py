@@ -5,6 +5,7 @@ says cannot occur, and never a dead task."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from datetime import datetime, timezone
 
@@ -12,7 +13,7 @@ import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from kvstore import PackageRecord, RedisPackageStore, SerializationError
+from kvstore import PackageRecord, RedisPackageStore, SerializationError, StoreError
 from kvstore.redis.keyspace import Keyspace
 
 from .conftest import SERVERS, fresh_namespace
@@ -78,3 +79,69 @@ async def test_a_route_cache_over_a_damaged_route_serves_the_server_and_its_watc
     assert (first.workflow_type, first.content_hash) == ("order", "h1")
     await watch.aclose()
     await store.aclose()
+
+
+class Impostor:
+    """A server on loopback that speaks the protocol and answers every command with
+    ``answer`` (``+OK``, nil, ...): what a proxy or a server that is not Redis might do."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self.server.sockets[0].getsockname()[1]
+        return f"redis://127.0.0.1:{port}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                header = await reader.readline()
+                if not header:
+                    break
+                for _ in range(int(header[1:])):  # "*<n>", then n "$<len>" bulk strings
+                    size = int((await reader.readline())[1:])
+                    await reader.readexactly(size + 2)
+                writer.write(self.answer)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+@pytest.mark.parametrize("answer", [b"+OK\r\n", b"$-1\r\n", b"*-1\r\n", b":7\r\n"])
+async def test_a_server_that_is_not_redis_fails_calls_with_the_librarys_errors(
+    answer: bytes,
+) -> None:
+    async with Impostor(answer) as url:
+        store = RedisPackageStore.from_url(url, timeout=2, retry_budget=0)
+        writes = [
+            store.put_package(PackageRecord("order", "h1", b"zip", T0)),
+            store.put_package_route("order", "h1"),
+            store.delete_package("order", "h1"),
+        ]
+        reads = [
+            store.get_package("order", "h1"),
+            store.get_package_route("order"),
+            store.list_package_routes(),
+            store.list_packages(),
+            store.iter_package_heads().__anext__(),
+        ]
+        for write in writes:
+            if answer == b":7\r\n":
+                await write  # an integer is what every function replies: it cannot tell
+            else:
+                with pytest.raises(StoreError):
+                    await write
+        for read in reads:
+            # Anything but a raw error: a nil route or an empty listing may stand.
+            with contextlib.suppress(StoreError, StopAsyncIteration):
+                await read
+        await store.aclose()

@@ -30,7 +30,7 @@ from kvstore.redis.failures import backend_error, client_secrets, redact
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
 from kvstore.redis.options import StoreOptions
 from kvstore.redis.pipeline import Pipeliner
-from kvstore.redis.protocol import field_pairs, format_refusal, type_refusal
+from kvstore.redis.protocol import field_pairs, fits, format_refusal, type_refusal
 from kvstore.redis.retry import Budget, call_with_retry
 from kvstore.redis.scripts import LIBRARY, is_missing_function, load_library
 from kvstore.redis.target import Target
@@ -150,11 +150,11 @@ class Calls:
             raise SerializationError(
                 f"{key!r} holds a {refusal.found}, not a {refusal.expected}; nothing was written"
             )
-        result = self.reply(reply)
+        result = self.fitting(command, self.reply(reply))
         self.library_found = True  # the function ran
         wait = self._wait
         if wait is not None:
-            acked, wanted = self.reply(replies[1]), wait[1]
+            acked, wanted = self.fitting(wait, self.reply(replies[1])), wait[1]
             if acked < wanted:
                 raise BackendError(
                     f"{self.server}: {acked} of {wanted} replicas acknowledged the write in "
@@ -261,10 +261,20 @@ class Calls:
         found, *replies = await self.pipeliner.run(
             [self._format_check, *commands], large_reply=large, streamed=archives
         )
-        found = self.reply(found)
+        found = self.fitting(self._format_check, self.reply(found))
         if found is not None and found != FORMAT_VERSION:
             raise self._layout_error(found)
-        return [self.reply(r) for r in replies]
+        return [self.fitting(c, self.reply(r)) for c, r in zip(commands, replies, strict=True)]
+
+    def fitting(self, command: Command, reply: Any) -> Any:
+        """``reply``, if it is a shape the server may give to ``command``; else
+        ``BackendError``: the server is not what it says it is."""
+        if fits(command, reply):
+            return reply
+        name = flatten(command)[0]
+        raise self.backend_error(
+            ResponseError(f"{name} had an answer no Redis gives: {reply!r:.100}")
+        )
 
     def reply(self, reply: Any) -> Any:
         """``reply``, or the library's error for a refusal."""

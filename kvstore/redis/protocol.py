@@ -11,6 +11,9 @@ written here once, so that neither side spells it again:
   Lua publishes, ``decode_route_change`` reads them back, refusing anything else;
 * pairs as the server sends them, a flat list in RESP2 and a map in RESP3 (``HGETALL``,
   ``CONFIG GET``, each library of ``FUNCTION LIST``): ``field_pairs`` reads either;
+* what each command the store reads with may reply (``REPLY_SHAPES``, ``fits``), so a
+  server that is not Redis (or a proxy that answers ``+OK`` to everything) fails the
+  call with ``BackendError`` rather than a raw ``TypeError`` deep in the decoding;
 * a workflow type or a content hash as the server holds it: ``stored_text`` reads it,
   refusing what no write of the library leaves (bytes that are not UTF-8, empty text,
   a NUL) with ``SerializationError`` naming where it was found.
@@ -28,6 +31,7 @@ from typing import Any, NamedTuple
 from redis.exceptions import ResponseError
 
 from kvstore.errors import SerializationError
+from kvstore.redis.wire import PrePacked
 
 TYPE_REFUSAL = "KVSTORE_TYPE"
 FORMAT_REFUSAL = "KVSTORE_FORMAT"
@@ -138,6 +142,28 @@ def field_pairs(reply: Any) -> list[tuple[Any, Any]]:
             raise ValueError(f"a reply of pairs has an even length, not {len(reply)}")
         return list(zip(reply[::2], reply[1::2], strict=True))
     raise TypeError(f"a reply of pairs is a list or a map, not {type(reply).__name__}")
+
+
+# What a Redis-protocol server may reply to each command the store reads or writes with
+# (a refusal aside, which is handled before): nil is ``type(None)``.
+REPLY_SHAPES: dict[str, type | tuple[type, ...]] = {
+    "GET": (bytes, type(None)),
+    "HGET": (bytes, type(None)),
+    "HMGET": list,
+    "HGETALL": (list, dict),
+    "HSTRLEN": int,
+    "ZRANGEBYLEX": list,
+    "FCALL": int,  # every operation of the library replies an integer
+    "WAIT": int,
+}
+
+
+def fits(command: Sequence[Any], reply: Any) -> bool:
+    """Whether ``reply`` is a shape the server may give to ``command``."""
+    first = command[0]
+    name = first.args[0] if isinstance(first, PrePacked) else first
+    shape = REPLY_SHAPES.get(name) if isinstance(name, str) else None
+    return shape is None or isinstance(reply, shape)
 
 
 def stored_text(value: Any, where: str) -> str:
