@@ -25,15 +25,10 @@ from kvstore.tools.check import check_store
 from kvstore.tools.server_process import LocalServer
 from kvstore.tools.status import UNREADABLE, read_status
 
-from .conftest import SERVERS, fresh_namespace
+from .conftest import fresh_namespace
 from .test_acl import rule_for
 from .test_cli import kv
-from .topology import raw_command, replicated_pair, server_binary, wait_in_sync
-
-
-@pytest.fixture(params=SERVERS)
-def binary(request: pytest.FixtureRequest) -> Path:
-    return server_binary(request.param)
+from .topology import raw_command, replicated_pair, wait_in_sync
 
 
 def status(url: str, namespace: str = "aion") -> tuple[dict[str, Any], list[str]]:

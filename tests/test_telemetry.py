@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
 from typing import Any
 
 import fakeredis
@@ -23,13 +22,14 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
+from kvstore import BackendError, RedisPackageStore, SerializationError
 from kvstore.conformance import run_package_store_suite
 from kvstore.redis.keyspace import Keyspace
 from kvstore.redis.scripts import PUT_PACKAGE
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+from .support import pkg
 from .topology import eventually
 
 # The SDK's providers can be set once per process: every test here shares them and
@@ -79,12 +79,6 @@ def points(name: str, namespace: str) -> list[Any]:
     return found
 
 
-def pkg(workflow_type: str = "wf", content_hash: str = "h1") -> PackageRecord:
-    return PackageRecord(
-        workflow_type, content_hash, b"secret-archive-bytes", datetime.now(timezone.utc)
-    )
-
-
 @pytest.fixture
 async def store() -> AsyncIterator[RedisPackageStore]:
     async with RedisPackageStore(
@@ -116,7 +110,9 @@ async def test_a_put_is_one_client_span_with_the_conventional_attributes(
 async def test_no_span_or_measurement_carries_an_archive_a_type_or_a_hash(
     store: RedisPackageStore,
 ) -> None:
-    await store.put_package_with_routes(pkg("secret-type", "secret-hash"), ["other-secret"])
+    await store.put_package_with_routes(
+        pkg("secret-type", "secret-hash", b"secret-archive-bytes"), ["other-secret"]
+    )
     await store.get_package("secret-type", "secret-hash")
     await store.get_package_route("secret-type")
     await store.list_packages()
