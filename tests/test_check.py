@@ -207,6 +207,7 @@ async def test_glob_escape_matches_exactly_the_text(backend: Backend) -> None:
     assert matched == [literal]
 
 
+@pytest.mark.slow
 async def test_a_sound_namespace_under_concurrent_writes_is_never_called_broken_or_changed(
     backend: Backend,
 ) -> None:
@@ -292,6 +293,7 @@ async def test_repair_stands_back_when_a_put_lands_between_its_read_and_its_writ
         assert await store.list_packages() == [A]
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_repairs_and_exits_by_what_remains(server: LocalServer) -> None:
     namespace = fresh_namespace()
     target = ["--url", server.url, "--namespace", namespace]

@@ -15,6 +15,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from redis.asyncio import Redis
 
 from kvstore import RedisPackageStore
@@ -22,6 +23,9 @@ from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .topology import Writer, check_outcome, eventually
+
+# Servers of its own, killed again and again.
+pytestmark = pytest.mark.slow
 
 DURABLE = {"appendonly": "yes", "appendfsync": "always"}
 KILLS = 4

@@ -40,6 +40,7 @@ def stopped(server: LocalServer) -> Iterator[None]:
         os.kill(server.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow
 async def test_every_call_ends_within_its_budget_however_many_are_in_flight(
     server: LocalServer,
 ) -> None:
@@ -64,6 +65,7 @@ async def test_every_call_ends_within_its_budget_however_many_are_in_flight(
         await store.put_package(pkg("t", "after"))  # the store carries on once the server does
 
 
+@pytest.mark.slow
 async def test_a_cancel_that_lands_with_the_stores_own_deadline_is_never_swallowed(
     server: LocalServer,
 ) -> None:
@@ -243,6 +245,7 @@ async def test_the_installed_redis_py_lets_slices_go_to_the_transport_uncopied(
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
     server: LocalServer,
 ) -> None:

@@ -49,6 +49,7 @@ async def test_a_route_written_elsewhere_becomes_visible(stores: StoreFactory) -
     assert await reader.list_package_routes() == await writer.list_package_routes()
 
 
+@pytest.mark.slow
 async def test_another_stores_write_is_seen_during_a_long_burst_of_own_writes(
     backend: Backend,
 ) -> None:
@@ -168,6 +169,7 @@ async def test_while_the_subscription_is_down_lookups_ask_the_server(
         await admin.acl_deluser(user)
 
 
+@pytest.mark.slow
 async def test_a_silently_stalled_subscription_is_noticed_by_the_health_check(
     stores: StoreFactory, backend: Backend
 ) -> None:

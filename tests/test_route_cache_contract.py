@@ -18,6 +18,7 @@ from .support import VISIBLE_WITHIN
 backend = backend_over(*WITH_RESP2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("warm", [False, True], ids=["cold", "live"])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 async def test_cached_store_keeps_the_contract(backend: Backend, scenario: str, warm: bool) -> None:

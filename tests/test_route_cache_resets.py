@@ -91,15 +91,20 @@ class ResettableServer:
             self.server.remove_data()
 
 
+# On a server of the test's own, each reset is slow; a flush of fakeredis is not.
 RESET_CASES = [
-    (backend, how)
+    pytest.param(
+        (backend, how),
+        id=f"{how}-{backend}",
+        marks=[] if backend == "fakeredis" else [pytest.mark.slow],
+    )
     for how in ["flushdb", "empty-restart", "older-snapshot", "older-snapshot-live"]
     for backend in BACKENDS
     if backend != "fakeredis" or how == "flushdb"  # fakeredis has no restart
 ]
 
 
-@pytest.fixture(params=RESET_CASES, ids=[f"{how}-{backend}" for backend, how in RESET_CASES])
+@pytest.fixture(params=RESET_CASES)
 async def resettable(request: pytest.FixtureRequest) -> AsyncIterator[ResettableServer]:
     server = ResettableServer(*request.param)
     yield server

@@ -13,7 +13,7 @@ import pytest
 
 from kvstore import PackageRouteRecord
 
-from .conftest import SERVERS, WITH_RESP2, Backend, StoreFactory, backend_over
+from .conftest import SERVERS, WITH_RESP2, Backend, StoreFactory, backend_over, each
 from .support import VISIBLE_WITHIN, eventually, next_routes, pkg
 
 backend = backend_over(*WITH_RESP2)
@@ -123,7 +123,7 @@ async def test_closing_the_store_ends_watches_and_the_subscription(backend: Back
         store.watch_routes()
 
 
-@pytest.mark.parametrize("backend", SERVERS, indirect=True)
+@pytest.mark.parametrize("backend", each(*SERVERS), indirect=True)
 async def test_closing_the_store_releases_its_subscription_on_the_server(
     backend: Backend,
 ) -> None:

@@ -31,6 +31,9 @@ from .topology import (
     wait_in_sync,
 )
 
+# A Sentinel group of its own, failed over.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture
 async def group(binary: Path, tmp_path: Path) -> AsyncIterator[SentinelGroup]:

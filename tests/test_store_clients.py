@@ -31,6 +31,7 @@ async def test_aclose_leaves_a_given_client_open(client: Redis) -> None:
     assert await client.ping()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_routes", [False, True])
 @pytest.mark.parametrize("protocol", [2, 3])
 async def test_a_client_of_either_protocol_keeps_the_whole_contract(

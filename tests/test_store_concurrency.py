@@ -49,6 +49,7 @@ async def test_one_refused_call_never_fails_its_neighbours(client: Redis) -> Non
     assert len(await good.list_packages()) == 450
 
 
+@pytest.mark.slow
 async def test_a_cancelled_caller_does_not_lose_its_neighbours_calls(server: LocalServer) -> None:
     async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
         for round_ in range(20):
@@ -65,6 +66,7 @@ async def test_a_cancelled_caller_does_not_lose_its_neighbours_calls(server: Loc
             assert kept <= listed
 
 
+@pytest.mark.slow
 async def test_connections_killed_mid_burst_lose_no_call(server: LocalServer) -> None:
     # Batches are pipelined several deep on each connection; when the server drops the
     # connections, everything in flight on them is sent again, and every call completes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
 from redis.asyncio import Redis
 
 from kvstore import RedisPackageStore
@@ -16,6 +17,7 @@ from .conftest import fresh_namespace
 from .support import pkg
 
 
+@pytest.mark.slow
 async def test_large_archive_round_trips_on_a_real_server(server: LocalServer) -> None:
     archive = bytes(range(256)) * (64 * 1024 * 3)  # 48 MiB
     async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
@@ -43,6 +45,7 @@ async def test_archives_around_the_size_read_in_slices_come_back_whole(
         assert [r async for r in store.iter_packages(max_bytes=4 * STREAM_FROM)] == records
 
 
+@pytest.mark.slow
 async def test_large_gets_cut_off_mid_archive_come_back_whole(server: LocalServer) -> None:
     # An archive read in slices whose connection drops halfway is read again, whole.
     killer = Redis.from_url(server.url)

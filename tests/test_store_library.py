@@ -135,6 +135,7 @@ async def test_a_store_loads_the_library_on_its_own_connections(first: str) -> N
         await raw.aclose()
 
 
+@pytest.mark.slow
 async def test_a_write_after_a_restart_on_empty_data_loads_the_library_again() -> None:
     # The restart closes every connection: the pipeliner's and the pooled one the first
     # load used. The second load meets that closed connection first, and tries again.

@@ -15,6 +15,9 @@ from kvstore.tools.server_process import LocalServer
 from .conftest import fresh_namespace
 from .support import pkg
 
+# Servers that are gone, paused or restarting, and calls that wait them out.
+pytestmark = pytest.mark.slow
+
 
 async def test_unreachable_server_fails_within_the_timeout() -> None:
     with LocalServer() as doomed:

@@ -196,6 +196,7 @@ def own_server() -> Iterator[LocalServer]:
             os.kill(running.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow
 async def test_a_call_retried_across_a_stalled_server_counts_its_attempts(
     own_server: LocalServer,
 ) -> None:
@@ -262,6 +263,7 @@ async def test_the_route_cache_gauge_and_reloads_follow_a_lost_subscription(
         assert live.value == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_routes", [False, True])
 async def test_an_observed_store_keeps_every_promise_of_the_contract(
     valkey_server: LocalServer, cache_routes: bool
@@ -277,6 +279,7 @@ async def test_an_observed_store_keeps_every_promise_of_the_contract(
     await run_package_store_suite(make)
 
 
+@pytest.mark.slow
 async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
     # redis-py itself may import opentelemetry when it is installed; kvstore's telemetry
     # is not loaded, and the store's methods are the class's own.
@@ -297,6 +300,7 @@ async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
     assert loaded.strip() == "False"
 
 
+@pytest.mark.slow
 def test_telemetry_without_opentelemetry_installed_is_refused_naming_the_extra() -> None:
     probe = (
         "import sys\n"

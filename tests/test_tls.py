@@ -20,6 +20,9 @@ from .conftest import fresh_namespace
 from .support import pkg
 from .topology import Certificates, make_certificates, server_binary, tls_only_server
 
+# A TLS server of its own, and certificates made by openssl.
+pytestmark = pytest.mark.slow
+
 
 @dataclass(frozen=True)
 class TlsServer:

@@ -127,6 +127,7 @@ def test_an_unknown_url_option_is_refused_by_name() -> None:
     RedisPackageStore.from_url("redis://h:1?socket_keepalive=true&client_name=x")
 
 
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(
     secret=secrets.filter(lambda s: not s.startswith("-")),
@@ -145,6 +146,7 @@ def test_the_command_line_never_prints_a_password(
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("url", "says"),
     [
