@@ -15,19 +15,19 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import NoPermissionError
 
-from kvstore import BackendError, PackageRecord, PackageRouteRecord, RedisPackageStore
+from kvstore import BackendError, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
 from kvstore.redis.scripts import LIBRARY, load_library
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+from .support import as_map, pkg
 from .topology import raw_command
 
 STORE_USER_RULE = (
@@ -41,8 +41,6 @@ STORE_USER_RULE = (
 # large put the store asks CONFIG GET proto-max-bulk-len, and when refused sends large
 # puts alone instead: granting CONFIG GET would let the user read every setting.
 NOT_NEEDED = {"client|setinfo", "config|get"}
-
-T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
 
 
 def rule_for(namespace: str) -> list[str]:
@@ -73,11 +71,7 @@ class Users:
         """What the server refused these users, as ``reason:object``, beyond ``NOT_NEEDED``."""
         found = []
         for entry in await raw_command(self.admin, "ACL", "LOG", "128"):
-            fields = (
-                entry
-                if isinstance(entry, dict)
-                else dict(zip(entry[::2], entry[1::2], strict=True))
-            )
+            fields = as_map(entry)
             user, reason, what = (fields[k].decode() for k in (b"username", b"reason", b"object"))
             if user in self.names and what not in NOT_NEEDED:
                 found.append(f"{reason}:{what}")
@@ -120,7 +114,7 @@ async def test_a_store_on_a_server_without_the_library_says_what_to_run(users: U
     try:
         async with await users.store(fresh_namespace()) as store:
             with pytest.raises(BackendError) as raised:
-                await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+                await store.put_package(pkg("order", "h1", b"PK"))
             assert str(raised.value) == (
                 f"the kvstore library {LIBRARY.name} is not loaded on 127.0.0.1:"
                 f"{users.server.port} and this credential may not load it; run `kvstore "
@@ -128,7 +122,7 @@ async def test_a_store_on_a_server_without_the_library_says_what_to_run(users: U
             )
             assert await store.list_packages() == []
             await load_library(users.admin)
-            await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await store.put_package(pkg("order", "h1", b"PK"))
             assert len(await store.list_packages()) == 1
     finally:
         await load_library(users.admin)
@@ -152,13 +146,13 @@ async def test_the_rule_lets_a_store_wait_for_replicas(users: Users) -> None:
     # This server has no replica: WAIT is answered (0 acknowledged), not refused.
     async with await users.store(fresh_namespace(), min_replicas=1, replica_timeout=0.1) as waiting:
         with pytest.raises(BackendError, match="0 of 1 replicas acknowledged"):
-            await waiting.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await waiting.put_package(pkg("order", "h1", b"PK"))
     assert await users.refusals() == []
 
 
 async def test_heads_are_listed_on_the_rule(users: Users) -> None:
     async with await users.store(fresh_namespace()) as store:
-        await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+        await store.put_package(pkg("order", "h1", b"PK"))
         heads = [h async for h in store.iter_package_heads()]
         assert [(h.content_hash, h.size) for h in heads] == [("h1", 2)]
     assert await users.refusals() == []
@@ -178,7 +172,7 @@ async def test_a_read_the_server_refuses_raises_backend_error(users: Users) -> N
 async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> None:
     mine, theirs = fresh_namespace(), fresh_namespace()
     owner = RedisPackageStore(users.admin, namespace=theirs)
-    record = PackageRecord("order", "h1", b"theirs", T0)
+    record = pkg("order", "h1", b"theirs")
     await owner.put_package(record)
     url = await users.add(mine)
     async with Redis.from_url(url) as raw:
@@ -194,7 +188,7 @@ async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> No
         with pytest.raises(BackendError):
             await intruder.list_packages()
         with pytest.raises(BackendError):
-            await intruder.put_package(PackageRecord("order", "h2", b"forged", T0))
+            await intruder.put_package(pkg("order", "h2", b"forged"))
         with pytest.raises(BackendError):
             await intruder.delete_package("order", "h1")
     assert await owner.list_packages() == [record]

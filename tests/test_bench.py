@@ -24,6 +24,9 @@ from bench.report import Figure, missed, sig3, table
 from kvstore.redis.keyspace import Keyspace
 from kvstore.tools.server_process import LocalServer
 
+# The bench, in processes of its own.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = {
     "put_one",

@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
-import fakeredis
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
@@ -27,43 +24,15 @@ from kvstore.redis.keyspace import Keyspace, encode_stamp, index_member, row_id
 from kvstore.tools.check import INFORMATIONAL, REPAIRABLE, check_store, glob_escape
 from kvstore.tools.server_process import LocalServer
 
-from .conftest import SERVERS, fresh_namespace
+from .conftest import Backend, fresh_namespace
+from .support import T0
 from .test_acl import Users
 from .test_cli import kv
 from .topology import raw_command
 
-T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
-
 
 def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
-
-
-@dataclass
-class Backend:
-    raw: Redis  # for damage, with decode_responses=False
-    store: Callable[[str], RedisPackageStore]
-    url: str | None  # None for fakeredis, which only Python reaches
-
-
-@pytest.fixture(params=["fakeredis", *SERVERS])
-async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
-    raw: Redis
-    if request.param == "fakeredis":
-        server = fakeredis.FakeServer()
-        raw = fakeredis.FakeAsyncRedis(server=server)
-        yield Backend(
-            raw,
-            lambda ns: RedisPackageStore(fakeredis.FakeAsyncRedis(server=server), namespace=ns),
-            None,
-        )
-    else:
-        running: LocalServer = request.getfixturevalue(f"{request.param}_server")
-        raw = Redis.from_url(running.url)
-        yield Backend(
-            raw, lambda ns: RedisPackageStore.from_url(running.url, namespace=ns), running.url
-        )
-    await raw.aclose()
 
 
 async def check(backend: Backend, namespace: str, *, repair: bool = False) -> Any:
@@ -238,6 +207,7 @@ async def test_glob_escape_matches_exactly_the_text(backend: Backend) -> None:
     assert matched == [literal]
 
 
+@pytest.mark.slow
 async def test_a_sound_namespace_under_concurrent_writes_is_never_called_broken_or_changed(
     backend: Backend,
 ) -> None:
@@ -323,19 +293,15 @@ async def test_repair_stands_back_when_a_put_lands_between_its_read_and_its_writ
         assert await store.list_packages() == [A]
 
 
+@pytest.mark.slow
 def test_the_command_line_reports_repairs_and_exits_by_what_remains(server: LocalServer) -> None:
     namespace = fresh_namespace()
     target = ["--url", server.url, "--namespace", namespace]
 
     async def damage() -> None:
-        raw = Redis.from_url(server.url)
-        await damage_repairably(
-            Backend(
-                raw, lambda ns: RedisPackageStore.from_url(server.url, namespace=ns), server.url
-            ),
-            namespace,
-        )
-        await raw.aclose()
+        on_server = Backend("server", server.url)
+        await damage_repairably(on_server, namespace)
+        await on_server.aclose()
 
     asyncio.run(damage())
     found = kv("check", *target)
@@ -377,10 +343,9 @@ async def test_check_and_repair_need_only_the_store_rule_and_a_few_reads(
     namespace = fresh_namespace()
     async with Redis(port=server.port) as admin:
         await raw_command(admin, "ACL", "LOG", "RESET")
-        maker = Backend(
-            admin, lambda ns: RedisPackageStore.from_url(server.url, namespace=ns), server.url
-        )
+        maker = Backend("server", server.url)
         await damage_repairably(maker, namespace)
+        await maker.aclose()
         users = Users(server, admin)
         try:
             url = await users.add(namespace)

@@ -22,6 +22,9 @@ from kvstore.tools.server_process import LocalServer, free_port
 from .conftest import fresh_namespace
 from .test_cli import ok
 
+# A cluster of its own.
+pytestmark = pytest.mark.slow
+
 SLOTS = 16384
 
 

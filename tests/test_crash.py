@@ -21,16 +21,14 @@ from redis.asyncio import Redis
 from kvstore import RedisPackageStore
 from kvstore.tools.server_process import LocalServer
 
-from .conftest import SERVERS, fresh_namespace
-from .topology import Writer, check_outcome, eventually, server_binary
+from .conftest import fresh_namespace
+from .topology import Writer, check_outcome, eventually
+
+# Servers of its own, killed again and again.
+pytestmark = pytest.mark.slow
 
 DURABLE = {"appendonly": "yes", "appendfsync": "always"}
 KILLS = 4
-
-
-@pytest.fixture(params=SERVERS)
-def binary(request: pytest.FixtureRequest) -> Path:
-    return server_binary(request.param)
 
 
 async def test_acknowledged_puts_survive_kill_9(binary: Path, tmp_path: Path) -> None:

@@ -6,19 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from datetime import datetime, timezone
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore, SerializationError, StoreError
 from kvstore.redis.keyspace import Keyspace
 
-from .conftest import SERVERS, fresh_namespace
-
-T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
+from .conftest import fresh_namespace
+from .support import T0
 
 # A routes field whose type or hash no write leaves: (field, value).
 DAMAGED_ROUTES = [
@@ -28,16 +24,6 @@ DAMAGED_ROUTES = [
     (b"nul\x00type", b"h1"),
     (b"not-utf8", b"\xff\xfe"),
 ]
-
-
-@pytest.fixture(params=["fakeredis", *SERVERS])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
-    if request.param == "fakeredis":
-        raw: Redis = fakeredis.FakeAsyncRedis()
-    else:
-        raw = Redis.from_url(request.getfixturevalue(f"{request.param}_server").url)
-    yield raw
-    await raw.aclose()
 
 
 @pytest.mark.parametrize(("field", "value"), DAMAGED_ROUTES)

@@ -65,6 +65,7 @@ DAMAGE: dict[str, tuple[Callable[[bytes], bytes], str]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", list(DAMAGE))
 def test_a_damaged_export_is_refused_whole(
     dump: Path, valkey_server: LocalServer, where: str
@@ -91,6 +92,7 @@ def test_an_intact_export_checks_and_imports(dump: Path, valkey_server: LocalSer
     ]
 
 
+@pytest.mark.slow
 def test_a_version_1_export_still_imports(valkey_server: LocalServer, tmp_path: Path) -> None:
     at = datetime(1999, 12, 31, 23, 59, 59, 1, tzinfo=timezone.utc)
     packer = msgpack.Packer(datetime=True, use_bin_type=True)

@@ -8,36 +8,25 @@ import dataclasses
 import os
 import signal
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from pathlib import Path
 
 import fakeredis
 import pytest
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore, StoreHealth
+from kvstore import BackendError, RedisPackageStore, StoreHealth
 from kvstore.tools.server_process import LocalServer
 
-from .conftest import SERVERS, fresh_namespace
-from .topology import server_binary
+from .conftest import fresh_namespace
+from .support import password_server, pkg, url_of
 
 PASSWORD = "pw-never-shown-91ab"
 
 
-def pkg() -> PackageRecord:
-    return PackageRecord("wf", "h1", b"archive", datetime.now(timezone.utc))
-
-
-@pytest.fixture(params=SERVERS)
-def own_server(request: pytest.FixtureRequest) -> Iterator[LocalServer]:
+@pytest.fixture
+def own_server(binary: Path) -> Iterator[LocalServer]:
     """A server of the test's own (each kind in turn), which it may stop or kill."""
-    binary = server_binary(request.param)
-    with LocalServer(binary, settings={"requirepass": PASSWORD}) as running:
+    with password_server(PASSWORD, binary) as running:
         yield running
-        if running.pid is not None:
-            os.kill(running.pid, signal.SIGCONT)
-
-
-def url_of(server: LocalServer) -> str:
-    return f"redis://:{PASSWORD}@127.0.0.1:{server.port}"
 
 
 async def test_a_new_store_has_reached_nothing_yet() -> None:
@@ -105,7 +94,7 @@ async def test_a_stopped_server_fails_the_ping_within_the_timeout_and_shows_why(
     own_server: LocalServer,
 ) -> None:
     async with RedisPackageStore.from_url(
-        url_of(own_server), namespace=fresh_namespace(), timeout=0.3, retry_budget=30.0
+        url_of(own_server, PASSWORD), namespace=fresh_namespace(), timeout=0.3, retry_budget=30.0
     ) as store:
         await store.ping()
         assert own_server.pid is not None
@@ -130,7 +119,7 @@ async def test_a_killed_server_shows_not_connected_with_the_connection_error(
     own_server: LocalServer,
 ) -> None:
     async with RedisPackageStore.from_url(
-        url_of(own_server), namespace=fresh_namespace(), timeout=0.5, retry_budget=0.2
+        url_of(own_server, PASSWORD), namespace=fresh_namespace(), timeout=0.5, retry_budget=0.2
     ) as store:
         await store.put_package(pkg())
         own_server.kill()

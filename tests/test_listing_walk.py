@@ -9,11 +9,8 @@ The store gives the walk its pipeliner instead; what the walk asks for is the sa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
-import fakeredis
 import pytest
 from redis.asyncio import Redis
 
@@ -22,25 +19,10 @@ from kvstore.redis.keyspace import Keyspace
 from kvstore.redis.listing import Walk, read_row
 from kvstore.redis.wire import Command, flatten
 
-from .conftest import SERVERS, fresh_namespace
+from .conftest import fresh_namespace
+from .support import pkg
 
 MIB = 1 << 20
-T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
-
-
-def pkg(workflow_type: str, content_hash: str, archive: bytes, n: int) -> PackageRecord:
-    return PackageRecord(workflow_type, content_hash, archive, T0 + timedelta(microseconds=n))
-
-
-@pytest.fixture(params=["fakeredis", *SERVERS])
-async def client(request: pytest.FixtureRequest) -> AsyncIterator[Redis]:
-    """A raw client on fakeredis or on each real server."""
-    if request.param == "fakeredis":
-        raw: Redis = fakeredis.FakeAsyncRedis()
-    else:
-        raw = Redis.from_url(request.getfixturevalue(f"{request.param}_server").url)
-    yield raw
-    await raw.aclose()
 
 
 class Recorder:

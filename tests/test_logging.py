@@ -11,17 +11,17 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import datetime, timezone
 
 import fakeredis
 import pytest
 from redis.asyncio import Redis
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
+from kvstore import BackendError, RedisPackageStore, SerializationError
 from kvstore.redis.keyspace import Keyspace
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+from .support import password_server, pkg, url_of
 from .test_pipeline import FakeClient, echo, pipeliner
 from .topology import eventually
 
@@ -32,18 +32,8 @@ ARCHIVE = b"archive-never-logged-77c2"
 @pytest.fixture
 def guarded_server() -> Iterator[LocalServer]:
     """A server of the test's own, with a password, which the test may stop or kill."""
-    with LocalServer(settings={"requirepass": PASSWORD}) as running:
+    with password_server(PASSWORD) as running:
         yield running
-        if running.pid is not None:
-            os.kill(running.pid, signal.SIGCONT)
-
-
-def url_of(server: LocalServer) -> str:
-    return f"redis://:{PASSWORD}@127.0.0.1:{server.port}"
-
-
-def pkg(content_hash: str = "h1") -> PackageRecord:
-    return PackageRecord("wf", content_hash, ARCHIVE, datetime.now(timezone.utc))
 
 
 def said(caplog: pytest.LogCaptureFixture) -> str:
@@ -61,14 +51,14 @@ async def test_a_retry_is_logged_at_debug_and_a_spent_budget_at_warning(
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="kvstore")
     async with RedisPackageStore.from_url(
-        url_of(guarded_server), namespace=fresh_namespace(), timeout=0.2, retry_budget=0.6
+        url_of(guarded_server, PASSWORD), namespace=fresh_namespace(), timeout=0.2, retry_budget=0.6
     ) as store:
-        await store.put_package(pkg())
+        await store.put_package(pkg(archive=ARCHIVE))
         assert guarded_server.pid is not None
         os.kill(guarded_server.pid, signal.SIGSTOP)
         try:
             with pytest.raises(BackendError):
-                await store.put_package(pkg("h2"))
+                await store.put_package(pkg("wf", "h2", ARCHIVE))
         finally:
             os.kill(guarded_server.pid, signal.SIGCONT)
     pipeline = [r for r in caplog.records if r.name == "kvstore.redis.pipeline"]
@@ -83,7 +73,7 @@ async def test_thousands_of_calls_failing_together_log_a_few_lines_not_thousands
     guarded_server: LocalServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     async with RedisPackageStore.from_url(
-        url_of(guarded_server), namespace=fresh_namespace(), timeout=0.2, retry_budget=0.2
+        url_of(guarded_server, PASSWORD), namespace=fresh_namespace(), timeout=0.2, retry_budget=0.2
     ) as store:
         await store.ping()
         assert guarded_server.pid is not None
@@ -122,7 +112,7 @@ async def test_calls_expiring_together_in_the_queue_say_so_once(
 async def test_a_call_without_trouble_logs_nothing(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="kvstore")
     async with RedisPackageStore(fakeredis.FakeAsyncRedis(), namespace=fresh_namespace()) as store:
-        await store.put_package(pkg())
+        await store.put_package(pkg(archive=ARCHIVE))
         await store.list_packages()
         await store.ping()
     assert [r for r in caplog.records if r.name.startswith("kvstore")] == []
@@ -133,14 +123,14 @@ async def test_the_route_cache_says_it_went_down_came_back_and_reloaded(
 ) -> None:
     caplog.set_level(logging.INFO, logger="kvstore")
     async with RedisPackageStore.from_url(
-        url_of(guarded_server),
+        url_of(guarded_server, PASSWORD),
         namespace=fresh_namespace(),
         cache_routes=True,
         route_health_interval=0.2,
     ) as store:
         assert await store.route_cache_ready()
-        await store.put_package(pkg())
-        async with Redis.from_url(url_of(guarded_server)) as raw:
+        await store.put_package(pkg(archive=ARCHIVE))
+        async with Redis.from_url(url_of(guarded_server, PASSWORD)) as raw:
             await raw.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
 
         def live_again() -> bool:

@@ -9,7 +9,12 @@ import tarfile
 import zipfile
 from pathlib import Path
 
+import pytest
+
 from kvstore.redis.scripts import LIBRARY
+
+# Builds the wheel and the sdist.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted(p.name for p in (ROOT / "lua").glob("*.lua"))

@@ -14,25 +14,19 @@ import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import datetime, timedelta, timezone
 
 import pytest
 from redis.asyncio import Redis
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore import BackendError, RedisPackageStore
 from kvstore.redis.scripts import load_library
 from kvstore.redis.transports import _stream_writer
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+from .support import pkg
 from .test_acl import rule_for
 from .topology import raw_command
-
-T0 = datetime(2026, 6, 1, tzinfo=timezone.utc)
-
-
-def pkg(content_hash: str, archive: bytes = b"zip", n: int = 0) -> PackageRecord:
-    return PackageRecord("t", content_hash, archive, T0 + timedelta(microseconds=n))
 
 
 @contextmanager
@@ -46,6 +40,7 @@ def stopped(server: LocalServer) -> Iterator[None]:
         os.kill(server.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow
 async def test_every_call_ends_within_its_budget_however_many_are_in_flight(
     server: LocalServer,
 ) -> None:
@@ -56,20 +51,21 @@ async def test_every_call_ends_within_its_budget_however_many_are_in_flight(
     async with RedisPackageStore.from_url(
         server.url, namespace=fresh_namespace(), timeout=timeout, retry_budget=budget
     ) as store:
-        await store.put_package(pkg("warm"))
+        await store.put_package(pkg("t", "warm"))
 
         async def timed(i: int) -> float:
             made = loop.time()
             with pytest.raises(BackendError):
-                await store.put_package(pkg(f"h{i}", bytes(100), i))
+                await store.put_package(pkg("t", f"h{i}", bytes(100), i))
             return loop.time() - made
 
         with stopped(server):
             waits = await asyncio.wait_for(asyncio.gather(*(timed(i) for i in range(3000))), 60)
         assert max(waits) < budget + timeout + 1.5  # a correctness bound, not a speed figure
-        await store.put_package(pkg("after"))  # the store carries on once the server does
+        await store.put_package(pkg("t", "after"))  # the store carries on once the server does
 
 
+@pytest.mark.slow
 async def test_a_cancel_that_lands_with_the_stores_own_deadline_is_never_swallowed(
     server: LocalServer,
 ) -> None:
@@ -143,9 +139,9 @@ async def test_an_archive_over_the_servers_limit_fails_alone(protocol: int) -> N
             retry_budget=2.0,
             protocol=protocol,
         ) as store:
-            await store.put_package(pkg("warm"))
-            calls = [store.put_package(pkg(f"h{i}", bytes(100), i)) for i in range(200)]
-            calls.insert(100, store.put_package(pkg("big", bytes(2 << 20), 999)))
+            await store.put_package(pkg("t", "warm"))
+            calls = [store.put_package(pkg("t", f"h{i}", bytes(100), i)) for i in range(200)]
+            calls.insert(100, store.put_package(pkg("t", "big", bytes(2 << 20), 999)))
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             big = outcomes.pop(100)
             assert isinstance(big, BackendError)
@@ -153,7 +149,7 @@ async def test_an_archive_over_the_servers_limit_fails_alone(protocol: int) -> N
             assert outcomes == [None] * 200
             assert len(await store.list_packages()) == 201
             # Just under the limit goes through.
-            await store.put_package(pkg("fits", bytes((1 << 20) - 4096)))
+            await store.put_package(pkg("t", "fits", bytes((1 << 20) - 4096)))
 
 
 async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
@@ -171,9 +167,9 @@ async def test_a_user_who_cannot_read_the_limit_still_fails_alone() -> None:
             timeout=2.0,
             retry_budget=2.0,
         ) as store:
-            await store.put_package(pkg("warm"))
-            calls = [store.put_package(pkg(f"h{i}", bytes(100), i)) for i in range(200)]
-            calls.insert(100, store.put_package(pkg("big", bytes(2 << 20), 999)))
+            await store.put_package(pkg("t", "warm"))
+            calls = [store.put_package(pkg("t", f"h{i}", bytes(100), i)) for i in range(200)]
+            calls.insert(100, store.put_package(pkg("t", "big", bytes(2 << 20), 999)))
             outcomes = await asyncio.gather(*calls, return_exceptions=True)
             big = outcomes.pop(100)
             assert isinstance(big, BackendError)
@@ -197,13 +193,13 @@ async def test_the_first_call_connects_every_lane_and_a_burst_uses_them_all(
     await load_library(watcher)  # so the store's connections are its lanes alone
     try:
         async with RedisPackageStore(client, namespace=fresh_namespace(), lanes=3) as store:
-            await store.put_package(pkg("first"))
+            await store.put_package(pkg("t", "first"))
             loop = asyncio.get_running_loop()
             end = loop.time() + 10
             while len(await lanes()) < 3 and loop.time() < end:
                 await asyncio.sleep(0.01)
             assert len(await lanes()) == 3
-            await asyncio.gather(*(store.put_package(pkg(f"h{i}", n=i)) for i in range(3000)))
+            await asyncio.gather(*(store.put_package(pkg("t", f"h{i}", n=i)) for i in range(3000)))
             assert await lanes() == ["fcall"] * 3
     finally:
         await client.aclose()
@@ -218,10 +214,13 @@ async def test_large_archives_sent_in_slices_interleave_with_small_calls(
     # its own reply, the archives back byte for byte.
     big = [bytes([i]) * (5 * (1 << 20) + i) for i in range(3)]
     async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
-        await store.put_package(pkg("warm"))
-        small = [pkg(f"s{i}", f"{i}".encode(), i) for i in range(300)]
+        await store.put_package(pkg("t", "warm"))
+        small = [pkg("t", f"s{i}", f"{i}".encode(), i) for i in range(300)]
         await asyncio.gather(
-            *(store.put_package(pkg(f"b{i}", archive, 1000 + i)) for i, archive in enumerate(big)),
+            *(
+                store.put_package(pkg("t", f"b{i}", archive, 1000 + i))
+                for i, archive in enumerate(big)
+            ),
             *(store.put_package(record) for record in small),
         )
         got = await asyncio.gather(
@@ -246,6 +245,7 @@ async def test_the_installed_redis_py_lets_slices_go_to_the_transport_uncopied(
         await client.aclose()
 
 
+@pytest.mark.slow
 async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
     server: LocalServer,
 ) -> None:
@@ -259,9 +259,9 @@ async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
         async with RedisPackageStore.from_url(
             server.url, namespace=fresh_namespace(), timeout=5.0, retry_budget=20.0
         ) as store:
-            await store.put_package(pkg("warm"))
+            await store.put_package(pkg("t", "warm"))
             puts = asyncio.gather(
-                *(store.put_package(pkg(f"b{i}", a, 10 + i)) for i, a in enumerate(big))
+                *(store.put_package(pkg("t", f"b{i}", a, 10 + i)) for i, a in enumerate(big))
             )
             killed = 0
             for _ in range(20):
@@ -270,7 +270,7 @@ async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
                 if puts.done():
                     break
             await puts
-            small = [pkg(f"s{i}", f"{i}".encode(), 100 + i) for i in range(200)]
+            small = [pkg("t", f"s{i}", f"{i}".encode(), 100 + i) for i in range(200)]
             await asyncio.gather(*(store.put_package(r) for r in small))
             got = await asyncio.gather(*(store.get_package("t", f"b{i}") for i in range(3)))
             assert [r.archive if r else None for r in got] == big

@@ -9,10 +9,15 @@ import subprocess
 import sys
 from datetime import datetime
 
+import pytest
+
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+
+# Writers in processes of their own.
+pytestmark = pytest.mark.slow
 
 WRITER = r"""
 import asyncio, hashlib, json, random, sys

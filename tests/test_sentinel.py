@@ -10,16 +10,16 @@ from __future__ import annotations
 import asyncio
 import traceback
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore import BackendError, RedisPackageStore
 from kvstore.tools.server_process import free_port
 
-from .conftest import SERVERS, fresh_namespace
+from .conftest import fresh_namespace
+from .support import pkg
 from .topology import (
     SentinelGroup,
     Writer,
@@ -31,12 +31,8 @@ from .topology import (
     wait_in_sync,
 )
 
-T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
-
-
-@pytest.fixture(params=SERVERS)
-def binary(request: pytest.FixtureRequest) -> Path:
-    return server_binary(request.param)
+# A Sentinel group of its own, failed over.
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -107,10 +103,10 @@ async def test_a_put_no_replica_acknowledged_raises_backend_error(
         async with RedisPackageStore.from_url(
             primary.url, namespace=fresh_namespace(), min_replicas=1, replica_timeout=0.3
         ) as store:
-            await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await store.put_package(pkg("order", "h1", b"PK"))
             replica.stop()
             with pytest.raises(BackendError, match="0 of 1 replicas acknowledged"):
-                await store.put_package(PackageRecord("order", "h2", b"PK", T0))
+                await store.put_package(pkg("order", "h2", b"PK"))
 
 
 def messages(exc: BaseException) -> Iterator[str]:
@@ -144,7 +140,7 @@ async def test_a_password_in_a_sentinel_or_cluster_url_never_shows(tmp_path: Pat
         async with RedisPackageStore.from_url(
             group.url(f"engine:{secret}@"), namespace=fresh_namespace()
         ) as store:
-            await store.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await store.put_package(pkg("order", "h1", b"PK"))
             assert secret not in repr(store)
         # A user it does not know: the refusal shows no password either.
         wrong = RedisPackageStore.from_url(
@@ -152,7 +148,7 @@ async def test_a_password_in_a_sentinel_or_cluster_url_never_shows(tmp_path: Pat
         )
         assert secret not in repr(wrong)
         with pytest.raises(BackendError) as refused:
-            await wrong.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await wrong.put_package(pkg("order", "h1", b"PK"))
         await wrong.aclose()
         for text in messages(refused.value):
             assert secret not in text

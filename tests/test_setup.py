@@ -9,6 +9,7 @@ from __future__ import annotations
 import secrets
 from pathlib import Path
 
+import pytest
 from redis import Redis
 
 from kvstore.redis.scripts import LIBRARY
@@ -16,6 +17,9 @@ from kvstore.tools.server_process import LocalServer
 
 from .test_acl import rule_for
 from .test_cli import fails, kv, ok
+
+# Each test runs the command line in subprocesses.
+pytestmark = pytest.mark.slow
 
 
 def library_loaded(port: int) -> bool:

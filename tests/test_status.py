@@ -25,15 +25,10 @@ from kvstore.tools.check import check_store
 from kvstore.tools.server_process import LocalServer
 from kvstore.tools.status import UNREADABLE, read_status
 
-from .conftest import SERVERS, fresh_namespace
+from .conftest import fresh_namespace
 from .test_acl import rule_for
 from .test_cli import kv
-from .topology import raw_command, replicated_pair, server_binary, wait_in_sync
-
-
-@pytest.fixture(params=SERVERS)
-def binary(request: pytest.FixtureRequest) -> Path:
-    return server_binary(request.param)
+from .topology import raw_command, replicated_pair, wait_in_sync
 
 
 def status(url: str, namespace: str = "aion") -> tuple[dict[str, Any], list[str]]:
@@ -67,6 +62,7 @@ def started(binary: Path) -> Iterator[Any]:
         server.remove_data()
 
 
+@pytest.mark.slow
 def test_no_persistence_warns_that_a_restart_loses_everything(started: Any) -> None:
     found, lines = status(started(appendonly="no", save="").url)
     assert (found["appendonly"], found["save"]) == (False, "")
@@ -75,6 +71,7 @@ def test_no_persistence_warns_that_a_restart_loses_everything(started: Any) -> N
     assert "set appendonly yes" in warning
 
 
+@pytest.mark.slow
 def test_rdb_snapshots_alone_warn_about_writes_since_the_last_one(started: Any) -> None:
     found, lines = status(started(appendonly="no", save="3600 1").url)
     assert found["save"] == "3600 1"
@@ -91,6 +88,7 @@ def test_appendfsync_always_gives_no_warning(started: Any, binary: Path) -> None
     assert "no warnings: these settings lose no acknowledged package" in lines
 
 
+@pytest.mark.slow
 def test_appendfsync_everysec_warns_about_the_last_second(started: Any) -> None:
     _, lines = status(started(appendonly="yes", appendfsync="everysec").url)
     (warning,) = warnings_in(lines)
@@ -98,12 +96,14 @@ def test_appendfsync_everysec_warns_about_the_last_second(started: Any) -> None:
     assert "appendfsync always" in warning
 
 
+@pytest.mark.slow
 def test_appendfsync_no_warns_about_more_than_a_second(started: Any) -> None:
     _, lines = status(started(appendonly="yes", appendfsync="no").url)
     (warning,) = warnings_in(lines)
     assert "more than the last second" in warning
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["allkeys-lru", "allkeys-lfu", "allkeys-random"])
 def test_an_allkeys_policy_warns_that_packages_can_be_evicted(started: Any, policy: str) -> None:
     server = started(appendonly="yes", appendfsync="always", **{"maxmemory-policy": policy})
@@ -121,6 +121,7 @@ def test_an_allkeys_policy_warns_that_packages_can_be_evicted(started: Any, poli
     assert "when the server reaches maxmemory" in warning
 
 
+@pytest.mark.slow
 def test_a_volatile_policy_cannot_evict_packages_which_have_no_expiry(started: Any) -> None:
     server = started(
         appendonly="yes",
@@ -133,6 +134,7 @@ def test_a_volatile_policy_cannot_evict_packages_which_have_no_expiry(started: A
     assert warnings_in(lines) == []
 
 
+@pytest.mark.slow
 def test_replication_shows_role_and_connected_replicas(binary: Path, tmp_path: Path) -> None:
     primary, replica = replicated_pair(binary, tmp_path)
     with primary, replica:
@@ -144,6 +146,7 @@ def test_replication_shows_role_and_connected_replicas(binary: Path, tmp_path: P
     assert on_replica["role"] == "slave"
 
 
+@pytest.mark.slow
 def test_counts_layout_and_functions_of_the_namespace(started: Any) -> None:
     server = started(appendonly="yes", appendfsync="always")
     namespace = fresh_namespace()
@@ -182,6 +185,7 @@ def test_counts_layout_and_functions_of_the_namespace(started: Any) -> None:
     )
 
 
+@pytest.mark.slow
 def test_a_credential_without_config_info_or_function_says_so_and_exits_0(
     started: Any,
 ) -> None:
@@ -218,6 +222,7 @@ def test_a_credential_without_config_info_or_function_says_so_and_exits_0(
     assert password not in "\n".join(lines)
 
 
+@pytest.mark.slow
 def test_another_layout_is_a_warning_and_nothing_is_counted(started: Any) -> None:
     server = started(appendonly="yes", appendfsync="always")
     namespace = fresh_namespace()
@@ -234,6 +239,7 @@ def test_another_layout_is_a_warning_and_nothing_is_counted(started: Any) -> Non
     assert "holds layout '2', which this kvstore neither reads nor writes" in warning
 
 
+@pytest.mark.slow
 def test_the_embedded_server_loses_no_acknowledged_package(tmp_path: Path) -> None:
     result = kv("status", "--data-dir", str(tmp_path / "data"))
     assert result.returncode == 0, result.stderr.decode()
@@ -252,6 +258,7 @@ async def test_status_and_check_refuse_a_cluster_client_before_sending_anything(
         await check_store(store)
 
 
+@pytest.mark.slow
 def test_the_store_rule_alone_reads_its_namespace_and_nothing_else(started: Any) -> None:
     server = started(appendonly="yes", appendfsync="always")
     namespace, password = fresh_namespace(), secrets.token_hex(8)

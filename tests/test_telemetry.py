@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from datetime import datetime, timezone
 from typing import Any, ClassVar
 
 import fakeredis
@@ -23,7 +22,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
+from kvstore import BackendError, RedisPackageStore, SerializationError
 from kvstore.conformance import run_package_store_suite
 from kvstore.redis import telemetry
 from kvstore.redis.keyspace import Keyspace
@@ -31,6 +30,7 @@ from kvstore.redis.scripts import PUT_PACKAGE
 from kvstore.tools.server_process import LocalServer
 
 from .conftest import fresh_namespace
+from .support import pkg
 from .topology import eventually
 
 # The SDK's providers can be set once per process: every test here shares them and
@@ -80,12 +80,6 @@ def points(name: str, namespace: str) -> list[Any]:
     return found
 
 
-def pkg(workflow_type: str = "wf", content_hash: str = "h1") -> PackageRecord:
-    return PackageRecord(
-        workflow_type, content_hash, b"secret-archive-bytes", datetime.now(timezone.utc)
-    )
-
-
 @pytest.fixture
 async def store() -> AsyncIterator[RedisPackageStore]:
     async with RedisPackageStore(
@@ -117,7 +111,9 @@ async def test_a_put_is_one_client_span_with_the_conventional_attributes(
 async def test_no_span_or_measurement_carries_an_archive_a_type_or_a_hash(
     store: RedisPackageStore,
 ) -> None:
-    await store.put_package_with_routes(pkg("secret-type", "secret-hash"), ["other-secret"])
+    await store.put_package_with_routes(
+        pkg("secret-type", "secret-hash", b"secret-archive-bytes"), ["other-secret"]
+    )
     await store.get_package("secret-type", "secret-hash")
     await store.get_package_route("secret-type")
     await store.list_packages()
@@ -201,6 +197,7 @@ def own_server() -> Iterator[LocalServer]:
             os.kill(running.pid, signal.SIGCONT)
 
 
+@pytest.mark.slow
 async def test_a_call_retried_across_a_stalled_server_counts_its_attempts(
     own_server: LocalServer,
 ) -> None:
@@ -267,6 +264,7 @@ async def test_the_route_cache_gauge_and_reloads_follow_a_lost_subscription(
         assert live.value == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cache_routes", [False, True])
 async def test_an_observed_store_keeps_every_promise_of_the_contract(
     valkey_server: LocalServer, cache_routes: bool
@@ -282,6 +280,7 @@ async def test_an_observed_store_keeps_every_promise_of_the_contract(
     await run_package_store_suite(make)
 
 
+@pytest.mark.slow
 async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
     # redis-py itself may import opentelemetry when it is installed; kvstore's telemetry
     # is not loaded, and the store's methods are the class's own.
@@ -302,6 +301,7 @@ async def test_a_store_without_telemetry_leaves_its_calls_as_they_are() -> None:
     assert loaded.strip() == "False"
 
 
+@pytest.mark.slow
 def test_telemetry_without_opentelemetry_installed_is_refused_naming_the_extra() -> None:
     probe = (
         "import sys\n"

@@ -6,6 +6,9 @@ from pathlib import Path
 
 import pytest
 
+# Each test runs pytest on a project of its own.
+pytestmark = pytest.mark.slow
+
 pytest_plugins = ["pytester"]
 
 ROOT = Path(__file__).resolve().parent.parent

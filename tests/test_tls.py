@@ -10,17 +10,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 import pytest
 
-from kvstore import BackendError, PackageRecord, PackageRouteRecord, RedisPackageStore
+from kvstore import BackendError, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
 
 from .conftest import fresh_namespace
+from .support import pkg
 from .topology import Certificates, make_certificates, server_binary, tls_only_server
 
-T0 = datetime(2026, 5, 1, tzinfo=timezone.utc)
+# A TLS server of its own, and certificates made by openssl.
+pytestmark = pytest.mark.slow
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ async def test_the_route_cache_follows_writes_over_tls(tls_server: TlsServer) ->
     async with tls_server.store(cache_routes=True) as reader:
         assert await reader.route_cache_ready(timeout=10)
         async with reader.watch_routes() as watch, tls_server.store(reader.namespace) as writer:
-            await writer.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await writer.put_package(pkg("order", "h1", b"PK"))
             seen = await asyncio.wait_for(anext(watch), timeout=10)
         assert seen == PackageRouteRecord("order", "h1")
         assert await reader.get_package_route("order") == "h1"
@@ -75,7 +76,7 @@ async def test_a_client_that_does_not_trust_the_ca_fails_with_backend_error(
         tls_server.url, namespace=fresh_namespace(), timeout=2.0, retry_budget=0.2
     ) as untrusting:
         with pytest.raises(BackendError, match=r"(?i)certificate verify failed"):
-            await untrusting.put_package(PackageRecord("order", "h1", b"PK", T0))
+            await untrusting.put_package(pkg("order", "h1", b"PK"))
 
 
 async def test_plain_text_is_not_served(tls_server: TlsServer) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from urllib.parse import quote
 
 import pytest
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 
 from kvstore import RedisPackageStore
 from kvstore.redis.urls import redact_url
+from kvstore.tools.server_process import free_port
 from tests.test_cli import fails, kv
 
 # Long enough never to occur in a message by chance.
@@ -127,12 +127,7 @@ def test_an_unknown_url_option_is_refused_by_name() -> None:
     RedisPackageStore.from_url("redis://h:1?socket_keepalive=true&client_name=x")
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
+@pytest.mark.slow
 @settings(max_examples=12, deadline=None)
 @given(
     secret=secrets.filter(lambda s: not s.startswith("-")),
@@ -143,7 +138,7 @@ def closed_port() -> int:
 def test_the_command_line_never_prints_a_password(
     secret: str, place: str, prefix: str, tail: str
 ) -> None:
-    url = url_with(secret, place, prefix, f"127.0.0.1:{closed_port()}", tail)
+    url = url_with(secret, place, prefix, f"127.0.0.1:{free_port()}", tail)
     result = kv("ls", "--url", url, "--timeout", "0.5")
     output = result.stdout.decode(errors="replace") + result.stderr.decode(errors="replace")
     assert result.returncode in (1, 2), output
@@ -151,6 +146,7 @@ def test_the_command_line_never_prints_a_password(
     assert "Traceback" not in output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("url", "says"),
     [

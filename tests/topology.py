@@ -33,6 +33,8 @@ from redis.exceptions import RedisError
 from kvstore import BackendError, PackageRecord, PackageStore
 from kvstore.tools.server_process import LocalServer, free_port, valkey_binary
 
+from .support import as_map
+
 
 def server_binary(name: str) -> Path:
     """The binary of server ``name`` (``valkey`` or ``redis``); skips the test if absent."""
@@ -210,7 +212,7 @@ class SentinelGroup:
         for seen in replicas:
             if not isinstance(seen, list) or len(seen) != 1:
                 return False
-            fields = _fields(seen[0])
+            fields = as_map(seen[0])  # a Sentinel's description of an instance
             if fields.get(b"flags") != b"slave" or fields.get(b"master-link-status") != b"ok":
                 return False
         return True
@@ -237,14 +239,6 @@ class SentinelGroup:
 
         await eventually(promoted, within=within, what=f"a primary other than port {old_port}")
         return found[-1]
-
-
-def _fields(reply: object) -> dict[object, object]:
-    """A Sentinel's description of an instance: a map in RESP3, a flat list in RESP2."""
-    if isinstance(reply, dict):
-        return dict(reply)
-    assert isinstance(reply, list)
-    return dict(zip(reply[::2], reply[1::2], strict=True))
 
 
 # TLS.

@@ -1,0 +1,149 @@
+"""The kvstore library of server functions: loaded once when a server lacks it, again
+when the server lost it, on the store's own connections, and named by its digest so
+that two releases share a server."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import BackendError, RedisPackageStore
+from kvstore.redis.scripts import LIBRARY, Library, build_library, load_library
+from kvstore.tools.server_process import LocalServer
+
+from .conftest import fresh_namespace
+from .support import as_map, pkg
+
+
+async def library_names(client: Redis) -> set[bytes]:
+    listed = await client.function_list()
+    return {as_map(entry)[b"library_name"] for entry in listed}
+
+
+def build_library_with_extra_line(folder: Path) -> Library:
+    """The library another release would have: the same files, one line more."""
+    shutil.copytree(Path(__file__).resolve().parent.parent / "lua", folder)
+    (folder / "library.lua").write_text((folder / "library.lua").read_text() + "\n-- v2\n")
+    return build_library(folder)
+
+
+async def test_the_library_is_loaded_again_after_the_server_lost_it(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    await client.function_flush()
+    await store.put_package(pkg("order", "h2", n=1))
+    await client.function_flush()
+    await store.delete_package("order", "h1")
+    await client.function_flush()
+    await store.put_package_route("order", "h1")
+    assert [r.content_hash for r in await store.list_packages()] == ["h2"]
+    assert await store.get_package_route("order") == "h1"
+
+
+async def test_flushall_keeps_the_library(client: Redis) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    await client.flushall()
+    assert LIBRARY.name.encode() in await library_names(client)
+
+
+async def test_calls_that_find_the_library_missing_together_load_it_once(
+    client: Redis,
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    loads = 0
+    load = store.load_library
+
+    async def counted() -> list[str]:
+        nonlocal loads
+        loads += 1
+        return await load()
+
+    store.load_library = counted  # type: ignore[method-assign]
+    await asyncio.gather(*(store.put_package(pkg(f"t{i}", "h", n=i)) for i in range(50)))
+    assert loads == 1
+    assert len(await store.list_packages()) == 50
+
+
+async def store_slow_to_load_the_library(client: Redis) -> RedisPackageStore:
+    """A store on a server without the library, whose load of it takes 0.3 s."""
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await client.function_flush()
+    load = store.load_library
+
+    async def slow() -> list[str]:
+        await asyncio.sleep(0.3)
+        return await load()
+
+    store.load_library = slow  # type: ignore[method-assign]
+    return store
+
+
+async def test_a_caller_cancelled_during_the_load_leaves_it_to_the_others(client: Redis) -> None:
+    store = await store_slow_to_load_the_library(client)
+    first = asyncio.create_task(store.put_package(pkg("order", "h1")))
+    second = asyncio.create_task(store.put_package(pkg("order", "h2", n=1)))
+    await asyncio.sleep(0.1)  # both found the library missing and wait for one load
+    first.cancel()
+    await second
+    assert first.cancelled()
+    assert [r.content_hash for r in await store.list_packages()] == ["h2"]
+
+
+async def test_closing_the_store_during_the_load_fails_the_waiting_calls(client: Redis) -> None:
+    store = await store_slow_to_load_the_library(client)
+    waiting = asyncio.create_task(store.put_package(pkg("order", "h1")))
+    await asyncio.sleep(0.1)
+    await store.aclose()
+    with pytest.raises(BackendError, match="closed"):
+        await waiting
+    await load_library(client)
+
+
+async def test_the_library_is_named_by_its_digest_and_leaves_other_releases_alone(
+    client: Redis, tmp_path: Path
+) -> None:
+    # Another release's library (other Lua, so another digest) keeps its functions.
+    other = build_library_with_extra_line(tmp_path / "lua")
+    assert other.name != LIBRARY.name
+    await load_library(client, other)
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    await store.put_package(pkg("order", "h1"))
+    names = await library_names(client)
+    assert {LIBRARY.name.encode(), other.name.encode()} <= names
+    assert await store.load_library() == [f"{store.server}: {LIBRARY.name} was loaded already"]
+    await client.function_delete(other.name)
+
+
+@pytest.mark.parametrize("first", ["one put", "a burst"])
+async def test_a_store_loads_the_library_on_its_own_connections(first: str) -> None:
+    # A fresh server: the first puts find no library. Loaded through the client's pool,
+    # it would need a connection the lanes may all hold by then, and every put failed.
+    with LocalServer() as fresh:
+        raw = Redis.from_url(fresh.url, max_connections=2)
+        async with RedisPackageStore(raw, namespace=fresh_namespace()) as store:
+            if first == "one put":
+                await store.put_package(pkg("t", "h0"))
+            await asyncio.gather(*(store.put_package(pkg("t", f"h{i}", n=i)) for i in range(500)))
+            assert len(await store.list_packages()) == 500
+            assert store.health().library_loaded
+        await raw.aclose()
+
+
+@pytest.mark.slow
+async def test_a_write_after_a_restart_on_empty_data_loads_the_library_again() -> None:
+    # The restart closes every connection: the pipeliner's and the pooled one the first
+    # load used. The second load meets that closed connection first, and tries again.
+    with LocalServer() as server:
+        async with RedisPackageStore.from_url(server.url, namespace=fresh_namespace()) as store:
+            await store.put_package(pkg("order", "h1"))
+            for i in range(3):
+                server.stop()
+                server.start()  # no persistence: the data and the library are gone
+                await store.put_package(pkg("order", f"h{i + 2}"))
+                assert await store.get_package_route("order") == f"h{i + 2}"
