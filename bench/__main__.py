@@ -24,7 +24,7 @@ from redis.asyncio import Redis
 from bench import figures as F
 from bench.growth import catalogue_growth, route_growth
 from bench.report import Figure, grid, missed, shown, table
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 # bench/stall.py, when present, measures the event loop's longest gap during a put and
 # a get of a large archive, store against raw: ``async def loop_stall(url, size) -> dict``.

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench import figures as F
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 CONFIGURATIONS = ((False, False), (True, False), (False, True), (True, True))
 

@@ -32,7 +32,7 @@ from bench.report import Figure
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
 from kvstore.redis.scripts import PUT_PACKAGE, load_library
-from kvstore.tools.server_process import LocalServer, valkey_binary
+from kvstore.server_process import LocalServer, valkey_binary
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 KIB = 1024

@@ -29,7 +29,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 MIB = 1 << 20
 _namespaces = itertools.count()

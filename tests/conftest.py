@@ -23,7 +23,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import InMemoryPackageStore, PackageStore, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .topology import server_binary
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from kvstore import PackageRecord, PackageRouteRecord
 from kvstore.redis.route_watch import RouteWatch
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
 # A generous bound for a change to cross from one store to another; the bench measures

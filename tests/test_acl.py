@@ -24,7 +24,7 @@ from redis.exceptions import NoPermissionError
 from kvstore import BackendError, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
 from kvstore.redis.scripts import LIBRARY, load_library
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import as_map, pkg

@@ -22,7 +22,7 @@ from bench import cpu
 from bench import figures as F
 from bench.report import Figure, missed, sig3, table
 from kvstore.redis.keyspace import Keyspace
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 # The bench, in processes of its own.
 pytestmark = pytest.mark.slow

@@ -21,8 +21,8 @@ from redis.asyncio.client import Pipeline
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import Keyspace, encode_stamp, index_member, row_id
+from kvstore.server_process import LocalServer
 from kvstore.tools.check import INFORMATIONAL, REPAIRABLE, check_store, glob_escape
-from kvstore.tools.server_process import LocalServer
 
 from .conftest import Backend, fresh_namespace
 from .support import T0

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 from tests.conftest import fresh_namespace
 
 Result = subprocess.CompletedProcess[bytes]

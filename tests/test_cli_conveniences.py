@@ -21,8 +21,8 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
+from kvstore.server_process import LocalServer
 from kvstore.tools.cli import common, demo, deploy
-from kvstore.tools.server_process import LocalServer
 from tests.conftest import SERVERS, fresh_namespace
 from tests.test_cli import as_json, fails, kv, ok
 
@@ -282,7 +282,7 @@ def test_a_data_dir_that_is_a_file_is_a_usage_error(tmp_path: Path) -> None:
 
 
 def test_no_server_at_the_address_says_so(tmp_path: Path) -> None:
-    from kvstore.tools.server_process import free_port
+    from kvstore.server_process import free_port
 
     port = free_port()
     fails(kv("ls", "--url", f"redis://127.0.0.1:{port}", "--timeout", "1"), "no server listens")

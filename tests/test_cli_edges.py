@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 from tests.conftest import fresh_namespace
 from tests.test_cli import as_json, fails, kv, ok
 

@@ -17,7 +17,7 @@ from redis.crc import key_slot
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.conformance import SCENARIOS, T0, run_scenario
 from kvstore.redis.scripts import LIBRARY
-from kvstore.tools.server_process import LocalServer, free_port
+from kvstore.server_process import LocalServer, free_port
 
 from .conftest import fresh_namespace
 from .test_cli import ok

@@ -19,7 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .topology import Writer, check_outcome, eventually

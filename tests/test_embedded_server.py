@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
+from kvstore.server_process import LocalServer
 from kvstore.tools.embedded_server import EmbeddedServer, FolderInUse
-from kvstore.tools.server_process import LocalServer
 
 
 def command_lines() -> list[bytes]:

@@ -12,8 +12,8 @@ import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
+from kvstore.server_process import LocalServer
 from kvstore.tools.export_import import ExportFormatError, check_file, export_file
-from kvstore.tools.server_process import LocalServer
 from tests.conftest import fresh_namespace
 from tests.test_cli import as_json, fails, kv, ok
 

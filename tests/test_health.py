@@ -14,7 +14,7 @@ import fakeredis
 import pytest
 
 from kvstore import BackendError, RedisPackageStore, StoreHealth
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import password_server, pkg, url_of

@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 
 from kvstore import BackendError, RedisPackageStore, SerializationError
 from kvstore.redis.keyspace import Keyspace
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import password_server, pkg, url_of

@@ -21,7 +21,7 @@ from redis.asyncio import Redis
 from kvstore import BackendError, RedisPackageStore
 from kvstore.redis.scripts import load_library
 from kvstore.redis.transports import _stream_writer
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import pkg

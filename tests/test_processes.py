@@ -12,7 +12,7 @@ from datetime import datetime
 import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 

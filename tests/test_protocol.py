@@ -31,7 +31,7 @@ from kvstore.redis.protocol import (
     type_refusal,
 )
 from kvstore.redis.scripts import PUT_ROUTE, load_library
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 

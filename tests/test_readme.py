@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

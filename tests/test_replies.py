@@ -21,7 +21,7 @@ from redis.exceptions import BusyLoadingError, ConnectionError, InvalidResponse,
 from kvstore.redis.replies import PUBSUB_KINDS, lean_reader, read_replies, take_buffered
 from kvstore.redis.streamed import STREAM_FROM, _stream_of, read_streamed
 from kvstore.redis.wire import pack_commands
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 

@@ -16,7 +16,7 @@ import pytest
 
 from kvstore import RedisPackageStore
 from kvstore.redis.keyspace import Keyspace
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import WITH_RESP2, Backend, StoreFactory, backend_over, fresh_namespace
 from .support import VISIBLE_WITHIN, eventually, pkg

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from kvstore import PackageRouteRecord, RedisPackageStore
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import BACKENDS, Backend, fresh_namespace
 from .support import VISIBLE_WITHIN, eventually, next_routes

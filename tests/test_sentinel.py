@@ -16,7 +16,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import BackendError, RedisPackageStore
-from kvstore.tools.server_process import free_port
+from kvstore.server_process import free_port
 
 from .conftest import fresh_namespace
 from .support import pkg

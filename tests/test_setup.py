@@ -13,7 +13,7 @@ import pytest
 from redis import Redis
 
 from kvstore.redis.scripts import LIBRARY
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .test_acl import rule_for
 from .test_cli import fails, kv, ok

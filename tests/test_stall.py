@@ -6,7 +6,7 @@ Only the shape of what it returns is checked: the figures are the bench's busine
 from __future__ import annotations
 
 from bench.stall import loop_stall
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 
 async def test_loop_stall_reports_the_store_and_raw_redis_py_side_by_side(

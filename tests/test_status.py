@@ -21,8 +21,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.scripts import LIBRARY
+from kvstore.server_process import LocalServer
 from kvstore.tools.check import check_store
-from kvstore.tools.server_process import LocalServer
 from kvstore.tools.status import UNREADABLE, read_status
 
 from .conftest import fresh_namespace

@@ -9,7 +9,7 @@ from redis.asyncio import Redis
 
 from kvstore import BackendError, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import pkg

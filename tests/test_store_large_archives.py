@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from kvstore import RedisPackageStore
 from kvstore.redis.keyspace import row_id
 from kvstore.redis.streamed import STREAM_FROM
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import pkg

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from kvstore import BackendError, RedisPackageStore
 from kvstore.redis.scripts import LIBRARY, Library, build_library, load_library
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import as_map, pkg

@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import BackendError, RedisPackageStore, StoreError
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import pkg

@@ -27,7 +27,7 @@ from kvstore.conformance import run_package_store_suite
 from kvstore.redis import telemetry
 from kvstore.redis.keyspace import Keyspace
 from kvstore.redis.scripts import PUT_PACKAGE
-from kvstore.tools.server_process import LocalServer
+from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import pkg

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from kvstore import RedisPackageStore
 from kvstore.redis.urls import redact_url
-from kvstore.tools.server_process import free_port
+from kvstore.server_process import free_port
 from tests.test_cli import fails, kv
 
 # Long enough never to occur in a message by chance.

@@ -31,7 +31,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from kvstore import BackendError, PackageRecord, PackageStore
-from kvstore.tools.server_process import LocalServer, free_port, valkey_binary
+from kvstore.server_process import LocalServer, free_port, valkey_binary
 
 from .support import as_map
 

@@ -4,8 +4,8 @@
 module                holds
 ====================  ==========================================================
 ``cli``               the ``kvstore`` command line
-``embedded_server``   the command line's own locked, persistent Valkey
-``server_process``    a Redis-protocol server process on loopback (also for tests)
+``embedded_server``   the command line's own locked, persistent Valkey (a
+                      ``kvstore.server_process.LocalServer``)
 ``export_import``     a namespace to one file and back
 ``status``            ``kvstore status``: what the server's settings let survive
 ``check``             ``kvstore check [--repair]``: damage in a namespace, found and fixed

@@ -27,7 +27,7 @@ import secrets
 from pathlib import Path
 from types import TracebackType
 
-from kvstore.tools.server_process import LocalServer, LocalServerError
+from kvstore.server_process import LocalServer, LocalServerError
 
 LOCK_NAME = "kvstore.lock"
 PID_NAME = "server.pid"
