@@ -64,15 +64,26 @@ local function layout(keys, version)
   return found, nil
 end
 
+-- The largest version a message can carry exactly: Lua's numbers are doubles.
+local MAX_ROUTE_VERSION = 9007199254740991 -- 2^53 - 1
+
 -- The route version counter keys[i] (false when absent) and nil; or nil and the refusal
--- when it is not a string holding an integer.
+-- when it is not a counter the next write can raise: an integer as INCR reads one (no
+-- sign but '-', no leading zero) whose successor a double still holds exactly. Refused
+-- here, before the first write, rather than by INCR after the others (which would leave
+-- the row and routes written with no version raised and no change announced). Versions
+-- start at the server's clock in microseconds, about 2^51 today: 2^53 is centuries away.
 local function route_counter(keys, i)
   local found, refused = checked(keys, i, 'counter', 'GET', keys[i])
   if refused then
     return nil, refused
   end
-  if found and not string.match(found, '^%-?%d+$') then
-    return nil, type_refusal(keys, i, 'counter')
+  if found then
+    local digits = string.match(found, '^%-?([1-9]%d*)$') or (found == '0' and '0')
+    if not digits or #digits > 16
+      or tonumber(found) >= MAX_ROUTE_VERSION or tonumber(found) < -MAX_ROUTE_VERSION then
+      return nil, type_refusal(keys, i, 'counter')
+    end
   end
   return found, nil
 end

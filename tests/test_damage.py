@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore, SerializationError, StoreError
 from kvstore.redis.keyspace import Keyspace
+from kvstore.tools.check import check_store
 
 from .conftest import fresh_namespace
 from .support import T0
@@ -131,3 +132,54 @@ async def test_a_server_that_is_not_redis_fails_calls_with_the_librarys_errors(
             with contextlib.suppress(StoreError, StopAsyncIteration):
                 await read
         await store.aclose()
+
+
+@pytest.mark.parametrize(
+    "counter",
+    [
+        b"9223372036854775807",  # INCR would overflow
+        b"18446744073709551616",  # not even a 64-bit integer
+        b"9007199254740991",  # 2^53 - 1: its successor is no longer exact in a message
+        b"007",
+        b"+5",
+        b"-0",
+        b" 5",
+        b"5.0",
+        b"",
+    ],
+)
+async def test_a_route_version_no_write_can_raise_refuses_the_write_and_check_says_so(
+    client: Redis, counter: bytes
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    keys = Keyspace(store.namespace)
+    await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+    await client.set(keys.route_version, counter)
+    for write in (
+        store.put_package(PackageRecord("order", "h2", b"zip", T0)),
+        store.put_package_route("order", "h0"),
+    ):
+        with pytest.raises(SerializationError, match="route-version"):
+            await write
+    # Nothing of either write landed: no row, no index entry, the route where it was.
+    assert await store.get_package("order", "h2") is None
+    assert [r.content_hash for r in await store.list_packages()] == ["h1"]
+    assert await store.get_package_route("order") == "h1"
+    assert await client.get(keys.route_version) == counter
+    report = await check_store(store)
+    assert [f.kind for f in report.problems] == ["malformed-route-version"]
+    await store.aclose()
+
+
+@pytest.mark.parametrize("counter", [b"-5", b"0", b"9007199254740988"])
+async def test_a_route_version_the_next_write_can_raise_is_sound(
+    client: Redis, counter: bytes
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace())
+    keys = Keyspace(store.namespace)
+    await client.set(keys.route_version, counter)
+    await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+    await store.put_package_route("order", "h1")
+    assert await client.get(keys.route_version) == b"%d" % (int(counter) + 2)
+    assert (await check_store(store)).problems == []
+    await store.aclose()

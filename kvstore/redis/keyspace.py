@@ -15,7 +15,8 @@ key                      type     holds
                                   write that finds it absent, at the server's ``TIME`` in
                                   microseconds, so a counter made anew (after a flush, or
                                   a restart without the data) starts above any version
-                                  the lost one reached
+                                  the lost one reached. One the next write cannot raise
+                                  (see ``protocol.is_route_counter``) refuses every write
 ``{ns}:route-changes``   channel  not a key: each function that writes routes publishes
                                   ``<version>\\0<hash>\\0<type>[\\0<type>...]`` here, so
                                   route caches follow the table in version order

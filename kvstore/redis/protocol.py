@@ -24,6 +24,7 @@ fakeredis, Valkey and Redis is exactly what ``encode_route_change`` makes.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -164,6 +165,21 @@ def fits(command: Sequence[Any], reply: Any) -> bool:
     name = first.args[0] if isinstance(first, PrePacked) else first
     shape = REPLY_SHAPES.get(name) if isinstance(name, str) else None
     return shape is None or isinstance(reply, shape)
+
+
+# The route version counter's bounds: versions travel as Lua numbers (doubles), exact
+# up to 2^53 - 1 (``route_counter`` in ``lua/library.lua`` refuses a counter whose next
+# value would not be).
+MAX_ROUTE_VERSION = 2**53 - 1
+_COUNTER = re.compile(rb"-?[1-9][0-9]*|0")
+
+
+def is_route_counter(value: bytes) -> bool:
+    """Whether ``value`` is a route version counter the next write can raise, by the
+    rule the Lua applies: an integer as ``INCR`` reads one, below ``2^53 - 1``."""
+    if not _COUNTER.fullmatch(value) or len(value.lstrip(b"-")) > 16:
+        return False
+    return -MAX_ROUTE_VERSION <= int(value) < MAX_ROUTE_VERSION
 
 
 def stored_text(value: Any, where: str) -> str:

@@ -43,7 +43,7 @@ from kvstore.redis.keyspace import (
     split_index_member,
     split_row_id,
 )
-from kvstore.redis.protocol import field_pairs
+from kvstore.redis.protocol import field_pairs, is_route_counter
 from kvstore.redis.store import RedisPackageStore
 from kvstore.tools.admin import Admin
 
@@ -180,12 +180,13 @@ class _Checker:
             await self._routes()
         if usable(k.route_version):
             version = await self.admin.command("GET", k.route_version)
-            if version is not None and not version.isdigit():
+            if version is not None and not is_route_counter(version):
                 self.find(
                     "malformed-route-version",
                     k.route_version,
-                    f"the routes' version counter holds {shown(version)!r}, not an integer: "
-                    "every route write will fail",
+                    f"the routes' version counter holds {shown(version)!r}, not an integer "
+                    "the next write can raise: every route write will fail (remove the key; "
+                    "the next write starts it again at the server's clock)",
                 )
         if types and await self._layout() is None:  # the marker is never deleted by writers
             self.find(
