@@ -9,7 +9,8 @@ and hands them to the parts that do the work, each in a module of its own:
   row, index entry and routes change together or not at all;
 - ``kvstore.redis.listing``: the listing walk;
 - ``kvstore.redis.route_cache``: the routes kept in memory;
-- ``kvstore.redis.observing``: where telemetry meets the calls.
+- ``kvstore.redis.telemetry``: with ``telemetry=True``, the store is its
+  ``ObservedPackageStore``, whose methods observe each call and then make it here.
 
 The keys are laid out in ``kvstore.redis.keyspace``.
 """
@@ -45,7 +46,6 @@ from kvstore.redis.keyspace import (
     split_row_id,
 )
 from kvstore.redis.listing import LISTING_BYTES, Walk, read_head, read_row
-from kvstore.redis.observing import observed, observed_iterator
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.protocol import field_pairs, stored_text
 from kvstore.redis.retry import no_client_retries
@@ -132,6 +132,16 @@ class RedisPackageStore:
     either way. ``ping`` and ``health`` tell a readiness probe whether the store can
     reach its server.
     """
+
+    def __new__(cls, *args: Any, telemetry: bool = False, **options: Any) -> RedisPackageStore:
+        # With telemetry, the store is the subclass whose methods observe each call: the
+        # class's own methods stay free of it (a cached route lookup costs under 1 µs,
+        # and a check of an observer would add a third to that).
+        if telemetry is True and cls is RedisPackageStore:
+            from kvstore.redis.telemetry import ObservedPackageStore
+
+            cls = ObservedPackageStore
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -305,7 +315,6 @@ class RedisPackageStore:
 
     # Health.
 
-    @observed("ping")
     async def ping(self) -> None:
         """One round trip to the server through the store's own connections, sent as
         the store's calls are; raises ``BackendError`` if no answer comes within
@@ -324,7 +333,6 @@ class RedisPackageStore:
             library_loaded=calls.library_found,
         )
 
-    @observed("load_library")
     async def load_library(self) -> list[str]:
         """Load this release's kvstore library on the server (on every primary of a
         cluster), and say per server what was done; idempotent.
@@ -336,14 +344,12 @@ class RedisPackageStore:
 
     # Writes: one function call each.
 
-    @observed("put_package")
     async def put_package(self, record: PackageRecord) -> None:
         command, size = self._put_command(check_record(record))
         alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
         version = await self._calls.call(command, size, alone=alone)
         self._note_routes(version, record.content_hash, (record.workflow_type,))
 
-    @observed("put_package_with_routes")
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
     ) -> None:
@@ -380,14 +386,12 @@ class RedisPackageStore:
         if self._route_cache is not None:
             self._route_cache.note_write(version, content_hash, types)
 
-    @observed("delete_package")
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
         await self._calls.call((self._delete_prefix, self._keys.row(row), FORMAT_VERSION, row))
 
-    @observed("put_package_route")
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
         version = await self._calls.call(
@@ -401,7 +405,6 @@ class RedisPackageStore:
 
     # Reads: plain commands, each unit led by a check of the layout marker.
 
-    @observed("get_package")
     async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
@@ -412,7 +415,6 @@ class RedisPackageStore:
             return None
         return self._record(key, row, archive, stamp)
 
-    @observed("get_package_route")
     async def get_package_route(self, workflow_type: str) -> str | None:
         checked = check_text(workflow_type, "workflow_type")
         if self._route_cache is not None:
@@ -447,7 +449,6 @@ class RedisPackageStore:
             return False
         return await self._route_cache.wait_live(timeout)
 
-    @observed("list_package_routes")
     async def list_package_routes(self) -> list[PackageRouteRecord]:
         pairs = field_pairs(await self._calls.read(("HGETALL", self._keys.routes)))
         where = repr(self._keys.routes)
@@ -460,11 +461,9 @@ class RedisPackageStore:
         routes.sort(key=lambda r: r.workflow_type)
         return routes
 
-    @observed("list_packages")
     async def list_packages(self) -> list[PackageRecord]:
         return [record async for record in self.iter_packages()]
 
-    @observed_iterator("iter_packages")
     async def iter_packages(
         self, *, chunk: int = 1000, max_bytes: int = LISTING_BYTES
     ) -> AsyncIterator[PackageRecord]:
@@ -499,7 +498,6 @@ class RedisPackageStore:
                 raise SerializationError(f"{key!r} is missing its archive")
             yield PackageRecord(member.workflow_type, member.content_hash, archive, member.at)
 
-    @observed_iterator("iter_package_heads")
     async def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
         """Every package as ``iter_packages`` lists it, without its archive.
 

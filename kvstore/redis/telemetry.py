@@ -6,10 +6,11 @@ needs ``opentelemetry-api`` (the ``telemetry`` extra) and only the API: spans an
 go to whatever SDK the application configured, and nowhere when it configured none.
 
 Off by default (``RedisPackageStore(..., telemetry=False)``), it costs nothing: this
-module is not even imported, and each observed method of the store
-(``kvstore.redis.observing``) and the pipeliner pay one attribute check per call and per
-batch. ``telemetry=True`` gives the store an ``Observer``, which those methods hand each
-call to (``Observer.call``, ``Observer.iterate``). Off is the default,
+module is not even imported, the store's methods are the class's own, and the pipeliner
+pays one attribute check per call and per batch. ``telemetry=True`` makes the store an
+``ObservedPackageStore``, defined here: each of its methods hands the call to the store's
+``Observer`` (``Observer.call``, ``Observer.iterate``), which runs the class's own
+method inside its span. Nothing is replaced on an instance. Off is the default,
 not "on when the API is installed": the API often comes in with other packages, and even
 its no-op spans cost a couple of microseconds per call.
 
@@ -62,12 +63,15 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 from redis.exceptions import ResponseError
 
 from kvstore.errors import BackendError
+from kvstore.records import PackageHead, PackageRecord, PackageRouteRecord
+from kvstore.redis.listing import LISTING_BYTES
 from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE
+from kvstore.redis.store import RedisPackageStore
 
 if TYPE_CHECKING:
     from kvstore.redis.route_cache import RouteCache
 
-__all__ = ["CALLS", "ITERATORS", "Observer"]
+__all__ = ["CALLS", "ITERATORS", "ObservedPackageStore", "Observer"]
 
 _log = logging.getLogger("kvstore.redis.telemetry")
 
@@ -368,3 +372,68 @@ def _type_of(exc: BaseException) -> str:
     if module.startswith("kvstore."):
         module = "kvstore"
     return f"{module}.{cls.__qualname__}"
+
+
+class ObservedPackageStore(RedisPackageStore):
+    """A ``RedisPackageStore`` whose every call is observed: what
+    ``RedisPackageStore(..., telemetry=True)`` makes. Each method hands the class's own
+    to the store's ``Observer``, which makes it one span and one measurement."""
+
+    @property
+    def _observed(self) -> Observer:
+        observer = self.observer
+        assert observer is not None, "an observed store is made with telemetry=True"
+        return observer
+
+    async def ping(self) -> None:
+        await self._observed.call("ping", super().ping())
+
+    async def load_library(self) -> list[str]:
+        return await self._observed.call("load_library", super().load_library())
+
+    async def put_package(self, record: PackageRecord) -> None:
+        await self._observed.call("put_package", super().put_package(record))
+
+    async def put_package_with_routes(
+        self, record: PackageRecord, route_workflow_types: Iterable[str]
+    ) -> None:
+        await self._observed.call(
+            "put_package_with_routes",
+            super().put_package_with_routes(record, route_workflow_types),
+        )
+
+    async def delete_package(self, workflow_type: str, content_hash: str) -> None:
+        await self._observed.call(
+            "delete_package", super().delete_package(workflow_type, content_hash)
+        )
+
+    async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
+        await self._observed.call(
+            "put_package_route", super().put_package_route(workflow_type, content_hash)
+        )
+
+    async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
+        return await self._observed.call(
+            "get_package", super().get_package(workflow_type, content_hash)
+        )
+
+    async def get_package_route(self, workflow_type: str) -> str | None:
+        return await self._observed.call(
+            "get_package_route", super().get_package_route(workflow_type)
+        )
+
+    async def list_package_routes(self) -> list[PackageRouteRecord]:
+        return await self._observed.call("list_package_routes", super().list_package_routes())
+
+    async def list_packages(self) -> list[PackageRecord]:
+        return await self._observed.call("list_packages", super().list_packages())
+
+    def iter_packages(
+        self, *, chunk: int = 1000, max_bytes: int = LISTING_BYTES
+    ) -> AsyncIterator[PackageRecord]:
+        return self._observed.iterate(
+            "iter_packages", super().iter_packages(chunk=chunk, max_bytes=max_bytes)
+        )
+
+    def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
+        return self._observed.iterate("iter_package_heads", super().iter_package_heads(chunk=chunk))
