@@ -138,9 +138,12 @@ class RedisPackageStore:
         # class's own methods stay free of it (a cached route lookup costs under 1 µs,
         # and a check of an observer would add a third to that).
         if telemetry is True and cls is RedisPackageStore:
-            from kvstore.redis.telemetry import ObservedPackageStore
-
-            cls = ObservedPackageStore
+            try:
+                from kvstore.redis.telemetry import ObservedPackageStore
+            except ImportError:
+                pass  # __init__ refuses telemetry=True, saying what to install
+            else:
+                cls = ObservedPackageStore
         return super().__new__(cls)
 
     def __init__(
