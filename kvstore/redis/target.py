@@ -181,6 +181,7 @@ class Cluster(Target):
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
+        self._subscribed = False  # whether a subscription client was asked for before
 
     @property
     def client(self) -> RedisCluster:
@@ -220,9 +221,15 @@ class Cluster(Target):
         return said
 
     async def subscription_client(self, key: bytes) -> Redis:
-        # A client of its own to the primary that serves the slot, found anew each time.
+        # A client of its own to the primary that serves the slot, found anew each time:
+        # a session that ended may have ended because the slot moved or its primary
+        # failed over, which the client's slot table learns only from a command that
+        # meets MOVED (a subscription's SSUBSCRIBE is not one), so it is read again.
         client = self._client
         await client.initialize()
+        if self._subscribed:
+            await client.nodes_manager.initialize()
+        self._subscribed = True
         node = client.get_node_from_key(key.decode("ascii"))
         if node is None:
             raise LookupError(f"no cluster node serves {key!r}")
