@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from kvstore.redis.keyspace import FORMAT_VERSION
-from kvstore.tools.status import Status, warnings
+from kvstore.tools.status import Status, durability_levels, warnings
 
 DURABLE: dict[str, Any] = {
     "appendonly": True,
@@ -28,19 +28,19 @@ DURABLE: dict[str, Any] = {
 
 def status(**settings: Any) -> Status:
     """A status with ``DURABLE`` settings but for ``settings``."""
-    return Status(
-        server="valkey",
-        version="8.1.0",
-        role="master",
-        connected_replicas=0,
-        used_memory=1 << 20,
-        namespace="aion",
-        packages=0,
-        routes=0,
-        archive_bytes=0,
-        functions=[],
-        **{**DURABLE, **settings},
-    )
+    server: dict[str, Any] = {
+        "server": "valkey",
+        "version": "8.1.0",
+        "role": "master",
+        "connected_replicas": 0,
+        "used_memory": 1 << 20,
+        "namespace": "aion",
+        "packages": 0,
+        "routes": 0,
+        "archive_bytes": 0,
+        "functions": [],
+    }
+    return Status(**{**server, **DURABLE, **settings})
 
 
 UNREADABLE_PERSISTENCE = "the persistence settings are not readable with this credential"
@@ -194,3 +194,31 @@ def test_each_setting_that_can_lose_a_package_gives_its_warning(
     for warning, words in zip(found, expected, strict=True):
         for word in words:
             assert word in warning, (word, warning)
+
+
+LEVELS = [
+    pytest.param({}, ["durability='memory'", "durability='fsync'"], id="append-only-7.2-and-later"),
+    pytest.param({"appendonly": False}, ["durability='memory'"], id="no-append-only-file"),
+    pytest.param({"version": "7.0.15"}, ["durability='memory'"], id="redis-7.0-no-waitaof"),
+    pytest.param({"version": "7.2.4"}, ["durability='memory'", "durability='fsync'"], id="7.2"),
+    pytest.param(
+        {"connected_replicas": 2},
+        [
+            "durability='memory'",
+            "durability='memory', min_replicas up to 2",
+            "durability='fsync'",
+            "durability='fsync', min_replicas up to 2 (if their appendonly is on)",
+        ],
+        id="two-replicas",
+    ),
+    pytest.param({"version": None}, None, id="version-not-readable"),
+    pytest.param({"appendonly": None}, None, id="persistence-not-readable"),
+    pytest.param({"version": "unstable"}, None, id="version-not-a-number"),
+]
+
+
+@pytest.mark.parametrize(("settings", "expected"), LEVELS)
+def test_status_says_which_durability_the_server_can_give(
+    settings: dict[str, Any], expected: list[str] | None
+) -> None:
+    assert durability_levels(status(**settings)) == expected

@@ -61,6 +61,14 @@ class Calls:
         self._timeout = options.timeout
         self._budget = Budget(options.retry_budget, options.timeout)
         self._secrets = client_secrets(target.client)
+        # What every batch of writes ends with when they wait to be replicated or
+        # fsynced: one wait for the batch (a group commit), not one per write.
+        self._wait: Command | None = None
+        wait_ms = round(options.replica_timeout * 1000)
+        if options.durability == "fsync":
+            self._wait = ("WAITAOF", 1, options.min_replicas, wait_ms)
+        elif options.min_replicas:
+            self._wait = ("WAIT", options.min_replicas, wait_ms)
         self.pipeliner = Pipeliner(
             target.transport(),
             lanes=options.lanes,
@@ -68,15 +76,9 @@ class Calls:
             retry_budget=options.retry_budget,
             translate=self.backend_error,
             spare_connections=spare_connections,
+            trailer=self._wait,
         )
         self._format_check = (PrePacked("GET", keys.format),)
-        self._wait: Command | None = None
-        if options.min_replicas:
-            self._wait = (
-                "WAIT",
-                options.min_replicas,
-                round(options.replica_timeout * 1000),
-            )
         # The server's proto-max-bulk-len, read on the first large put (None: unknown).
         self._max_bulk: int | None = None
         self._max_bulk_read = False
@@ -131,13 +133,14 @@ class Calls:
         """The reply to ``command``, an ``FCALL`` of the library, loading the library
         first if the server lacks it. ``alone``: sent with nothing else in flight. Every
         write of the store comes this way."""
-        unit = (command,) if self._wait is None else (command, self._wait)
-        replies = await self.pipeliner.run(unit, size, alone=alone)
+        unit = (command,)
+        durable = self._wait is not None
+        replies = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
         if is_missing_function(replies[0]):
             # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
             self.library_found = False
             await self._ensure_library()
-            replies = await self.pipeliner.run(unit, size, alone=alone)
+            replies = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
         return self._result(command, replies)
 
     def _result(self, command: Command, replies: list[Any]) -> Any:
@@ -152,15 +155,39 @@ class Calls:
             )
         result = self.fitting(command, self.reply(reply))
         self.library_found = True  # the function ran
+        if self._wait is not None:
+            self._waited(replies[1])
+        return result
+
+    def _waited(self, reply: Any) -> None:
+        """Raise unless the wait that ended the write's batch (``WAIT`` or ``WAITAOF``)
+        says the write is where ``min_replicas`` and ``durability`` want it."""
         wait = self._wait
-        if wait is not None:
-            acked, wanted = self.fitting(wait, self.reply(replies[1])), wait[1]
+        assert wait is not None
+        applied = "the write is applied on the primary"
+        if wait[0] == "WAIT":
+            acked, wanted = self.fitting(wait, self.reply(reply)), wait[1]
             if acked < wanted:
                 raise BackendError(
                     f"{self.server}: {acked} of {wanted} replicas acknowledged the write in "
-                    f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
+                    f"{wait[2]} ms; {applied} but a failover may lose it"
                 )
-        return result
+            return
+        if isinstance(reply, ResponseError):
+            text = str(reply)
+            if "unknown command" in text.lower():
+                why = "this server has no WAITAOF: durability='fsync' needs Redis or Valkey 7.2+"
+            elif "appendonly" in text.lower():
+                why = "the server's appendonly is off: durability='fsync' needs appendonly yes"
+            else:
+                raise self.backend_error(reply)
+            raise BackendError(f"{self.server}: {why}; {applied} but is not known to be on disk")
+        local, replicas = self.fitting(wait, reply)
+        if local < 1 or replicas < wait[2]:
+            raise BackendError(
+                f"{self.server}: the write was fsynced on {local} of 1 primary and {replicas} "
+                f"of {wait[2]} replicas in {wait[3]} ms; {applied} but a crash may lose it"
+            )
 
     async def sends_alone(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because

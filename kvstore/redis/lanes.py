@@ -25,6 +25,7 @@ class Pending:
         "call",
         "commands",
         "drops",
+        "durable",
         "failures",
         "future",
         "hard_end",
@@ -44,6 +45,7 @@ class Pending:
         alone: bool = False,
         large_reply: bool = False,
         streamed: bool = False,
+        durable: bool = False,
     ) -> None:
         self.commands = commands
         self.future = future
@@ -53,6 +55,7 @@ class Pending:
         self.alone = alone
         self.large_reply = large_reply
         self.streamed = streamed
+        self.durable = durable  # its replies end with the reply to its batch's trailer
         self.drops = 0  # how often the server dropped the connection carrying it alone
         self.failures = 0  # transient failures in a row, for its backoff
         self.call: Any = None  # the observed call it belongs to (telemetry), if any
@@ -64,6 +67,7 @@ class Batch:
     size: int
     deadline: float | None  # when the server's replies must all have come
     alone: bool  # one unit, with nothing else on its connection until it is answered
+    trailed: bool = False  # ends with the pipeliner's trailer (a durable unit is in it)
 
 
 class Lane:

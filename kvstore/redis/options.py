@@ -41,6 +41,10 @@ def _installed(module: str) -> bool:
         return False
 
 
+# When a write is acknowledged: applied in the primary's memory, or fsynced to its AOF.
+DURABILITY = ("memory", "fsync")
+
+
 @dataclass(frozen=True)
 class StoreOptions:
     """Every option of a ``RedisPackageStore``, each checked when the object is made.
@@ -51,7 +55,11 @@ class StoreOptions:
     ``retry_budget``: seconds a call keeps retrying transient failures (0 or more).
     ``min_replicas``: replicas every write waits for (0: none).
     ``replica_timeout``: seconds that wait may take (at least a millisecond, which is
-    the server's unit: ``WAIT`` with 0 ms would wait for ever).
+    the server's unit: ``WAIT`` with 0 ms would wait for ever); the fsync's wait too.
+    ``durability``: when a write is acknowledged: ``"memory"``, once the primary applied
+    it (and ``min_replicas`` replicas received it); ``"fsync"``, once it is fsynced to
+    the primary's append-only file (and to that of ``min_replicas`` replicas), by
+    ``WAITAOF`` (Redis and Valkey 7.2 and later, with ``appendonly yes``).
     ``cache_routes``: keep every route in memory.
     ``route_health_interval``: seconds between checks of the route cache's subscription.
     ``telemetry``: spans and metrics of every call through OpenTelemetry (needs
@@ -64,6 +72,7 @@ class StoreOptions:
     retry_budget: float = 5.0
     min_replicas: int = 0
     replica_timeout: float = 1.0
+    durability: str = "memory"
     cache_routes: bool = False
     route_health_interval: float = 1.0
     telemetry: bool = False
@@ -79,6 +88,13 @@ class StoreOptions:
         if self.replica_timeout < 0.001:
             raise ValueError(
                 f"replica_timeout must be at least 0.001 seconds, not {self.replica_timeout!r}"
+            )
+        if not isinstance(self.durability, str):
+            raise TypeError(f"durability must be a str, not {type(self.durability).__name__}")
+        if self.durability not in DURABILITY:
+            raise ValueError(
+                f"durability must be one of {', '.join(map(repr, DURABILITY))}, "
+                f"not {self.durability!r}"
             )
         if not isinstance(self.cache_routes, bool):
             raise TypeError(f"cache_routes must be a bool, not {type(self.cache_routes).__name__}")

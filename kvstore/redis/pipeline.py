@@ -67,6 +67,13 @@ class Pipeliner:
     and has one reader that hands the replies out in order, so the server works on the
     first batches while the client is still building the next ones.
 
+    A unit run with ``durable=True`` (a write that waits to be replicated or fsynced)
+    is followed, with every other such unit of its batch, by one ``trailer`` command
+    (``WAIT`` or ``WAITAOF``) at the end of the batch, whose reply ends each of their
+    replies: the writes of a batch share one wait (a group commit), where a wait each
+    would queue behind each other on the connection, an fsync apiece. Only a pooled
+    transport carries a trailer: it must go on the connection that carried the writes.
+
     A unit run with ``alone=True`` waits for the first lane to be idle and is then sent
     on it with nothing else in flight, and nothing is sent behind it until it is
     answered: if the server drops the connection because of it, no other call was on
@@ -106,8 +113,12 @@ class Pipeliner:
         max_units: int = 256,
         max_bytes: int = 8 << 20,
         spare_connections: int = 0,
+        trailer: Command | None = None,
     ) -> None:
+        if trailer is not None and not isinstance(transport, PooledTransport):
+            raise ValueError("a trailer goes on the connection of its writes: a pooled one")
         self._transport = transport
+        self._trailer = trailer
         self._translate = translate
         self._budget = (
             Budget(retry_budget, timeout)
@@ -153,11 +164,14 @@ class Pipeliner:
         alone: bool = False,
         large_reply: bool = False,
         streamed: bool = False,
+        durable: bool = False,
     ) -> Awaitable[list[Any]]:
         """What to await for the replies to ``commands``; ``size`` is about how many
         bytes they carry; ``alone``: send them with nothing else on their connection;
         ``large_reply``: their replies are large, and follow the other such units on one
-        connection; ``streamed``: their replies may hold large archives, read in slices.
+        connection; ``streamed``: their replies may hold large archives, read in slices;
+        ``durable``: the batch that carries them ends with the trailer, whose reply
+        follows theirs.
 
         The awaitable is the unit's future itself while the unit waits its turn, so
         thousands of calls in flight hold no coroutine of the pipeliner's; or a
@@ -177,6 +191,7 @@ class Pipeliner:
             alone,
             large_reply,
             streamed,
+            durable and self._trailer is not None,
         )
         if self._deadlines is not None:
             self._deadlines.arm(loop)
@@ -309,6 +324,7 @@ class Pipeliner:
             sum(p.size for p in units),
             None if self._deadlines is None else self._deadlines.deadline(),
             alone,
+            any(p.durable for p in units),
         )
         lane.units += len(units)  # before any wait, so no one else counts on this room
         lane.size += batch.size
@@ -340,6 +356,9 @@ class Pipeliner:
             lane.in_flight.append(batch)
             sent = True  # from here on the lane answers for the batch
             commands = [c for p in units for c in p.commands]
+            if batch.trailed:
+                assert self._trailer is not None
+                commands.append(self._trailer)
             sending = transport.send(
                 connection, commands, batch.size, lambda: lane.connection is connection
             )
@@ -429,6 +448,8 @@ class Pipeliner:
             while lane.in_flight and lane.connection is connection:
                 batch = lane.in_flight[0]
                 units = [(len(p.commands), p.streamed) for p in batch.units]
+                if batch.trailed:
+                    units.append((1, False))
                 replies = await self._within(transport.receive(connection, units), batch.deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
@@ -438,7 +459,7 @@ class Pipeliner:
                     # The server closes a connection on which it found a protocol error.
                     self._lane_failed(lane, None)
                     return
-                self._delivered(batch.units, replies)
+                self._delivered(batch.units, replies, batch.trailed)
                 if self._waiting():
                     self._plan_flush()  # the room this batch leaves may be waited for
         except Exception as exc:
@@ -448,14 +469,18 @@ class Pipeliner:
             if lane.reader is asyncio.current_task():
                 lane.reader = None
 
-    def _delivered(self, units: list[Pending], replies: list[Any]) -> None:
+    def _delivered(self, units: list[Pending], replies: list[Any], trailed: bool = False) -> None:
         self.reached = True
         self.last_failure = None
+        trailer = replies[-1] if trailed else None
         start = 0
         for p in units:
             end = start + len(p.commands)
             if not p.future.done():
-                p.future.set_result(replies[start:end])
+                own = replies[start:end]
+                if p.durable:
+                    own.append(trailer)
+                p.future.set_result(own)
             start = end
 
     # Failing.

@@ -156,6 +156,7 @@ REPLY_SHAPES: dict[str, type | tuple[type, ...]] = {
     "ZRANGEBYLEX": list,
     "FCALL": int,  # every operation of the library replies an integer
     "WAIT": int,
+    "WAITAOF": list,
 }
 
 

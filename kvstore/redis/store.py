@@ -156,6 +156,7 @@ class RedisPackageStore:
         retry_budget: float = DEFAULTS.retry_budget,
         min_replicas: int = DEFAULTS.min_replicas,
         replica_timeout: float = DEFAULTS.replica_timeout,
+        durability: str = DEFAULTS.durability,
         cache_routes: bool = DEFAULTS.cache_routes,
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
@@ -167,6 +168,7 @@ class RedisPackageStore:
             retry_budget=retry_budget,
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
+            durability=durability,
             cache_routes=cache_routes,
             route_health_interval=route_health_interval,
             telemetry=telemetry,
@@ -174,9 +176,12 @@ class RedisPackageStore:
         self._target = target = target_for(client)
         if target.connection_options().get("decode_responses"):
             raise ValueError("client must be made with decode_responses=False: archives are bytes")
-        if min_replicas and not target.waits_for_replicas:
-            # WAIT names no key, so a cluster client cannot route it to the shard written.
-            raise ValueError("min_replicas needs a single-primary client, not a cluster")
+        if (min_replicas or durability != "memory") and not target.waits_for_replicas:
+            # WAIT and WAITAOF name no key and wait for the writes of their own connection,
+            # so a cluster client cannot send them where the writes went.
+            raise ValueError(
+                "min_replicas and durability need a single-primary client, not a cluster"
+            )
         self._keys = k = Keyspace(namespace)
         # What every call of a kind shares, formatted once (see each lua/ file's header).
         self._put_prefix = PUT_PACKAGE.call_prefix(k.format, k.index, k.routes, k.route_version)
@@ -217,6 +222,7 @@ class RedisPackageStore:
         retry_budget: float = DEFAULTS.retry_budget,
         min_replicas: int = DEFAULTS.min_replicas,
         replica_timeout: float = DEFAULTS.replica_timeout,
+        durability: str = DEFAULTS.durability,
         cache_routes: bool = DEFAULTS.cache_routes,
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
@@ -240,6 +246,7 @@ class RedisPackageStore:
             retry_budget=retry_budget,
             min_replicas=min_replicas,
             replica_timeout=replica_timeout,
+            durability=durability,
             cache_routes=cache_routes,
             route_health_interval=route_health_interval,
             telemetry=telemetry,

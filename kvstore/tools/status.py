@@ -53,6 +53,8 @@ class Status:
     functions_note: str = ""  # why ``functions`` is None
     notes: list[str] = field(default_factory=list)  # what could not be read, and why
     warnings: list[str] = field(default_factory=list)
+    # The store's durability options this server can honour; None when not readable.
+    durability: list[str] | None = None
 
     def as_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -93,6 +95,7 @@ async def read_status(store: RedisPackageStore) -> Status:
     await _namespace(admin, store, status)
     await _functions(admin, status)
     status.warnings = warnings(status)
+    status.durability = durability_levels(status)
     return status
 
 
@@ -159,6 +162,30 @@ async def _functions(admin: Admin, status: Status) -> None:
         if name is not None and name.startswith(LIBRARY_PREFIX):
             names.append(name)
     status.functions = sorted(names)
+
+
+def durability_levels(status: Status) -> list[str] | None:
+    """The ``durability`` and ``min_replicas`` a store on this server can be given and
+    keep: ``"memory"`` always; ``"fsync"`` where the server has ``WAITAOF`` (Redis and
+    Valkey 7.2 and later) and its append-only file is on; with replicas, waiting for
+    them too. ``None`` when the version or the persistence is not readable."""
+    if status.version is None or status.appendonly is None:
+        return None
+    try:
+        major, minor = (int(part) for part in status.version.split(".")[:2])
+    except ValueError:
+        return None
+    replicas = status.connected_replicas or 0
+    levels = ["durability='memory'"]
+    if replicas:
+        levels.append(f"durability='memory', min_replicas up to {replicas}")
+    if (major, minor) >= (7, 2) and status.appendonly:
+        levels.append("durability='fsync'")
+        if replicas:
+            levels.append(
+                f"durability='fsync', min_replicas up to {replicas} (if their appendonly is on)"
+            )
+    return levels
 
 
 def warnings(status: Status) -> list[str]:
@@ -268,6 +295,10 @@ def describe(status: Status) -> list[str]:
                 f"note: this release's library {LIBRARY.name} is not loaded; a store loads it "
                 "on its first write where its credential may, else run `kvstore setup`"
             )
+    if status.durability is None:
+        lines.append(f"durability: {UNREADABLE}")
+    else:
+        lines.append("durability a store can ask for: " + "; ".join(status.durability))
     lines += [f"note: {note}" for note in status.notes]
     lines += [f"warning: {warning}" for warning in status.warnings]
     if not status.warnings:
