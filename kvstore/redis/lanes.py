@@ -67,7 +67,9 @@ class Batch:
     size: int
     deadline: float | None  # when the server's replies must all have come
     alone: bool  # one unit, with nothing else on its connection until it is answered
-    trailed: bool = False  # ends with the pipeliner's trailer (a durable unit is in it)
+    durable: bool = False  # holds a durable unit: the trailer follows once it is answered
+    # For the trailer itself: the replies of the batch it follows, handed out with its own.
+    held: list[Any] | None = None
 
 
 class Lane:

@@ -69,10 +69,14 @@ class Pipeliner:
 
     A unit run with ``durable=True`` (a write that waits to be replicated or fsynced)
     is followed, with every other such unit of its batch, by one ``trailer`` command
-    (``WAIT`` or ``WAITAOF``) at the end of the batch, whose reply ends each of their
-    replies: the writes of a batch share one wait (a group commit), where a wait each
-    would queue behind each other on the connection, an fsync apiece. Only a pooled
-    transport carries a trailer: it must go on the connection that carried the writes.
+    (``WAIT`` or ``WAITAOF``), whose reply ends each of their replies: the writes of a
+    batch share one wait (a group commit), where a wait each would queue behind each
+    other on the connection, an fsync apiece. The trailer is sent on the batch's
+    connection once the batch is answered, not with it: a ``WAITAOF`` that the server
+    reads in the same turn as the writes it waits for finds them not yet written to the
+    file, and waits for the server's next timer (100 ms) rather than for an fsync
+    (0.4 ms). Only a pooled transport carries a trailer: it must go on the connection
+    that carried the writes.
 
     A unit run with ``alone=True`` waits for the first lane to be idle and is then sent
     on it with nothing else in flight, and nothing is sent behind it until it is
@@ -356,9 +360,6 @@ class Pipeliner:
             lane.in_flight.append(batch)
             sent = True  # from here on the lane answers for the batch
             commands = [c for p in units for c in p.commands]
-            if batch.trailed:
-                assert self._trailer is not None
-                commands.append(self._trailer)
             sending = transport.send(
                 connection, commands, batch.size, lambda: lane.connection is connection
             )
@@ -447,19 +448,29 @@ class Pipeliner:
         try:
             while lane.in_flight and lane.connection is connection:
                 batch = lane.in_flight[0]
-                units = [(len(p.commands), p.streamed) for p in batch.units]
-                if batch.trailed:
-                    units.append((1, False))
+                if batch.held is None:
+                    units = [(len(p.commands), p.streamed) for p in batch.units]
+                else:
+                    units = [(1, False)]  # a trailer
                 replies = await self._within(transport.receive(connection, units), batch.deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
+                if batch.durable and not any(_is_protocol_error(r) for r in replies):
+                    # Its writes are applied: the wait for them goes now, on this connection.
+                    self._spawn(self._send_trailer(transport, lane, connection, batch, replies))
+                    if self._waiting():
+                        self._plan_flush()
+                    continue
                 refusal = next((r for r in replies if _is_protocol_error(r)), None)
                 if batch.alone and refusal is not None:
                     self._refused(batch.units[0], str(refusal))
                     # The server closes a connection on which it found a protocol error.
                     self._lane_failed(lane, None)
                     return
-                self._delivered(batch.units, replies, batch.trailed)
+                if batch.held is not None:
+                    self._delivered(batch.units, batch.held, trailer=replies[0])
+                else:
+                    self._delivered(batch.units, replies)
                 if self._waiting():
                     self._plan_flush()  # the room this batch leaves may be waited for
         except Exception as exc:
@@ -469,10 +480,41 @@ class Pipeliner:
             if lane.reader is asyncio.current_task():
                 lane.reader = None
 
-    def _delivered(self, units: list[Pending], replies: list[Any], trailed: bool = False) -> None:
+    async def _send_trailer(
+        self,
+        transport: PooledTransport,
+        lane: Lane,
+        connection: Any,
+        batch: Batch,
+        replies: list[Any],
+    ) -> None:
+        """Send the trailer after ``batch``, answered with ``replies``, on the lane's
+        ``connection``; the lane's reader hands both out when the trailer's reply comes."""
+        assert self._trailer is not None
+        deadline = None if self._deadlines is None else self._deadlines.deadline()
+        trailer = Batch(batch.units, 0, deadline, False, held=replies)
+        async with lane.lock:
+            if lane.connection is not connection:
+                # The connection was lost meanwhile: its wait is lost with it, and the
+                # writes go again (every unit is idempotent).
+                self._requeue(batch.units)
+                return
+            lane.units += len(batch.units)  # as any batch in flight, until it is read
+            lane.in_flight.append(trailer)
+            try:
+                await self._within(
+                    transport.send(connection, [self._trailer], 0, lambda: True), deadline
+                )
+            except Exception as exc:
+                if lane.connection is connection:
+                    self._lane_failed(lane, exc)
+                return
+        if lane.reader is None and lane.connection is connection:
+            lane.reader = self._spawn(self._read(transport, lane, connection))
+
+    def _delivered(self, units: list[Pending], replies: list[Any], trailer: Any = None) -> None:
         self.reached = True
         self.last_failure = None
-        trailer = replies[-1] if trailed else None
         start = 0
         for p in units:
             end = start + len(p.commands)
