@@ -15,7 +15,8 @@ from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
 from kvstore import RedisPackageStore
-from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError
+from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError, given_url
+from kvstore.tools.cli.explain import explain_failure
 from kvstore.tools.cli.lookup import find_package, holders_of, route_arg
 from kvstore.tools.cli.output import (
     ProgressLine,
@@ -228,12 +229,17 @@ def cmd_import(args: argparse.Namespace) -> Action:
         raise CliError(f"{path}: no such file")
     from kvstore.tools import export_import  # needs msgpack, of the cli extra
 
+    url, timeout = given_url(args), args.timeout
+
     async def run(store: RedisPackageStore) -> None:
         progress = ProgressLine(sys.stderr)
         try:
             counts = await export_import.import_file(store, path, progress)
         except export_import.ExportFormatError as exc:
             raise CliError(f"{path} is not a usable kvstore export: {exc}") from None
+        except export_import.ImportStopped as exc:
+            cause = str(exc.cause) or type(exc.cause).__name__
+            raise CliError(f"{explain_failure(cause, url, timeout)}; {exc}") from None
         finally:
             progress.close()
         print(f"imported {counts.packages} packages and {counts.routes} routes from {path}")
