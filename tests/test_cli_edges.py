@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -251,3 +252,31 @@ def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
     garbage.write_bytes(b"\xc1")  # a byte msgpack never uses
     fails(kv("import", str(garbage), *data), "malformed data")
     fails(kv("import", str(tmp_path), *data), "is a folder; name the export file")
+
+
+def at_once(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """The command line, given 20 s and 1 GiB of memory, so a command that would wait
+    or read for ever fails its test rather than the machine."""
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore", *args],
+        capture_output=True,
+        timeout=20,
+        check=False,
+        preexec_fn=limited,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")},
+    )
+
+
+def test_deploy_refuses_what_is_not_a_regular_file_before_writing(tmp_path: Path) -> None:
+    fifo, archive = tmp_path / "pipe.zip", tmp_path / "a.zip"
+    os.mkfifo(fifo)
+    archive.write_bytes(b"archive")
+    # Nothing listens at the URL: a refusal that came after connecting would say so.
+    url = ["--url", f"redis://127.0.0.1:{closed_port()}"]
+    for files in ([fifo], [Path("/dev/zero")], [archive, fifo]):
+        result = at_once("deploy", *map(str, files), "--type", "order", *url)
+        fails(result, f"{files[-1]} is not a regular file; name the archive files to deploy")

@@ -32,6 +32,9 @@ def _readable(path: Path) -> None:
     """Refuse, before anything is written, a file that cannot be deployed."""
     if path.is_dir():
         raise CliError(f"{path} is a folder; name the archive files to deploy")
+    # Opening a FIFO waits for a writer, and a device may never end: neither is an archive.
+    if path.exists() and not path.is_file():
+        raise CliError(f"{path} is not a regular file; name the archive files to deploy")
     try:
         with path.open("rb"):
             pass
