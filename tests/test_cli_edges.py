@@ -242,6 +242,7 @@ def test_route_to_a_hash_stored_under_another_type_needs_force(
 def test_wrong_urls_are_usage_errors(tmp_path: Path) -> None:
     fails(kv("ls", "--url", "redis://127.0.0.1:1/abc"), "database (its path) must be a number", 2)
     fails(kv("ls", "--url", "redis://127.0.0.1:1?foo=bar"), "unknown option 'foo'", 2)
+    fails(kv("ls", "--url", "redis://127.0.0.1:0"), "port must be a number from 1 to 65535", 2)
 
 
 def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
