@@ -243,6 +243,10 @@ def test_wrong_urls_are_usage_errors(tmp_path: Path) -> None:
     fails(kv("ls", "--url", "redis://127.0.0.1:1/abc"), "database (its path) must be a number", 2)
     fails(kv("ls", "--url", "redis://127.0.0.1:1?foo=bar"), "unknown option 'foo'", 2)
     fails(kv("ls", "--url", "redis://127.0.0.1:0"), "port must be a number from 1 to 65535", 2)
+    for user in ("%ff", "\udcff"):  # percent-encoded, and a raw byte 0xff in the argument
+        url = f"redis://{user}:pw-secret-1@127.0.0.1:{closed_port()}"
+        err = fails(kv("ls", "--url", url), "url is not UTF-8 (as typed or %-encoded)", 2)
+        assert "pw-secret-1" not in err
 
 
 def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:

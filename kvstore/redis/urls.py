@@ -132,8 +132,19 @@ def _credentials(netloc: str) -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
+def _check_text(url: str) -> None:
+    """Refuse a URL that is not UTF-8, as typed or percent-encoded: redis-py would send
+    a user or password of replacement characters, or fail at the first connection."""
+    try:
+        url.encode("utf-8")  # a byte that is not UTF-8 on the command line: a surrogate
+        unquote(url, errors="strict")
+    except UnicodeError:
+        raise ValueError(f"url is not UTF-8 (as typed or %-encoded): {redact_url(url)}") from None
+
+
 def client_from_url(url: str, options: dict[str, Any]) -> Redis | RedisCluster:
     """A client for ``url`` with ``options``; ``ValueError`` (password redacted) if bad."""
+    _check_text(url)
     scheme = url.partition("://")[0].lower()
     if scheme in ("redis", "rediss", "unix"):
         _check_parts(url, scheme)
