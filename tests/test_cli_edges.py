@@ -23,6 +23,9 @@ import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.server_process import LocalServer
+from kvstore.tools.cli.common import CliError
+from kvstore.tools.cli.deploy import cmd_deploy
+from kvstore.tools.cli.parser import build_parser
 from tests.conftest import fresh_namespace
 from tests.test_cli import as_json, fails, kv, ok
 
@@ -285,3 +288,28 @@ def test_deploy_refuses_what_is_not_a_regular_file_before_writing(tmp_path: Path
     for files in ([fifo], [Path("/dev/zero")], [archive, fifo]):
         result = at_once("deploy", *map(str, files), "--type", "order", *url)
         fails(result, f"{files[-1]} is not a regular file; name the archive files to deploy")
+
+
+async def test_a_file_removed_mid_deploy_says_how_many_were_deployed(
+    valkey_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [tmp_path / f"{n:02}.zip" for n in range(40)]
+    for n, path in enumerate(files):
+        path.write_bytes(b"archive %d" % n)
+    args = build_parser().parse_args(["deploy", *map(str, files), "--type", "order"])
+    deploy = cmd_deploy(args)  # every file checked: all are there
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=fresh_namespace()) as store:
+        put = store.put_package
+
+        async def put_then_remove(record: PackageRecord) -> None:
+            await put(record)
+            files[35].unlink(missing_ok=True)  # in the second batch, read after the first
+
+        monkeypatch.setattr(store, "put_package", put_then_remove)
+        with pytest.raises(CliError) as raised:
+            await deploy(store)
+        assert str(raised.value) == (
+            f"{files[35]}: No such file or directory; the first 32 of 40 files were deployed "
+            "(deploying them again is safe)"
+        )
+        assert len(await store.list_packages()) == 32
