@@ -260,6 +260,11 @@ def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
     garbage.write_bytes(b"\xc1")  # a byte msgpack never uses
     fails(kv("import", str(garbage), *data), "malformed data")
     fails(kv("import", str(tmp_path), *data), "is a folder; name the export file")
+    fifo = tmp_path / "pipe.kvx"
+    os.mkfifo(fifo)
+    for special in (fifo, Path("/dev/zero")):
+        says = f"{special} is not a regular file; name the export file to read"
+        fails(at_once("import", str(special), *data), says)
 
 
 def at_once(*args: str) -> subprocess.CompletedProcess[bytes]:

@@ -225,8 +225,10 @@ def cmd_import(args: argparse.Namespace) -> Action:
     path = Path(args.file)
     if path.is_dir():
         raise CliError(f"{path} is a folder; name the export file to read")
-    if not path.is_file():
+    if not path.exists():
         raise CliError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO or a device: reading it may wait or go on for ever
+        raise CliError(f"{path} is not a regular file; name the export file to read")
     from kvstore.tools import export_import  # needs msgpack, of the cli extra
 
     url, timeout = given_url(args), args.timeout
