@@ -9,12 +9,20 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import msgpack  # type: ignore[import-untyped]
 import pytest
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.server_process import LocalServer
-from kvstore.tools.export_import import Counts, export_file, import_file
+from kvstore.tools.export_import import (
+    Counts,
+    ExportFormatError,
+    check_file,
+    export_file,
+    import_file,
+)
 from tests.conftest import fresh_namespace
 from tests.support import T0
 from tests.test_cli import as_json, fails, kv
@@ -77,3 +85,43 @@ async def test_an_import_that_fails_midway_says_how_many_packages_it_imported(
             "completes it)",
         )
         assert len(as_json("ls", *target)) == 39
+
+
+def with_end(dump: Path, **counts: Any) -> Path:
+    """``dump`` with ``counts`` in its end marker, whose checksum stays right."""
+    data = dump.read_bytes()
+    unpacker = msgpack.Unpacker(raw=False)
+    unpacker.feed(data)
+    ends = [unpacker.tell() for _ in unpacker]
+    end = msgpack.unpackb(data[ends[-2] :], raw=False)
+    dump.write_bytes(data[: ends[-2]] + msgpack.packb({**end, **counts}, use_bin_type=True))
+    return dump
+
+
+@pytest.mark.parametrize(
+    ("counts", "says"),
+    [
+        ({"packages": True}, "the end marker's packages is not a count: True"),
+        ({"routes": 2.0}, "the end marker's routes is not a count: 2.0"),
+        ({"routes": None}, "the end marker's routes is not a count: None"),
+    ],
+)
+async def test_an_end_marker_whose_counts_are_not_ints_is_refused(
+    valkey_server: LocalServer, tmp_path: Path, counts: dict[str, Any], says: str
+) -> None:
+    dump = tmp_path / "dump.kvx"
+    await exported(valkey_server.url, dump, [b"zip"])  # one package, two routes
+    with pytest.raises(ExportFormatError, match=says):
+        check_file(with_end(dump, **counts))
+
+
+@pytest.mark.slow
+async def test_import_refuses_an_end_marker_counting_true_before_writing(
+    valkey_server: LocalServer, tmp_path: Path
+) -> None:
+    dump = tmp_path / "dump.kvx"
+    await exported(valkey_server.url, dump, [b"zip"])
+    with_end(dump, packages=True)
+    target = ["--url", valkey_server.url, "--namespace", fresh_namespace()]
+    fails(kv("import", str(dump), *target), "the end marker's packages is not a count: True")
+    assert as_json("ls", *target) == [] and as_json("routes", *target) == []

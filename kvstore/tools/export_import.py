@@ -189,14 +189,20 @@ def _decode(
     except (TypeError, ValueError) as exc:
         raise ExportFormatError(str(exc)) from None
     if kind == "end":
-        packages, routes = item.get("packages"), item.get("routes")
-        if isinstance(packages, int) and isinstance(routes, int):
-            if version >= 2 and _digest(item) != before:
-                raise ExportFormatError(
-                    "the file is damaged: its SHA-256 does not match the one its end marker holds"
-                )
-            return Counts(packages, routes)
+        if version >= 2 and _digest(item) != before:
+            raise ExportFormatError(
+                "the file is damaged: its SHA-256 does not match the one its end marker holds"
+            )
+        return Counts(_count(item, "packages"), _count(item, "routes"))
     raise ExportFormatError(f"unknown item {kind!r}")
+
+
+def _count(item: dict[str, Any], key: str) -> int:
+    value = item.get(key)
+    # bool is an int to Python: True would count as 1 package, and be printed as True.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ExportFormatError(f"the end marker's {key} is not a count: {value!r:.40}")
+    return value
 
 
 def _raw_items(source: IO[bytes], copy: IO[bytes] | None) -> Iterator[tuple[object, bytes, int]]:
