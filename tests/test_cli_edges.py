@@ -20,8 +20,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
+from kvstore.redis.keyspace import Keyspace
 from kvstore.server_process import LocalServer
 from kvstore.tools.cli.common import CliError
 from kvstore.tools.cli.deploy import cmd_deploy
@@ -318,3 +320,17 @@ async def test_a_file_removed_mid_deploy_says_how_many_were_deployed(
             "(deploying them again is safe)"
         )
         assert len(await store.list_packages()) == 32
+
+
+async def test_a_key_of_the_wrong_type_is_named_by_the_command(valkey_server: LocalServer) -> None:
+    namespace = fresh_namespace()
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        await store.put_package(PackageRecord("order", "h1", b"zip", datetime.now(timezone.utc)))
+    keys = Keyspace(namespace)
+    row = keys.row(b"order\x00h1")
+    target = ["--url", valkey_server.url, "--namespace", namespace]
+    async with Redis.from_url(valkey_server.url) as client:
+        for key, command in ((row, "ls"), (keys.routes, "routes")):
+            await client.delete(key)
+            await client.sadd(key, b"someone else's")  # a set, which no key of a namespace is
+            fails(kv(command, *target), f"{key!r} is not a hash: the server refused")
