@@ -334,3 +334,21 @@ async def test_a_key_of_the_wrong_type_is_named_by_the_command(valkey_server: Lo
             await client.delete(key)
             await client.sadd(key, b"someone else's")  # a set, which no key of a namespace is
             fails(kv(command, *target), f"{key!r} is not a hash: the server refused")
+
+
+async def test_route_to_an_ambiguous_prefix_lists_the_candidates_and_not_force(
+    valkey_server: LocalServer,
+) -> None:
+    namespace = fresh_namespace()
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        at = datetime.now(timezone.utc)
+        for content_hash, workflow_type in (("2aaa", "order"), ("2bbb", "order"), ("2c", "bill")):
+            await store.put_package(PackageRecord(workflow_type, content_hash, b"zip", at))
+    target = ["--url", valkey_server.url, "--namespace", namespace]
+    # --force would route order to the text "2", which no package has.
+    err = fails(
+        kv("route", "order", "2", *target),
+        "hash '2' matches 2 stored hashes (order 2aaa, order 2bbb); give more of it",
+    )
+    assert "--force" not in err
+    ok("route", "order", "2a", *target)

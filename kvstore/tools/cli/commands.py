@@ -17,7 +17,7 @@ from typing import Any, BinaryIO, Protocol, TypeVar
 from kvstore import RedisPackageStore
 from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError, given_url
 from kvstore.tools.cli.explain import explain_failure
-from kvstore.tools.cli.lookup import find_package, holders_of, route_arg
+from kvstore.tools.cli.lookup import AmbiguousHash, find_package, holders_of, route_arg
 from kvstore.tools.cli.output import (
     ProgressLine,
     print_json,
@@ -115,6 +115,8 @@ async def _routable(
     force = f"pass --force to route {workflow_type} to it anyway"
     try:
         found = await find_package(store, workflow_type, text, any_type=True)
+    except AmbiguousHash:
+        raise  # --force would route to the prefix itself, as text
     except CliError as exc:
         raise CliError(f"{exc}; {force}") from None
     content_hash = found.content_hash
