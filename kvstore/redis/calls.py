@@ -112,7 +112,9 @@ class Calls:
 
     async def ping(self) -> None:
         """One ``PING`` through the store's connections within ``timeout``, retries
-        included: a probe wants the state now, not after the retry budget."""
+        included: a probe wants the state now, not after the retry budget. If the
+        attempts failed meanwhile (a refused connection, retried until now), the
+        failure is the error, as every other call would say it."""
         run = self.pipeliner.run((("PING",),))
         try:
             if self._timeout is None:
@@ -120,6 +122,9 @@ class Calls:
             else:
                 (reply,) = await asyncio.wait_for(run, self._timeout)
         except asyncio.TimeoutError:
+            failure = self.pipeliner.last_failure
+            if failure is not None and not failure.startswith("TimeoutError"):
+                raise BackendError(f"{self.server}: {redact(failure, self._secrets)}") from None
             stalled = TimeoutError(f"no answer to PING within {self._timeout} s")
             self.pipeliner.last_failure = f"TimeoutError: {stalled}"  # for health()
             error = self.backend_error(stalled)
