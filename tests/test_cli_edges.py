@@ -352,3 +352,23 @@ async def test_route_to_an_ambiguous_prefix_lists_the_candidates_and_not_force(
     )
     assert "--force" not in err
     ok("route", "order", "2a", *target)
+
+
+async def test_setup_with_a_credential_that_may_not_load_says_to_use_one_that_may(
+    valkey_server: LocalServer,
+) -> None:
+    async with Redis.from_url(valkey_server.url) as admin:
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "no-loader", "on", ">pw-secret-1", "~*", "+@all", "-function"
+        )
+        try:
+            url = f"redis://no-loader:pw-secret-1@127.0.0.1:{valkey_server.port}"
+            err = fails(
+                kv("setup", "--url", url),
+                f"kvstore: 127.0.0.1:{valkey_server.port}: this credential may not FUNCTION "
+                "LOAD, so it cannot load the kvstore library; run setup again with a "
+                "credential that may (--url redis://USER:PASSWORD@host:port)",
+            )
+            assert "pw-secret-1" not in err
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "no-loader")  # type: ignore[no-untyped-call]

@@ -14,7 +14,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-from kvstore import RedisPackageStore
+from redis.exceptions import NoPermissionError
+
+from kvstore import BackendError, RedisPackageStore
 from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError, given_url
 from kvstore.tools.cli.explain import explain_failure
 from kvstore.tools.cli.lookup import AmbiguousHash, find_package, holders_of, route_arg
@@ -254,7 +256,18 @@ def cmd_import(args: argparse.Namespace) -> Action:
 def cmd_setup(args: argparse.Namespace) -> Action:
     async def run(store: RedisPackageStore) -> None:
         # Loading is the store's: one line per server (every primary of a cluster).
-        for line in await store.load_library():
+        try:
+            lines = await store.load_library()
+        except BackendError as exc:
+            if not isinstance(exc.__cause__, NoPermissionError):
+                raise
+            # The store's message tells an engine to run setup, which this is.
+            raise CliError(
+                f"{store.server}: this credential may not FUNCTION LOAD, so it cannot load "
+                "the kvstore library; run setup again with a credential that may "
+                "(--url redis://USER:PASSWORD@host:port)"
+            ) from None
+        for line in lines:
             print(line)
 
     return run
