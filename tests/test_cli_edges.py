@@ -7,6 +7,7 @@ one line with its documented exit status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import resource
 import shlex
@@ -28,7 +29,9 @@ from kvstore.server_process import LocalServer
 from kvstore.tools.cli.common import CliError
 from kvstore.tools.cli.deploy import cmd_deploy
 from kvstore.tools.cli.parser import build_parser
+from kvstore.tools.status import UNREADABLE, describe, read_status
 from tests.conftest import fresh_namespace
+from tests.test_acl import rule_for
 from tests.test_cli import as_json, fails, kv, ok
 
 
@@ -372,3 +375,25 @@ async def test_setup_with_a_credential_that_may_not_load_says_to_use_one_that_ma
             assert "pw-secret-1" not in err
         finally:
             await admin.execute_command("ACL", "DELUSER", "no-loader")  # type: ignore[no-untyped-call]
+
+
+async def test_status_says_once_what_the_credential_may_not_read(
+    valkey_server: LocalServer,
+) -> None:
+    namespace = fresh_namespace()
+    async with Redis.from_url(valkey_server.url) as admin:
+        rule = ["on", ">pw-secret-1", *rule_for(namespace)]
+        await admin.execute_command("ACL", "SETUSER", "least", *rule)  # type: ignore[no-untyped-call]
+        try:
+            url = f"redis://least:pw-secret-1@127.0.0.1:{valkey_server.port}"
+            lines = ok("status", "--url", url, "--namespace", namespace).splitlines()
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "least")  # type: ignore[no-untyped-call]
+    assert f"replication: {UNREADABLE}" in lines
+    assert f"memory: {UNREADABLE}" in lines
+    # One fact unreadable among readable ones is named.
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        found = await read_status(store)
+    some = describe(dataclasses.replace(found, role=None, used_memory=None))
+    assert f"replication: role {UNREADABLE}, 0 connected replicas" in some
+    assert any(line.startswith(f"memory: used {UNREADABLE}, maxmemory ") for line in some)
