@@ -397,3 +397,12 @@ async def test_status_says_once_what_the_credential_may_not_read(
     some = describe(dataclasses.replace(found, role=None, used_memory=None))
     assert f"replication: role {UNREADABLE}, 0 connected replicas" in some
     assert any(line.startswith(f"memory: used {UNREADABLE}, maxmemory ") for line in some)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_a_refused_connection_fails_at_once_not_after_the_timeout(scheme: str) -> None:
+    started = time.monotonic()
+    result = kv("ls", "--url", f"{scheme}://127.0.0.1:{closed_port()}", "--timeout", "5")
+    fails(result, "(connection refused): is it running there?")
+    # Python's start-up and the clean-up, not the 5 s a retried connection would wait.
+    assert time.monotonic() - started < 3.0
