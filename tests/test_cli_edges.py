@@ -7,7 +7,9 @@ one line with its documented exit status.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
+import resource
 import shlex
 import signal
 import socket
@@ -19,10 +21,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
+from kvstore.redis.keyspace import Keyspace
 from kvstore.server_process import LocalServer
+from kvstore.tools.cli.common import CliError
+from kvstore.tools.cli.deploy import cmd_deploy
+from kvstore.tools.cli.parser import build_parser
+from kvstore.tools.status import UNREADABLE, describe, read_status
 from tests.conftest import fresh_namespace
+from tests.test_acl import rule_for
 from tests.test_cli import as_json, fails, kv, ok
 
 
@@ -241,6 +250,11 @@ def test_route_to_a_hash_stored_under_another_type_needs_force(
 def test_wrong_urls_are_usage_errors(tmp_path: Path) -> None:
     fails(kv("ls", "--url", "redis://127.0.0.1:1/abc"), "database (its path) must be a number", 2)
     fails(kv("ls", "--url", "redis://127.0.0.1:1?foo=bar"), "unknown option 'foo'", 2)
+    fails(kv("ls", "--url", "redis://127.0.0.1:0"), "port must be a number from 1 to 65535", 2)
+    for user in ("%ff", "\udcff"):  # percent-encoded, and a raw byte 0xff in the argument
+        url = f"redis://{user}:pw-secret-1@127.0.0.1:{closed_port()}"
+        err = fails(kv("ls", "--url", url), "url is not UTF-8 (as typed or %-encoded)", 2)
+        assert "pw-secret-1" not in err
 
 
 def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
@@ -251,3 +265,144 @@ def test_export_and_import_refuse_what_they_cannot_use(tmp_path: Path) -> None:
     garbage.write_bytes(b"\xc1")  # a byte msgpack never uses
     fails(kv("import", str(garbage), *data), "malformed data")
     fails(kv("import", str(tmp_path), *data), "is a folder; name the export file")
+    fifo = tmp_path / "pipe.kvx"
+    os.mkfifo(fifo)
+    for special in (fifo, Path("/dev/zero")):
+        says = f"{special} is not a regular file; name the export file to read"
+        fails(at_once("import", str(special), *data), says)
+
+
+def at_once(*args: str) -> subprocess.CompletedProcess[bytes]:
+    """The command line, given 20 s and 1 GiB of memory, so a command that would wait
+    or read for ever fails its test rather than the machine."""
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+
+    return subprocess.run(
+        [sys.executable, "-m", "kvstore", *args],
+        capture_output=True,
+        timeout=20,
+        check=False,
+        preexec_fn=limited,
+        env={k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")},
+    )
+
+
+def test_deploy_refuses_what_is_not_a_regular_file_before_writing(tmp_path: Path) -> None:
+    fifo, archive = tmp_path / "pipe.zip", tmp_path / "a.zip"
+    os.mkfifo(fifo)
+    archive.write_bytes(b"archive")
+    # Nothing listens at the URL: a refusal that came after connecting would say so.
+    url = ["--url", f"redis://127.0.0.1:{closed_port()}"]
+    for files in ([fifo], [Path("/dev/zero")], [archive, fifo]):
+        result = at_once("deploy", *map(str, files), "--type", "order", *url)
+        fails(result, f"{files[-1]} is not a regular file; name the archive files to deploy")
+
+
+async def test_a_file_removed_mid_deploy_says_how_many_were_deployed(
+    valkey_server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = [tmp_path / f"{n:02}.zip" for n in range(40)]
+    for n, path in enumerate(files):
+        path.write_bytes(b"archive %d" % n)
+    args = build_parser().parse_args(["deploy", *map(str, files), "--type", "order"])
+    deploy = cmd_deploy(args)  # every file checked: all are there
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=fresh_namespace()) as store:
+        put = store.put_package
+
+        async def put_then_remove(record: PackageRecord) -> None:
+            await put(record)
+            files[35].unlink(missing_ok=True)  # in the second batch, read after the first
+
+        monkeypatch.setattr(store, "put_package", put_then_remove)
+        with pytest.raises(CliError) as raised:
+            await deploy(store)
+        assert str(raised.value) == (
+            f"{files[35]}: No such file or directory; the first 32 of 40 files were deployed "
+            "(deploying them again is safe)"
+        )
+        assert len(await store.list_packages()) == 32
+
+
+async def test_a_key_of_the_wrong_type_is_named_by_the_command(valkey_server: LocalServer) -> None:
+    namespace = fresh_namespace()
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        await store.put_package(PackageRecord("order", "h1", b"zip", datetime.now(timezone.utc)))
+    keys = Keyspace(namespace)
+    row = keys.row(b"order\x00h1")
+    target = ["--url", valkey_server.url, "--namespace", namespace]
+    async with Redis.from_url(valkey_server.url) as client:
+        for key, command in ((row, "ls"), (keys.routes, "routes")):
+            await client.delete(key)
+            await client.sadd(key, b"someone else's")  # a set, which no key of a namespace is
+            fails(kv(command, *target), f"{key!r} is not a hash: the server refused")
+
+
+async def test_route_to_an_ambiguous_prefix_lists_the_candidates_and_not_force(
+    valkey_server: LocalServer,
+) -> None:
+    namespace = fresh_namespace()
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        at = datetime.now(timezone.utc)
+        for content_hash, workflow_type in (("2aaa", "order"), ("2bbb", "order"), ("2c", "bill")):
+            await store.put_package(PackageRecord(workflow_type, content_hash, b"zip", at))
+    target = ["--url", valkey_server.url, "--namespace", namespace]
+    # --force would route order to the text "2", which no package has.
+    err = fails(
+        kv("route", "order", "2", *target),
+        "hash '2' matches 2 stored hashes (order 2aaa, order 2bbb); give more of it",
+    )
+    assert "--force" not in err
+    ok("route", "order", "2a", *target)
+
+
+async def test_setup_with_a_credential_that_may_not_load_says_to_use_one_that_may(
+    valkey_server: LocalServer,
+) -> None:
+    async with Redis.from_url(valkey_server.url) as admin:
+        await admin.execute_command(  # type: ignore[no-untyped-call]
+            "ACL", "SETUSER", "no-loader", "on", ">pw-secret-1", "~*", "+@all", "-function"
+        )
+        try:
+            url = f"redis://no-loader:pw-secret-1@127.0.0.1:{valkey_server.port}"
+            err = fails(
+                kv("setup", "--url", url),
+                f"kvstore: 127.0.0.1:{valkey_server.port}: this credential may not FUNCTION "
+                "LOAD, so it cannot load the kvstore library; run setup again with a "
+                "credential that may (--url redis://USER:PASSWORD@host:port)",
+            )
+            assert "pw-secret-1" not in err
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "no-loader")  # type: ignore[no-untyped-call]
+
+
+async def test_status_says_once_what_the_credential_may_not_read(
+    valkey_server: LocalServer,
+) -> None:
+    namespace = fresh_namespace()
+    async with Redis.from_url(valkey_server.url) as admin:
+        rule = ["on", ">pw-secret-1", *rule_for(namespace)]
+        await admin.execute_command("ACL", "SETUSER", "least", *rule)  # type: ignore[no-untyped-call]
+        try:
+            url = f"redis://least:pw-secret-1@127.0.0.1:{valkey_server.port}"
+            lines = ok("status", "--url", url, "--namespace", namespace).splitlines()
+        finally:
+            await admin.execute_command("ACL", "DELUSER", "least")  # type: ignore[no-untyped-call]
+    assert f"replication: {UNREADABLE}" in lines
+    assert f"memory: {UNREADABLE}" in lines
+    # One fact unreadable among readable ones is named.
+    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+        found = await read_status(store)
+    some = describe(dataclasses.replace(found, role=None, used_memory=None))
+    assert f"replication: role {UNREADABLE}, 0 connected replicas" in some
+    assert any(line.startswith(f"memory: used {UNREADABLE}, maxmemory ") for line in some)
+
+
+@pytest.mark.parametrize("scheme", ["redis", "redis+cluster"])
+def test_a_refused_connection_fails_at_once_not_after_the_timeout(scheme: str) -> None:
+    started = time.monotonic()
+    result = kv("ls", "--url", f"{scheme}://127.0.0.1:{closed_port()}", "--timeout", "5")
+    fails(result, "(connection refused): is it running there?")
+    # Python's start-up and the clean-up, not the 5 s a retried connection would wait.
+    assert time.monotonic() - started < 3.0

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvstore.tools.cli.explain import explain_failure
+from kvstore.tools.cli.explain import explain_failure, is_final
 
 LOCAL = "127.0.0.1:6379"
 URL = f"redis://{LOCAL}"
@@ -159,3 +159,22 @@ def test_a_store_failure_reads_as_what_to_do(
     message: str, url: str | None, timeout: float, expected: str
 ) -> None:
     assert explain_failure(message, url, timeout) == expected
+
+
+@pytest.mark.parametrize(
+    ("message", "final"),
+    [
+        (REFUSED, True),
+        (CLUSTER_REFUSED, True),
+        (
+            "h:6379: ConnectionError: Error -2 connecting to h:6379. Name or service not known.",
+            True,
+        ),
+        (f"{LOCAL}: TimeoutError: no answer to PING within 5 s", True),
+        (NEEDS, False),  # the command's store says what to do
+        (f"{LOCAL}: ResponseError: LOADING Redis is loading the dataset in memory", False),
+        (f"{LOCAL}: ConnectionError: Connection reset by peer", False),
+    ],
+)
+def test_a_first_contact_is_final_when_retrying_could_only_wait(message: str, final: bool) -> None:
+    assert is_final(message) is final

@@ -14,7 +14,7 @@ import fakeredis
 import pytest
 
 from kvstore import BackendError, RedisPackageStore, StoreHealth
-from kvstore.server_process import LocalServer
+from kvstore.server_process import LocalServer, free_port
 
 from .conftest import fresh_namespace
 from .support import password_server, pkg, url_of
@@ -131,3 +131,14 @@ async def test_a_killed_server_shows_not_connected_with_the_connection_error(
         assert health.last_error.startswith(f"127.0.0.1:{own_server.port}: ")
         assert PASSWORD not in health.last_error
         assert health.library_loaded is True  # as the last write found it
+
+
+async def test_a_refused_connection_fails_the_ping_saying_so_not_that_it_waited() -> None:
+    url = f"redis://:{PASSWORD}@127.0.0.1:{free_port()}"
+    async with RedisPackageStore.from_url(url, namespace=fresh_namespace(), timeout=0.3) as store:
+        with pytest.raises(BackendError, match="ConnectionError: Error 111 connecting") as raised:
+            await store.ping()
+        assert "PING" not in str(raised.value) and PASSWORD not in str(raised.value)
+        health = store.health()
+        assert health.last_error == str(raised.value)
+        assert not health.connected

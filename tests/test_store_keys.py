@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.crc import key_slot
 
-from kvstore import BackendError, PackageHead, PackageRecord, RedisPackageStore, SerializationError
+from kvstore import PackageHead, PackageRecord, RedisPackageStore, SerializationError
 from kvstore.redis.keyspace import Keyspace, row_id
 
 from .conftest import fresh_namespace
@@ -189,11 +189,40 @@ async def test_a_write_over_a_key_of_another_type_writes_nothing_and_names_the_k
     assert await everything(client, store.namespace) == before
 
 
-async def test_a_server_error_is_a_backend_error(client: Redis) -> None:
+READS: dict[str, Callable[[RedisPackageStore], Awaitable[object]]] = {
+    "get": lambda store: store.get_package("order", "h1"),
+    "list": lambda store: store.list_packages(),
+    "heads": lambda store: store.iter_package_heads().__anext__(),
+    "route": lambda store: store.get_package_route("order"),
+    "routes": lambda store: store.list_package_routes(),
+}
+
+# Each key a read meets, spoilt with another type: (read, key, spoil, wanted, command).
+SPOILT_READS = [
+    ("get", "format", "list", "string", "GET"),
+    ("get", "row", "string", "hash", "HMGET"),
+    ("list", "index", "string", "zset", "ZRANGEBYLEX"),
+    ("list", "row", "zset", "hash", "HSTRLEN"),
+    ("heads", "row", "list", "hash", "HGET"),
+    ("route", "routes", "string", "hash", "HGET"),
+    ("routes", "routes", "zset", "hash", "HGETALL"),
+]
+
+
+@pytest.mark.parametrize(("read", "key", "kind", "wanted", "command"), SPOILT_READS)
+async def test_a_read_of_a_key_of_another_type_is_damage_naming_the_key(
+    client: Redis, read: str, key: str, kind: str, wanted: str, command: str
+) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace())
-    await client.set(f"{{{store.namespace}}}:routes", b"not a hash")
-    with pytest.raises(BackendError, match="WRONGTYPE"):
-        await store.list_package_routes()
+    await store.put_package(pkg("order", "h1"))
+    keys = Keyspace(store.namespace)
+    spoilt = keys.row(row_id("order", "h1")) if key == "row" else getattr(keys, key)
+    await spoil(client, spoilt, kind)
+    with pytest.raises(SerializationError) as raised:
+        await READS[read](store)
+    assert str(raised.value) == (
+        f"{spoilt!r} is not a {wanted}: the server refused {command} (WRONGTYPE)"
+    )
 
 
 @pytest.mark.parametrize(

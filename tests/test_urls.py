@@ -118,6 +118,42 @@ def test_a_database_that_is_not_a_number_is_refused() -> None:
     RedisPackageStore.from_url("redis://h:1/3")  # a number is fine
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://h:0",
+        "redis://:pw@h:0/1",
+        "rediss://h:65536",
+        "redis://[::1]:99999",
+        "redis://h:-1",
+        "redis+cluster://h:1,h:0",
+        "redis+sentinel://h:70000,h:1/svc",
+    ],
+)
+def test_a_port_outside_1_to_65535_is_refused_for_every_scheme(url: str) -> None:
+    # redis-py reads port 0 as its default port, 6379: another server than the one named.
+    with pytest.raises(ValueError, match="port must be a number from 1 to 65535"):
+        RedisPackageStore.from_url(url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://%ff:pw-secret-1@h:1",
+        "redis://:pw-secret-1%ff@h:1",
+        "redis://u\udcff:pw-secret-1@h:1",  # a byte 0xff in a command line's argument
+        "rediss://h:1?client_name=%c3",
+        "unix://%ff:pw-secret-1@/tmp/socket",
+        "redis+cluster://%ff:pw-secret-1@h:1",
+        "redis+sentinel://:pw-secret-1\udcff@h:1/svc",
+    ],
+)
+def test_a_url_that_is_not_utf_8_is_refused_without_its_password(url: str) -> None:
+    with pytest.raises(ValueError, match=r"url is not UTF-8 \(as typed or %-encoded\)") as raised:
+        RedisPackageStore.from_url(url)
+    assert "pw-secret-1" not in str(raised.value)
+
+
 def test_an_unknown_url_option_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="unknown option 'foo'"):
         RedisPackageStore.from_url("redis://h:1?foo=bar")

@@ -4,7 +4,8 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
 
 - **Reads** (``read``, ``unit``): plain commands, each unit led by a ``GET`` of the
   layout marker, so a namespace of another layout is refused before anything is read
-  from it.
+  from it. A key of another type (``WRONGTYPE``) is damage: ``SerializationError``
+  naming the key.
 - **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``),
   followed by ``WAIT`` when writes wait for replicas. A call that finds the library
   missing loads it (one load at a time per store) and is sent once more. Its refusals
@@ -113,7 +114,9 @@ class Calls:
 
     async def ping(self) -> None:
         """One ``PING`` through the store's connections within ``timeout``, retries
-        included: a probe wants the state now, not after the retry budget."""
+        included: a probe wants the state now, not after the retry budget. If the
+        attempts failed meanwhile (a refused connection, retried until now), the
+        failure is the error, as every other call would say it."""
         run = self.pipeliner.run((("PING",),))
         try:
             if self._timeout is None:
@@ -121,6 +124,9 @@ class Calls:
             else:
                 (reply,) = await asyncio.wait_for(run, self._timeout)
         except asyncio.TimeoutError:
+            failure = self.pipeliner.last_failure
+            if failure is not None and not failure.startswith("TimeoutError"):
+                raise BackendError(f"{self.server}: {redact(failure, self._secrets)}") from None
             stalled = TimeoutError(f"no answer to PING within {self._timeout} s")
             self.pipeliner.last_failure = f"TimeoutError: {stalled}"  # for health()
             error = self.backend_error(stalled)
@@ -288,10 +294,10 @@ class Calls:
         found, *replies = await self.pipeliner.run(
             [self._format_check, *commands], large_reply=large, streamed=archives
         )
-        found = self.fitting(self._format_check, self.reply(found))
+        found = self.fitting(self._format_check, self.reply(found, self._format_check))
         if found is not None and found != FORMAT_VERSION:
             raise self._layout_error(found)
-        return [self.fitting(c, self.reply(r)) for c, r in zip(commands, replies, strict=True)]
+        return [self.fitting(c, self.reply(r, c)) for c, r in zip(commands, replies, strict=True)]
 
     def fitting(self, command: Command, reply: Any) -> Any:
         """``reply``, if it is a shape the server may give to ``command``; else
@@ -303,14 +309,25 @@ class Calls:
             ResponseError(f"{name} had an answer no Redis gives: {reply!r:.100}")
         )
 
-    def reply(self, reply: Any) -> Any:
-        """``reply``, or the library's error for a refusal."""
+    def reply(self, reply: Any, read: Command | None = None) -> Any:
+        """``reply``, or the library's error for a refusal. ``read``: the command of one
+        key (at its first argument) that ``reply`` answers; its key holding another type
+        is damage, and the ``SerializationError`` names the key."""
         if isinstance(reply, ResponseError):
             found = format_refusal(reply)
             if found is not None:
                 raise self._layout_error(found)
+            if read is not None and str(reply).startswith("WRONGTYPE"):
+                raise self._wrong_type(read) from reply
             raise self.backend_error(reply)
         return reply
+
+    def _wrong_type(self, read: Command) -> SerializationError:
+        name, key = flatten(read)[:2]
+        name = name.decode() if isinstance(name, bytes) else str(name)
+        expected = self._keys.expected_type(key) if isinstance(key, bytes) else None
+        held = f"is not a {expected}" if expected else "holds another type"
+        return SerializationError(f"{key!r} {held}: the server refused {name} (WRONGTYPE)")
 
     def _layout_error(self, found: bytes) -> SerializationError:
         error = SerializationError(

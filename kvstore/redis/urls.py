@@ -79,10 +79,11 @@ def _options_of(connection_class: type) -> set[str]:
     return names - {"self"}
 
 
-def _check_query(url: str, scheme: str) -> None:
+def _check_parts(url: str, scheme: str) -> None:
     """Refuse what redis-py would take silently or fail on later: an unknown query
-    option (it becomes a bad keyword argument at the first connection) or a path that
-    is not a database number (it would be read as database 0)."""
+    option (it becomes a bad keyword argument at the first connection), a path that
+    is not a database number (it would be read as database 0), or a port outside
+    1-65535 (port 0 would be read as 6379)."""
     try:
         parts = urlsplit(url)
     except ValueError:
@@ -97,18 +98,28 @@ def _check_query(url: str, scheme: str) -> None:
         if name not in known:
             raise ValueError(f"url has an unknown option {name!r}: {redact_url(url)}")
     if scheme != "unix":
+        _, colon, port = parts.netloc.rpartition("@")[2].rpartition(":")
+        if colon and port and "]" not in port:  # "]": an IPv6 address without a port
+            _port(port, url)
         db = unquote(parts.path).strip("/")
         if db and not db.isdigit():
             raise ValueError(f"url's database (its path) must be a number: {redact_url(url)}")
+
+
+def _port(text: str, url: str) -> int:
+    """``text`` as a TCP port; ``ValueError`` unless it is a number from 1 to 65535."""
+    if not (text.isascii() and text.isdigit() and 0 < int(text) <= 65535):
+        raise ValueError(f"url's port must be a number from 1 to 65535: {redact_url(url)}")
+    return int(text)
 
 
 def _hosts(netloc: str, url: str) -> list[tuple[str, int]]:
     hosts = []
     for part in netloc.rpartition("@")[2].split(","):
         host, _, port = part.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port or "]" in port:
             raise ValueError(f"url needs host:port for every node: {redact_url(url)}")
-        hosts.append((host.strip("[]"), int(port)))
+        hosts.append((host.strip("[]"), _port(port, url)))
     return hosts
 
 
@@ -121,11 +132,22 @@ def _credentials(netloc: str) -> dict[str, str]:
     return {k: v for k, v in found.items() if v}
 
 
+def _check_text(url: str) -> None:
+    """Refuse a URL that is not UTF-8, as typed or percent-encoded: redis-py would send
+    a user or password of replacement characters, or fail at the first connection."""
+    try:
+        url.encode("utf-8")  # a byte that is not UTF-8 on the command line: a surrogate
+        unquote(url, errors="strict")
+    except UnicodeError:
+        raise ValueError(f"url is not UTF-8 (as typed or %-encoded): {redact_url(url)}") from None
+
+
 def client_from_url(url: str, options: dict[str, Any]) -> Redis | RedisCluster:
     """A client for ``url`` with ``options``; ``ValueError`` (password redacted) if bad."""
+    _check_text(url)
     scheme = url.partition("://")[0].lower()
     if scheme in ("redis", "rediss", "unix"):
-        _check_query(url, scheme)
+        _check_parts(url, scheme)
         try:
             return Redis.from_url(url, **options)
         except ValueError as exc:

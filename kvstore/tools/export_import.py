@@ -15,9 +15,11 @@ Version 1 is the same without the two ``sha256`` fields; it is still read.
 Instants are msgpack timestamps (extension -1), exact to the microsecond in any year.
 The trailer makes a cut-off file detectable and the checksums a damaged one (a byte
 flipped anywhere: in an archive, in a name, in the trailer): ``import_file`` reads the
-whole file once to check it before writing anything, so a damaged file changes
-nothing. Memory is bounded by one package (two copies of it while it is read and
-checked, plus the routes, which are small) in both directions.
+file once, checking it whole into a private copy before writing anything, and writes
+from that copy, so a damaged file changes nothing and one changed meanwhile cannot
+change what was checked. Memory is bounded by one package (two copies of it while it
+is read and checked, plus the routes, which are small) in both directions, and an
+import's copy by ``SPOOL`` bytes: past that it is a temporary file.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import msgpack  # type: ignore[import-untyped]
 
@@ -39,6 +42,9 @@ FORMAT = "kvstore-export"
 VERSION = 2  # written; READABLE are read
 READABLE = (1, 2)
 CHUNK = 1 << 20  # bytes read from the file at a time
+# An import's private copy of its file stays in memory up to this size, then spills to
+# a temporary file: an export may be far larger than memory.
+SPOOL = 64 << 20
 
 # Called with (phase, bytes done, bytes in all or 0 when unknown, items done).
 Progress = Callable[[str, int, int, int], None]
@@ -56,6 +62,21 @@ class ExportFormatError(Exception):
 class Counts:
     packages: int
     routes: int
+
+
+class ImportStopped(Exception):
+    """An import failed after it began to write: its message says how far it got, and
+    ``cause`` is the failure. Importing the same file again completes it."""
+
+    def __init__(self, cause: Exception, counts: Counts, packages: int, routes: int) -> None:
+        done = (
+            f"{packages} of {counts.packages} packages and {routes} of {counts.routes} "
+            "routes were imported"
+            if packages or routes
+            else "nothing was imported"
+        )
+        super().__init__(f"{done} (importing the file again completes it)")
+        self.cause = cause
 
 
 def _no_progress(phase: str, done: int, total: int, items: int) -> None:
@@ -168,19 +189,26 @@ def _decode(
     except (TypeError, ValueError) as exc:
         raise ExportFormatError(str(exc)) from None
     if kind == "end":
-        packages, routes = item.get("packages"), item.get("routes")
-        if isinstance(packages, int) and isinstance(routes, int):
-            if version >= 2 and _digest(item) != before:
-                raise ExportFormatError(
-                    "the file is damaged: its SHA-256 does not match the one its end marker holds"
-                )
-            return Counts(packages, routes)
+        if version >= 2 and _digest(item) != before:
+            raise ExportFormatError(
+                "the file is damaged: its SHA-256 does not match the one its end marker holds"
+            )
+        return Counts(_count(item, "packages"), _count(item, "routes"))
     raise ExportFormatError(f"unknown item {kind!r}")
 
 
-def _raw_items(path: Path) -> Iterator[tuple[object, bytes, int]]:
-    """Every msgpack object of ``path``, with the SHA-256 of the bytes before it and
-    the offset where it ends; a cut-off last object raises ``ExportFormatError``."""
+def _count(item: dict[str, Any], key: str) -> int:
+    value = item.get(key)
+    # bool is an int to Python: True would count as 1 package, and be printed as True.
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ExportFormatError(f"the end marker's {key} is not a count: {value!r:.40}")
+    return value
+
+
+def _raw_items(source: IO[bytes], copy: IO[bytes] | None) -> Iterator[tuple[object, bytes, int]]:
+    """Every msgpack object of ``source``, with the SHA-256 of the bytes before it and
+    the offset where it ends; a cut-off last object raises ``ExportFormatError``. Every
+    byte read is also written to ``copy``, if given."""
     unpacker = msgpack.Unpacker(
         raw=False,
         timestamp=3,  # timestamps as aware UTC datetimes
@@ -189,26 +217,31 @@ def _raw_items(path: Path) -> Iterator[tuple[object, bytes, int]]:
     stream = hashlib.sha256()
     unhashed = bytearray()  # read, not yet in ``stream``: the object being decoded
     hashed = 0  # offset of unhashed[0]
-    with open(path, "rb") as source:
-        while chunk := source.read(CHUNK):
-            unpacker.feed(chunk)
-            unhashed += chunk
-            for item in unpacker:
-                end = unpacker.tell()
-                yield item, stream.digest(), end
-                stream.update(unhashed[: end - hashed])
-                del unhashed[: end - hashed]
-                hashed = end
+    while chunk := source.read(CHUNK):
+        if copy is not None:
+            copy.write(chunk)
+        unpacker.feed(chunk)
+        unhashed += chunk
+        for item in unpacker:
+            end = unpacker.tell()
+            yield item, stream.digest(), end
+            stream.update(unhashed[: end - hashed])
+            del unhashed[: end - hashed]
+            hashed = end
     if unhashed:
         raise ExportFormatError("the file ends inside an item: it was cut off")
 
 
 def _items(
-    path: Path, phase: str, progress: Progress
+    source: IO[bytes],
+    total: int,
+    phase: str,
+    progress: Progress,
+    copy: IO[bytes] | None = None,
 ) -> Iterator[PackageRecord | PackageRouteRecord | Counts]:
-    """Every item after the header, checked; raises ``ExportFormatError`` on any flaw."""
-    total = path.stat().st_size
-    raw = _raw_items(path)
+    """Every item of ``source`` (``total`` bytes) after the header, checked; raises
+    ``ExportFormatError`` on any flaw. Every byte read is also written to ``copy``."""
+    raw = _raw_items(source, copy)
     try:
         header = next(raw, (None, b"", 0))[0]
         if (
@@ -233,9 +266,18 @@ def _items(
 
 def check_file(path: Path, progress: Progress = _no_progress) -> Counts:
     """Read all of ``path`` and return its counts if it is a complete, valid export."""
+    with open(path, "rb") as source:
+        return _check(source, progress, None)
+
+
+def _check(source: IO[bytes], progress: Progress, copy: IO[bytes] | None) -> Counts:
+    """The counts of the export ``source`` holds, all of it read and checked, and
+    copied to ``copy`` if given; ``ExportFormatError`` if it is not a complete, valid
+    export."""
+    total = os.fstat(source.fileno()).st_size
     packages = routes = 0
     end: Counts | None = None
-    for item in _items(path, "checking", progress):
+    for item in _items(source, total, "checking", progress, copy):
         if end is not None:
             raise ExportFormatError("data after the end marker")
         if isinstance(item, PackageRecord):
@@ -260,23 +302,62 @@ async def import_file(
     """Put every package of the export into ``store``, then set every route as exported.
 
     Idempotent: importing the same file again changes nothing. Each package keeps its
-    ``deployed_at``. Routes of types the file does not name are left alone. The file
-    is checked whole first (``check_file``), so a damaged file changes nothing; if the
-    server fails part-way, running the import again completes it.
+    ``deployed_at``. Routes of types the file does not name are left alone. The file is
+    read once, checked whole into a private copy, and written from that copy: a damaged
+    file changes nothing (``ExportFormatError``), and one changed or cut meanwhile does
+    not change what is written. A failure once writing began raises ``ImportStopped``,
+    saying how many packages and routes were written; running the import again
+    completes it.
     """
-    counts = check_file(path, progress)
-    routes: list[PackageRouteRecord] = []
-    batch: list[PackageRecord] = []
-    for item in _items(path, "importing", progress):
-        if isinstance(item, PackageRecord):
-            batch.append(item)
-            if len(batch) == BATCH:
-                await asyncio.gather(*(store.put_package(r) for r in batch))
-                batch.clear()
-        elif isinstance(item, PackageRouteRecord):
-            routes.append(item)
-    await asyncio.gather(*(store.put_package(r) for r in batch))
-    # put_package re-pointed each type at its newest package; set them as exported.
-    for route in routes:
-        await store.put_package_route(route.workflow_type, route.content_hash)
+    with open(path, "rb") as source, tempfile.SpooledTemporaryFile(SPOOL) as copy:
+        counts = _check(source, progress, copy)
+        source.close()  # all is in the copy now
+        copy.seek(0)
+        await _write(store, copy, counts, progress)
     return counts
+
+
+async def _write(
+    store: RedisPackageStore, copy: IO[bytes], counts: Counts, progress: Progress
+) -> None:
+    """Put the packages of the checked ``copy``, then set its routes; ``ImportStopped``
+    on a failure, counting what was written."""
+    size = copy.seek(0, os.SEEK_END)
+    copy.seek(0)
+    packages = routes = 0
+    pending: list[PackageRecord] = []
+    found: list[PackageRouteRecord] = []
+
+    async def put(batch: list[PackageRecord]) -> int:
+        outcomes = await asyncio.gather(
+            *(store.put_package(r) for r in batch), return_exceptions=True
+        )
+        failures: list[Exception] = []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                failures.append(outcome)
+            elif outcome is not None:
+                raise outcome  # a cancellation: the signal is the message
+        if failures:
+            landed = packages + len(batch) - len(failures)
+            raise ImportStopped(failures[0], counts, landed, 0) from failures[0]
+        return len(batch)
+
+    try:
+        for item in _items(copy, size, "importing", progress):
+            if isinstance(item, PackageRecord):
+                pending.append(item)
+                if len(pending) == BATCH:
+                    packages += await put(pending)
+                    pending.clear()
+            elif isinstance(item, PackageRouteRecord):
+                found.append(item)
+        packages += await put(pending)
+        # put_package re-pointed each type at its newest package; set them as exported.
+        for route in found:
+            await store.put_package_route(route.workflow_type, route.content_hash)
+            routes += 1
+    except ImportStopped:
+        raise
+    except Exception as exc:  # the server, or the copy's temporary file
+        raise ImportStopped(exc, counts, packages, routes) from exc

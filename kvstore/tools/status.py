@@ -258,6 +258,13 @@ def describe(status: Status) -> list[str]:
     def shown(value: object, text: str | None = None) -> str:
         return UNREADABLE if value is None else (text if text is not None else str(value))
 
+    def facts(*parts: tuple[object, str, str]) -> str:
+        """``(value, its text, its name)`` as one line's parts; an unreadable value is
+        named, and when none is readable, the line says so once."""
+        if all(value is None for value, _, _ in parts):
+            return UNREADABLE
+        return ", ".join(f"{name} {UNREADABLE}" if v is None else text for v, text, name in parts)
+
     lines = [f"server: {shown(status.server)} {status.version or ''}".rstrip()]
     if status.appendonly is None:
         lines.append(f"persistence: {UNREADABLE}")
@@ -267,14 +274,25 @@ def describe(status: Status) -> list[str]:
             f"persistence: appendonly {'yes' if status.appendonly else 'no'}, "
             f"appendfsync {shown(status.appendfsync)}, RDB snapshots {save}"
         )
+    replicas = status.connected_replicas
     lines.append(
-        f"replication: role {shown(status.role)}, "
-        f"{shown(status.connected_replicas)} connected replicas"
+        "replication: "
+        + facts(
+            (status.role, f"role {status.role}", "role"),
+            (replicas, f"{replicas} connected replicas", "connected replicas"),
+        )
     )
     lines.append(
-        f"memory: {shown(status.used_memory, _size(status.used_memory or 0))} used, "
-        f"maxmemory {shown(status.maxmemory, _limit(status.maxmemory))}, "
-        f"maxmemory-policy {shown(status.maxmemory_policy)}"
+        "memory: "
+        + facts(
+            (status.used_memory, f"{_size(status.used_memory or 0)} used", "used"),
+            (status.maxmemory, f"maxmemory {_limit(status.maxmemory)}", "maxmemory"),
+            (
+                status.maxmemory_policy,
+                f"maxmemory-policy {status.maxmemory_policy}",
+                "maxmemory-policy",
+            ),
+        )
     )
     layout = "nothing written yet" if status.layout is None else f"layout {status.layout}"
     if status.packages is None:

@@ -56,6 +56,7 @@ from kvstore.tools.cli.common import (
     Action,
     CliError,
     data_dir,
+    first_contact,
     given_url,
     open_store,
 )
@@ -90,6 +91,8 @@ def _server_url(args: argparse.Namespace) -> Iterator[str]:
 
 async def _run(action: Action, url: str, args: argparse.Namespace) -> None:
     namespace = args.namespace or os.environ.get("KVSTORE_NAMESPACE") or "aion"
+    if given_url(args):  # the embedded server has just answered
+        await first_contact(url, namespace, args.timeout)
     async with open_store(url, namespace, args.timeout) as store:
         await action(store)
 

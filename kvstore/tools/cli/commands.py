@@ -14,9 +14,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol, TypeVar
 
-from kvstore import RedisPackageStore
-from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError
-from kvstore.tools.cli.lookup import find_package, holders_of, route_arg
+from redis.exceptions import NoPermissionError
+
+from kvstore import BackendError, RedisPackageStore
+from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError, given_url
+from kvstore.tools.cli.explain import explain_failure
+from kvstore.tools.cli.lookup import AmbiguousHash, find_package, holders_of, route_arg
 from kvstore.tools.cli.output import (
     ProgressLine,
     print_json,
@@ -114,6 +117,8 @@ async def _routable(
     force = f"pass --force to route {workflow_type} to it anyway"
     try:
         found = await find_package(store, workflow_type, text, any_type=True)
+    except AmbiguousHash:
+        raise  # --force would route to the prefix itself, as text
     except CliError as exc:
         raise CliError(f"{exc}; {force}") from None
     content_hash = found.content_hash
@@ -224,9 +229,13 @@ def cmd_import(args: argparse.Namespace) -> Action:
     path = Path(args.file)
     if path.is_dir():
         raise CliError(f"{path} is a folder; name the export file to read")
-    if not path.is_file():
+    if not path.exists():
         raise CliError(f"{path}: no such file")
+    if not path.is_file():  # a FIFO or a device: reading it may wait or go on for ever
+        raise CliError(f"{path} is not a regular file; name the export file to read")
     from kvstore.tools import export_import  # needs msgpack, of the cli extra
+
+    url, timeout = given_url(args), args.timeout
 
     async def run(store: RedisPackageStore) -> None:
         progress = ProgressLine(sys.stderr)
@@ -234,6 +243,9 @@ def cmd_import(args: argparse.Namespace) -> Action:
             counts = await export_import.import_file(store, path, progress)
         except export_import.ExportFormatError as exc:
             raise CliError(f"{path} is not a usable kvstore export: {exc}") from None
+        except export_import.ImportStopped as exc:
+            cause = str(exc.cause) or type(exc.cause).__name__
+            raise CliError(f"{explain_failure(cause, url, timeout)}; {exc}") from None
         finally:
             progress.close()
         print(f"imported {counts.packages} packages and {counts.routes} routes from {path}")
@@ -244,7 +256,18 @@ def cmd_import(args: argparse.Namespace) -> Action:
 def cmd_setup(args: argparse.Namespace) -> Action:
     async def run(store: RedisPackageStore) -> None:
         # Loading is the store's: one line per server (every primary of a cluster).
-        for line in await store.load_library():
+        try:
+            lines = await store.load_library()
+        except BackendError as exc:
+            if not isinstance(exc.__cause__, NoPermissionError):
+                raise
+            # The store's message tells an engine to run setup, which this is.
+            raise CliError(
+                f"{store.server}: this credential may not FUNCTION LOAD, so it cannot load "
+                "the kvstore library; run setup again with a credential that may "
+                "(--url redis://USER:PASSWORD@host:port)"
+            ) from None
+        for line in lines:
             print(line)
 
     return run

@@ -9,7 +9,8 @@ import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from kvstore import RedisPackageStore
+from kvstore import BackendError, RedisPackageStore
+from kvstore.tools.cli.explain import is_final
 from kvstore.tools.embedded_server import default_data_dir
 
 EXIT_ERROR = 1
@@ -47,12 +48,32 @@ def data_dir(given: str | None) -> Path:
     return folder
 
 
-def open_store(url: str, namespace: str, timeout: float) -> RedisPackageStore:
+def open_store(
+    url: str, namespace: str, timeout: float, retry_budget: float | None = None
+) -> RedisPackageStore:
     """A store on ``url`` in ``namespace``: each attempt waits at most ``timeout`` seconds,
-    and transient failures are retried for as long (``--timeout``)."""
+    and transient failures are retried for as long (``--timeout``), or ``retry_budget``."""
     try:
         return RedisPackageStore.from_url(
-            url, namespace=namespace, timeout=timeout, retry_budget=timeout
+            url,
+            namespace=namespace,
+            timeout=timeout,
+            retry_budget=timeout if retry_budget is None else retry_budget,
         )
     except ValueError as exc:  # a bad URL or namespace; the message never shows a password
         raise CliError(str(exc), EXIT_USAGE) from None
+
+
+async def first_contact(url: str, namespace: str, timeout: float) -> None:
+    """Fail at once where retrying would only make the operator wait: a store that
+    retries nothing sends one ``PING``, and a refused connection, a host that does not
+    resolve, or no reply within ``timeout`` is the command's failure. Anything else (a
+    server still loading, a missing password) is left to the command's own store, which
+    retries what may pass and says the rest. The library's retry policy is unchanged: an
+    engine's store keeps retrying a server that is restarting."""
+    async with open_store(url, namespace, timeout, retry_budget=0) as probe:
+        try:
+            await probe.ping()
+        except BackendError as exc:
+            if is_final(str(exc)):
+                raise

@@ -32,6 +32,9 @@ def _readable(path: Path) -> None:
     """Refuse, before anything is written, a file that cannot be deployed."""
     if path.is_dir():
         raise CliError(f"{path} is a folder; name the archive files to deploy")
+    # Opening a FIFO waits for a writer, and a device may never end: neither is an archive.
+    if path.exists() and not path.is_file():
+        raise CliError(f"{path} is not a regular file; name the archive files to deploy")
     try:
         with path.open("rb"):
             pass
@@ -114,7 +117,7 @@ def _deploy_many(
         reader_here = True
         try:
             for batch in batches:
-                records = [(_read_record(workflow_type, p, start, i), p) for i, p in batch]
+                records = _read_batch(workflow_type, batch, start, deployed, len(paths))
                 await _put_batch(store, records, also, deployed, len(paths), explain)
                 deployed += len(records)
                 total_bytes += sum(len(r.archive) for r, _ in records)
@@ -138,7 +141,10 @@ def _batches(places: list[tuple[int, Path]]) -> Iterator[list[tuple[int, Path]]]
     batch: list[tuple[int, Path]] = []
     size = 0
     for place in places:
-        grows = place[1].stat().st_size
+        try:
+            grows = place[1].stat().st_size
+        except OSError as exc:  # gone since it was checked
+            raise _unreadable(place[1], exc) from None
         if batch and (len(batch) == BATCH or size + grows > BATCH_BYTES):
             yield batch
             batch, size = [], 0
@@ -148,13 +154,31 @@ def _batches(places: list[tuple[int, Path]]) -> Iterator[list[tuple[int, Path]]]
         yield batch
 
 
-def _read_record(workflow_type: str, path: Path, start: datetime, i: int) -> PackageRecord:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise CliError(f"{path}: {exc.strerror or exc}") from None
-    at = start + timedelta(microseconds=i)
-    return _record(workflow_type, data, hashlib.sha256(data).hexdigest(), at)
+def _read_batch(
+    workflow_type: str, batch: list[tuple[int, Path]], start: datetime, before: int, total: int
+) -> list[tuple[PackageRecord, Path]]:
+    """The records of ``batch``'s files, ``before`` of ``total`` files deployed so far;
+    a file that cannot be read now (removed since it was checked) ends the deploy."""
+    records = []
+    for i, path in batch:
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise _unreadable(path, exc, before, total) from None
+        at = start + timedelta(microseconds=i)
+        records.append((_record(workflow_type, data, hashlib.sha256(data).hexdigest(), at), path))
+    return records
+
+
+def _unreadable(path: Path, exc: OSError, deployed: int = 0, total: int = 0) -> CliError:
+    """``path`` could not be read once the deploy began: say so, and how far it got
+    (batches go in command-line order, so the first ``deployed`` files)."""
+    if not deployed:
+        return CliError(f"{path}: {exc.strerror or exc}; nothing was deployed")
+    return CliError(
+        f"{path}: {exc.strerror or exc}; the first {deployed} of {total} files were "
+        "deployed (deploying them again is safe)"
+    )
 
 
 async def _put_batch(

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit
 
+# How a store's failure says that nothing listens, and that the host is not known.
+REFUSED = ("Connection refused", "Error 111 ")
+UNRESOLVED = ("Name or service not known", "name resolution")
+
 
 def explain_failure(message: str, url: str | None, timeout: float) -> str:
     """A store's failure to reach or enter the server, as a sentence an operator can act
@@ -35,12 +39,20 @@ def explain_failure(message: str, url: str | None, timeout: float) -> str:
             f"the server at {where} needs a password: put it in the URL "
             "(redis://:PASSWORD@host:port) or KVSTORE_URL"
         )
-    if "Connection refused" in detail or "Error 111 " in detail:
+    if any(text in detail for text in REFUSED):
         return f"no server listens at {where} (connection refused): is it running there?"
-    if "Name or service not known" in detail or "name resolution" in detail:
+    if any(text in detail for text in UNRESOLVED):
         return f"the host of {where} is not known (its name does not resolve)"
     if "DB index is out of range" in detail:
         return f"the server at {where} has no database of the number the URL names (/DB)"
     if detail.startswith("TimeoutError"):
         return f"the server at {where} did not reply within {timeout:g} s (--timeout)"
     return message
+
+
+def is_final(message: str) -> bool:
+    """Whether a store's failure at its first contact is one that retrying would only
+    make the operator wait for: nothing listens, the host's name does not resolve, or
+    no reply came within the timeout (which was waited already)."""
+    detail = message.partition(": ")[2]
+    return any(text in detail for text in REFUSED + UNRESOLVED) or detail.startswith("TimeoutError")

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore
 from kvstore.tools.cli.common import EXIT_USAGE, CliError
+from kvstore.tools.cli.output import short_hash
+
+LISTED = 5  # candidates an ambiguous prefix's message names
+
+
+class AmbiguousHash(CliError):
+    """A prefix that more than one stored hash has: more of it is needed, not --force."""
 
 
 def route_arg(workflow_type: str, content_hash: str) -> PackageRouteRecord:
@@ -45,7 +52,12 @@ async def find_package(
     else:
         pool = dict.fromkeys(same, workflow_type) or other
         if len(pool) > 1:
-            raise CliError(f"hash {text!r} matches {len(pool)} stored hashes; give more of it")
+            names = sorted(f"{t} {short_hash(h)}" for h, t in pool.items())
+            more = f" and {len(names) - LISTED} more" if len(names) > LISTED else ""
+            raise AmbiguousHash(
+                f"hash {text!r} matches {len(pool)} stored hashes ({', '.join(names[:LISTED])}"
+                f"{more}); give more of it"
+            )
         if not pool:
             if not type_known and not any_type:
                 raise CliError(f"no package of type {workflow_type!r} is stored")
