@@ -8,7 +8,9 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
 - **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``),
   followed by ``WAIT`` when writes wait for replicas. A call that finds the library
   missing loads it (one load at a time per store) and is sent once more. Its refusals
-  (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key.
+  (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key;
+  ``KVSTORE_ARGS`` (a call of a shape kvstore never sends) ``BackendError`` naming the
+  argument.
   A large archive is first checked against the server's ``proto-max-bulk-len``
   (``sends_alone``).
 
@@ -30,7 +32,13 @@ from kvstore.redis.failures import backend_error, client_secrets, redact
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
 from kvstore.redis.options import StoreOptions
 from kvstore.redis.pipeline import Pipeliner
-from kvstore.redis.protocol import field_pairs, fits, format_refusal, type_refusal
+from kvstore.redis.protocol import (
+    args_refusal,
+    field_pairs,
+    fits,
+    format_refusal,
+    type_refusal,
+)
 from kvstore.redis.retry import Budget, call_with_retry
 from kvstore.redis.scripts import LIBRARY, is_missing_function, load_library
 from kvstore.redis.target import Target
@@ -144,12 +152,8 @@ class Calls:
         """What the function ``command`` called replied, its refusals raised; and, with
         ``min_replicas``, raises if fewer replicas acknowledged the write."""
         reply = replies[0]
-        refusal = type_refusal(reply)
-        if refusal is not None:
-            key = refusal.key_of(flatten(command))
-            raise SerializationError(
-                f"{key!r} holds a {refusal.found}, not a {refusal.expected}; nothing was written"
-            )
+        if isinstance(reply, ResponseError):
+            self._refused(command, reply)
         result = self.fitting(command, self.reply(reply))
         self.library_found = True  # the function ran
         wait = self._wait
@@ -161,6 +165,23 @@ class Calls:
                     f"{wait[2]} ms; it is applied on the primary but a failover may lose it"
                 )
         return result
+
+    def _refused(self, command: Command, reply: ResponseError) -> None:
+        """Raises the library's error for the refusals of its own (``lua/library.lua``)
+        that need the call to say; returns for any other."""
+        refusal = type_refusal(reply)
+        if refusal is not None:
+            key = refusal.key_of(flatten(command))
+            raise SerializationError(
+                f"{key!r} holds a {refusal.found}, not a {refusal.expected}; nothing was written"
+            )
+        misuse = args_refusal(reply)
+        if misuse is not None:
+            function = flatten(command)[1]
+            raise BackendError(
+                f"{self.server}: {function} refused the call: {misuse.argument} {misuse.why}; "
+                "nothing was written (no call kvstore makes has this shape)"
+            )
 
     async def sends_alone(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because
