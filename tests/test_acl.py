@@ -30,7 +30,7 @@ from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import as_map, pkg
-from .test_store_library import build_library_with_extra_line
+from .test_store_library import build_library_with_extra_line, impostor_text, replace_library
 from .topology import raw_command
 
 STORE_USER_RULE = (
@@ -42,8 +42,11 @@ STORE_USER_RULE = (
 # redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store
 # needs no such right (and Redis 7.0 has no such command to grant). Before its first
 # large put the store asks CONFIG GET proto-max-bulk-len, and when refused sends large
-# puts alone instead: granting CONFIG GET would let the user read every setting.
-NOT_NEEDED = {"client|setinfo", "config|get"}
+# puts alone instead: granting CONFIG GET would let the user read every setting. Before
+# its first write it asks FUNCTION LIST for the library's code, and when refused trusts
+# the library by its name (`kvstore setup` checks it): granting FUNCTION LIST would let
+# the user read the code of every library on the server.
+NOT_NEEDED = {"client|setinfo", "config|get", "function|list"}
 
 
 # ``+fcall`` narrowed to this release's functions, by first-argument rules (``+fcall|<function>``;
@@ -69,13 +72,15 @@ class Users:
         self.admin = admin
         self.names: list[str] = []
 
-    async def add(self, namespace: str, *, narrowed: bool = False) -> str:
+    async def add(
+        self, namespace: str, *, narrowed: bool = False, also: tuple[str, ...] = ()
+    ) -> str:
         """A URL that logs in as a new user holding only the rule of ``namespace``
-        (``narrowed``: with ``+fcall`` narrowed to this release's functions)."""
+        (``narrowed``: with ``+fcall`` narrowed to this release's functions), and ``also``."""
         name, password = f"engine-{namespace}", secrets.token_hex(8)
         await raw_command(self.admin, "ACL", "SETUSER", name, "on", f">{password}")
         await raw_command(
-            self.admin, "ACL", "SETUSER", name, *rule_for(namespace, narrowed=narrowed)
+            self.admin, "ACL", "SETUSER", name, *rule_for(namespace, narrowed=narrowed), *also
         )
         self.names.append(name)
         return f"redis://{name}:{password}@127.0.0.1:{self.server.port}"
@@ -183,6 +188,32 @@ async def test_a_call_with_another_namespace_s_channel_writes_nothing(users: Use
         "ARGV[2]", f"is not {{{mine.namespace}}}:route-changes"
     )
     assert await users.admin.keys(f"{{{mine.namespace}}}:*") == []
+
+
+async def test_the_rule_trusts_the_library_by_its_name_and_setup_checks_its_code(
+    users: Users,
+) -> None:
+    # The rule may not FUNCTION LIST: the store's check is refused, and it writes.
+    async with await users.store(fresh_namespace()) as store:
+        await store.put_package(pkg("order", "h1", b"PK"))
+        assert len(await store.list_packages()) == 1
+    await replace_library(users.admin, impostor_text())
+    try:
+        # Under another library of this release's name, such a store cannot tell: its put
+        # is acknowledged and stores no package. The operator's `kvstore setup` tells.
+        async with await users.store(fresh_namespace()) as store:
+            await store.put_package(pkg("order", "h1", b"PK"))
+            assert await store.list_packages() == []
+        with pytest.raises(BackendError, match="is not this release's kvstore library"):
+            await load_library(users.admin)
+        # With FUNCTION LIST granted, the store checks the library itself.
+        namespace = fresh_namespace()
+        url = await users.add(namespace, also=("+function|list",))
+        async with RedisPackageStore.from_url(url, namespace=namespace) as store:
+            with pytest.raises(BackendError, match="is not this release's kvstore library"):
+                await store.put_package(pkg("order", "h1", b"PK"))
+    finally:
+        await replace_library(users.admin, LIBRARY.text)
 
 
 async def test_the_rule_runs_no_lua_of_the_users_own(users: Users) -> None:

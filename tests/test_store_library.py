@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis.asyncio import Redis
@@ -147,3 +148,113 @@ async def test_a_write_after_a_restart_on_empty_data_loads_the_library_again() -
                 server.start()  # no persistence: the data and the library are gone
                 await store.put_package(pkg("order", f"h{i + 2}"))
                 assert await store.get_package_route("order") == f"h{i + 2}"
+
+
+# A library of this release's name is trusted only once its code is this release's.
+
+
+def impostor_text(functions: tuple[str, ...] = ("put_package",)) -> bytes:
+    """A library of this release's name whose put_package only points the route: the
+    put it answers stores no package."""
+    body = "redis.call('HSET', keys[3], args[7], args[6]) return 1"
+    registered = "".join(
+        f"redis.register_function('{LIBRARY.name}_{f}', function(keys, args) {body} end)\n"
+        for f in functions
+    )
+    return f"#!lua name={LIBRARY.name}\n{registered}".encode()
+
+
+async def replace_library(client: Redis, text: bytes) -> None:
+    """``FUNCTION LOAD REPLACE`` of ``text``, sent as the bytes it is."""
+    await client.execute_command("FUNCTION", "LOAD", "REPLACE", text)  # type: ignore[no-untyped-call]
+
+
+def mismatch(server: str, missing: str | None = None) -> str:
+    lacks = "" if missing is None else f", and has no function {missing}"
+    return (
+        f"{server}: the library {LIBRARY.name} there is not this release's kvstore library "
+        f"(its code differs{lacks}), so no write uses it; remove it with `FUNCTION DELETE "
+        f"{LIBRARY.name}`, then run `kvstore setup --url URL`"
+    )
+
+
+async def test_a_library_of_this_release_s_name_with_other_code_fails_every_write(
+    client: Redis,
+) -> None:
+    await client.function_flush()
+    await replace_library(client, impostor_text())
+    try:
+        async with RedisPackageStore(client, namespace=fresh_namespace()) as store:
+            for write in (
+                store.put_package(pkg("order", "h1")),
+                store.put_package_route("order", "h1"),
+                store.delete_package("order", "h1"),
+            ):
+                with pytest.raises(BackendError) as raised:
+                    await write
+                assert str(raised.value) == mismatch(store.server)
+            assert await store.list_packages() == []
+            assert await store.list_package_routes() == []
+            assert store.health().library_loaded is False
+            # `kvstore setup` reports it rather than "was loaded already".
+            with pytest.raises(BackendError) as raised:
+                await store.load_library()
+            assert str(raised.value) == mismatch(store.server)
+            with pytest.raises(BackendError) as raised:
+                await load_library(client)
+            assert str(raised.value) == mismatch(store.server)
+            # What the message says to do; the same store then writes.
+            await client.function_delete(LIBRARY.name)
+            assert await store.load_library() == [f"{store.server}: loaded {LIBRARY.name}"]
+            await store.put_package(pkg("order", "h1"))
+            assert [r.content_hash for r in await store.list_packages()] == ["h1"]
+            assert store.health().library_loaded is True
+    finally:
+        await client.function_flush()
+        await load_library(client)
+
+
+async def test_a_library_replaced_after_the_check_fails_a_call_of_a_function_it_lacks(
+    client: Redis,
+) -> None:
+    # Checked once per store, then trusted: a library replaced under it is seen when a
+    # call finds its function missing, as the library's error naming the function.
+    async with RedisPackageStore(client, namespace=fresh_namespace()) as store:
+        await store.put_package(pkg("order", "h1"))
+        await replace_library(client, impostor_text())
+        try:
+            with pytest.raises(BackendError) as raised:
+                await store.put_package_route("order", "h1")
+            assert str(raised.value) == mismatch(
+                store.server, missing=LIBRARY.functions["put_route"].name
+            )
+            with pytest.raises(BackendError) as raised:
+                await store.put_package(pkg("order", "h2", n=1))
+            assert str(raised.value) == mismatch(store.server)
+        finally:
+            await replace_library(client, LIBRARY.text)
+        await store.load_library()
+        await store.put_package_route("order", "h1")
+
+
+async def test_the_library_is_checked_once_per_store_and_after_each_load(client: Redis) -> None:
+    await load_library(client)
+    async with RedisPackageStore(client, namespace=fresh_namespace()) as store:
+        sent: list[Any] = []
+        send = store._calls.send_one
+
+        async def counted(command: Any) -> Any:
+            sent.append(command[:2])
+            return await send(command)
+
+        store._calls.send_one = counted  # type: ignore[method-assign]
+        for i in range(5):
+            await store.put_package(pkg("order", f"h{i}", n=i))
+        assert sent == [("FUNCTION", "LIST")]
+        await client.function_flush()
+        await store.put_package(pkg("order", "h9", n=9))
+        assert sent == [("FUNCTION", "LIST"), ("FUNCTION", "LOAD")]
+        await client.function_flush()
+        await replace_library(client, LIBRARY.text)
+        await store.load_library()  # "already exists": its code is checked
+        assert sent[2:] == [("FUNCTION", "LOAD"), ("FUNCTION", "LIST")]
