@@ -5,18 +5,22 @@ that two releases share a server."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError, ResponseError
 
-from kvstore import BackendError, RedisPackageStore
+from kvstore import BackendError, PackageRecord, RedisPackageStore
 from kvstore.redis.scripts import LIBRARY, Library, build_library, load_library
 from kvstore.server_process import LocalServer
 
-from .conftest import fresh_namespace
+from .conftest import SERVERS, Backend, fresh_namespace
 from .support import as_map, pkg
 
 
@@ -258,3 +262,139 @@ async def test_the_library_is_checked_once_per_store_and_after_each_load(client:
         await replace_library(client, LIBRARY.text)
         await store.load_library()  # "already exists": its code is checked
         assert sent[2:] == [("FUNCTION", "LOAD"), ("FUNCTION", "LIST")]
+
+
+# A storm of FUNCTION FLUSH and FUNCTION DELETE under many puts in flight: each call loads
+# the library and sends itself again as often as the library goes away, within its retry
+# budget, and then fails with the library's error, never a raw "Function not found".
+
+EXHAUSTED = re.compile(
+    rf"the function {LIBRARY.name}_put_package of the kvstore library {LIBRARY.name} was "
+    r"missing again after each of \d+ loads in [\d.]+ s: something removes the library "
+    r"\(FUNCTION FLUSH or FUNCTION DELETE\) as often as it is loaded"
+)
+STORM_SECONDS = 1.0
+WRITERS = 20
+
+
+async def storm(
+    raw: Redis, store: RedisPackageStore, between: float, restart: Callable[[], None] | None = None
+) -> tuple[list[PackageRecord], list[BackendError]]:
+    """``WRITERS`` tasks putting packages one after another while ``raw`` deletes the
+    library (FUNCTION FLUSH and FUNCTION DELETE by turns) every ``between`` seconds for
+    ``STORM_SECONDS`` (``restart``: the server restarted halfway): the puts acknowledged,
+    and the errors raised. Any other exception fails the test."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + STORM_SECONDS
+    done = asyncio.Event()
+    acknowledged: list[PackageRecord] = []
+    refused: list[BackendError] = []
+
+    async def writer(w: int) -> None:
+        for i in range(100_000):
+            if done.is_set():
+                return
+            record = pkg(f"t{w}", f"h{i}", n=i)
+            try:
+                await store.put_package(record)
+            except BackendError as exc:
+                refused.append(exc)
+            else:
+                acknowledged.append(record)
+
+    async def remover() -> None:
+        restarted = restart is None
+        for k in range(100_000):
+            now = loop.time()
+            if now > end:
+                break
+            if not restarted and now > end - STORM_SECONDS / 2:
+                await asyncio.to_thread(restart)  # type: ignore[arg-type]
+                restarted = True
+                continue
+            with contextlib.suppress(ResponseError, ConnectionError):  # none to delete
+                if k % 2:
+                    await raw.function_flush()
+                else:
+                    await raw.function_delete(LIBRARY.name)
+            await asyncio.sleep(between)
+        done.set()
+
+    await asyncio.gather(remover(), *(writer(w) for w in range(WRITERS)))
+    return acknowledged, refused
+
+
+async def stored(store: RedisPackageStore) -> set[tuple[str, str]]:
+    return {(r.workflow_type, r.content_hash) async for r in store.iter_packages()}
+
+
+# A second or so each: fakeredis in the fast subset, the real servers in the full run.
+@pytest.mark.parametrize(
+    "backend",
+    ["fakeredis", *(pytest.param(name, marks=pytest.mark.slow) for name in SERVERS)],
+    indirect=True,
+)
+async def test_puts_hold_through_a_storm_of_function_flushes(backend: Backend) -> None:
+    async with backend.store(retry_budget=2.0) as store, backend.client() as raw:
+        await store.put_package(pkg("first", "h"))
+        acknowledged, refused = await storm(raw, store, 0.001)
+        await load_library(raw)
+        assert acknowledged, "no put was acknowledged during the storm"
+        held = await stored(store)
+        assert [r for r in acknowledged if (r.workflow_type, r.content_hash) not in held] == []
+        assert [str(e) for e in refused if not EXHAUSTED.search(str(e))] == []
+
+
+@pytest.mark.slow
+async def test_puts_hold_through_a_storm_of_function_flushes_and_a_restart() -> None:
+    # Persisted, so a restart keeps every acknowledged put (and the library, if it is
+    # loaded at that moment).
+    with LocalServer(settings={"appendonly": "yes", "appendfsync": "always"}) as server:
+
+        def restart() -> None:
+            server.stop()
+            server.start()
+
+        async with (
+            RedisPackageStore.from_url(
+                server.url, namespace=fresh_namespace(), retry_budget=5.0
+            ) as store,
+            Redis.from_url(server.url) as raw,
+        ):
+            acknowledged, refused = await storm(raw, store, 0.02, restart)
+            await load_library(raw)
+            held = await stored(store)
+            assert [r for r in acknowledged if (r.workflow_type, r.content_hash) not in held] == []
+            assert [str(e) for e in refused if not EXHAUSTED.search(str(e))] == []
+
+
+async def test_a_library_removed_as_often_as_it_is_loaded_fails_the_put_with_its_error(
+    client: Redis,
+) -> None:
+    async with RedisPackageStore(client, namespace=fresh_namespace(), retry_budget=0.3) as store:
+        await store.put_package(pkg("order", "h0"))
+        loads = 0
+        load = store.load_library
+
+        async def load_then_remove() -> list[str]:
+            nonlocal loads
+            loads += 1
+            said = await load()
+            await client.function_flush()
+            return said
+
+        store.load_library = load_then_remove  # type: ignore[method-assign]
+        await client.function_flush()
+        with pytest.raises(BackendError) as raised:
+            await store.put_package(pkg("order", "h1"))
+        assert loads > 1  # loaded again after the first miss, until the budget was spent
+        assert str(raised.value) == (
+            f"{store.server}: the function {LIBRARY.name}_put_package of the kvstore library "
+            f"{LIBRARY.name} was missing again after each of {loads} loads in 0.3 s: something "
+            "removes the library (FUNCTION FLUSH or FUNCTION DELETE) as often as it is "
+            "loaded, or another library of its name without that function is loaded where "
+            "this credential may not check its code (FUNCTION LIST); nothing was written"
+        )
+        store.load_library = load  # type: ignore[method-assign]
+        await store.put_package(pkg("order", "h1"))
+        assert [r.content_hash for r in await store.list_packages()] == ["h0", "h1"]

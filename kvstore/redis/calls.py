@@ -9,7 +9,8 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
   followed by ``WAIT`` when writes wait for replicas. The first write checks that the
   library under this release's name is this release's, byte for byte, and every load
   checks it again; another library of that name fails every write. A call that finds
-  the library missing loads it (one load at a time per store) and is sent once more. Its refusals
+  the library missing loads it (one load at a time per store) and is sent again, as
+  often as the library goes away again within ``retry_budget``. Its refusals
   (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key;
   ``KVSTORE_ARGS`` (a call of a shape kvstore never sends) ``BackendError`` naming the
   argument.
@@ -210,17 +211,37 @@ class Calls:
     ) -> list[Any]:
         """The replies to ``unit``, whose function the server lacked (a fresh server, one
         restarted without persistence, a FUNCTION FLUSH or DELETE): the library loaded
-        and ``unit`` sent once more."""
-        self.library_found = False
-        try:
-            await self._load()
-        except BackendError:
-            if self._other_library:  # another library of the name, this call's cause
-                function = flatten(command)[1]
-                raise mismatch_error(LIBRARY, self._other_library, function) from None
-            raise
-        replies: list[Any] = await self.pipeliner.run(unit, size, alone=alone)
-        return replies
+        and ``unit`` sent again, as often as the function is missing again, until
+        ``retry_budget`` seconds after the first miss; the same backoff curve as every
+        retry between loads after the first. Then ``BackendError`` naming the function."""
+        function = flatten(command)[1]
+        loop = asyncio.get_running_loop()
+        retry_until = self._budget.retry_until(loop.time())
+        loads = 0
+        while True:
+            self.library_found = False
+            try:
+                await self._load()
+            except BackendError:
+                if self._other_library:  # another library of the name, this call's cause
+                    raise mismatch_error(LIBRARY, self._other_library, function) from None
+                raise
+            loads += 1
+            replies: list[Any] = await self.pipeliner.run(unit, size, alone=alone)
+            if not is_missing_function(replies[0]):
+                return replies
+            now = loop.time()
+            if now >= retry_until:
+                raise BackendError(
+                    f"{self.server}: the function {function} of the kvstore library "
+                    f"{LIBRARY.name} was missing again after each of {loads} loads in "
+                    f"{self._budget.retry_budget:g} s: something removes the library "
+                    "(FUNCTION FLUSH or FUNCTION DELETE) as often as it is loaded, or "
+                    "another library of its name without that function is loaded where "
+                    "this credential may not check its code (FUNCTION LIST); nothing was "
+                    "written"
+                )
+            await asyncio.sleep(min(self._budget.curve.delay(loads), retry_until - now))
 
     def _result(self, command: Command, replies: list[Any]) -> Any:
         """What the function ``command`` called replied, its refusals raised; and, with
