@@ -73,15 +73,16 @@ async def measure(fsync: str, args: argparse.Namespace) -> list[tuple[str, float
         raw = Redis.from_url(server.url)
         await load_put(raw)
         await raw.aclose()
+        url = server.url
         for label, puts, in_flight in (
             ("one at a time", args.puts, 0),
             (f"{args.in_flight} in flight", args.in_flight, args.raw_in_flight),
         ):
             ns = namespace()
             sides: list[Any] = [
-                lambda p=puts, f=in_flight: store_rate(server.url, ns, "memory", p, bool(f)),
-                lambda p=puts, f=in_flight: store_rate(server.url, ns, "fsync", p, bool(f)),
-                lambda p=puts, f=in_flight: raw_rate(server.url, ns, p, f),
+                lambda n=ns, p=puts, f=in_flight: store_rate(url, n, "memory", p, bool(f)),
+                lambda n=ns, p=puts, f=in_flight: store_rate(url, n, "fsync", p, bool(f)),
+                lambda n=ns, p=puts, f=in_flight: raw_rate(url, n, p, f),
             ]
             (memory, fsync_rate, raw_rate_), _ = await median_rounds(args.rounds, *sides)
             rows.append((f"appendfsync {fsync}, {label}", memory, fsync_rate, raw_rate_))

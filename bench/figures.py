@@ -245,12 +245,14 @@ def benchmark_binary() -> str | None:
 def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) -> list[str]:
     """``redis-benchmark`` sending ``requests`` puts of ``size``-byte archives, 50
     connections with 16 in flight each: the server's limit for the put, with no
-    client in the way. Each ``__rand_int__`` is drawn anew, from ``requests`` values,
-    for every command, so rows differ while the rows a run adds stay bounded; a command
-    line cannot carry the NUL of a row id, so the row is ``type-N:h`` (the script never
-    parses it). Every put re-points one route, as each of the store's does: random
-    types would leave a table of ``requests`` routes in the namespace, which each
-    store the bench opens in it then loads and keeps (a raw client never does)."""
+    client in the way. Every put writes one row, ``type-benchmark:h`` (a command line
+    cannot carry the NUL of a row id; the script never parses it): the function
+    checks that its row key is the row of its row id, and each ``__rand_int__`` is
+    drawn anew for every place it appears, so no two could agree. The content hash is
+    ``h`` and one drawn from ``requests`` values, so messages differ. Every put
+    re-points one route, as each of the store's does: random types would leave a table
+    of ``requests`` routes in the namespace, which each store the bench opens in it
+    then loads and keeps (a raw client never does)."""
     binary = benchmark_binary()
     if binary is None:
         raise FileNotFoundError("redis-benchmark")
@@ -258,7 +260,7 @@ def benchmark_command(url: str, keys: Keyspace, requests: int, size: int = KIB) 
     rand = b"__rand_int__"
     command = put_call(
         keys,
-        b"type-" + rand + b":h",
+        b"type-benchmark:h",
         encode_stamp(T0),
         archive_of(size),
         b"h" + rand,

@@ -8,13 +8,25 @@
   ARGV[1]  layout version the caller writes
   ARGV[2]  row id, "<type>\0<hash>"
 
+  Checks first (check_call in lua/library.lua) that KEYS are these three of one
+  namespace, {ns} being KEYS[1]'s, KEYS[3] the row of ARGV[2], and that ARGV holds
+  these two.
+
   Reply:
     1  the row was removed
     0  there was no such row (a no-op)
+    error "KVSTORE_ARGS <argument> <why>"  the call is not of this shape; nothing written
     error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local _, refused = layout(KEYS, ARGV[1])
+local refused = check_call(KEYS, ARGV, {
+  keys = {'format', 'packages', ROW}, row = 2, args = 2,
+})
+if refused then
+  return refused
+end
+local _
+_, refused = layout(KEYS, ARGV[1])
 if refused then
   return refused
 end

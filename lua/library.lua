@@ -3,9 +3,15 @@
   library's text from this file first, then each lua/<operation>-<number of KEYS>.lua
   registered as a function whose body sees its keys and arguments as KEYS and ARGV.
 
-  Every operation checks the keys it touches before it writes anything, and replies one
-  of these errors, with nothing written, when a check fails:
+  Every operation checks its call (check_call, below: its KEYS and its channel are the
+  keys of one namespace it takes, in its order) and the keys it touches before it writes
+  anything, and replies one of these errors, with nothing written, when a check fails:
 
+    error "KVSTORE_ARGS <argument> <why>"  the call is not one this library's callers
+        make: <argument>, "KEYS[i]" or "ARGV[i]", is missing, one too many, or not the
+        key (or channel) of KEYS[1]'s namespace the operation takes there; <why> says
+        which, in words ("is not {ns}:routes", "is missing", "is one too many", "is not
+        a layout marker {ns}:format")
     error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds a <found> (a type as TYPE
         names it) where the operation needs a <expected>: "string", "hash", "zset", or
         "counter" (a string holding an integer)
@@ -15,6 +21,58 @@
   whose comment gives the message byte for byte. kvstore/redis/protocol.py recognises
   these errors and encodes and decodes that message, so both sides say them once.
 ]]
+
+-- The call's shape. Every operation's first step, before any read or write: a caller
+-- that mixes namespaces (another namespace's channel, say) would otherwise have the
+-- operation write in one and fail, or announce, in another. Not a security boundary (the
+-- server's ACL is: functions run with the caller's rights); the check makes a call of
+-- the wrong shape change nothing at all.
+
+-- A key of the namespace that follows it with ARGV[shape.row], the row id.
+local ROW = 'pkg:'
+
+local function misuse(argument, why)
+  return redis.error_reply('KVSTORE_ARGS ' .. argument .. ' ' .. why)
+end
+
+-- nil when the call of an operation is of `shape`, else the refusal (KVSTORE_ARGS):
+--   shape.keys     what follows "{ns}:" in each KEYS[i], in order; the first is 'format',
+--                  whose KEYS[1] names the namespace ("{ns}", 1 to 64 of A-Z a-z 0-9
+--                  _ . : -, as kvstore/redis/keyspace.py checks it), and ROW is followed
+--                  by ARGV[shape.row]
+--   shape.args     how many ARGV the operation takes; shape.more: or more
+--   shape.channel  the ARGV that is "{ns}:route-changes", if any
+local function check_call(keys, argv, shape)
+  local names = shape.keys
+  if #keys ~= #names then
+    local i = math.min(#keys, #names) + 1
+    return misuse('KEYS[' .. i .. ']', #keys < #names and 'is missing' or 'is one too many')
+  end
+  if #argv < shape.args then
+    return misuse('ARGV[' .. (#argv + 1) .. ']', 'is missing')
+  end
+  if #argv > shape.args and not shape.more then
+    return misuse('ARGV[' .. (shape.args + 1) .. ']', 'is one too many')
+  end
+  local prefix = string.match(keys[1], '^({[A-Za-z0-9_.:%-]+}:)format$')
+  if not prefix or #prefix > 64 + 3 then
+    return misuse('KEYS[1]', 'is not a layout marker {ns}:format')
+  end
+  for i = 2, #names do
+    local name = names[i]
+    if name == ROW then
+      name = ROW .. argv[shape.row]
+    end
+    if keys[i] ~= prefix .. name then
+      return misuse('KEYS[' .. i .. ']', 'is not ' .. prefix .. names[i]
+        .. (names[i] == ROW and ('<ARGV[' .. shape.row .. ']>') or ''))
+    end
+  end
+  if shape.channel and argv[shape.channel] ~= prefix .. 'route-changes' then
+    return misuse('ARGV[' .. shape.channel .. ']', 'is not ' .. prefix .. 'route-changes')
+  end
+  return nil
+end
 
 -- Redis does not undo a script's writes when a later command of it fails, so a key of
 -- the wrong type (someone else's data in the namespace) must stop an operation before

@@ -24,12 +24,25 @@
   Publishes on ARGV[2], after every write, the route change (announce_routes in
   lua/library.lua): the new value of KEYS[4], ARGV[6], and ARGV[7..].
 
+  Checks first (check_call in lua/library.lua) that KEYS are these five of one
+  namespace, {ns} being KEYS[1]'s, KEYS[5] the row of ARGV[3], that ARGV holds seven
+  or more and that ARGV[2] is that namespace's channel.
+
   Reply:
     version  the routes table's new version (an integer; one, so replies parse fast)
+    error "KVSTORE_ARGS <argument> <why>"  the call is not of this shape; nothing written
     error "KVSTORE_TYPE <i> <found> <expected>"  KEYS[i] holds another type; nothing written
     error "KVSTORE_FORMAT <found>"  the namespace holds another layout; nothing written
 ]]
-local format, refused = layout(KEYS, ARGV[1])
+local refused = check_call(KEYS, ARGV, {
+  keys = {'format', 'packages', 'routes', 'route-version', ROW}, row = 3,
+  args = 7, more = true, channel = 2,
+})
+if refused then
+  return refused
+end
+local format
+format, refused = layout(KEYS, ARGV[1])
 if refused then
   return refused
 end

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import NoPermissionError
+from redis.exceptions import NoPermissionError, ResponseError
 
 from kvstore import BackendError, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
-from kvstore.redis.scripts import LIBRARY, load_library
+from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.protocol import ArgsRefusal, args_refusal
+from kvstore.redis.scripts import LIBRARY, PUT_ROUTE, load_library
 from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import as_map, pkg
+from .test_store_library import build_library_with_extra_line, impostor_text, replace_library
 from .topology import raw_command
 
 STORE_USER_RULE = (
@@ -39,12 +42,26 @@ STORE_USER_RULE = (
 # redis-py names itself with CLIENT SETINFO on connecting and ignores a refusal; the store
 # needs no such right (and Redis 7.0 has no such command to grant). Before its first
 # large put the store asks CONFIG GET proto-max-bulk-len, and when refused sends large
-# puts alone instead: granting CONFIG GET would let the user read every setting.
-NOT_NEEDED = {"client|setinfo", "config|get"}
+# puts alone instead: granting CONFIG GET would let the user read every setting. Before
+# its first write it asks FUNCTION LIST for the library's code, and when refused trusts
+# the library by its name (`kvstore setup` checks it): granting FUNCTION LIST would let
+# the user read the code of every library on the server.
+NOT_NEEDED = {"client|setinfo", "config|get", "function|list"}
 
 
-def rule_for(namespace: str) -> list[str]:
-    return STORE_USER_RULE.replace("{ns}", "{" + namespace + "}").split()
+# ``+fcall`` narrowed to this release's functions, by first-argument rules (``+fcall|<function>``;
+# Valkey 9 and Redis 7 accept them, Redis documents them as deprecated). As the README states
+# it, with the library's name as ``kvstore setup`` prints it.
+NARROWED_FCALL = (
+    "+fcall|{library}_put_package +fcall|{library}_put_route +fcall|{library}_delete_package"
+)
+
+
+def rule_for(namespace: str, *, narrowed: bool = False) -> list[str]:
+    rule = STORE_USER_RULE
+    if narrowed:
+        rule = rule.replace("+fcall", NARROWED_FCALL.format(library=LIBRARY.name))
+    return rule.replace("{ns}", "{" + namespace + "}").split()
 
 
 class Users:
@@ -55,16 +72,23 @@ class Users:
         self.admin = admin
         self.names: list[str] = []
 
-    async def add(self, namespace: str) -> str:
-        """A URL that logs in as a new user holding only the rule of ``namespace``."""
+    async def add(
+        self, namespace: str, *, narrowed: bool = False, also: tuple[str, ...] = ()
+    ) -> str:
+        """A URL that logs in as a new user holding only the rule of ``namespace``
+        (``narrowed``: with ``+fcall`` narrowed to this release's functions), and ``also``."""
         name, password = f"engine-{namespace}", secrets.token_hex(8)
         await raw_command(self.admin, "ACL", "SETUSER", name, "on", f">{password}")
-        await raw_command(self.admin, "ACL", "SETUSER", name, *rule_for(namespace))
+        await raw_command(
+            self.admin, "ACL", "SETUSER", name, *rule_for(namespace, narrowed=narrowed), *also
+        )
         self.names.append(name)
         return f"redis://{name}:{password}@127.0.0.1:{self.server.port}"
 
-    async def store(self, namespace: str, **options: float | bool) -> RedisPackageStore:
-        url = await self.add(namespace)
+    async def store(
+        self, namespace: str, *, narrowed: bool = False, **options: float | bool
+    ) -> RedisPackageStore:
+        url = await self.add(namespace, narrowed=narrowed)
         return RedisPackageStore.from_url(url, namespace=namespace, **options)  # type: ignore[arg-type]
 
     async def refusals(self) -> list[str]:
@@ -94,6 +118,102 @@ async def users(server: LocalServer) -> AsyncIterator[Users]:
 async def test_the_whole_contract_holds_for_a_user_with_only_the_rule(users: Users) -> None:
     await run_package_store_suite(lambda: users.store(fresh_namespace()))
     assert await users.refusals() == []
+
+
+async def test_the_whole_contract_holds_with_fcall_narrowed_to_this_release(
+    users: Users,
+) -> None:
+    await run_package_store_suite(lambda: users.store(fresh_namespace(), narrowed=True))
+    assert await users.refusals() == []
+
+
+async def test_fcall_runs_any_loaded_function_and_the_narrowed_rule_only_this_release_s(
+    users: Users, tmp_path: Path
+) -> None:
+    # Another release's library: `+fcall` lets the user run its functions (with the user's
+    # own rights, so in its own namespace); narrowed, the server refuses them.
+    other = build_library_with_extra_line(tmp_path / "lua")
+    await load_library(users.admin, other)
+    try:
+        for narrowed in (False, True):
+            namespace = fresh_namespace()
+            keys = Keyspace(namespace)
+            url = await users.add(namespace, narrowed=narrowed)
+            fcall = (
+                "FCALL",
+                other.functions["put_route"].name,
+                "3",
+                keys.format,
+                keys.routes,
+                keys.route_version,
+                FORMAT_VERSION,
+                keys.route_changes,
+                "order",
+                "h1",
+            )
+            async with Redis.from_url(url) as raw:
+                if narrowed:
+                    with pytest.raises(NoPermissionError):
+                        await raw_command(raw, *fcall)
+                    assert await users.admin.hgetall(keys.routes) == {}
+                else:
+                    await raw_command(raw, *fcall)
+                    assert await users.admin.hgetall(keys.routes) == {b"order": b"h1"}
+    finally:
+        await users.admin.function_delete(other.name)
+        await raw_command(users.admin, "ACL", "LOG", "RESET")
+
+
+async def test_a_call_with_another_namespace_s_channel_writes_nothing(users: Users) -> None:
+    # The rule refuses the user the other channel, but only when the function publishes,
+    # after its writes: the function refuses the call before its first write instead.
+    mine, theirs = Keyspace(fresh_namespace()), Keyspace(fresh_namespace())
+    url = await users.add(mine.namespace)
+    fcall = (
+        "FCALL",
+        PUT_ROUTE.name,
+        "3",
+        mine.format,
+        mine.routes,
+        mine.route_version,
+        FORMAT_VERSION,
+        theirs.route_changes,
+        "order",
+        "h1",
+    )
+    async with Redis.from_url(url) as raw:
+        with pytest.raises(ResponseError) as raised:
+            await raw_command(raw, *fcall)
+    assert args_refusal(raised.value) == ArgsRefusal(
+        "ARGV[2]", f"is not {{{mine.namespace}}}:route-changes"
+    )
+    assert await users.admin.keys(f"{{{mine.namespace}}}:*") == []
+
+
+async def test_the_rule_trusts_the_library_by_its_name_and_setup_checks_its_code(
+    users: Users,
+) -> None:
+    # The rule may not FUNCTION LIST: the store's check is refused, and it writes.
+    async with await users.store(fresh_namespace()) as store:
+        await store.put_package(pkg("order", "h1", b"PK"))
+        assert len(await store.list_packages()) == 1
+    await replace_library(users.admin, impostor_text())
+    try:
+        # Under another library of this release's name, such a store cannot tell: its put
+        # is acknowledged and stores no package. The operator's `kvstore setup` tells.
+        async with await users.store(fresh_namespace()) as store:
+            await store.put_package(pkg("order", "h1", b"PK"))
+            assert await store.list_packages() == []
+        with pytest.raises(BackendError, match="is not this release's kvstore library"):
+            await load_library(users.admin)
+        # With FUNCTION LIST granted, the store checks the library itself.
+        namespace = fresh_namespace()
+        url = await users.add(namespace, also=("+function|list",))
+        async with RedisPackageStore.from_url(url, namespace=namespace) as store:
+            with pytest.raises(BackendError, match="is not this release's kvstore library"):
+                await store.put_package(pkg("order", "h1", b"PK"))
+    finally:
+        await replace_library(users.admin, LIBRARY.text)
 
 
 async def test_the_rule_runs_no_lua_of_the_users_own(users: Users) -> None:
@@ -195,7 +315,8 @@ async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> No
     assert await owner.list_package_routes() == [PackageRouteRecord("order", "h1")]
 
 
-def test_the_readme_states_this_rule() -> None:
+def test_the_readme_states_this_rule_and_its_narrowing() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
     stated = " ".join(rule_for("aion"))
     assert f"ACL SETUSER engine on >PASSWORD {stated}\n" in readme
+    assert f"    {NARROWED_FCALL.format(library='kvstore_<12 hex>')}\n" in readme

@@ -14,13 +14,14 @@ import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from kvstore import PackageRecord, RedisPackageStore
+from kvstore import BackendError, PackageRecord, RedisPackageStore
 from kvstore.conformance import SCENARIOS, T0, run_scenario
 from kvstore.redis.scripts import LIBRARY
 from kvstore.server_process import LocalServer, free_port
 
 from .conftest import fresh_namespace
 from .test_cli import ok
+from .test_store_library import impostor_text, replace_library
 
 # A cluster of its own.
 pytestmark = pytest.mark.slow
@@ -211,3 +212,23 @@ def test_setup_loads_the_library_on_every_primary(cluster: list[LocalServer]) ->
     said = ok("setup", "--url", cluster_url(cluster)).splitlines()
     assert all(line.endswith(f"{LIBRARY.name} was loaded already") for line in said)
     assert len(said) == 3
+
+
+async def test_another_library_of_the_name_on_one_primary_fails_every_write(
+    cluster: list[LocalServer],
+) -> None:
+    odd = cluster[1]
+    async with redis.asyncio.Redis(port=odd.port) as raw:
+        await replace_library(raw, impostor_text())
+    try:
+        async with RedisPackageStore.from_url(
+            cluster_url(cluster), namespace=fresh_namespace()
+        ) as store:
+            with pytest.raises(BackendError) as raised:
+                await store.put_package(PackageRecord("order", "h1", b"zip", T0))
+            assert str(raised.value).startswith(f"127.0.0.1:{odd.port}: the library {LIBRARY.name}")
+            with pytest.raises(BackendError, match="is not this release's kvstore library"):
+                await store.load_library()
+    finally:
+        async with redis.asyncio.Redis(port=odd.port) as raw:
+            await replace_library(raw, LIBRARY.text)

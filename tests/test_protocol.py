@@ -19,18 +19,20 @@ from hypothesis import strategies as st
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
-from kvstore import PackageRecord, RedisPackageStore
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, row_id
 from kvstore.redis.protocol import (
+    ArgsRefusal,
     RouteChange,
     TypeRefusal,
+    args_refusal,
     decode_route_change,
     encode_route_change,
     field_pairs,
     format_refusal,
     type_refusal,
 )
-from kvstore.redis.scripts import PUT_ROUTE, load_library
+from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, load_library
 from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
@@ -96,6 +98,32 @@ def test_format_refusal_reads_only_the_library_s_layout_refusals(
     reply: object, expected: bytes | None
 ) -> None:
     assert format_refusal(reply) == expected
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [
+        (
+            ResponseError("KVSTORE_ARGS ARGV[2] is not {a}:route-changes"),
+            ArgsRefusal("ARGV[2]", "is not {a}:route-changes"),
+        ),
+        (ResponseError("KVSTORE_ARGS KEYS[5] is missing"), ArgsRefusal("KEYS[5]", "is missing")),
+        (ResponseError("KVSTORE_ARGS KEYS[12] is x"), ArgsRefusal("KEYS[12]", "is x")),
+        (ResponseError("KVSTORE_ARGS KEYS[0] is missing"), None),  # counted from 1
+        (ResponseError("KVSTORE_ARGS KEYS[01] is missing"), None),
+        (ResponseError("KVSTORE_ARGS ARGS[1] is missing"), None),
+        (ResponseError("KVSTORE_ARGS KEYS[1]"), None),  # no reason
+        (ResponseError("KVSTORE_ARGS KEYS[1]  "), None),
+        (ResponseError("KVSTORE_ARGS"), None),
+        (ResponseError("KVSTORE_TYPE 3 string hash"), None),
+        ("KVSTORE_ARGS KEYS[1] is missing", None),  # text, not a refusal
+        (None, None),
+    ],
+)
+def test_args_refusal_reads_only_the_library_s_refusals_of_a_call(
+    reply: object, expected: ArgsRefusal | None
+) -> None:
+    assert args_refusal(reply) == expected
 
 
 # The route-change message.
@@ -338,3 +366,116 @@ async def refuses_as_the_protocol_reads(connect: Callable[[], Redis]) -> None:
         assert format_refusal(reply) == b"9" and type_refusal(reply) is None
     finally:
         await client.aclose()
+
+
+# Calls of another shape than the store's: each function checks its keys and channel
+# before its first write, so a call that mixes namespaces changes nothing in either.
+
+A, B = Keyspace("mine"), Keyspace("theirs")
+ROW, OTHER_ROW = row_id("order", "h1"), row_id("order", "h0")
+STAMP = b"2026-05-01T00:00:00.000000Z"
+# The calls the store makes, as the flat arguments of FCALL after the function's name.
+ROUTE_CALL: tuple[Any, ...] = (3, A.format, A.routes, A.route_version, FORMAT_VERSION)
+ROUTE_CALL += (A.route_changes, b"order", b"h1")
+PUT_CALL: tuple[Any, ...] = (5, A.format, A.index, A.routes, A.route_version, A.row(ROW))
+PUT_CALL += (FORMAT_VERSION, A.route_changes, ROW, STAMP, b"PK", b"h1", b"order")
+DELETE_CALL: tuple[Any, ...] = (3, A.format, A.index, A.row(ROW), FORMAT_VERSION, ROW)
+CALLS = {PUT_ROUTE.name: ROUTE_CALL, PUT_PACKAGE.name: PUT_CALL, DELETE_PACKAGE.name: DELETE_CALL}
+NOT_A_MARKER = "is not a layout marker {ns}:format"
+
+
+def changed(function: str, at: int, value: Any) -> tuple[str, tuple[Any, ...]]:
+    """The store's call of ``function`` with its argument ``at`` (counted after the
+    function's name, the key count first) now ``value``; ``None`` drops it."""
+    call = CALLS[function]
+    return function, call[:at] + (() if value is None else (value,)) + call[at + 1 :]
+
+
+def shaped(function: str, call: tuple[Any, ...]) -> tuple[str, tuple[Any, ...]]:
+    return function, call
+
+
+ROUTE, PUT, DELETE = PUT_ROUTE.name, PUT_PACKAGE.name, DELETE_PACKAGE.name
+MISUSES = [
+    # put_route: another namespace's channel, keys, a marker that names no namespace.
+    (changed(ROUTE, 5, B.route_changes), "ARGV[2]", "is not {mine}:route-changes"),
+    (changed(ROUTE, 2, B.routes), "KEYS[2]", "is not {mine}:routes"),
+    (changed(ROUTE, 3, B.route_version), "KEYS[3]", "is not {mine}:route-version"),
+    (changed(ROUTE, 2, A.index), "KEYS[2]", "is not {mine}:routes"),
+    (changed(ROUTE, 1, A.routes), "KEYS[1]", NOT_A_MARKER),
+    (changed(ROUTE, 1, b"{mi}ne}:format"), "KEYS[1]", NOT_A_MARKER),
+    (changed(ROUTE, 1, b"{" + b"n" * 65 + b"}:format"), "KEYS[1]", NOT_A_MARKER),
+    # KEYS[1] names the namespace: the others must follow it.
+    (changed(ROUTE, 1, B.format), "KEYS[2]", "is not {theirs}:routes"),
+    (changed(ROUTE, 7, None), "ARGV[4]", "is missing"),
+    (shaped(ROUTE, (*ROUTE_CALL, b"more")), "ARGV[5]", "is one too many"),
+    (shaped(ROUTE, (2, *ROUTE_CALL[1:3], *ROUTE_CALL[4:])), "KEYS[3]", "is missing"),
+    (shaped(ROUTE, (4, *ROUTE_CALL[1:4], A.index, *ROUTE_CALL[4:])), "KEYS[4]", "is one too many"),
+    # put_package: the row must be the row of ARGV[3], in the namespace.
+    (changed(PUT, 5, A.row(OTHER_ROW)), "KEYS[5]", "is not {mine}:pkg:<ARGV[3]>"),
+    (changed(PUT, 5, B.row(ROW)), "KEYS[5]", "is not {mine}:pkg:<ARGV[3]>"),
+    (changed(PUT, 7, B.route_changes), "ARGV[2]", "is not {mine}:route-changes"),
+    (changed(PUT, 2, B.index), "KEYS[2]", "is not {mine}:packages"),
+    (changed(PUT, 4, B.route_version), "KEYS[4]", "is not {mine}:route-version"),
+    (shaped(PUT, PUT_CALL[:-1]), "ARGV[7]", "is missing"),
+    (shaped(PUT, PUT_CALL[:-3]), "ARGV[5]", "is missing"),
+    # delete_package: deleting another row than the one named would orphan its index entry.
+    (changed(DELETE, 3, A.row(OTHER_ROW)), "KEYS[3]", "is not {mine}:pkg:<ARGV[2]>"),
+    (changed(DELETE, 2, B.index), "KEYS[2]", "is not {mine}:packages"),
+    (changed(DELETE, 3, B.row(ROW)), "KEYS[3]", "is not {mine}:pkg:<ARGV[2]>"),
+    (shaped(DELETE, (*DELETE_CALL, b"more")), "ARGV[3]", "is one too many"),
+]
+
+
+async def test_fakeredis_functions_refuse_a_call_of_another_shape_and_write_nothing() -> None:
+    await refuses_every_misuse(fake_clients())
+
+
+async def test_servers_functions_refuse_a_call_of_another_shape_and_write_nothing(
+    server: LocalServer,
+) -> None:
+    await refuses_every_misuse(server_clients(server))
+
+
+async def namespaces_snapshot(client: Redis) -> dict[Any, Any]:
+    """Every key of both namespaces, each as DUMP gives it."""
+    keys = [*await client.keys("{mine}:*"), *await client.keys("{theirs}:*")]
+    return {key: await client.dump(key) for key in sorted(keys)}
+
+
+async def refuses_every_misuse(connect: Callable[[], Redis]) -> None:
+    client = connect()
+    try:
+        await load_library(client)
+        await client.delete(*await client.keys("{mine}:*"), *await client.keys("{theirs}:*"), "x")
+        for namespace in ("mine", "theirs"):
+            async with RedisPackageStore(connect(), namespace=namespace) as store:
+                for content_hash in ("h0", "h1"):
+                    await store.put_package(PackageRecord("order", content_hash, b"PK", T0))
+                await store.client.aclose()
+        # The calls are well formed but for what each case changes.
+        for function in (ROUTE, PUT):
+            await client.execute_command("FCALL", function, *CALLS[function])  # type: ignore[no-untyped-call]
+        before = await namespaces_snapshot(client)
+        for (function, call), argument, why in MISUSES:
+            with pytest.raises(ResponseError) as raised:
+                await client.execute_command("FCALL", function, *call)  # type: ignore[no-untyped-call]
+            assert args_refusal(raised.value) == ArgsRefusal(argument, why), (function, call)
+            assert await namespaces_snapshot(client) == before, (function, call)
+    finally:
+        await client.aclose()
+
+
+async def test_a_refused_call_raises_backend_error_naming_the_argument() -> None:
+    # The store never sends such a call; one that reached the library is misuse.
+    async with RedisPackageStore(fake_clients()(), namespace="mine") as store:
+        function, call = changed(ROUTE, 5, B.route_changes)
+        command = ("FCALL", function, *call)
+        with pytest.raises(BackendError) as raised:
+            await store._calls.call(command)
+        assert str(raised.value) == (
+            f"{store.server}: {PUT_ROUTE.name} refused the call: ARGV[2] is not "
+            "{mine}:route-changes; nothing was written (no call kvstore makes has this shape)"
+        )
+        assert await store.list_package_routes() == []
+        await store.client.aclose()

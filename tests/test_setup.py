@@ -17,6 +17,7 @@ from kvstore.server_process import LocalServer
 
 from .test_acl import rule_for
 from .test_cli import fails, kv, ok
+from .test_store_library import impostor_text
 
 # Each test runs the command line in subprocesses.
 pytestmark = pytest.mark.slow
@@ -37,6 +38,18 @@ def test_setup_loads_the_library_and_says_so(server: LocalServer) -> None:
     # Idempotent: a second run changes nothing and says so.
     said = ok("setup", "--url", server.url)
     assert said == f"127.0.0.1:{server.port}: {LIBRARY.name} was loaded already\n"
+
+
+def test_setup_reports_another_library_of_this_release_s_name(server: LocalServer) -> None:
+    with Redis(port=server.port) as raw:
+        raw.function_load(impostor_text(), replace=True)
+    try:
+        err = fails(kv("setup", "--url", server.url), "is not this release's kvstore library")
+        assert f"`FUNCTION DELETE {LIBRARY.name}`, then run `kvstore setup" in err
+        assert "was loaded already" not in err
+    finally:
+        with Redis(port=server.port) as raw:
+            raw.function_load(LIBRARY.text, replace=True)
 
 
 def test_setup_on_the_embedded_server(tmp_path: Path) -> None:

@@ -28,6 +28,7 @@ from kvstore.tools.status import UNREADABLE, read_status
 from .conftest import fresh_namespace
 from .test_acl import rule_for
 from .test_cli import kv
+from .test_store_library import impostor_text, replace_library
 from .topology import raw_command, replicated_pair, wait_in_sync
 
 
@@ -183,6 +184,24 @@ def test_counts_layout_and_functions_of_the_namespace(started: Any) -> None:
     assert (
         f"functions: kvstore_* libraries: {LIBRARY.name} (this release's), kvstore_probe" in lines
     )
+
+
+@pytest.mark.slow
+def test_a_library_of_this_release_s_name_with_other_code_is_a_warning(started: Any) -> None:
+    server = started(appendonly="yes", appendfsync="always")
+
+    async def load(text: bytes) -> None:
+        async with Redis.from_url(server.url) as admin:
+            await replace_library(admin, text)
+
+    asyncio.run(load(impostor_text()))
+    found, lines = status(server.url)
+    assert found["library_matches"] is False
+    assert f"functions: kvstore_* libraries: {LIBRARY.name} (another's code)" in lines
+    assert [w for w in warnings_in(lines) if f"FUNCTION DELETE {LIBRARY.name}" in w]
+    asyncio.run(load(LIBRARY.text))
+    found, lines = status(server.url)
+    assert found["library_matches"] is True and warnings_in(lines) == []
 
 
 @pytest.mark.slow

@@ -166,6 +166,21 @@ TABLE = [
         [["the namespace holds layout '2'", "this kvstore neither reads nor writes"]],
         id="another-layout",
     ),
+    # the library of this release's name
+    pytest.param({"library_matches": True}, [], id="this-release-s-library"),
+    pytest.param({"library_matches": None}, [], id="library-absent-or-unreadable"),
+    pytest.param(
+        {"library_matches": False},
+        [
+            [
+                "is not this release's kvstore library (its code differs)",
+                "acknowledges puts it may not store",
+                "FUNCTION DELETE kvstore_",
+                "then run `kvstore setup`",
+            ]
+        ],
+        id="another-library-of-this-release-s-name",
+    ),
     # together: persistence first, then eviction, then the layout
     pytest.param(
         {

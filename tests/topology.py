@@ -81,7 +81,7 @@ def sentinel_process(
     )
 
 
-async def raw_command(client: Redis, *args: str) -> Any:
+async def raw_command(client: Redis, *args: str | bytes) -> Any:
     """The server's reply to ``args``, sent as they are."""
     return await client.execute_command(*args)  # type: ignore[no-untyped-call]
 

@@ -7,9 +7,14 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
   from it. A key of another type (``WRONGTYPE``) is damage: ``SerializationError``
   naming the key.
 - **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``),
-  followed by ``WAIT`` when writes wait for replicas. A call that finds the library
-  missing loads it (one load at a time per store) and is sent once more. Its refusals
-  (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key.
+  followed by ``WAIT`` when writes wait for replicas. The first write checks that the
+  library under this release's name is this release's, byte for byte, and every load
+  checks it again; another library of that name fails every write. A call that finds
+  the library missing loads it (one load at a time per store) and is sent again, as
+  often as the library goes away again within ``retry_budget``. Its refusals
+  (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key;
+  ``KVSTORE_ARGS`` (a call of a shape kvstore never sends) ``BackendError`` naming the
+  argument.
   A large archive is first checked against the server's ``proto-max-bulk-len``
   (``sends_alone``).
 
@@ -21,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from redis.exceptions import ConnectionError, NoPermissionError, ResponseError
@@ -31,9 +36,22 @@ from kvstore.redis.failures import backend_error, client_secrets, redact
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
 from kvstore.redis.options import StoreOptions
 from kvstore.redis.pipeline import Pipeliner
-from kvstore.redis.protocol import field_pairs, fits, format_refusal, type_refusal
+from kvstore.redis.protocol import (
+    args_refusal,
+    field_pairs,
+    fits,
+    format_refusal,
+    type_refusal,
+)
 from kvstore.redis.retry import Budget, call_with_retry
-from kvstore.redis.scripts import LIBRARY, is_missing_function, load_library
+from kvstore.redis.scripts import (
+    LIBRARY,
+    Held,
+    check_library,
+    is_missing_function,
+    load_on_servers,
+    mismatch_error,
+)
 from kvstore.redis.target import Target
 from kvstore.redis.wire import Command, PrePacked, flatten
 
@@ -44,6 +62,43 @@ _log = logging.getLogger("kvstore.redis.store")
 # other calls. Below it, no server's limit can be in the way (Redis and Valkey refuse
 # to set the limit under 1 MiB).
 LARGE_ARGUMENT = 512 << 10
+
+
+class _OneAtATime:
+    """``work`` run once at a time: the callers that come while it runs wait for the same
+    run (the calls that find the library missing together wait for one load). The run
+    is shielded, so a caller cancelled meanwhile does not cancel it for the others; only
+    ``cancel()`` does (the store closing), and its callers then raise ``closed()``."""
+
+    def __init__(
+        self, work: Callable[[], Awaitable[Any]], closed: Callable[[], BackendError]
+    ) -> None:
+        self._work = work
+        self._closed = closed
+        self._running: asyncio.Future[Any] | None = None
+
+    async def __call__(self) -> None:
+        running = self._running
+        if running is None:
+            running = self._running = asyncio.ensure_future(self._work())
+            running.add_done_callback(self._done)
+        try:
+            await asyncio.shield(running)
+        except asyncio.CancelledError:
+            if not running.cancelled():
+                raise  # this caller was cancelled; the run goes on for the others
+            error = self._closed()
+            raise error from error.__cause__
+
+    def cancel(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+
+    def _done(self, running: asyncio.Future[Any]) -> None:
+        if self._running is running:
+            self._running = None
+        if not running.cancelled():
+            running.exception()  # retrieved: the callers that awaited it raised it
 
 
 class Calls:
@@ -84,20 +139,28 @@ class Calls:
         self._max_bulk: int | None = None
         self._max_bulk_read = False
         self._max_bulk_lock = asyncio.Lock()
-        self._loading: asyncio.Future[list[str]] | None = None
         # Whether a write found this release's library on the server (None: no write yet).
         self.library_found: bool | None = None
+        # Whether the library under this release's name was checked to be this
+        # release's, byte for byte, or cannot be (the credential may not FUNCTION LIST):
+        # checked by the first write, and by every load. The only cost a write pays
+        # after the first is the test of this flag.
+        self._library_checked = False
+        self._check = _OneAtATime(self._check_library, self._closed_error)
+        # The servers the last load found holding another library of its name.
+        self._other_library: list[str] = []
         # What a call that finds the library missing runs: the store's public method,
         # so a load that a call needs is seen (and observed) as one.
         self.load_hook: Callable[[], Awaitable[list[str]]] = self.load_library
+        self._load = _OneAtATime(lambda: self.load_hook(), self._closed_error)
 
     @property
     def server(self) -> str:
         return self._target.description
 
     async def aclose(self) -> None:
-        if self._loading is not None:
-            self._loading.cancel()
+        self._check.cancel()
+        self._load.cancel()
         await self.pipeliner.aclose()
 
     # Health.
@@ -138,27 +201,66 @@ class Calls:
     async def call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
         """The reply to ``command``, an ``FCALL`` of the library, loading the library
         first if the server lacks it. ``alone``: sent with nothing else in flight. Every
-        write of the store comes this way."""
+        write of the store comes this way.
+
+        The first call checks the library the server holds under this release's name
+        (``_check_library``); while it is another library, every call raises
+        ``BackendError`` saying so and sends nothing. With ``min_replicas`` or
+        ``durability="fsync"`` the unit is durable: the wait that follows its batch ends
+        its replies."""
+        if not self._library_checked:
+            await self._check()
         unit = (command,)
         durable = self._wait is not None
         replies = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
         if is_missing_function(replies[0]):
-            # A fresh server, one restarted without persistence, or a FUNCTION FLUSH.
-            self.library_found = False
-            await self._ensure_library()
-            replies = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
+            replies = await self._load_and_send(command, unit, size, alone)
         return self._result(command, replies)
+
+    async def _load_and_send(
+        self, command: Command, unit: Sequence[Command], size: int, alone: bool
+    ) -> list[Any]:
+        """The replies to ``unit``, whose function the server lacked (a fresh server, one
+        restarted without persistence, a FUNCTION FLUSH or DELETE): the library loaded
+        and ``unit`` sent again, as often as the function is missing again, until
+        ``retry_budget`` seconds after the first miss; the same backoff curve as every
+        retry between loads after the first. Then ``BackendError`` naming the function."""
+        function = flatten(command)[1]
+        loop = asyncio.get_running_loop()
+        retry_until = self._budget.retry_until(loop.time())
+        loads = 0
+        while True:
+            self.library_found = False
+            try:
+                await self._load()
+            except BackendError:
+                if self._other_library:  # another library of the name, this call's cause
+                    raise mismatch_error(LIBRARY, self._other_library, function) from None
+                raise
+            loads += 1
+            durable = self._wait is not None
+            replies: list[Any] = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
+            if not is_missing_function(replies[0]):
+                return replies
+            now = loop.time()
+            if now >= retry_until:
+                raise BackendError(
+                    f"{self.server}: the function {function} of the kvstore library "
+                    f"{LIBRARY.name} was missing again after each of {loads} loads in "
+                    f"{self._budget.retry_budget:g} s: something removes the library "
+                    "(FUNCTION FLUSH or FUNCTION DELETE) as often as it is loaded, or "
+                    "another library of its name without that function is loaded where "
+                    "this credential may not check its code (FUNCTION LIST); nothing was "
+                    "written"
+                )
+            await asyncio.sleep(min(self._budget.curve.delay(loads), retry_until - now))
 
     def _result(self, command: Command, replies: list[Any]) -> Any:
         """What the function ``command`` called replied, its refusals raised; and, with
-        ``min_replicas``, raises if fewer replicas acknowledged the write."""
+        ``min_replicas`` or ``durability``, raises if the wait after it fell short."""
         reply = replies[0]
-        refusal = type_refusal(reply)
-        if refusal is not None:
-            key = refusal.key_of(flatten(command))
-            raise SerializationError(
-                f"{key!r} holds a {refusal.found}, not a {refusal.expected}; nothing was written"
-            )
+        if isinstance(reply, ResponseError):
+            self._refused(command, reply)
         result = self.fitting(command, self.reply(reply))
         self.library_found = True  # the function ran
         if self._wait is not None:
@@ -193,6 +295,23 @@ class Calls:
             raise BackendError(
                 f"{self.server}: the write was fsynced on {local} of 1 primary and {replicas} "
                 f"of {wait[2]} replicas in {wait[3]} ms; {applied} but a crash may lose it"
+            )
+
+    def _refused(self, command: Command, reply: ResponseError) -> None:
+        """Raises the library's error for the refusals of its own (``lua/library.lua``)
+        that need the call to say; returns for any other."""
+        refusal = type_refusal(reply)
+        if refusal is not None:
+            key = refusal.key_of(flatten(command))
+            raise SerializationError(
+                f"{key!r} holds a {refusal.found}, not a {refusal.expected}; nothing was written"
+            )
+        misuse = args_refusal(reply)
+        if misuse is not None:
+            function = flatten(command)[1]
+            raise BackendError(
+                f"{self.server}: {function} refused the call: {misuse.argument} {misuse.why}; "
+                "nothing was written (no call kvstore makes has this shape)"
             )
 
     async def sends_alone(self, size: int) -> bool:
@@ -230,14 +349,41 @@ class Calls:
 
     async def load_library(self) -> list[str]:
         """Load this release's library wherever the target needs it; see
-        ``RedisPackageStore.load_library``."""
+        ``RedisPackageStore.load_library``. A load checks what it finds under the
+        library's name (``kvstore.redis.scripts.load_library``)."""
         # Retried like any call: a load often follows a restart, whose first attempt may
         # meet a pooled connection the server closed.
-        return await call_with_retry(
-            lambda: load_library(self._target, send=self.send_one),
+        self._other_library = []
+        said = await call_with_retry(
+            lambda: load_on_servers(self._target, send=self.send_one),
             self._budget,
             self._load_error,
         )
+        self._other_library = [server for server, found, _ in said if found is Held.OTHER]
+        if self._other_library:
+            self.library_found = False
+            self._library_checked = False
+            raise mismatch_error(LIBRARY, self._other_library)
+        self._library_checked = True
+        return [f"{server}: {line}" for server, _, line in said]
+
+    async def _check_library(self) -> None:
+        """Check what the server holds under this release's library name; raises
+        ``BackendError`` (``mismatch_error``) if it is another library.
+
+        Absent, the library stays unchecked: the call finds it missing and loads it,
+        which checks it. Where the credential may not ``FUNCTION LIST``, the library is
+        trusted by its name (``kvstore setup`` checks it with an operator's credential)."""
+        said = await call_with_retry(
+            lambda: check_library(self._target, send=self.send_one),
+            self._budget,
+            self.backend_error,
+        )
+        other = [server for server, found in said if found is Held.OTHER]
+        if other:
+            self.library_found = False
+            raise mismatch_error(LIBRARY, other)
+        self._library_checked = all(found is not Held.ABSENT for _, found in said)
 
     def _load_error(self, exc: BaseException) -> Exception:
         if isinstance(exc, NoPermissionError):
@@ -256,28 +402,8 @@ class Calls:
         (reply,) = await self.pipeliner.run((command,))
         return reply
 
-    async def _ensure_library(self) -> None:
-        # One load in flight per store: the calls that find the library missing together
-        # wait for the same one. It is shielded, so a caller cancelled meanwhile does not
-        # cancel the others' load.
-        loading = self._loading
-        if loading is None:
-            loading = self._loading = asyncio.ensure_future(self.load_hook())
-            loading.add_done_callback(self._loaded)
-        try:
-            await asyncio.shield(loading)
-        except asyncio.CancelledError:
-            if not loading.cancelled():
-                raise  # this caller was cancelled; the load goes on for the others
-            # Only aclose() cancels the load: fail as every call the closing cut short.
-            error = self.backend_error(ConnectionError("the store is closed"))
-            raise error from error.__cause__
-
-    def _loaded(self, loading: asyncio.Future[list[str]]) -> None:
-        if self._loading is loading:
-            self._loading = None
-        if not loading.cancelled():
-            loading.exception()  # retrieved: the callers that awaited it raised it
+    def _closed_error(self) -> BackendError:
+        return self.backend_error(ConnectionError("the store is closed"))
 
     # Reads: plain commands, each unit led by a check of the layout marker.
 

@@ -23,7 +23,10 @@ key                      type     holds
 =======================  =======  ==========================================================
 
 Each key's type is the one ``TYPE`` names; ``Keyspace.expected_type`` answers from this
-table (``kvstore check`` asks it), and the Lua functions check it before they write.
+table (``kvstore check`` asks it), and the Lua functions check it before they write. They
+check first that the keys of a call are exactly these, of one namespace (a row's key
+``{ns}:pkg:`` and the row id the call carries), and its channel ``{ns}:route-changes``
+(``check_call`` in ``lua/library.lua``).
 
 ``<stamp>`` is ``deployed_at`` in UTC as fixed-width ISO 8601 text,
 ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (27 bytes for every year from 1 to 9999), so byte order

@@ -4,8 +4,9 @@ What the Python side and the server-side Lua (``lua/``) must agree on byte for b
 written here once, so that neither side spells it again:
 
 * the refusals an operation replies instead of writing anything (``lua/library.lua``
-  documents them): ``KVSTORE_TYPE <i> <found> <expected>`` and ``KVSTORE_FORMAT <found>``,
-  recognised by ``type_refusal`` and ``format_refusal``;
+  documents them): ``KVSTORE_TYPE <i> <found> <expected>``, ``KVSTORE_FORMAT <found>``
+  and ``KVSTORE_ARGS <argument> <why>``, recognised by ``type_refusal``,
+  ``format_refusal`` and ``args_refusal``;
 * the route-change message every function that writes routes publishes (built by
   ``announce_routes`` in ``lua/library.lua``): ``encode_route_change`` makes the bytes the
   Lua publishes, ``decode_route_change`` reads them back, refusing anything else;
@@ -36,6 +37,9 @@ from kvstore.redis.wire import PrePacked
 
 TYPE_REFUSAL = "KVSTORE_TYPE"
 FORMAT_REFUSAL = "KVSTORE_FORMAT"
+ARGS_REFUSAL = "KVSTORE_ARGS"
+# What an ARGS refusal names: one of the call's keys or arguments, counted from 1.
+_ARGUMENT = re.compile(r"(?:KEYS|ARGV)\[[1-9][0-9]*\]")
 # The argument of FCALL that KEYS[1] is: FCALL, the function's name, the key count, keys.
 _FIRST_KEY = 3
 _tuple = tuple.__new__
@@ -56,6 +60,17 @@ class TypeRefusal:
         """The refused key, ``KEYS[index]``, of ``fcall``: the ``FCALL`` refused, as the
         flat sequence sent (``FCALL``, the function, the key count, the keys, ...)."""
         return fcall[_FIRST_KEY + self.index - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class ArgsRefusal:
+    """``KVSTORE_ARGS <argument> <why>``: the call is not one the library's callers make;
+    ``argument`` (``KEYS[i]`` or ``ARGV[i]``, counted from 1) is missing, one too many,
+    or not the key or channel of ``KEYS[1]``'s namespace the operation takes there, as
+    ``why`` says in words. The operation wrote nothing."""
+
+    argument: str
+    why: str
 
 
 class RouteChange(NamedTuple):
@@ -94,6 +109,18 @@ def format_refusal(reply: object) -> bytes | None:
     if code != FORMAT_REFUSAL or not space:
         return None
     return found.encode("utf-8")
+
+
+def args_refusal(reply: object) -> ArgsRefusal | None:
+    """What ``reply`` refused if it is a ``KVSTORE_ARGS`` refusal, else ``None`` (a
+    malformed one included, so the caller reports it as the server's failure)."""
+    if not isinstance(reply, ResponseError):
+        return None
+    code, _, rest = str(reply).partition(" ")
+    argument, _, why = rest.partition(" ")
+    if code != ARGS_REFUSAL or not _ARGUMENT.fullmatch(argument) or not why.strip():
+        return None
+    return ArgsRefusal(argument, why)
 
 
 def encode_route_change(version: int, content_hash: str, types: Sequence[str]) -> bytes:

@@ -12,12 +12,19 @@ releases of kvstore whose Lua differs load two libraries and never replace each 
 functions, so engines of both can share a server during a rolling upgrade. A library
 stays on the server (persisted and replicated with the data) until an operator removes
 it with ``FUNCTION DELETE kvstore_<12 hex>`` once no engine runs that release.
+
+Checked before it is trusted: anyone who may ``FUNCTION LOAD`` can load another library
+under this release's name. ``check_library`` reads what each server holds under it
+(``FUNCTION LIST LIBRARYNAME <name> WITHCODE``) and ``held`` compares it with the text,
+byte for byte; ``load_library`` does so whenever the server says the library "already
+exists", and refuses another (``mismatch_error``).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from enum import Enum
 from importlib import resources
 from importlib.abc import Traversable
 from typing import Any
@@ -26,6 +33,8 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from kvstore.errors import BackendError
+from kvstore.redis.protocol import field_pairs
 from kvstore.redis.target import Send, Target, target_for
 from kvstore.redis.wire import PrePacked
 
@@ -103,6 +112,65 @@ def is_missing_function(reply: object) -> bool:
     return isinstance(reply, ResponseError) and "function not found" in str(reply).lower()
 
 
+class Held(Enum):
+    """What a server holds under a library's name."""
+
+    OURS = "the library, byte for byte"
+    ABSENT = "no library of that name"
+    OTHER = "a library of that name whose code differs"
+    UNCHECKED = "not known: the credential may not FUNCTION LIST"
+
+
+def held(reply: Any, library: Library) -> Held:
+    """What the server holds under ``library``'s name, by ``reply``, its answer to
+    ``FUNCTION LIST LIBRARYNAME <name> WITHCODE`` (a refusal: ``UNCHECKED``).
+    ``ValueError`` for a reply no Redis gives."""
+    if isinstance(reply, ResponseError):
+        return Held.UNCHECKED
+    if not isinstance(reply, list):
+        raise ValueError(f"FUNCTION LIST had an answer no Redis gives: {reply!r:.100}")
+    name = library.name.encode()
+    for entry in reply:
+        fields = {_as_bytes(k): v for k, v in field_pairs(entry)}
+        if _as_bytes(fields.get(b"library_name")) == name:
+            code = _as_bytes(fields.get(b"library_code"))
+            return Held.OURS if code == library.text else Held.OTHER
+    return Held.ABSENT
+
+
+async def ask_held(send: Send, library: Library) -> Held:
+    """What the server that ``send`` reaches holds under ``library``'s name."""
+    return held(await send(("FUNCTION", "LIST", "LIBRARYNAME", library.name, "WITHCODE")), library)
+
+
+def mismatch_error(
+    library: Library, servers: list[str], missing: str | None = None
+) -> BackendError:
+    """The error of every write, and of a load, where ``servers`` hold a library of
+    ``library``'s name whose code is not ``library``'s (``missing``: a function of
+    ``library`` the call found missing from it)."""
+    lacks = "" if missing is None else f", and has no function {missing}"
+    return BackendError(
+        f"{', '.join(servers)}: the library {library.name} there is not this release's "
+        f"kvstore library (its code differs{lacks}), so no write uses it; remove it with "
+        f"`FUNCTION DELETE {library.name}`, then run `kvstore setup --url URL`"
+    )
+
+
+async def check_library(
+    client: Redis | RedisCluster | Target,
+    library: Library | None = None,
+    *,
+    send: Send | None = None,
+) -> list[tuple[str, Held]]:
+    """What each server that must hold ``library`` (this release's) holds under its
+    name: on the server, or on every primary of a cluster. ``send`` as ``load_library``
+    takes it."""
+    library = LIBRARY if library is None else library
+    target = client if isinstance(client, Target) else target_for(client)
+    return await target.load_library(lambda to_server: ask_held(to_server, library), send)
+
+
 async def load_library(
     client: Redis | RedisCluster | Target,
     library: Library | None = None,
@@ -111,29 +179,70 @@ async def load_library(
 ) -> list[str]:
     """Load ``library`` (this release's) on the server, or on every primary of a cluster.
 
-    Idempotent: a server that holds it already counts as done. One line per server says
-    which: ``"<server>: loaded <name>"`` or ``"<server>: <name> was loaded already"``.
-    Raises what the client raises, ``NoPermissionError`` when the credential may not
-    ``FUNCTION LOAD``. ``send``, on a single node, sends the command instead of the
-    client and returns its reply, a refusal as its ``ResponseError`` value: a store
-    sends it on its own connections, so a load needs none of the pool's besides them.
+    Idempotent: a server that holds it already counts as done, once its code is checked
+    to be ``library``'s byte for byte (``FUNCTION LIST ... WITHCODE``). One line per
+    server says which: ``"<server>: loaded <name>"``, ``"<server>: <name> was loaded
+    already"``, or, where the credential may not ``FUNCTION LIST``, ``"<server>: <name>
+    was loaded already (its code not checked: this credential may not FUNCTION LIST)"``.
+    A server that holds another library of that name raises ``BackendError`` saying to
+    delete it (``mismatch_error``), once every server was seen to. Raises what the
+    client raises, ``NoPermissionError`` when the credential may not ``FUNCTION LOAD``.
+    ``send``, on a single node, sends the commands instead of the client and returns
+    each reply, a refusal as its ``ResponseError`` value: a store sends them on its own
+    connections, so a load needs none of the pool's besides them.
     """
     library = LIBRARY if library is None else library
+    said = await load_on_servers(client, library, send=send)
+    other = [server for server, found, _ in said if found is Held.OTHER]
+    if other:
+        raise mismatch_error(library, other)
+    return [f"{server}: {line}" for server, _, line in said]
+
+
+async def load_on_servers(
+    client: Redis | RedisCluster | Target,
+    library: Library | None = None,
+    *,
+    send: Send | None = None,
+) -> list[tuple[str, Held, str]]:
+    """``load_library``'s work, raising nothing for another library of the name: each
+    server's name, what it then holds under the library's name, and the line that
+    says so."""
+    library = LIBRARY if library is None else library
     target = client if isinstance(client, Target) else target_for(client)
-    return [
-        f"{server}: {_loaded(library, reply)}"
-        for server, reply in await target.load_library(library.text, send)
-    ]
+    said = await target.load_library(lambda to_server: _load(to_server, library), send)
+    return [(server, found, line) for server, (found, line) in said]
 
 
-def _loaded(library: Library, reply: Any) -> str:
-    """What a ``FUNCTION LOAD`` of ``library`` that replied ``reply`` did; raises any
-    refusal but the server holding it already."""
-    if isinstance(reply, ResponseError):
+async def _load(send: Send, library: Library) -> tuple[Held, str]:
+    """``FUNCTION LOAD`` of ``library`` on the server ``send`` reaches: what the server
+    then holds under its name, and the line that says so. Raises any refusal but the
+    server holding a library of that name already."""
+    for _ in range(_LOADS):
+        reply = await send(("FUNCTION", "LOAD", library.text))
+        if not isinstance(reply, ResponseError):
+            return Held.OURS, f"loaded {library.name}"
         if "already exists" not in str(reply):
             raise reply
-        return f"{library.name} was loaded already"
-    return f"loaded {library.name}"
+        found = await ask_held(send, library)
+        if found is Held.UNCHECKED:
+            return found, (
+                f"{library.name} was loaded already (its code not checked: this "
+                "credential may not FUNCTION LIST)"
+            )
+        if found is not Held.ABSENT:
+            return found, f"{library.name} was loaded already"
+        # Deleted between the load and the list: load it again.
+    return Held.ABSENT, f"{library.name} was deleted as often as it was loaded"
+
+
+# How many times a load goes on when the library is deleted between its load and its check.
+_LOADS = 3
+
+
+def _as_bytes(value: Any) -> Any:
+    """``value`` as bytes if it is text (a client that decodes replies), else as it is."""
+    return value.encode() if isinstance(value, str) else value
 
 
 LIBRARY = build_library()

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 
 from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -36,6 +36,7 @@ from kvstore.redis.transports import ClusterTransport, PooledTransport, Transpor
 from kvstore.redis.wire import Command
 
 Send = Callable[[Command], Awaitable[Any]]
+T = TypeVar("T")
 
 # The options of a cluster's connections that a connection to one of its nodes takes:
 # credentials, socket settings and, by prefix, TLS (``ssl_*``). The cluster's own
@@ -85,11 +86,13 @@ class Target(ABC):
 
     @abstractmethod
     async def load_library(
-        self, text: bytes, send: Send | None = None
-    ) -> list[tuple[str, bytes | ResponseError]]:
-        """``FUNCTION LOAD`` of ``text`` wherever the library must be: each server's name
-        with its reply, a refusal as its ``ResponseError`` value. ``send`` (one server
-        only) sends the command on the caller's own connections."""
+        self, on_server: Callable[[Send], Awaitable[T]], send: Send | None = None
+    ) -> list[tuple[str, T]]:
+        """``on_server`` (the library's load, or its check: ``kvstore.redis.scripts``)
+        run on each server where the library must be, one after another, given a send of
+        commands to that server whose refusal is its ``ResponseError`` value: each
+        server's name with what ``on_server`` returned. ``send`` (one server only) sends
+        the commands on the caller's own connections."""
 
     @abstractmethod
     async def subscription_client(self, key: bytes) -> Redis:
@@ -146,17 +149,17 @@ class SingleNode(Target):
         return PooledTransport(self._client.connection_pool)
 
     async def load_library(
-        self, text: bytes, send: Send | None = None
-    ) -> list[tuple[str, bytes | ResponseError]]:
-        command = ("FUNCTION", "LOAD", text)
-        if send is not None:
-            reply = await send(command)
-        else:
+        self, on_server: Callable[[Send], Awaitable[T]], send: Send | None = None
+    ) -> list[tuple[str, T]]:
+        client = self._client
+
+        async def send_by_client(command: Command) -> Any:
             try:
-                reply = await self._client.execute_command(*command)  # type: ignore[no-untyped-call]
+                return await client.execute_command(*command)  # type: ignore[no-untyped-call]
             except ResponseError as exc:
-                reply = exc
-        return [(self.description, reply)]
+                return exc
+
+        return [(self.description, await on_server(send or send_by_client))]
 
     async def subscription_client(self, key: bytes) -> Redis:
         return self._client
@@ -207,17 +210,20 @@ class Cluster(Target):
         return ClusterTransport(self._client)
 
     async def load_library(
-        self, text: bytes, send: Send | None = None
-    ) -> list[tuple[str, bytes | ResponseError]]:
+        self, on_server: Callable[[Send], Awaitable[T]], send: Send | None = None
+    ) -> list[tuple[str, T]]:
         client = self._client
         await client.initialize()  # the nodes are known once it is
-        said: list[tuple[str, bytes | ResponseError]] = []
+        said: list[tuple[str, T]] = []
         for node in client.get_primaries():
-            try:
-                reply = await client.execute_command("FUNCTION", "LOAD", text, target_nodes=node)
-            except ResponseError as exc:
-                reply = exc
-            said.append((node.name, reply))
+
+            async def send_to_node(command: Command, node: Any = node) -> Any:
+                try:
+                    return await client.execute_command(*command, target_nodes=node)
+                except ResponseError as exc:
+                    return exc
+
+            said.append((node.name, await on_server(send_to_node)))
         return said
 
     async def subscription_client(self, key: bytes) -> Redis:

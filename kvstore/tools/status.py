@@ -2,11 +2,12 @@
 
 ``read_status(store)`` gathers the server's kind and version, its persistence,
 replication and memory settings, the namespace's package and route counts and archive
-bytes, its layout version and the ``kvstore_*`` Functions libraries loaded, and turns
-every setting under which an acknowledged put can be lost into a warning an operator can
-act on. A setting the credential may not read (``NOPERM`` on ``INFO`` or ``CONFIG GET``)
-is reported as not readable, never as a failure; only an unreachable server fails.
-It only reads: nothing in the server or the namespace is changed.
+bytes, its layout version and the ``kvstore_*`` Functions libraries loaded (whether the
+one of this release's name holds this release's code), and turns every setting under
+which an acknowledged put can be lost into a warning an operator can act on. A setting
+the credential may not read (``NOPERM`` on ``INFO`` or ``CONFIG GET``) is reported as
+not readable, never as a failure; only an unreachable server fails. It only reads:
+nothing in the server or the namespace is changed.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 from kvstore.errors import BackendError, StoreError
 from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
 from kvstore.redis.protocol import field_pairs
-from kvstore.redis.scripts import LIBRARY
+from kvstore.redis.scripts import LIBRARY, Held, held
 from kvstore.redis.store import RedisPackageStore
 from kvstore.tools.admin import Admin
 
@@ -51,6 +52,9 @@ class Status:
     archive_bytes: int | None
     functions: list[str] | None  # kvstore_* libraries; None when FUNCTION LIST is refused
     functions_note: str = ""  # why ``functions`` is None
+    # Whether the library of this release's name holds this release's code, byte for
+    # byte; None when it is not loaded, or its code is not readable.
+    library_matches: bool | None = None
     notes: list[str] = field(default_factory=list)  # what could not be read, and why
     warnings: list[str] = field(default_factory=list)
     # The store's durability options this server can honour; None when not readable.
@@ -162,6 +166,10 @@ async def _functions(admin: Admin, status: Status) -> None:
         if name is not None and name.startswith(LIBRARY_PREFIX):
             names.append(name)
     status.functions = sorted(names)
+    if LIBRARY.name in names:
+        listed = await admin.command("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY.name, "WITHCODE")
+        found = held(listed, LIBRARY)
+        status.library_matches = None if found is Held.ABSENT else found is Held.OURS
 
 
 def durability_levels(status: Status) -> list[str] | None:
@@ -244,6 +252,13 @@ def warnings(status: Status) -> list[str]:
             "routes can silently disappear; set maxmemory-policy noeviction (or a volatile-* "
             "policy: kvstore's keys have no expiry)"
         )
+    if status.library_matches is False:
+        found.append(
+            f"the library {LIBRARY.name} is not this release's kvstore library (its code "
+            "differs): a store whose credential may not check it (FUNCTION LIST) "
+            "acknowledges puts it may not store, and any other fails every write; remove it "
+            f"with `FUNCTION DELETE {LIBRARY.name}`, then run `kvstore setup`"
+        )
     if status.layout is not None and status.layout != FORMAT_VERSION.decode():
         found.append(
             f"the namespace holds layout {status.layout!r}, which this kvstore neither reads "
@@ -305,7 +320,8 @@ def describe(status: Status) -> list[str]:
     if status.functions is None:
         lines.append(f"functions: {status.functions_note}")
     else:
-        names = [f"{n} (this release's)" if n == LIBRARY.name else n for n in status.functions]
+        ours = "this release's" if status.library_matches is not False else "another's code"
+        names = [f"{n} ({ours})" if n == LIBRARY.name else n for n in status.functions]
         loaded = ", ".join(names) if names else "none loaded"
         lines.append(f"functions: {LIBRARY_PREFIX}* libraries: {loaded}")
         if LIBRARY.name not in status.functions:
