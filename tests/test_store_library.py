@@ -398,3 +398,28 @@ async def test_a_library_removed_as_often_as_it_is_loaded_fails_the_put_with_its
         store.load_library = load  # type: ignore[method-assign]
         await store.put_package(pkg("order", "h1"))
         assert [r.content_hash for r in await store.list_packages()] == ["h0", "h1"]
+
+
+async def test_a_put_whose_library_load_stalls_ends_at_its_hard_end(client: Redis) -> None:
+    # retry_budget + timeout bounds a call whatever it waits on: here a load of the
+    # library that never ends (a server that stalls on FUNCTION LOAD, say).
+    async with RedisPackageStore(
+        client, namespace=fresh_namespace(), retry_budget=0.2, timeout=0.3
+    ) as store:
+        await store.put_package(pkg("order", "h0"))
+        load = store.load_library
+
+        async def stalled() -> list[str]:
+            await asyncio.sleep(1.5)  # far past the put's hard end
+            return await load()
+
+        store.load_library = stalled  # type: ignore[method-assign]
+        await client.function_flush()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(BackendError, match=r"no reply within 0\.5 s, retries included"):
+            await store.put_package(pkg("order", "h1"))
+        assert loop.time() - started < 0.5 + 0.9  # the hard end, with slack, not the stall
+        store.load_library = load  # type: ignore[method-assign]
+        await asyncio.sleep(1.5)  # the stalled load ends (one load runs at a time)
+        await store.put_package(pkg("order", "h1"))

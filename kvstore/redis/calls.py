@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -208,38 +209,57 @@ class Calls:
         ``BackendError`` saying so and sends nothing. With ``min_replicas`` or
         ``durability="fsync"`` the unit is durable: the wait that follows its batch ends
         its replies."""
+        made = asyncio.get_running_loop().time()  # every step of the call counts from here
         if not self._library_checked:
-            await self._check()
+            await self._by_hard_end(self._check(), made)
         unit = (command,)
         durable = self._wait is not None
-        replies = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
+        replies = await self.pipeliner.run(unit, size, alone=alone, durable=durable, made=made)
         if is_missing_function(replies[0]):
-            replies = await self._load_and_send(command, unit, size, alone)
+            replies = await self._load_and_send(command, unit, size, alone, made)
         return self._result(command, replies)
 
+    async def _by_hard_end(self, work: Awaitable[None], made: float) -> None:
+        """``work``, a step of a call made at ``made`` shared with other calls (a load, a
+        check), waited for no later than the call's hard end: no call outlives about
+        ``retry_budget + timeout``, whatever it waits on."""
+        remaining = self._budget.hard_end(made) - asyncio.get_running_loop().time()
+        if remaining == math.inf:
+            await work
+            return
+        try:
+            await asyncio.wait_for(work, max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            spent = self._budget.retry_budget + (self._budget.timeout or 0.0)
+            stalled = TimeoutError(f"no reply within {spent:g} s, retries included")
+            error = self.backend_error(stalled)
+            raise error from error.__cause__
+
     async def _load_and_send(
-        self, command: Command, unit: Sequence[Command], size: int, alone: bool
+        self, command: Command, unit: Sequence[Command], size: int, alone: bool, made: float
     ) -> list[Any]:
         """The replies to ``unit``, whose function the server lacked (a fresh server, one
         restarted without persistence, a FUNCTION FLUSH or DELETE): the library loaded
         and ``unit`` sent again, as often as the function is missing again, until
-        ``retry_budget`` seconds after the first miss; the same backoff curve as every
+        ``retry_budget`` seconds after the call was made; the same backoff curve as every
         retry between loads after the first. Then ``BackendError`` naming the function."""
         function = flatten(command)[1]
         loop = asyncio.get_running_loop()
-        retry_until = self._budget.retry_until(loop.time())
+        retry_until = self._budget.retry_until(made)
         loads = 0
         while True:
             self.library_found = False
             try:
-                await self._load()
+                await self._by_hard_end(self._load(), made)
             except BackendError:
                 if self._other_library:  # another library of the name, this call's cause
                     raise mismatch_error(LIBRARY, self._other_library, function) from None
                 raise
             loads += 1
             durable = self._wait is not None
-            replies: list[Any] = await self.pipeliner.run(unit, size, alone=alone, durable=durable)
+            replies: list[Any] = await self.pipeliner.run(
+                unit, size, alone=alone, durable=durable, made=made
+            )
             if not is_missing_function(replies[0]):
                 return replies
             now = loop.time()

@@ -165,13 +165,15 @@ class Pipeliner(Recovery):
         large_reply: bool = False,
         streamed: bool = False,
         durable: bool = False,
+        made: float | None = None,
     ) -> Awaitable[list[Any]]:
         """What to await for the replies to ``commands``; ``size`` is about how many
         bytes they carry; ``alone``: send them with nothing else on their connection;
         ``large_reply``: their replies are large, and follow the other such units on one
         connection; ``streamed``: their replies may hold large archives, read in slices;
         ``durable``: the batch that carries them ends with the trailer, whose reply
-        follows theirs.
+        follows theirs; ``made``: when the call they belong to was made (by the event
+        loop's clock), if before now: its retries and hard end count from then.
 
         The awaitable is the unit's future itself while the unit waits its turn, so
         thousands of calls in flight hold no coroutine of the pipeliner's; or a
@@ -180,7 +182,8 @@ class Pipeliner(Recovery):
         if self._closed:
             raise self._translate(ConnectionError("the store is closed"))
         loop = asyncio.get_running_loop()
-        made = loop.time()
+        if made is None:
+            made = loop.time()
         budget = self._budget
         pending = Pending(
             commands,

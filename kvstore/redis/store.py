@@ -107,14 +107,20 @@ class RedisPackageStore:
 
     Each write is one ``FCALL`` of the kvstore library (``kvstore.redis.scripts``). A
     call that finds the library missing loads it (on every primary of a cluster; one
-    load at a time per store) and is sent once more; when the credential may not load
-    it, the call raises ``BackendError`` saying to run ``kvstore setup``. A write over a
-    key that holds another type raises ``SerializationError`` naming the key, and writes
-    nothing.
+    load at a time per store) and is sent again, as often as the library goes missing
+    within the call's budget; when the credential may not load it, the call raises
+    ``BackendError`` saying to run ``kvstore setup``. The first write checks that the
+    library under this release's name is this release's, byte for byte, where the
+    credential may read it (``FUNCTION LIST``); while it is not, every write raises
+    ``BackendError`` saying so. A write over a key that holds another type raises
+    ``SerializationError`` naming the key, and writes nothing.
 
     With ``min_replicas=N`` every write also waits for ``N`` replicas to acknowledge it
     (``WAIT``), and raises ``BackendError`` when they do not within ``replica_timeout``
-    seconds: the write is then on the primary but could be lost in a failover.
+    seconds: the write is then on the primary but could be lost in a failover. With
+    ``durability="fsync"`` it waits until it is fsynced to the primary's append-only
+    file (and that of ``N`` replicas) instead (``WAITAOF``). Writes in flight together
+    share one wait per batch.
 
     With ``cache_routes=True`` (on a single node, Sentinel or a cluster), the store keeps every
     route of the namespace in memory, kept true by the changes the write functions publish
