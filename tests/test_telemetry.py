@@ -8,7 +8,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any, ClassVar
 
 import fakeredis
@@ -17,7 +18,7 @@ from opentelemetry import metrics, trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from redis.asyncio import Redis
@@ -51,6 +52,7 @@ def providers() -> Iterator[None]:
 
 
 def spans(namespace: str) -> list[ReadableSpan]:
+    assert telemetry.drain(), "spans are ended on a thread of their own, within moments"
     return [
         s
         for s in _SPANS.get_finished_spans()
@@ -418,3 +420,41 @@ async def test_an_instrument_that_raises_changes_no_calls_outcome(
     assert len(await store.list_packages()) == 50
     with pytest.raises(ValueError):
         await store.delete_package("", "h1")
+
+
+class Stalling(SpanExporter):
+    """An exporter that stalls on every span of the namespaces in ``targets``, as one
+    whose collector does not answer."""
+
+    targets: ClassVar[set[str]] = set()
+    stall = 0.5
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        if any((s.attributes or {}).get("kvstore.namespace") in self.targets for s in spans):
+            time.sleep(self.stall)
+        return SpanExportResult.SUCCESS
+
+
+async def test_an_exporter_that_stalls_breaks_no_calls_time_bound() -> None:
+    provider = trace.get_tracer_provider()
+    assert isinstance(provider, TracerProvider)
+    provider.add_span_processor(SimpleSpanProcessor(Stalling()))
+    namespace = fresh_namespace()
+    Stalling.targets.add(namespace)
+    try:
+        async with RedisPackageStore(
+            fakeredis.FakeAsyncRedis(),
+            namespace=namespace,
+            telemetry=True,
+            timeout=1,
+            retry_budget=1,
+        ) as store:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            # On the event loop, each span's export would hold every call for 0.5 s: 20 s.
+            await asyncio.gather(*(store.put_package(pkg("wf", f"h{i}")) for i in range(40)))
+            assert loop.time() - started < 2.0  # each call within timeout + retry_budget
+            assert len(await store.list_packages()) == 40
+    finally:
+        Stalling.targets.discard(namespace)  # the spans still waiting export at once
+    assert len(spans(namespace)) == 41

@@ -50,12 +50,15 @@ Metrics (meter ``kvstore``):
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextvars
 import logging
 import math
+import queue
+import threading
 import time
 import weakref
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from opentelemetry import metrics, trace
@@ -71,7 +74,7 @@ from kvstore.redis.store import RedisPackageStore
 if TYPE_CHECKING:
     from kvstore.redis.route_cache import RouteCache
 
-__all__ = ["CALLS", "ITERATORS", "ObservedPackageStore", "Observer"]
+__all__ = ["CALLS", "ITERATORS", "ObservedPackageStore", "Observer", "drain"]
 
 _log = logging.getLogger("kvstore.redis.telemetry")
 
@@ -332,11 +335,10 @@ class Observer:
     ) -> None:
         try:
             self._instruments.duration.record(time.perf_counter() - start, outcome)
-            if span is not None:
-                span.set_attributes(attributes)
-                span.end()
         except Exception as exc:
             self._broken(exc)
+        if span is not None and not _ENDER.end(span, attributes, self._broken):
+            self._broken(RuntimeError(f"{_ENDING_LIMIT} spans wait to end: this one is dropped"))
 
     def _failed(
         self, span: trace.Span | None, attributes: dict[str, Any], exc: BaseException
@@ -357,6 +359,73 @@ class Observer:
         except Exception as failure:
             self._broken(failure)
         return outcome
+
+
+# At most this many spans wait for the ending thread; beyond, a call's span is dropped.
+_ENDING_LIMIT = 10_000
+
+
+class _Ender:
+    """Ends spans on a thread of its own, in order. A span processor that exports each
+    span as it ends (the SDK's ``SimpleSpanProcessor``) runs its exporter there, so an
+    exporter that stalls delays the spans, never the store's calls nor its event loop."""
+
+    def __init__(self) -> None:
+        self._queue: queue.Queue[tuple[trace.Span, dict[str, Any], Callable[[Exception], None]]]
+        self._queue = queue.Queue(maxsize=_ENDING_LIMIT)
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def end(
+        self, span: trace.Span, attributes: dict[str, Any], broken: Callable[[Exception], None]
+    ) -> bool:
+        """Hand ``span`` over to be ended with ``attributes`` set; ``False`` if too many
+        wait already (it is then dropped). ``broken`` is told of a failure to end it."""
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._run, name="kvstore-telemetry", daemon=True
+                    )
+                    self._thread.start()
+        try:
+            self._queue.put_nowait((span, attributes, broken))
+        except queue.Full:
+            return False
+        return True
+
+    def _run(self) -> None:
+        while True:
+            span, attributes, broken = self._queue.get()
+            try:
+                span.set_attributes(attributes)
+                span.end()
+            except Exception as exc:
+                broken(exc)
+            finally:
+                self._queue.task_done()
+
+    def drain(self, timeout: float) -> bool:
+        """Whether every span handed over so far was ended, waiting up to ``timeout``."""
+        end = time.monotonic() + timeout
+        while self._queue.unfinished_tasks:
+            if time.monotonic() >= end:
+                return False
+            time.sleep(0.001)
+        return True
+
+
+_ENDER = _Ender()
+# A process that ends soon after its last call still hands its spans to the SDK, whose
+# own exit handler (registered earlier, so run later) then exports them.
+atexit.register(_ENDER.drain, 1.0)
+
+
+def drain(timeout: float = 5.0) -> bool:
+    """Whether the spans of every call that has returned were ended (handed to the span
+    processors), waiting up to ``timeout`` seconds: spans are ended on a thread of
+    their own, so a test that reads an in-memory exporter calls this first."""
+    return _ENDER.drain(timeout)
 
 
 def _type_of(exc: BaseException) -> str:
