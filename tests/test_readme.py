@@ -10,6 +10,8 @@ from pathlib import Path
 from kvstore.server_process import LocalServer
 
 README = Path(__file__).resolve().parent.parent / "README.md"
+# A checkout's extras (the Quick start), or the distribution by its own name.
+INSTALL = r"pip install (-e '\.\[\w+\]'|'?kvstore-redis[\[ '`]|kvstore-redis$)"
 
 
 def test_the_example_runs(valkey_server: LocalServer) -> None:
@@ -22,3 +24,10 @@ def test_the_example_runs(valkey_server: LocalServer) -> None:
     )
     assert "[PackageRecord(workflow_type='order', content_hash='3f2a'" in done.stdout
     assert "PackageRouteRecord(workflow_type='order', content_hash='19c7')" in done.stdout
+
+
+def test_every_install_line_names_the_projects_own_distribution() -> None:
+    # PyPI's "kvstore" is another project: "pip install kvstore" would install it.
+    for doc in (README, README.with_name("CONTRIBUTING.md")):
+        for line in re.findall(r"pip install [^`\n]*", doc.read_text(encoding="utf-8")):
+            assert re.match(INSTALL, line), (doc.name, line)
