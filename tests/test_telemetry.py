@@ -316,7 +316,7 @@ def test_telemetry_without_opentelemetry_installed_is_refused_naming_the_extra()
     said = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
-    assert "kvstore[telemetry]" in said
+    assert "pip install 'kvstore-redis[telemetry]'" in said
 
 
 def test_telemetry_must_be_a_bool() -> None:
