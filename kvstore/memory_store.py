@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Iterable
 from dataclasses import replace
 
 from kvstore.records import (
+    PackageHead,
     PackageRecord,
     PackageRouteRecord,
     check_chunk,
@@ -60,6 +61,12 @@ class InMemoryPackageStore:
     async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
         key = (check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))
         return self._packages.get(key)
+
+    async def get_package_head(self, workflow_type: str, content_hash: str) -> PackageHead | None:
+        """The package without its archive, or ``None``: as ``RedisPackageStore`` gives it,
+        beyond the contract."""
+        record = await self.get_package(workflow_type, content_hash)
+        return None if record is None else PackageHead.of(record)
 
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         key = (check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash"))

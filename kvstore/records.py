@@ -90,6 +90,13 @@ class PackageHead:
     deployed_at: datetime
     size: int
 
+    @classmethod
+    def of(cls, record: PackageRecord) -> PackageHead:
+        """The head of ``record``."""
+        return cls(
+            record.workflow_type, record.content_hash, record.deployed_at, len(record.archive)
+        )
+
 
 def check_record(value: object) -> PackageRecord:
     """Return ``value`` if it is a ``PackageRecord`` (whose fields were checked when it was

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kvstore.distribution import DISTRIBUTION
 from kvstore.redis.scripts import LIBRARY
 
 # Builds the wheel and the sdist.
@@ -51,7 +52,8 @@ def test_lua_ships_in_wheel_and_sdist_and_the_library_builds_from_the_wheel(tmp_
             sys.executable,
             "-c",
             "import kvstore.redis.scripts as s;print(s._script_folder());"
-            "print(sorted(s.LIBRARY.functions)); print(s.LIBRARY.name)",
+            "print(sorted(s.LIBRARY.functions)); print(s.LIBRARY.name);"
+            "from kvstore.tools.cli import _version; print(_version())",
         ],
         cwd=tmp_path,
         env={"PYTHONPATH": str(tmp_path / "installed"), "PATH": ""},
@@ -65,6 +67,12 @@ def test_lua_ships_in_wheel_and_sdist_and_the_library_builds_from_the_wheel(tmp_
     assert loaded[1] == str(operations)
     # The same text as in the checkout, so the same library, named by its digest.
     assert loaded[2] == LIBRARY.name
+    # Installed by its own name (PyPI's kvstore is another project), and the command line
+    # reads its version from there.
+    (metadata,) = (tmp_path / "installed").glob("*.dist-info/METADATA")
+    fields = dict(line.split(": ", 1) for line in metadata.read_text().splitlines()[:3])
+    assert fields["Name"] == DISTRIBUTION == "kvstore-redis"
+    assert loaded[3] == fields["Version"]
 
 
 def test_a_users_script_type_checks_against_the_installed_package(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
 """Listings: in order and whole while others write, never a row twice, heads without the
-archives, and no archive kept once handed out."""
+archives, and no archive kept once handed out; the head of one row."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from kvstore import PackageHead, RedisPackageStore
+from kvstore import InMemoryPackageStore, PackageHead, RedisPackageStore, SerializationError
+from kvstore.redis.keyspace import Keyspace, row_id
 
 from .conftest import fresh_namespace
 from .support import T0, pkg
@@ -115,3 +116,78 @@ async def test_iter_packages_refuses_a_bad_max_bytes(client: Redis, bad: Any) ->
     store = RedisPackageStore(client, namespace=fresh_namespace())
     with pytest.raises((TypeError, ValueError), match="max_bytes"):
         await anext(store.iter_packages(max_bytes=bad))
+
+
+# get_package_head: "is this version stored?" without downloading it.
+
+HeadStore = RedisPackageStore | InMemoryPackageStore
+
+
+async def _heads_are_get_package_without_the_archive(store: HeadStore) -> None:
+    big = pkg("order", "3f2a", bytes(3 << 20), n=1)
+    for record in (big, pkg("order", "0b11", b"", n=2), pkg("a:b", "c", n=3)):
+        await store.put_package(record)
+        found = await store.get_package(record.workflow_type, record.content_hash)
+        assert found == record
+        assert await store.get_package_head(record.workflow_type, record.content_hash) == (
+            PackageHead(
+                record.workflow_type, record.content_hash, record.deployed_at, len(record.archive)
+            )
+        )
+    assert await store.get_package_head("a", "b:c") is None  # ("a:b", "c") is another row
+    assert await store.get_package_head("order", "3F2A") is None
+    await store.put_package_route("order", "19c7")  # a route needs no stored archive
+    assert await store.get_package_head("order", "19c7") is None
+    await store.put_package(replace(big, archive=b"again", deployed_at=T0))  # re-put
+    assert await store.get_package_head("order", "3f2a") == PackageHead("order", "3f2a", T0, 5)
+    await store.delete_package("order", "3f2a")
+    assert await store.get_package_head("order", "3f2a") is None
+
+
+async def test_a_head_is_the_stored_row_without_its_archive(client: Redis) -> None:
+    await _heads_are_get_package_without_the_archive(
+        RedisPackageStore(client, namespace=fresh_namespace())
+    )
+
+
+async def test_the_memory_store_gives_the_same_heads() -> None:
+    await _heads_are_get_package_without_the_archive(InMemoryPackageStore())
+
+
+@pytest.mark.parametrize("make", [InMemoryPackageStore, RedisPackageStore])
+@pytest.mark.parametrize(
+    ("workflow_type", "content_hash", "error", "named"),
+    [
+        ("", "h", ValueError, "workflow_type"),
+        (b"t", "h", TypeError, "workflow_type"),
+        ("t", "h\x00", ValueError, "content_hash"),
+        ("t", None, TypeError, "content_hash"),
+    ],
+)
+async def test_a_head_lookup_refuses_a_bad_argument_naming_it(
+    client: Redis, make: Any, workflow_type: Any, content_hash: Any, error: type, named: str
+) -> None:
+    store = make() if make is InMemoryPackageStore else make(client, namespace=fresh_namespace())
+    with pytest.raises(error, match=named):
+        await store.get_package_head(workflow_type, content_hash)
+
+
+@pytest.mark.parametrize(
+    ("damage", "said"),
+    [
+        (("HDEL", "deployed_at"), "missing its deployed_at"),
+        (("HSET", "deployed_at", "yesterday"), "cannot be decoded"),
+    ],
+)
+async def test_a_damaged_row_head_raises_serialization_error_naming_its_key(
+    client: Redis, damage: tuple[str, ...], said: str
+) -> None:
+    namespace = fresh_namespace()
+    store = RedisPackageStore(client, namespace=namespace)
+    await store.put_package(pkg("order", "3f2a"))
+    key = Keyspace(namespace).row(row_id("order", "3f2a"))
+    command, *args = damage
+    await client.execute_command(command, key, *args)  # type: ignore[no-untyped-call]
+    with pytest.raises(SerializationError, match=said) as raised:
+        await store.get_package_head("order", "3f2a")
+    assert repr(key) in str(raised.value)

@@ -127,6 +127,14 @@ async def test_no_span_or_measurement_carries_an_archive_a_type_or_a_hash(
         assert secret not in said
 
 
+async def test_a_head_lookup_is_one_span_of_its_own(store: RedisPackageStore) -> None:
+    await store.put_package(pkg())
+    assert await store.get_package_head("wf", "h1") is not None
+    span = spans(store.namespace)[-1]
+    assert (span.name, attrs(span)["db.operation.name"]) == ("get_package_head",) * 2
+    assert "db.stored_procedure_name" not in attrs(span)  # a read, no function called
+
+
 async def test_a_listing_is_one_span_and_one_duration_however_it_walks(
     store: RedisPackageStore,
 ) -> None:
@@ -318,7 +326,7 @@ def test_telemetry_without_opentelemetry_installed_is_refused_naming_the_extra()
     said = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, check=True
     ).stdout
-    assert "kvstore[telemetry]" in said
+    assert "pip install 'kvstore-redis[telemetry]'" in said
 
 
 def test_telemetry_must_be_a_bool() -> None:

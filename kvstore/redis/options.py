@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+from kvstore.distribution import pip_install
 from kvstore.redis.keyspace import check_namespace
 
 
@@ -102,9 +103,7 @@ class StoreOptions:
         if not isinstance(self.telemetry, bool):
             raise TypeError(f"telemetry must be a bool, not {type(self.telemetry).__name__}")
         if self.telemetry and not _installed("opentelemetry"):
-            raise ValueError(
-                "telemetry=True needs opentelemetry-api: pip install 'kvstore[telemetry]'"
-            )
+            raise ValueError(f"telemetry=True needs opentelemetry-api: {pip_install('telemetry')}")
 
     def keywords(self) -> dict[str, Any]:
         """The options as keyword arguments of ``RedisPackageStore``."""

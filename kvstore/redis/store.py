@@ -431,6 +431,31 @@ class RedisPackageStore:
             return None
         return self._record(key, row, archive, stamp)
 
+    async def get_package_head(self, workflow_type: str, content_hash: str) -> PackageHead | None:
+        """The stored package's head (``deployed_at`` and the archive's size), or ``None``.
+
+        What ``get_package`` would return, without its archive: one round trip that reads
+        a few dozen bytes however large the archive, for "is this version stored?" (an
+        engine refusing a rollback to a version it cannot load). Beyond the
+        ``PackageStore`` contract, like ``iter_package_heads``. Arguments are checked as
+        ``get_package`` checks them; a row missing its ``deployed_at`` raises
+        ``SerializationError`` naming its key.
+        """
+        checked = (
+            check_text(workflow_type, "workflow_type"),
+            check_text(content_hash, "content_hash"),
+        )
+        key = self._keys.row(row_id(*checked))
+        stamp, size = await self._calls.unit(read_head(key))
+        if stamp is None:
+            if size:
+                raise SerializationError(f"{key!r} is missing its deployed_at")
+            return None
+        try:
+            return PackageHead(*checked, decode_stamp(stamp), size)
+        except ValueError as exc:
+            raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
+
     async def get_package_route(self, workflow_type: str) -> str | None:
         checked = check_text(workflow_type, "workflow_type")
         if self._route_cache is not None:

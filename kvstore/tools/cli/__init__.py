@@ -37,6 +37,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 
 from kvstore import StoreError
+from kvstore.distribution import DISTRIBUTION, pip_install
 from kvstore.tools.cli.commands import (
     cmd_check,
     cmd_export,
@@ -115,7 +116,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Action]] = {
 def _version() -> str:
     """The installed package's version, as its metadata records it."""
     try:
-        return importlib.metadata.version("kvstore")
+        return importlib.metadata.version(DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
         return "(version unknown: not installed)"
 
@@ -152,8 +153,7 @@ def _main(args: argparse.Namespace) -> int:
         else:
             # Installed without the cli extra: the library needs neither.
             say_error(
-                f"this command needs {exc.name}, which the cli extra brings: "
-                "pip install 'kvstore[cli]'"
+                f"this command needs {exc.name}, which the cli extra brings: {pip_install('cli')}"
             )
     except Exception as exc:  # a bug: still one line, and no message that could hold a secret
         say_error(f"internal error ({type(exc).__name__}); please report it")

@@ -19,7 +19,13 @@ from redis.exceptions import NoPermissionError
 from kvstore import BackendError, RedisPackageStore
 from kvstore.tools.cli.common import EXIT_ERROR, Action, CliError, given_url
 from kvstore.tools.cli.explain import explain_failure
-from kvstore.tools.cli.lookup import AmbiguousHash, find_package, holders_of, route_arg
+from kvstore.tools.cli.lookup import (
+    AmbiguousHash,
+    find_package,
+    holders_of,
+    route_arg,
+    routes_on,
+)
 from kvstore.tools.cli.output import (
     ProgressLine,
     print_json,
@@ -34,13 +40,14 @@ def cmd_ls(args: argparse.Namespace) -> Action:
     wanted: str | None = args.type
 
     async def run(store: RedisPackageStore) -> None:
-        routed_by: dict[str, list[str]] = {}
-        for route in await store.list_package_routes():
-            routed_by.setdefault(route.content_hash, []).append(route.workflow_type)
+        routes = await store.list_package_routes()
+        heads = [h async for h in store.iter_package_heads()]  # archives stay on the server
+        routed_by = routes_on(heads, routes)
         rows: list[tuple[str, str, int, datetime, list[str]]] = []
-        async for h in store.iter_package_heads():  # archives stay on the server
-            if wanted is None or h.workflow_type == wanted:
-                by = routed_by.get(h.content_hash, [])
+        for h in heads:
+            by = routed_by.get((h.workflow_type, h.content_hash), [])
+            # --type T: T's packages, and the one T's route points at wherever it is stored.
+            if wanted is None or h.workflow_type == wanted or wanted in by:
                 rows.append((h.workflow_type, h.content_hash, h.size, h.deployed_at, by))
         if args.json:
             keys = ("workflow_type", "content_hash", "size", "deployed_at", "routed_by")

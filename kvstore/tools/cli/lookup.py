@@ -1,9 +1,12 @@
-"""Finding what a command names: a package by its hash or a prefix of it, and the types
-that store a hash. Arguments are checked here before any server is started."""
+"""Finding what a command names: a package by its hash or a prefix of it, the types that
+store a hash, and the rows each route points at. Arguments are checked here before any
+server is started."""
 
 from __future__ import annotations
 
-from kvstore import PackageRecord, PackageRouteRecord, RedisPackageStore
+from collections.abc import Iterable
+
+from kvstore import PackageHead, PackageRecord, PackageRouteRecord, RedisPackageStore
 from kvstore.tools.cli.common import EXIT_USAGE, CliError
 from kvstore.tools.cli.output import short_hash
 
@@ -77,4 +80,28 @@ async def holders_of(store: RedisPackageStore, hashes: set[str]) -> dict[str, se
         async for head in store.iter_package_heads():
             if head.content_hash in hashes:
                 found.setdefault(head.content_hash, set()).add(head.workflow_type)
+    return found
+
+
+def routes_on(
+    heads: Iterable[PackageHead], routes: Iterable[PackageRouteRecord]
+) -> dict[tuple[str, str], list[str]]:
+    """For each stored row ``(type, hash)``, the types whose route points at it, in the
+    order of ``routes``.
+
+    A route ``T -> H`` points at the row ``(T, H)`` when it is stored; otherwise at every
+    row of hash ``H`` stored under another type (``put_package_with_routes`` stores one
+    row and points several types at its hash). A route whose hash no row has points at
+    nothing (``kvstore routes`` says "no archive").
+    """
+    rows = [(head.workflow_type, head.content_hash) for head in heads]
+    stored = set(rows)
+    by_hash: dict[str, list[tuple[str, str]]] = {}
+    for row in rows:
+        by_hash.setdefault(row[1], []).append(row)
+    found: dict[tuple[str, str], list[str]] = {}
+    for route in routes:
+        own = (route.workflow_type, route.content_hash)
+        for row in [own] if own in stored else by_hash.get(route.content_hash, []):
+            found.setdefault(row, []).append(route.workflow_type)
     return found
