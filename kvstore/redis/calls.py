@@ -6,17 +6,19 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
   layout marker, so a namespace of another layout is refused before anything is read
   from it. A key of another type (``WRONGTYPE``) is damage: ``SerializationError``
   naming the key.
-- **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``),
-  followed by ``WAIT`` when writes wait for replicas. The first write checks that the
-  library under this release's name is this release's, byte for byte, and every load
-  checks it again; another library of that name fails every write. A call that finds
-  the library missing loads it (one load at a time per store) and is sent again, as
-  often as the library goes away again within ``retry_budget``. Its refusals
+- **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``); when
+  writes wait for replicas or for the fsync, its batch is followed by one ``WAIT`` or
+  ``WAITAOF`` (the pipeliner's trailer), shared by the writes of the batch. The first
+  write checks that the library under this release's name is this release's, byte for
+  byte, and every load checks it again; another library of that name fails every
+  write. A call that finds the library missing loads it (one load at a time per store)
+  and is sent again, as often as the library goes away again within ``retry_budget``.
+  Its refusals
   (``KVSTORE_TYPE``, ``KVSTORE_FORMAT``) become ``SerializationError`` naming the key;
   ``KVSTORE_ARGS`` (a call of a shape kvstore never sends) ``BackendError`` naming the
-  argument.
-  A large archive is first checked against the server's ``proto-max-bulk-len``
-  (``sends_alone``).
+  argument. Every step of a call, shared loads and checks included, ends by its hard
+  end, ``retry_budget + timeout`` after it was made. A large archive is first checked
+  against the server's ``proto-max-bulk-len`` (``sends_alone``).
 
 Every failure of the server becomes ``BackendError`` naming it, password redacted
 (``backend_error``), here and for the pipeliner.
