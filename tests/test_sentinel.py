@@ -100,11 +100,17 @@ async def test_a_put_no_replica_acknowledged_raises_backend_error(
     primary, replica = replicated_pair(binary, tmp_path)
     with primary, replica:
         wait_in_sync(replica.port, within=15)
+        namespace = fresh_namespace()
+        # A replica that is in sync acknowledges at once, but a busy machine may take
+        # longer than the short wait below: the put that must succeed waits generously.
         async with RedisPackageStore.from_url(
-            primary.url, namespace=fresh_namespace(), min_replicas=1, replica_timeout=0.3
+            primary.url, namespace=namespace, min_replicas=1, replica_timeout=10
+        ) as patient:
+            await patient.put_package(pkg("order", "h1", b"PK"))
+        replica.stop()
+        async with RedisPackageStore.from_url(
+            primary.url, namespace=namespace, min_replicas=1, replica_timeout=0.3
         ) as store:
-            await store.put_package(pkg("order", "h1", b"PK"))
-            replica.stop()
             with pytest.raises(BackendError, match="0 of 1 replicas acknowledged"):
                 await store.put_package(pkg("order", "h2", b"PK"))
 
