@@ -30,6 +30,9 @@
 
 -- A key of the namespace that follows it with ARGV[shape.row], the row id.
 local ROW = 'pkg:'
+-- The key of the blob named by ARGV[shape.digest]: "<ns>/blob/{<digest>}", the namespace
+-- without its braces, the digest as the key's hash tag (kvstore/redis/keyspace.py).
+local BLOB = 'blob'
 
 local function misuse(argument, why)
   return redis.error_reply('KVSTORE_ARGS ' .. argument .. ' ' .. why)
@@ -42,6 +45,7 @@ end
 --                  by ARGV[shape.row]
 --   shape.args     how many ARGV the operation takes; shape.more: or more
 --   shape.channel  the ARGV that is "{ns}:route-changes", if any
+--   shape.digest   the ARGV that is the digest BLOB's key carries: 64 lowercase hex digits
 local function check_call(keys, argv, shape)
   local names = shape.keys
   if #keys ~= #names then
@@ -58,18 +62,56 @@ local function check_call(keys, argv, shape)
   if not prefix or #prefix > 64 + 3 then
     return misuse('KEYS[1]', 'is not a layout marker {ns}:format')
   end
+  if shape.digest then
+    local digest = argv[shape.digest]
+    if #digest ~= 64 or string.find(digest, '[^0-9a-f]') then
+      return misuse('ARGV[' .. shape.digest .. ']', 'is not a digest (64 of 0-9 a-f)')
+    end
+  end
   for i = 2, #names do
     local name = names[i]
-    if name == ROW then
-      name = ROW .. argv[shape.row]
-    end
-    if keys[i] ~= prefix .. name then
-      return misuse('KEYS[' .. i .. ']', 'is not ' .. prefix .. names[i]
-        .. (names[i] == ROW and ('<ARGV[' .. shape.row .. ']>') or ''))
+    if name == BLOB then
+      local digest = argv[shape.digest]
+      local blob = string.sub(prefix, 2, -3) .. '/blob/{' .. digest .. '}'
+      if keys[i] ~= blob then
+        return misuse('KEYS[' .. i .. ']', 'is not ' .. string.sub(prefix, 2, -3)
+          .. '/blob/{<ARGV[' .. shape.digest .. ']>}')
+      end
+    else
+      if name == ROW then
+        name = ROW .. argv[shape.row]
+      end
+      if keys[i] ~= prefix .. name then
+        return misuse('KEYS[' .. i .. ']', 'is not ' .. prefix .. names[i]
+          .. (names[i] == ROW and ('<ARGV[' .. shape.row .. ']>') or ''))
+      end
     end
   end
   if shape.channel and argv[shape.channel] ~= prefix .. 'route-changes' then
     return misuse('ARGV[' .. shape.channel .. ']', 'is not ' .. prefix .. 'route-changes')
+  end
+  return nil
+end
+
+-- nil when the call of an operation on one blob is of its shape, else the refusal
+-- (KVSTORE_ARGS): KEYS[1] the blob "<ns>/blob/{<digest>}" of a namespace, ARGV[1] that
+-- digest (64 lowercase hex digits), and `args` ARGV in all. The namespace has no other
+-- key on the blob's node to check against: its name alone is checked.
+local function check_blob_call(keys, argv, args)
+  if #keys ~= 1 then
+    return misuse('KEYS[' .. math.min(#keys, 1) + 1 .. ']', #keys < 1 and 'is missing' or 'is one too many')
+  end
+  if #argv ~= args then
+    return misuse('ARGV[' .. math.min(#argv, args) + 1 .. ']',
+      #argv < args and 'is missing' or 'is one too many')
+  end
+  local digest = argv[1]
+  if #digest ~= 64 or string.find(digest, '[^0-9a-f]') then
+    return misuse('ARGV[1]', 'is not a digest (64 of 0-9 a-f)')
+  end
+  local namespace = string.match(keys[1], '^([A-Za-z0-9_.:%-]+)/blob/{' .. digest .. '}$')
+  if not namespace or #namespace > 64 then
+    return misuse('KEYS[1]', 'is not ns/blob/{<ARGV[1]>}')
   end
   return nil
 end
@@ -178,4 +220,73 @@ local function announce_routes(channel, version, content_hash, types)
   -- Sharded publish: the channel carries the namespace's tag, so on a cluster the message
   -- stays on the shard that holds the namespace, where its route caches subscribe.
   redis.call('SPUBLISH', channel, message)
+end
+
+-- The server's clock in microseconds.
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+-- Whether `reply` is an error reply (a refusal).
+local function is_refusal(reply)
+  return type(reply) == 'table' and reply['err'] ~= nil
+end
+
+-- Blobs (layout 2). A put writes the archive's blob, or writes it again when it exists
+-- (same digest, same bytes: a damaged copy is mended), and stamps it with the server's
+-- clock: `kvstore gc` spares a blob written within its grace period, so a blob a put in
+-- flight has written and not yet referenced is never collected.
+local function write_blob(key, archive)
+  redis.call('HSET', key, 'archive', archive, 'written', string.format('%d', now_us()))
+end
+
+-- Store a package row and re-point routes at it, announcing the change: what every put
+-- shares, after its call was checked (check_call). keys: format, packages, routes,
+-- route-version, row, as put_package-5.lua gives them; argv[1] the layout the caller
+-- writes, argv[2] the channel, argv[3] the row id, argv[4] the stamp, argv[hash_at] the
+-- content hash the routes point at, argv[types_from..] the types (at least one). The row
+-- gets `fields` (with deployed_at) and loses `drop` (the other layout's fields: a row of
+-- layout 1 put again in layout 2 keeps no archive of its own, and the reverse).
+-- Replies the routes table's new version, or a refusal with nothing written.
+local function store_package(keys, argv, fields, drop, hash_at, types_from)
+  local format, refused = layout(keys, argv[1])
+  if refused then
+    return refused
+  end
+  local old
+  old, refused = checked(keys, 5, 'hash', 'HGET', keys[5], 'deployed_at')
+  if refused then
+    return refused
+  end
+  local counter
+  counter, refused = route_counter(keys, 4)
+  if refused then
+    return refused
+  end
+  refused = not_of_type(keys, 3, 'hash') or not_of_type(keys, 2, 'zset')
+  if refused then
+    return refused
+  end
+  redis.call('ZADD', keys[2], 0, argv[4] .. ' ' .. argv[3])
+  if old and old ~= argv[4] then
+    redis.call('ZREM', keys[2], old .. ' ' .. argv[3])
+  end
+  if not format then
+    redis.call('SET', keys[1], argv[1])
+  end
+  if #drop > 0 then
+    redis.call('HDEL', keys[5], unpack(drop))
+  end
+  redis.call('HSET', keys[5], 'deployed_at', argv[4], unpack(fields))
+  local types = {}
+  for i = types_from, #argv do
+    redis.call('HSET', keys[3], argv[i], argv[hash_at])
+    types[#types + 1] = argv[i]
+  end
+  -- The counter and the message are written with the routes, so a cache that holds
+  -- version N holds exactly the table the server held at N.
+  local version = next_route_version(keys[4], counter)
+  announce_routes(argv[2], version, argv[hash_at], types)
+  return version
 end

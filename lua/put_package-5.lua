@@ -11,9 +11,10 @@
   KEYS[4]  {ns}:route-version  version of the routes table (counter; see
            next_route_version in lua/library.lua: made anew, it starts at the server's
            clock in microseconds)
-  KEYS[5]  {ns}:pkg:<row id>  the package row (hash)
+  KEYS[5]  {ns}:pkg:<row id>  the package row (hash): gets archive and deployed_at,
+           and loses digest and size if it had them
 
-  ARGV[1]  layout version the caller writes
+  ARGV[1]  layout version the caller writes: "1" (archives inside rows)
   ARGV[2]  {ns}:route-changes, the channel the change is published on
   ARGV[3]  row id, "<type>\0<hash>"
   ARGV[4]  deployed_at stamp, 27 bytes
@@ -41,46 +42,4 @@ local refused = check_call(KEYS, ARGV, {
 if refused then
   return refused
 end
-local format
-format, refused = layout(KEYS, ARGV[1])
-if refused then
-  return refused
-end
-local old
-old, refused = checked(KEYS, 5, 'hash', 'HGET', KEYS[5], 'deployed_at')
-if refused then
-  return refused
-end
-local counter
-counter, refused = route_counter(KEYS, 4)
-if refused then
-  return refused
-end
-refused = not_of_type(KEYS, 3, 'hash')
-if refused then
-  return refused
-end
--- The first write also checks the index's type.
-local _
-_, refused = checked(KEYS, 2, 'zset', 'ZADD', KEYS[2], 0, ARGV[4] .. ' ' .. ARGV[3])
-if refused then
-  return refused
-end
-
-if old and old ~= ARGV[4] then
-  redis.call('ZREM', KEYS[2], old .. ' ' .. ARGV[3])
-end
-if not format then
-  redis.call('SET', KEYS[1], ARGV[1])
-end
-redis.call('HSET', KEYS[5], 'archive', ARGV[5], 'deployed_at', ARGV[4])
-local types = {}
-for i = 7, #ARGV do
-  redis.call('HSET', KEYS[3], ARGV[i], ARGV[6])
-  types[#types + 1] = ARGV[i]
-end
--- The counter and the message are written with the routes, so a cache that holds
--- version N holds exactly the table the server held at N.
-local version = next_route_version(KEYS[4], counter)
-announce_routes(ARGV[2], version, ARGV[6], types)
-return version
+return store_package(KEYS, ARGV, {'archive', ARGV[5]}, {'digest', 'size'}, 6, 7)

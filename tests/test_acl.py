@@ -5,9 +5,9 @@ as a user that has nothing else, and the server refuses nothing they ask; each c
 in it is one the store sends or one the kvstore library's functions call (functions run
 with the caller's rights). It grants ``FCALL`` but neither ``EVAL``/``EVALSHA`` nor
 ``FUNCTION LOAD``: such a user runs the library an operator loaded (``kvstore setup``)
-and no Lua of its own. ``{ns}`` stands for the namespace's hash tag, braces included: the
-rule of namespace ``aion`` grants the keys ``{aion}:*`` and the channel
-``{aion}:route-changes``.
+and no Lua of its own. ``{ns}`` stands for the namespace's hash tag, braces included, and
+``<ns>`` for the namespace: the rule of namespace ``aion`` grants the keys ``{aion}:*``, the
+blobs ``aion/blob/*`` and the channel ``{aion}:route-changes``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ from .test_store_library import build_library_with_extra_line, impostor_text, re
 from .topology import raw_command
 
 STORE_USER_RULE = (
-    "resetkeys ~{ns}:* resetchannels &{ns}:route-changes -@all "
-    "+fcall +get +set +hget +hset +hmget +hstrlen +hgetall +del +zadd +zrem +zrangebylex "
+    "resetkeys ~{ns}:* ~<ns>/blob/* resetchannels &{ns}:route-changes -@all "
+    "+fcall +get +set +hget +hset +hdel +hmget +hstrlen +hgetall +del +zadd +zrem +zrangebylex "
     "+incr +type +exists +time +spublish +ssubscribe +ping +multi +exec +wait"
 )
 
@@ -53,7 +53,9 @@ NOT_NEEDED = {"client|setinfo", "config|get", "function|list"}
 # Valkey 9 and Redis 7 accept them, Redis documents them as deprecated). As the README states
 # it, with the library's name as ``kvstore setup`` prints it.
 NARROWED_FCALL = (
-    "+fcall|{library}_put_package +fcall|{library}_put_route +fcall|{library}_delete_package"
+    "+fcall|{library}_put_package +fcall|{library}_put_package_blob "
+    "+fcall|{library}_put_blob +fcall|{library}_put_package_digest "
+    "+fcall|{library}_put_route +fcall|{library}_delete_package"
 )
 
 
@@ -61,7 +63,7 @@ def rule_for(namespace: str, *, narrowed: bool = False) -> list[str]:
     rule = STORE_USER_RULE
     if narrowed:
         rule = rule.replace("+fcall", NARROWED_FCALL.format(library=LIBRARY.name))
-    return rule.replace("{ns}", "{" + namespace + "}").split()
+    return rule.replace("{ns}", "{" + namespace + "}").replace("<ns>", namespace).split()
 
 
 class Users:

@@ -36,7 +36,7 @@ from redis.exceptions import ConnectionError, NoPermissionError, ResponseError
 
 from kvstore.errors import BackendError, SerializationError
 from kvstore.redis.failures import backend_error, client_secrets, redact
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.keyspace import LAYOUTS, Keyspace
 from kvstore.redis.options import StoreOptions
 from kvstore.redis.pipeline import Pipeliner
 from kvstore.redis.protocol import (
@@ -104,6 +104,12 @@ class _OneAtATime:
             running.exception()  # retrieved: the callers that awaited it raised it
 
 
+class LayoutChanged(Exception):
+    """A write was refused because the namespace's layout is not the one it was made for
+    (``KVSTORE_FORMAT`` naming a layout this release writes): nothing was written, and
+    ``Calls.layout`` is now the one found."""
+
+
 class Calls:
     """The calls of one store to its ``target``, over one namespace's ``keys``."""
 
@@ -138,6 +144,10 @@ class Calls:
             trailer=self._wait,
         )
         self._format_check = (PrePacked("GET", keys.format),)
+        # The namespace's layout as the last call found it (None: not seen yet), and the
+        # one a write gives a namespace it is the first to write.
+        self.layout: bytes | None = None
+        self._new_layout = b"%d" % options.layout
         # The server's proto-max-bulk-len, read on the first large put (None: unknown).
         self._max_bulk: int | None = None
         self._max_bulk_read = False
@@ -282,6 +292,12 @@ class Calls:
         ``min_replicas`` or ``durability``, raises if the wait after it fell short."""
         reply = replies[0]
         if isinstance(reply, ResponseError):
+            found = format_refusal(reply)
+            if found in LAYOUTS and found != self.layout:
+                # Migrated since this store last looked (or made anew by another release):
+                # the caller builds the call again for the layout found.
+                self.layout = found
+                raise LayoutChanged(found)
             self._refused(command, reply)
         result = self.fitting(command, self.reply(reply))
         self.library_found = True  # the function ran
@@ -335,6 +351,15 @@ class Calls:
                 f"{self.server}: {function} refused the call: {misuse.argument} {misuse.why}; "
                 "nothing was written (no call kvstore makes has this shape)"
             )
+
+    async def write_layout(self) -> bytes:
+        """The layout a write is to be made in: the namespace's, as the last call found
+        it, read first if no call has yet; a namespace without a marker gets the store's
+        ``layout``. A write refused because the namespace has changed layout since
+        raises ``LayoutChanged``, and the next ``write_layout`` is the one found."""
+        if self.layout is None:
+            await self.unit([])
+        return self._new_layout if self.layout is None else self.layout
 
     async def sends_alone(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because
@@ -443,8 +468,10 @@ class Calls:
             [self._format_check, *commands], large_reply=large, streamed=archives
         )
         found = self.fitting(self._format_check, self.reply(found, self._format_check))
-        if found is not None and found != FORMAT_VERSION:
-            raise self._layout_error(found)
+        if found is not None:
+            if found not in LAYOUTS:
+                raise self._layout_error(found)
+            self.layout = found
         return [self.fitting(c, self.reply(r, c)) for c, r in zip(commands, replies, strict=True)]
 
     def fitting(self, command: Command, reply: Any) -> Any:
@@ -480,7 +507,7 @@ class Calls:
     def _layout_error(self, found: bytes) -> SerializationError:
         error = SerializationError(
             f"{self._keys.format!r} says layout {found!r}; this kvstore reads and writes "
-            f"layout {FORMAT_VERSION!r} and will not touch the namespace"
+            f"layouts {b', '.join(LAYOUTS).decode()} and will not touch the namespace"
         )
         _log.error("%s", error)
         return error

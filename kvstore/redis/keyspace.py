@@ -1,32 +1,49 @@
 """Where every key of a namespace lives, and how text becomes key bytes.
 
-=======================  =======  ==========================================================
-key                      type     holds
-=======================  =======  ==========================================================
-``{ns}:format``          string   the layout version of the namespace (``1``); written by
-                                  the first write, checked by every call
-``{ns}:packages``        zset     one member per stored package, all with score 0, so the
-                                  set is ordered by member bytes: ``<stamp> <type>\\0<hash>``
-``{ns}:pkg:<id>``        hash     one package: ``archive`` (raw bytes) and ``deployed_at``
-                                  (``<stamp>``); ``<id>`` is ``<type>\\0<hash>``
-``{ns}:routes``          hash     field ``<type>``, value ``<hash>``: where each route points
-``{ns}:route-version``   string   a counter, raised (``INCR``) by the same function that writes
-                                  routes: the version of the routes table. Made by a
-                                  write that finds it absent, at the server's ``TIME`` in
-                                  microseconds, so a counter made anew (after a flush, or
-                                  a restart without the data) starts above any version
-                                  the lost one reached. One the next write cannot raise
-                                  (see ``protocol.is_route_counter``) refuses every write
-``{ns}:route-changes``   channel  not a key: each function that writes routes publishes
-                                  ``<version>\\0<hash>\\0<type>[\\0<type>...]`` here, so
-                                  route caches follow the table in version order
-=======================  =======  ==========================================================
+A namespace has one of two layouts, named by its layout marker: ``1``, each archive
+inside its package's row; ``2``, each archive a blob named by its digest, stored once
+however many rows refer to it, in a key whose cluster slot follows the digest, so a
+namespace's archives spread over every primary of a cluster. Rows of both shapes are
+read by every call: a namespace being migrated (``kvstore migrate``) holds both.
+
+=========================  =======  ========================================================
+key                        type     holds
+=========================  =======  ========================================================
+``{ns}:format``            string   the layout of the namespace (``1`` or ``2``); written
+                                    by the first write, checked by every call
+``{ns}:packages``          zset     one member per stored package, all with score 0, so
+                                    the set is ordered by member bytes:
+                                    ``<stamp> <type>\\0<hash>``
+``{ns}:pkg:<id>``          hash     one package; ``<id>`` is ``<type>\\0<hash>``.
+                                    ``deployed_at`` (``<stamp>``), and either ``archive``
+                                    (the raw bytes: layout 1, or a row layout 2 has not
+                                    migrated yet) or ``digest`` (``<digest>``) and ``size``
+                                    (the archive's length in decimal): layout 2
+``ns/blob/{<digest>}``     hash     one archive of layout 2: ``archive`` (the raw bytes,
+                                    whose SHA-256 is ``<digest>``) and ``written`` (the
+                                    server's ``TIME`` in microseconds when a put last wrote
+                                    or re-used it: ``kvstore gc`` spares a blob written
+                                    within its grace period)
+``{ns}:routes``            hash     field ``<type>``, value ``<hash>``: where each route
+                                    points
+``{ns}:route-version``     string   a counter, raised (``INCR``) by the same function that
+                                    writes routes: the version of the routes table. Made
+                                    by a write that finds it absent, at the server's
+                                    ``TIME`` in microseconds, so a counter made anew (after
+                                    a flush, or a restart without the data) starts above
+                                    any version the lost one reached. One the next write
+                                    cannot raise (see ``protocol.is_route_counter``)
+                                    refuses every write
+``{ns}:route-changes``     channel  not a key: each function that writes routes publishes
+                                    ``<version>\\0<hash>\\0<type>[\\0<type>...]`` here, so
+                                    route caches follow the table in version order
+=========================  =======  ========================================================
 
 Each key's type is the one ``TYPE`` names; ``Keyspace.expected_type`` answers from this
 table (``kvstore check`` asks it), and the Lua functions check it before they write. They
 check first that the keys of a call are exactly these, of one namespace (a row's key
-``{ns}:pkg:`` and the row id the call carries), and its channel ``{ns}:route-changes``
-(``check_call`` in ``lua/library.lua``).
+``{ns}:pkg:`` and the row id the call carries, a blob's key and the digest the call
+carries), and its channel ``{ns}:route-changes`` (``check_call`` in ``lua/library.lua``).
 
 ``<stamp>`` is ``deployed_at`` in UTC as fixed-width ISO 8601 text,
 ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (27 bytes for every year from 1 to 9999), so byte order
@@ -35,19 +52,32 @@ is time order to the microsecond, which a double score could not give beyond abo
 and never occurs in a type, and UTF-8 byte order is code-point order, so members sort
 exactly as ``(deployed_at, workflow_type, content_hash)``. Types and hashes are stored as
 their UTF-8 bytes; the single NUL keeps ``("a:b", "c")`` and ``("a", "b:c")`` apart.
+``<digest>`` is the SHA-256 of the archive in 64 lowercase hex digits, computed by the
+store that puts it.
 
-Every key begins with the hash tag ``{ns}``: a namespace sits in one cluster slot, so
-each Lua function call's keys are always on one node. A namespace cannot contain ``{`` or
-``}``, so the tag always ends where the namespace does and no two namespaces share a key.
+Every key but a blob's begins with the hash tag ``{ns}``: the rows, index and routes of a
+namespace sit in one cluster slot, so each Lua function call's keys are always on one
+node. A blob's key begins with the namespace without braces and carries its digest as
+its hash tag: on a cluster a put writes the blob first, on the blob's node, then the row
+(on one server, one call writes both). A namespace cannot contain ``{``, ``}`` or ``/``,
+so the tag always ends where the namespace does, no two namespaces share a key, and the
+ACL patterns ``~{ns}:*`` and ``~ns/blob/*`` hold the keys of exactly one namespace.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from datetime import datetime, timezone
 
-FORMAT_VERSION = b"1"
+# The layouts, as the marker names them: archives inside rows, or blobs named by digest.
+INLINE_LAYOUT = b"1"
+BLOB_LAYOUT = b"2"
+LAYOUTS = (INLINE_LAYOUT, BLOB_LAYOUT)
+# The layout releases before layout 2 wrote, and the only one they read.
+FORMAT_VERSION = INLINE_LAYOUT
 STAMP_LENGTH = 27
+DIGEST_LENGTH = 64
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 
@@ -84,6 +114,21 @@ def decode_stamp(stamp: bytes) -> datetime:
         raise ValueError(f"not a stamp: {stamp!r}")
     # fromisoformat is C code, several times faster than strptime; listings decode many.
     return datetime.fromisoformat(stamp[:-1].decode("ascii")).replace(tzinfo=timezone.utc)
+
+
+def archive_digest(archive: bytes) -> bytes:
+    """The digest a blob of ``archive`` is named by: its SHA-256, 64 lowercase hex digits."""
+    # hashlib releases the GIL while it hashes more than 2 KiB.
+    return hashlib.sha256(archive).hexdigest().encode("ascii")
+
+
+def is_digest(value: object) -> bool:
+    """Whether ``value`` is a digest as rows and blob keys hold it."""
+    return (
+        isinstance(value, bytes)
+        and len(value) == DIGEST_LENGTH
+        and all(c in b"0123456789abcdef" for c in value)
+    )
 
 
 def row_id(workflow_type: str, content_hash: str) -> bytes:
@@ -123,6 +168,9 @@ class Keyspace:
         # keeps it on the namespace's shard.
         self.route_changes = self.prefix + b"route-changes"
         self._row_prefix = self.prefix + b"pkg:"
+        # Blobs: the namespace without braces, so that the digest is the hash tag.
+        self.blob_prefix = namespace.encode("ascii") + b"/blob/"
+        self.blob_pattern = self.blob_prefix + b"*"  # as SCAN MATCH and ACL patterns read it
 
         # The type of each key of the table above but the rows, as TYPE names it.
         self._types = {
@@ -141,9 +189,21 @@ class Keyspace:
             return None
         return key[len(self._row_prefix) :]
 
+    def blob(self, digest: bytes) -> bytes:
+        """The key of the blob named by ``digest`` (not checked)."""
+        return self.blob_prefix + b"{" + digest + b"}"
+
+    def digest_of(self, key: bytes) -> bytes | None:
+        """The digest ``key`` is the blob of, or ``None`` if it is no blob key."""
+        if not key.startswith(self.blob_prefix):
+            return None
+        digest = key[len(self.blob_prefix) + 1 : -1]
+        framed = key[len(self.blob_prefix) : len(self.blob_prefix) + 1] == b"{" and key[-1:] == b"}"
+        return digest if framed and is_digest(digest) else None
+
     def expected_type(self, key: bytes) -> str | None:
         """The type (as ``TYPE`` names it) the table gives ``key``, or ``None`` for a key
         the namespace does not hold."""
-        if key.startswith(self._row_prefix):
+        if key.startswith(self._row_prefix) or self.digest_of(key) is not None:
             return "hash"
         return self._types.get(key)

@@ -16,8 +16,10 @@ The walk's promise (``RedisPackageStore.iter_packages`` states it to the caller)
   already returned (read at its old place, then re-put later) is skipped where it is
   met again; the set of row ids that remembers them is the walk's only memory beyond
   one chunk.
-- with a byte bound, the rows' archives are sized (``HSTRLEN``) one round trip before
-  they are read; a round trip reads rows whose archives add up to at most
+- with a byte bound, the rows' archives are sized one round trip before they are read
+  (``HSTRLEN`` of an archive inside its row, the ``size`` of one stored as a blob, whose
+  ``digest`` is read then too, so that its blob is read with the row: a row of either
+  layout takes the same round trips); a round trip reads rows whose archives add up to at most
   ``LISTING_GROUP`` (or half the bound, if less), or one row alone if its archive alone
   is larger; and round trips are sent ahead while the archives under way and those
   being handed out stay within the bound. The sizes of the next members go with the
@@ -35,7 +37,13 @@ from typing import Any, NamedTuple, Protocol
 
 from kvstore.errors import SerializationError
 from kvstore.records import check_chunk
-from kvstore.redis.keyspace import Keyspace, decode_stamp, split_index_member, split_row_id
+from kvstore.redis.keyspace import (
+    Keyspace,
+    decode_stamp,
+    is_digest,
+    split_index_member,
+    split_row_id,
+)
 from kvstore.redis.wire import SLICE, Command, PrePacked
 
 # What ``iter_packages`` holds of archives at a time, those being handed out and those
@@ -55,7 +63,9 @@ class Send(Protocol):
 
 
 _HMGET = PrePacked("HMGET")
-_ROW_FIELDS = PrePacked(b"archive", b"deployed_at")
+_ROW_FIELDS = PrePacked(b"archive", b"deployed_at", b"digest", b"size")
+_HEAD_FIELDS = PrePacked(b"deployed_at", b"size")
+_BLOB_FIELDS = PrePacked(b"digest", b"size")
 _HGET = PrePacked("HGET")
 _STAMP_FIELD = PrePacked(b"deployed_at")
 _HSTRLEN = PrePacked("HSTRLEN")
@@ -63,18 +73,61 @@ _ARCHIVE_FIELD = PrePacked(b"archive")
 
 
 def read_row(key: bytes) -> Command:
-    """The command that reads a row: its reply is ``[archive, deployed_at]``."""
+    """The command that reads a row of either layout: its reply is ``[archive,
+    deployed_at, digest, size]``, the archive ``None`` where a blob holds it."""
     return (_HMGET, key, _ROW_FIELDS)
 
 
-def read_head(key: bytes) -> list[Command]:
-    """The commands that read a row without its archive: ``deployed_at``, then the
-    archive's size."""
-    return [(_HGET, key, _STAMP_FIELD), archive_size(key)]
+def read_blob(blob: bytes) -> Command:
+    """The command that reads the archive of the blob whose key is ``blob``."""
+    return (_HGET, blob, _ARCHIVE_FIELD)
 
 
-def archive_size(key: bytes) -> Command:
-    return (_HSTRLEN, key, _ARCHIVE_FIELD)
+def read_head(key: bytes, digest: bytes | None = None) -> list[Command]:
+    """The commands that read a row of either layout without its archive: ``[deployed_at,
+    size]`` (a blob's size; ``None`` for an archive inside the row), then the size of an
+    archive inside the row (0 for a blob's)."""
+    return [(_HMGET, key, _HEAD_FIELDS), (_HSTRLEN, key, _ARCHIVE_FIELD)]
+
+
+def head_size(key: bytes, stored: Any, inline: Any) -> int:
+    """The archive's size from what ``read_head`` read: a blob's ``size`` field if the
+    row has one, else the length of the archive inside it."""
+    if stored is None:
+        return int(inline)
+    return decimal_size(key, stored)
+
+
+def decimal_size(key: bytes, stored: Any) -> int:
+    """A row's ``size`` field as an int; ``SerializationError`` naming the row if it is not
+    a size a put writes."""
+    if not isinstance(stored, bytes) or not stored.isdigit() or len(stored) > 20:
+        raise SerializationError(f"{key!r} holds a size that is not one: {stored!r:.60}")
+    return int(stored)
+
+
+def read_archive(keys: Keyspace, key: bytes, digest: bytes | None) -> list[Command]:
+    """The commands that read a row's archive in a listing: ``deployed_at``, then the
+    archive, from the row or (``digest``) from the blob it names."""
+    archive = (_HGET, key, _ARCHIVE_FIELD) if digest is None else read_blob(keys.blob(digest))
+    return [(_HGET, key, _STAMP_FIELD), archive]
+
+
+def archive_size(key: bytes) -> list[Command]:
+    """The commands that size a row's archive ahead of reading it: the length of one
+    inside the row, then a blob's ``[digest, size]``."""
+    return [(_HSTRLEN, key, _ARCHIVE_FIELD), (_HMGET, key, _BLOB_FIELDS)]
+
+
+def read_size(keys: Keyspace, key: bytes, inline: Any, blob: Any) -> tuple[int, bytes | None]:
+    """``(size, digest)`` from the replies to ``archive_size(key)``: a blob's size and
+    digest, or the size of the archive inside the row and ``None``."""
+    digest, stored = blob if isinstance(blob, list) and len(blob) == 2 else (None, None)
+    if digest is None:
+        return int(inline), None
+    if not is_digest(digest):
+        raise SerializationError(f"{key!r} holds a digest that is not one: {digest!r:.80}")
+    return decimal_size(key, stored), digest
 
 
 class Member(NamedTuple):
@@ -105,12 +158,14 @@ def decode_member(keys: Keyspace, member: Any) -> Member:
 class RoundTrip:
     """One round trip of a walk under way: what it reads, and what brings its replies.
 
-    Its replies are, in order: ``len(fetch_row(key))`` for each of ``rows``, the size of
-    each of ``sizing``, and the next members of the index if ``asks_members``.
+    Its replies are, in order: ``len(fetch_row(key, digest))`` for each of ``rows``, the
+    two of ``archive_size`` for each of ``sizing``, and the next members of the index if
+    ``asks_members``.
     """
 
     replies: asyncio.Task[list[Any]]
     rows: list[Member]
+    digests: list[bytes | None]  # of the blob each of ``rows`` was sized with, if any
     sizing: list[Member]
     asks_members: bool
     size: int  # the bytes of the archives of ``rows``
@@ -119,9 +174,11 @@ class RoundTrip:
 class Walk:
     """One walk of the index; ``rows()`` is the walk itself (see the module's promise).
 
-    ``fetch_row(key)`` is the commands that read a row, ``stamp_of(replies)`` the row's
-    ``deployed_at`` as read by them. ``max_bytes``: the bound on archives held, or
-    ``None`` for a walk that reads no archives.
+    ``fetch_row(key, digest)`` is the commands that read a row (``digest``: the blob
+    sizing found it refers to, or ``None``), as many for every row, ``stamp_of(replies)``
+    the row's ``deployed_at`` as read by them. ``max_bytes``: the bound on archives held,
+    or ``None`` for a walk that reads no archives (and sizes none: ``digest`` is then
+    ``None``).
     """
 
     def __init__(
@@ -129,7 +186,7 @@ class Walk:
         keys: Keyspace,
         send: Send,
         chunk: int,
-        fetch_row: Callable[[bytes], list[Command]],
+        fetch_row: Callable[[bytes, bytes | None], list[Command]],
         stamp_of: Callable[[Sequence[Any]], Any],
         *,
         max_bytes: int | None = None,
@@ -146,18 +203,19 @@ class Walk:
         # one are handed out, and memory is used and given back in small pieces.
         self._group = None if max_bytes is None else max(1, min(max_bytes // 2, LISTING_GROUP))
         # Members read from the index whose size is still to be asked for, and members
-        # with their archive's size (0 for every row without max_bytes), in index order.
+        # with their archive's size (0 for every row without max_bytes) and the digest
+        # of the blob that holds it, if one does, in index order.
         self._unsized: list[Member] = []
-        self._sized: deque[tuple[Member, int]] = deque()
+        self._sized: deque[tuple[Member, int, bytes | None]] = deque()
         self._more = True  # the index may hold members after ``_last``
         self._last = b""
         self._under_way: deque[RoundTrip] = deque()
         self._handing_out = 0  # the bytes of the archives of the rows being handed out
         self._listed: set[bytes] = set()
 
-    async def rows(self) -> AsyncIterator[tuple[bytes, Member, list[Any]]]:
-        """``(key, index member, replies to fetch_row(key))`` for each row in index
-        order, each row at most once."""
+    async def rows(self) -> AsyncIterator[tuple[bytes, Member, list[Any], bytes | None]]:
+        """``(key, index member, replies to fetch_row(key, digest), digest)`` for each row
+        in index order, each row at most once."""
         (members,) = await self._send([self._next_members(b"-")], large=False)
         self._take_members(members)
         try:
@@ -174,12 +232,12 @@ class Walk:
                 self._send_ahead()  # the next round trips go before these rows are handed out
                 width = self._row_width(trip, replies)
                 found: list[Any] = []
-                for i, row in enumerate(trip.rows):
+                for i, (row, digest) in enumerate(zip(trip.rows, trip.digests, strict=True)):
                     found = replies[i * width : (i + 1) * width]
                     if self._stamp_of(found) != row.stamp or row.row in self._listed:
                         continue
                     self._listed.add(row.row)
-                    yield self._keys.row(row.row), row, found
+                    yield self._keys.row(row.row), row, found, digest
                 # Not held while the next round trip is awaited.
                 replies = found = []
                 self._handing_out = 0
@@ -194,7 +252,7 @@ class Walk:
         self._last = members[-1] if members else self._last
         decoded = [decode_member(self._keys, m) for m in members]
         if self._max_bytes is None:
-            self._sized.extend((m, 0) for m in decoded)
+            self._sized.extend((m, 0, None) for m in decoded)
         else:
             self._unsized = decoded
 
@@ -214,25 +272,32 @@ class Walk:
             self._send_round_trip()
 
     def _send_round_trip(self) -> None:
-        rows, size = self._take_rows()
-        commands = [c for row in rows for c in self._fetch_row(self._keys.row(row.row))]
+        rows, digests, size = self._take_rows()
+        row_key = self._keys.row
+        commands = [
+            c
+            for row, digest in zip(rows, digests, strict=True)
+            for c in self._fetch_row(row_key(row.row), digest)
+        ]
         # Once the rows sized are all read (by this round trip), the sizes of the
         # members read next, and the members after them: one chunk ahead, no more.
         sizing, self._unsized = ([], self._unsized) if self._sized else (self._unsized, [])
-        commands.extend(archive_size(self._keys.row(row.row)) for row in sizing)
+        commands.extend(c for row in sizing for c in archive_size(row_key(row.row)))
         asks_members = self._more and not self._sized
         if asks_members:
             commands.append(self._next_members(b"(" + self._last))
             self._more = False  # until the reply says
         # Archives of a MiB and more follow each other on one connection.
         task = asyncio.get_running_loop().create_task(self._send(commands, large=size >= SLICE))
-        self._under_way.append(RoundTrip(task, rows, sizing, asks_members, size))
+        self._under_way.append(RoundTrip(task, rows, digests, sizing, asks_members, size))
 
     def _read_sizes_and_members(self, trip: RoundTrip, replies: list[Any]) -> None:
         width = self._row_width(trip, replies)
         start = len(trip.rows) * width
-        sizes = replies[start : start + len(trip.sizing)]
-        self._sized.extend(zip(trip.sizing, sizes, strict=True))
+        for i, member in enumerate(trip.sizing):
+            inline, blob = replies[start + 2 * i : start + 2 * i + 2]
+            key = self._keys.row(member.row)
+            self._sized.append((member, *read_size(self._keys, key, inline, blob)))
         if trip.asks_members:
             self._take_members(replies[-1])
 
@@ -241,22 +306,25 @@ class Walk:
         """How many replies each row of ``trip`` has."""
         if not trip.rows:
             return 0
-        return (len(replies) - len(trip.sizing) - trip.asks_members) // len(trip.rows)
+        return (len(replies) - 2 * len(trip.sizing) - trip.asks_members) // len(trip.rows)
 
-    def _take_rows(self) -> tuple[list[Member], int]:
-        """The next rows to read, and their archives' bytes: up to ``chunk`` rows, their
-        archives within a group (at least one row, whatever its size)."""
+    def _take_rows(self) -> tuple[list[Member], list[bytes | None], int]:
+        """The next rows to read, the digests of their blobs, and their archives' bytes:
+        up to ``chunk`` rows, their archives within a group (at least one row, whatever
+        its size)."""
         rows: list[Member] = []
+        digests: list[bytes | None] = []
         total = 0
         sized, group = self._sized, self._group
         while sized and len(rows) < self._chunk:
-            row, size = sized[0]
+            row, size, digest = sized[0]
             if group is not None and rows and total + size > group:
                 break
             sized.popleft()
             rows.append(row)
+            digests.append(digest)
             total += size
-        return rows, total
+        return rows, digests, total
 
     def _next_members(self, after: bytes) -> Command:
         return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, self._chunk)

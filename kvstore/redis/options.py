@@ -42,6 +42,9 @@ def _installed(module: str) -> bool:
         return False
 
 
+# The layouts a store can give a namespace it writes first (kvstore.redis.keyspace).
+LAYOUT_NUMBERS = (1, 2)
+
 # When a write is acknowledged: applied in the primary's memory, or fsynced to its AOF.
 DURABILITY = ("memory", "fsync")
 
@@ -65,6 +68,11 @@ class StoreOptions:
     ``route_health_interval``: seconds between checks of the route cache's subscription.
     ``telemetry``: spans and metrics of every call through OpenTelemetry (needs
     ``opentelemetry-api``, the ``telemetry`` extra; see ``kvstore.redis.telemetry``).
+    ``layout``: the layout a namespace gets when this store writes it first (a namespace
+    keeps the layout it has until ``kvstore migrate``): ``2``, each archive a blob named
+    by its SHA-256, stored once, spread over a cluster's primaries and verified on every
+    read; ``1``, each archive inside its row, the only layout releases before layout 2
+    read (for a new namespace that engines of such a release share).
     """
 
     namespace: str = "aion"
@@ -77,6 +85,7 @@ class StoreOptions:
     cache_routes: bool = False
     route_health_interval: float = 1.0
     telemetry: bool = False
+    layout: int = 2
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -104,6 +113,11 @@ class StoreOptions:
             raise TypeError(f"telemetry must be a bool, not {type(self.telemetry).__name__}")
         if self.telemetry and not _installed("opentelemetry"):
             raise ValueError(f"telemetry=True needs opentelemetry-api: {pip_install('telemetry')}")
+
+        if isinstance(self.layout, bool) or not isinstance(self.layout, int):
+            raise TypeError(f"layout must be an int, not {type(self.layout).__name__}")
+        if self.layout not in LAYOUT_NUMBERS:
+            raise ValueError(f"layout must be 1 or 2, not {self.layout!r}")
 
     def keywords(self) -> dict[str, Any]:
         """The options as keyword arguments of ``RedisPackageStore``."""

@@ -74,7 +74,7 @@ from redis.asyncio.retry import Retry
 
 from kvstore.errors import SerializationError
 from kvstore.records import PackageRouteRecord
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.keyspace import LAYOUTS, Keyspace
 from kvstore.redis.protocol import (
     decode_route_change,
     encode_route_change,
@@ -524,7 +524,7 @@ class RouteCache:
         pipe.get(keys.route_version)
         pipe.hgetall(keys.routes)
         found, version, pairs = await pipe.execute()
-        if found is not None and found != FORMAT_VERSION:
+        if found is not None and found not in LAYOUTS:
             raise RouteCacheError(f"{keys.format!r} says layout {found!r}")
         where = repr(keys.routes)
         try:

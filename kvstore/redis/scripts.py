@@ -249,3 +249,9 @@ LIBRARY = build_library()
 PUT_PACKAGE = LIBRARY.functions["put_package"]
 DELETE_PACKAGE = LIBRARY.functions["delete_package"]
 PUT_ROUTE = LIBRARY.functions["put_route"]
+# Layout 2: the blob and the row in one call on one server; on a cluster, the blob on its
+# own node first, then the row.
+PUT_PACKAGE_BLOB = LIBRARY.functions["put_package_blob"]
+PUT_PACKAGE_DIGEST = LIBRARY.functions["put_package_digest"]
+PUT_BLOB = LIBRARY.functions["put_blob"]
+DROP_BLOB = LIBRARY.functions["drop_blob"]

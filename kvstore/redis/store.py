@@ -17,6 +17,7 @@ The keys are laid out in ``kvstore.redis.keyspace``.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import timezone
@@ -36,22 +37,41 @@ from kvstore.records import (
     check_route_types,
     check_text,
 )
-from kvstore.redis.calls import LARGE_ARGUMENT, Calls
+from kvstore.redis.calls import LARGE_ARGUMENT, Calls, LayoutChanged
 from kvstore.redis.keyspace import (
-    FORMAT_VERSION,
+    BLOB_LAYOUT,
+    INLINE_LAYOUT,
     Keyspace,
+    archive_digest,
     decode_stamp,
     encode_stamp,
+    is_digest,
     row_id,
     split_row_id,
 )
-from kvstore.redis.listing import LISTING_BYTES, Walk, read_head, read_row
+from kvstore.redis.listing import (
+    LISTING_BYTES,
+    Walk,
+    decimal_size,
+    head_size,
+    read_archive,
+    read_blob,
+    read_head,
+    read_row,
+)
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.protocol import field_pairs, stored_text
 from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache
 from kvstore.redis.route_watch import RouteWatch
-from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE
+from kvstore.redis.scripts import (
+    DELETE_PACKAGE,
+    PUT_BLOB,
+    PUT_PACKAGE,
+    PUT_PACKAGE_BLOB,
+    PUT_PACKAGE_DIGEST,
+    PUT_ROUTE,
+)
 from kvstore.redis.target import target_for
 from kvstore.redis.urls import client_from_url
 from kvstore.redis.wire import Command, PrePacked
@@ -166,6 +186,7 @@ class RedisPackageStore:
         cache_routes: bool = DEFAULTS.cache_routes,
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
+        layout: int = DEFAULTS.layout,
     ) -> None:
         self._options = options = StoreOptions(
             namespace=namespace,
@@ -178,6 +199,7 @@ class RedisPackageStore:
             cache_routes=cache_routes,
             route_health_interval=route_health_interval,
             telemetry=telemetry,
+            layout=layout,
         )
         self._target = target = target_for(client)
         if target.connection_options().get("decode_responses"):
@@ -190,11 +212,17 @@ class RedisPackageStore:
             )
         self._keys = k = Keyspace(namespace)
         # What every call of a kind shares, formatted once (see each lua/ file's header).
-        self._put_prefix = PUT_PACKAGE.call_prefix(k.format, k.index, k.routes, k.route_version)
-        self._put_shared = PrePacked(FORMAT_VERSION, k.route_changes)
-        self._route_prefix = PUT_ROUTE.call_prefix(
-            k.format, k.routes, k.route_version, FORMAT_VERSION, k.route_changes
-        )
+        put_keys = (k.format, k.index, k.routes, k.route_version)
+        self._put_prefix = {
+            INLINE_LAYOUT: PUT_PACKAGE.call_prefix(*put_keys),
+            BLOB_LAYOUT: PUT_PACKAGE_BLOB.call_prefix(*put_keys),
+        }
+        self._put_row_prefix = PUT_PACKAGE_DIGEST.call_prefix(*put_keys)
+        self._put_shared = {
+            layout: PrePacked(layout, k.route_changes) for layout in (INLINE_LAYOUT, BLOB_LAYOUT)
+        }
+        self._route_prefix = PUT_ROUTE.call_prefix(k.format, k.routes, k.route_version)
+        self._route_shared = self._put_shared
         self._delete_prefix = DELETE_PACKAGE.call_prefix(k.format, k.index)
         self._owns_client = False
         # What else takes connections of the pool: the route cache, if any (the library
@@ -232,6 +260,7 @@ class RedisPackageStore:
         cache_routes: bool = DEFAULTS.cache_routes,
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
+        layout: int = DEFAULTS.layout,
         **client_options: Any,
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
@@ -256,6 +285,7 @@ class RedisPackageStore:
             cache_routes=cache_routes,
             route_health_interval=route_health_interval,
             telemetry=telemetry,
+            layout=layout,
         )
         # No socket timeout: the pipeliner's deadline already bounds every attempt, and
         # redis-py would pay for a second timer on every send and every read.
@@ -361,10 +391,8 @@ class RedisPackageStore:
     # Writes: one function call each.
 
     async def put_package(self, record: PackageRecord) -> None:
-        command, size = self._put_command(check_record(record))
-        alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
-        version = await self._calls.call(command, size, alone=alone)
-        self._note_routes(version, record.content_hash, (record.workflow_type,))
+        record = check_record(record)
+        await self._put(record, (record.workflow_type,))
 
     async def put_package_with_routes(
         self, record: PackageRecord, route_workflow_types: Iterable[str]
@@ -372,50 +400,99 @@ class RedisPackageStore:
         own = check_record(record).workflow_type
         also = dict.fromkeys(check_route_types(route_workflow_types))
         also.pop(own, None)
-        command, size = self._put_command(record, tuple(also))
-        alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
-        version = await self._calls.call(command, size, alone=alone)
-        self._note_routes(version, record.content_hash, (own, *also))
+        await self._put(record, (own, *also))
 
-    def _put_command(
-        self, record: PackageRecord, also: tuple[str, ...] = ()
-    ) -> tuple[Command, int]:
-        """The call that puts ``record``, re-pointing the routes of its own type and of
-        ``also``, and how many bytes it carries."""
+    async def _put(self, record: PackageRecord, types: tuple[str, ...]) -> None:
+        """Put ``record`` and re-point the routes of ``types`` (its own first) at it, in
+        the namespace's layout."""
         # The record checked its fields when it was made; deployed_at is aware and in range.
         row = row_id(record.workflow_type, record.content_hash)
-        command = (
-            self._put_prefix,
-            self._keys.row(row),
-            self._put_shared,
-            row,
-            encode_stamp(record.deployed_at.astimezone(timezone.utc)),
-            record.archive,
-            record.content_hash.encode("utf-8"),
-            record.workflow_type.encode("utf-8"),
-            *[t.encode("utf-8") for t in also],
-        )
-        return command, len(record.archive)
+        stamp = encode_stamp(record.deployed_at.astimezone(timezone.utc))
+        routed = (record.content_hash.encode("utf-8"), *[t.encode("utf-8") for t in types])
+        archive = record.archive
+        size = len(archive)
+        alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
+        digest: bytes | None = None
+        while True:
+            layout = await self._calls.write_layout()
+            try:
+                if layout == INLINE_LAYOUT:
+                    command: Command = (
+                        self._put_prefix[layout],
+                        self._keys.row(row),
+                        self._put_shared[layout],
+                        row,
+                        stamp,
+                        archive,
+                        *routed,
+                    )
+                    version = await self._calls.call(command, size, alone=alone)
+                    break
+                if digest is None:
+                    digest = await _digest(archive)
+                version = await self._put_blob_and_row(row, stamp, archive, digest, routed, alone)
+                break
+            except LayoutChanged:
+                continue  # nothing was written: again, in the layout found
+        self._note_routes(version, record.content_hash, types)
+
+    async def _put_blob_and_row(
+        self,
+        row: bytes,
+        stamp: bytes,
+        archive: bytes,
+        digest: bytes,
+        routed: tuple[bytes, ...],
+        alone: bool,
+    ) -> int:
+        """Layout 2: the blob and the row, in one call where one call may write both (one
+        server), else the blob first, on its own node, then the row."""
+        keys, size = self._keys, len(archive)
+        blob = keys.blob(digest)
+        shared = (self._put_shared[BLOB_LAYOUT], row, stamp, digest, b"%d" % size)
+        if self._target.writes_across_slots:
+            command: Command = (
+                self._put_prefix[BLOB_LAYOUT],
+                keys.row(row),
+                blob,
+                *shared,
+                routed[0],
+                archive,
+                *routed[1:],
+            )
+            version: int = await self._calls.call(command, size, alone=alone)
+            return version
+        await self._calls.call((PUT_BLOB.call_prefix(blob), digest, archive), size, alone=alone)
+        version = await self._calls.call((self._put_row_prefix, keys.row(row), *shared, *routed))
+        return version
 
     def _note_routes(self, version: int, content_hash: str, types: tuple[str, ...]) -> None:
         # A store reads its own acknowledged writes, whatever its subscription has seen.
         if self._route_cache is not None:
             self._route_cache.note_write(version, content_hash, types)
 
+    async def _write(self, build: Any) -> Any:
+        """The reply to the call ``build(layout)`` makes for the namespace's layout (a
+        call whose shape is the same in both: only the layout it names differs)."""
+        while True:
+            layout = await self._calls.write_layout()
+            try:
+                return await self._calls.call(build(layout))
+            except LayoutChanged:
+                continue
+
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        await self._calls.call((self._delete_prefix, self._keys.row(row), FORMAT_VERSION, row))
+        key = self._keys.row(row)
+        await self._write(lambda layout: (self._delete_prefix, key, layout, row))
 
     async def put_package_route(self, workflow_type: str, content_hash: str) -> None:
         route = PackageRouteRecord(workflow_type, content_hash)
-        version = await self._calls.call(
-            (
-                self._route_prefix,
-                route.workflow_type.encode("utf-8"),
-                route.content_hash.encode("utf-8"),
-            ),
+        fields = (route.workflow_type.encode("utf-8"), route.content_hash.encode("utf-8"))
+        version = await self._write(
+            lambda layout: (self._route_prefix, self._route_shared[layout], *fields)
         )
         self._note_routes(version, route.content_hash, (route.workflow_type,))
 
@@ -425,10 +502,23 @@ class RedisPackageStore:
         row = row_id(
             check_text(workflow_type, "workflow_type"), check_text(content_hash, "content_hash")
         )
-        key = self._keys.row(row)
-        ((archive, stamp),) = await self._calls.unit([read_row(key)], archives=True)
-        if archive is None and stamp is None:
+        return await self._read_package(self._keys.row(row), row)
+
+    async def _read_package(self, key: bytes, row: bytes) -> PackageRecord | None:
+        """The package in the row at ``key`` of id ``row``, of either layout, its archive
+        verified against its digest when a blob holds it; ``None`` if there is no row."""
+        ((archive, stamp, digest, size),) = await self._calls.unit([read_row(key)], archives=True)
+        if archive is None and stamp is None and digest is None:
             return None
+        if digest is not None:
+            if not is_digest(digest):
+                raise SerializationError(f"{key!r} holds a digest that is not one: {digest!r:.80}")
+            expected = decimal_size(key, size)
+            big = expected >= LISTING_LARGE
+            (archive,) = await self._calls.unit(
+                [read_blob(self._keys.blob(digest))], large=big, archives=True
+            )
+            await _verify(self._keys, key, digest, archive)
         return self._record(key, row, archive, stamp)
 
     async def get_package_head(self, workflow_type: str, content_hash: str) -> PackageHead | None:
@@ -446,13 +536,13 @@ class RedisPackageStore:
             check_text(content_hash, "content_hash"),
         )
         key = self._keys.row(row_id(*checked))
-        stamp, size = await self._calls.unit(read_head(key))
+        (stamp, stored), inline = await self._calls.unit(read_head(key))
         if stamp is None:
-            if size:
+            if inline or stored is not None:
                 raise SerializationError(f"{key!r} is missing its deployed_at")
             return None
         try:
-            return PackageHead(*checked, decode_stamp(stamp), size)
+            return PackageHead(*checked, decode_stamp(stamp), head_size(key, stored, inline))
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
 
@@ -526,17 +616,25 @@ class RedisPackageStore:
         ``max_bytes`` must be a positive int.
         """
         check_chunk(max_bytes, "max_bytes")
+        keys = self._keys
         walk = Walk(
-            self._keys,
+            keys,
             self._send_listing,
             chunk,
-            lambda key: [read_row(key)],
-            lambda replies: replies[0][1],
+            lambda key, digest: read_archive(keys, key, digest),
+            lambda replies: replies[0],
             max_bytes=max_bytes,
         )
-        async for key, member, ((archive, _),) in walk.rows():
-            if not isinstance(archive, bytes):
-                raise SerializationError(f"{key!r} is missing its archive")
+        async for key, member, (_, archive), digest in walk.rows():
+            if archive is None:
+                # The row changed shape since it was sized (migrated), or its blob is
+                # missing: read as get_package reads it, which says which.
+                record = await self._read_package(key, member.row)
+                if record is not None and record.deployed_at == member.at:
+                    yield record
+                continue
+            if digest is not None:
+                await _verify(keys, key, digest, archive)
             yield PackageRecord(member.workflow_type, member.content_hash, archive, member.at)
 
     async def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
@@ -547,8 +645,9 @@ class RedisPackageStore:
         promise while others write and the same memory bound as ``iter_packages``.
         Beyond the ``PackageStore`` contract: the command line lists with it.
         """
-        walk = Walk(self._keys, self._send_listing, chunk, read_head, lambda r: r[0])
-        async for _, member, (_, size) in walk.rows():
+        walk = Walk(self._keys, self._send_listing, chunk, read_head, lambda r: r[0][0])
+        async for key, member, ((_, stored), inline), _ in walk.rows():
+            size = head_size(key, stored, inline)
             yield PackageHead(member.workflow_type, member.content_hash, member.at, size)
 
     async def _send_listing(self, commands: list[Command], *, large: bool) -> list[Any]:
@@ -565,3 +664,34 @@ class RedisPackageStore:
             return PackageRecord(workflow_type, content_hash, archive, decode_stamp(stamp))
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
+
+
+# Archives from this size on are hashed on a thread of their own (hashlib lets go of the
+# GIL), so the event loop goes on serving other calls meanwhile; a smaller one costs less
+# to hash than to hand to a thread.
+HASH_ON_A_THREAD = 1 << 20
+# A blob from this size on is read behind the others on one connection, in slices.
+LISTING_LARGE = 1 << 20
+
+
+async def _digest(archive: bytes) -> bytes:
+    """The archive's digest, hashed on a thread when it is large."""
+    if len(archive) < HASH_ON_A_THREAD:
+        return archive_digest(archive)
+    return await asyncio.to_thread(archive_digest, archive)
+
+
+async def _verify(keys: Keyspace, key: bytes, digest: bytes, archive: Any) -> None:
+    """Raise ``SerializationError`` naming the row at ``key`` unless ``archive``, read from
+    the blob of ``digest``, is there and is the bytes that digest names."""
+    blob = keys.blob(digest)
+    if not isinstance(archive, bytes):
+        raise SerializationError(
+            f"{key!r} refers to the archive {blob!r}, which is missing; the package must "
+            "be deployed again"
+        )
+    if await _digest(archive) != digest:
+        raise SerializationError(
+            f"{key!r} refers to the archive {blob!r}, whose bytes do not match its digest "
+            "(damaged on the server); the package must be deployed again"
+        )

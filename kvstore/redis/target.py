@@ -15,6 +15,8 @@ question                       one server, Sentinel        a Redis Cluster
                                                            serves the key's slot
 ``reads_server_config``        yes (``CONFIG GET``)        no (no node to choose)
 ``waits_for_replicas``         yes (``WAIT``)              no (``WAIT`` names no key)
+``writes_across_slots``        yes: one call writes a      no: a blob's node first,
+                               blob and its row            then the row's
 ``admin_client``               the store's client          refused: the tools speak to
                                                            one server
 =============================  ==========================  ============================
@@ -61,6 +63,8 @@ class Target(ABC):
 
     waits_for_replicas: bool
     reads_server_config: bool
+    # Whether one function call may write keys of any slot (a blob and its row).
+    writes_across_slots: bool
 
     @property
     @abstractmethod
@@ -114,6 +118,7 @@ class SingleNode(Target):
 
     waits_for_replicas = True
     reads_server_config = True
+    writes_across_slots = True
 
     def __init__(self, client: Redis) -> None:
         self._client = client
@@ -181,6 +186,7 @@ class Cluster(Target):
 
     waits_for_replicas = False
     reads_server_config = False
+    writes_across_slots = False
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
