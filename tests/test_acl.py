@@ -50,8 +50,9 @@ NOT_NEEDED = {"client|setinfo", "config|get", "function|list"}
 
 
 # ``+fcall`` narrowed to this release's functions, by first-argument rules (``+fcall|<function>``;
-# Valkey 9 and Redis 7 accept them, Redis documents them as deprecated). As the README states
-# it, with the library's name as ``kvstore setup`` prints it.
+# Valkey 9 and Redis 7 accept them, Redis documents them as deprecated). As
+# docs/operators/least-privilege.md states it, with the library's name as ``kvstore setup``
+# prints it.
 NARROWED_FCALL = (
     "+fcall|{library}_put_package +fcall|{library}_put_package_blob "
     "+fcall|{library}_put_blob +fcall|{library}_put_package_digest "
@@ -317,8 +318,9 @@ async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> No
     assert await owner.list_package_routes() == [PackageRouteRecord("order", "h1")]
 
 
-def test_the_readme_states_this_rule_and_its_narrowing() -> None:
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+def test_the_documentation_states_this_rule_and_its_narrowing() -> None:
+    page = Path(__file__).resolve().parent.parent / "docs" / "operators" / "least-privilege.md"
     stated = " ".join(rule_for("aion"))
-    assert f"ACL SETUSER engine on >PASSWORD {stated}\n" in readme
-    assert f"    {NARROWED_FCALL.format(library='kvstore_<12 hex>')}\n" in readme
+    text = page.read_text(encoding="utf-8")
+    assert f"ACL SETUSER engine on >PASSWORD {stated}\n" in text
+    assert f"    {NARROWED_FCALL.format(library='kvstore_<12 hex>')}\n" in text

@@ -1,4 +1,4 @@
-"""Every key a store writes: one slot per namespace, the layout the README documents,
+"""Every key a store writes: one slot per namespace, the layout docs/keyspace.md documents,
 a route version that never goes back; and what the store does on finding a key it did
 not write: it refuses, names the key, and writes nothing."""
 

@@ -170,9 +170,9 @@ def test_the_caching_fixtures_hand_over_a_live_cache_in_strict_mode(
     result.stdout.fnmatch_lines(["*test_each?fakeredis? PASSED*", "*test_each?server? PASSED*"])
 
 
-def test_the_readmes_testing_example_runs_in_strict_mode(user_project: pytest.Pytester) -> None:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    example = re.search(r"## Testing your engine\n.*?```python\n(.*?)```", readme, re.S)
+def test_the_testing_example_runs_in_strict_mode(user_project: pytest.Pytester) -> None:
+    page = (ROOT / "docs" / "engines" / "testing.md").read_text(encoding="utf-8")
+    example = re.search(r"# Testing your engine\n.*?```python\n(.*?)```", page, re.S)
     assert example is not None
     user_project.makepyfile(test_readme_example=example.group(1))
     result = user_project.runpytest_subprocess(
