@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import Keyspace
-from kvstore.redis.listing import Walk, read_row
+from kvstore.redis.listing import Walk, read_archive, read_head
 from kvstore.redis.wire import Command, flatten
 
 from .conftest import fresh_namespace
@@ -37,7 +37,7 @@ class Recorder:
         self.most = 0  # the most archive bytes under way at once
 
     async def send(self, commands: list[Command], *, large: bool) -> list[Any]:
-        rows = self.archive * sum(flatten(c)[0] == "HMGET" for c in commands)
+        rows = self.archive * sum(map(reads_an_archive, commands))
         self.reading.append(rows)
         self.most = max(self.most, sum(self.reading))
         try:
@@ -47,34 +47,44 @@ class Recorder:
             replies = list(await pipe.execute())
         finally:
             self.reading.remove(rows)
-        read = [r for c, r in zip(commands, replies, strict=True) if flatten(c)[0] == "HMGET"]
-        self.brought.append(sum(len(r[0]) for r in read if r[0] is not None))
+        read = [r for c, r in zip(commands, replies, strict=True) if reads_an_archive(c)]
+        self.brought.append(sum(len(r) for r in read if r is not None))
         return replies
+
+
+def reads_an_archive(command: Command) -> bool:
+    """Whether ``command`` reads an archive, from its row or from its blob."""
+    name, _, *fields = flatten(command)
+    return name == "HGET" and fields == [b"archive"]
 
 
 def walk_of(
     store: RedisPackageStore, recorder: Recorder, chunk: int = 1000, max_bytes: int | None = None
 ) -> Walk:
     """The walk ``iter_packages`` makes, sent through ``recorder``."""
+    keys = Keyspace(store.namespace)
     return Walk(
-        Keyspace(store.namespace),
+        keys,
         recorder.send,
         chunk,
-        lambda key: [read_row(key)],
-        lambda replies: replies[0][1],
+        lambda key, digest: read_archive(keys, key, digest),
+        lambda replies: replies[0],
         max_bytes=max_bytes,
     )
 
 
 async def records(walk: Walk) -> list[PackageRecord]:
     return [
-        PackageRecord(member.workflow_type, member.content_hash, replies[0][0], member.at)
-        async for _, member, replies in walk.rows()
+        PackageRecord(member.workflow_type, member.content_hash, replies[1], member.at)
+        async for _, member, replies, _ in walk.rows()
     ]
 
 
-async def test_iter_packages_bounds_the_archives_of_each_round_trip(client: Redis) -> None:
-    store = RedisPackageStore(client, namespace=fresh_namespace())
+@pytest.mark.parametrize("layout", [1, 2])
+async def test_iter_packages_bounds_the_archives_of_each_round_trip(
+    client: Redis, layout: int
+) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace(), layout=layout)
     # Archives of odd sizes around the bound, and one larger than it, which comes alone.
     sizes = [MIB, MIB + 1, MIB - 1, 3 * MIB, 1, 0, *[MIB] * 30, 2 * MIB, MIB // 3]
     puts = [pkg(f"t{i % 3}", f"h{i:03d}", bytes([i]) * size, n=i) for i, size in enumerate(sizes)]
@@ -118,7 +128,7 @@ async def test_a_listing_left_early_leaves_no_round_trip_behind(client: Redis) -
         return [t for t in asyncio.all_tasks() if "Recorder.send" in repr(t.get_coro())]
 
     rows = walk_of(store, recorder, max_bytes=8 * MIB).rows()
-    _, first, _ = await anext(rows)
+    _, first, _, _ = await anext(rows)
     assert round_trips(), "the next round trips are under way"
     await rows.aclose()  # type: ignore[attr-defined]
     for _ in range(100):  # each is cancelled, and ends at its next turn
@@ -130,10 +140,11 @@ async def test_a_listing_left_early_leaves_no_round_trip_behind(client: Redis) -
     assert len(await store.list_packages()) == 12
 
 
+@pytest.mark.parametrize("layout", [1, 2])
 async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(
-    client: Redis,
+    client: Redis, layout: int
 ) -> None:
-    store = RedisPackageStore(client, namespace=fresh_namespace())
+    store = RedisPackageStore(client, namespace=fresh_namespace(), layout=layout)
     puts = [pkg(f"t{i % 3}", f"h{i:03d}", bytes(100), n=i) for i in range(250)]
     for record in puts:
         await store.put_package(record)
@@ -149,4 +160,4 @@ def test_a_walk_refuses_a_bad_chunk(chunk: Any) -> None:
         raise AssertionError("nothing is sent")
 
     with pytest.raises((TypeError, ValueError), match="chunk"):
-        Walk(Keyspace("ns"), never, chunk, lambda key: [read_row(key)], lambda r: r[0][1])
+        Walk(Keyspace("ns"), never, chunk, read_head, lambda r: r[0][0])

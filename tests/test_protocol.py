@@ -20,7 +20,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, row_id
+from kvstore.redis.keyspace import (
+    BLOB_LAYOUT,
+    FORMAT_VERSION,
+    Keyspace,
+    archive_digest,
+    row_id,
+)
 from kvstore.redis.protocol import (
     ArgsRefusal,
     RouteChange,
@@ -32,7 +38,16 @@ from kvstore.redis.protocol import (
     format_refusal,
     type_refusal,
 )
-from kvstore.redis.scripts import DELETE_PACKAGE, PUT_PACKAGE, PUT_ROUTE, load_library
+from kvstore.redis.scripts import (
+    DELETE_PACKAGE,
+    DROP_BLOB,
+    PUT_BLOB,
+    PUT_PACKAGE,
+    PUT_PACKAGE_BLOB,
+    PUT_PACKAGE_DIGEST,
+    PUT_ROUTE,
+    load_library,
+)
 from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
@@ -449,7 +464,8 @@ async def refuses_every_misuse(connect: Callable[[], Redis]) -> None:
         await load_library(client)
         await client.delete(*await client.keys("{mine}:*"), *await client.keys("{theirs}:*"), "x")
         for namespace in ("mine", "theirs"):
-            async with RedisPackageStore(connect(), namespace=namespace) as store:
+            # Layout 1: the calls above are those of a store writing it.
+            async with RedisPackageStore(connect(), namespace=namespace, layout=1) as store:
                 for content_hash in ("h0", "h1"):
                     await store.put_package(PackageRecord("order", content_hash, b"PK", T0))
                 await store.client.aclose()
@@ -479,3 +495,87 @@ async def test_a_refused_call_raises_backend_error_naming_the_argument() -> None
         )
         assert await store.list_package_routes() == []
         await store.client.aclose()
+
+
+# Layout 2: the blob's key must be the blob of the digest the call carries, in the
+# namespace of KEYS[1] where there is one.
+
+A2, B2 = Keyspace("mine2"), Keyspace("theirs2")
+DIGEST = archive_digest(b"PK")
+OTHER_DIGEST = archive_digest(b"other")
+BLOB_PUT_CALL: tuple[Any, ...] = (6, A2.format, A2.index, A2.routes, A2.route_version)
+BLOB_PUT_CALL += (A2.row(ROW), A2.blob(DIGEST), BLOB_LAYOUT, A2.route_changes, ROW, STAMP)
+BLOB_PUT_CALL += (DIGEST, b"2", b"h1", b"PK", b"order")
+DIGEST_PUT_CALL: tuple[Any, ...] = (5, A2.format, A2.index, A2.routes, A2.route_version)
+DIGEST_PUT_CALL += (A2.row(ROW), BLOB_LAYOUT, A2.route_changes, ROW, STAMP)
+DIGEST_PUT_CALL += (DIGEST, b"2", b"h1", b"order")
+BLOB_CALL: tuple[Any, ...] = (1, A2.blob(DIGEST), DIGEST, b"PK")
+DROP_CALL: tuple[Any, ...] = (1, A2.blob(DIGEST), DIGEST, b"1")
+BLOB_PUT, DIGEST_PUT = PUT_PACKAGE_BLOB.name, PUT_PACKAGE_DIGEST.name
+BLOB, DROP = PUT_BLOB.name, DROP_BLOB.name
+CALLS.update({BLOB_PUT: BLOB_PUT_CALL, DIGEST_PUT: DIGEST_PUT_CALL, BLOB: BLOB_CALL})
+CALLS[DROP] = DROP_CALL
+NOT_A_DIGEST = "is not a digest (64 of 0-9 a-f)"
+BLOB_MISUSES = [
+    # The blob of another digest, or another namespace's, or a digest that is not one.
+    (changed(BLOB_PUT, 6, A2.blob(OTHER_DIGEST)), "KEYS[6]", "is not mine2/blob/{<ARGV[5]>}"),
+    (changed(BLOB_PUT, 6, B2.blob(DIGEST)), "KEYS[6]", "is not mine2/blob/{<ARGV[5]>}"),
+    (changed(BLOB_PUT, 11, DIGEST.upper()), "ARGV[5]", NOT_A_DIGEST),
+    (changed(BLOB_PUT, 11, DIGEST[:-1]), "ARGV[5]", NOT_A_DIGEST),
+    (changed(BLOB_PUT, 5, B2.row(ROW)), "KEYS[5]", "is not {mine2}:pkg:<ARGV[3]>"),
+    (changed(BLOB_PUT, 8, B2.route_changes), "ARGV[2]", "is not {mine2}:route-changes"),
+    (shaped(BLOB_PUT, BLOB_PUT_CALL[:-1]), "ARGV[9]", "is missing"),
+    (changed(DIGEST_PUT, 10, b"x" * 64), "ARGV[5]", NOT_A_DIGEST),
+    (changed(DIGEST_PUT, 5, B2.row(ROW)), "KEYS[5]", "is not {mine2}:pkg:<ARGV[3]>"),
+    (shaped(DIGEST_PUT, DIGEST_PUT_CALL[:-1]), "ARGV[8]", "is missing"),
+    (changed(BLOB, 1, A2.blob(OTHER_DIGEST)), "KEYS[1]", "is not ns/blob/{<ARGV[1]>}"),
+    (changed(BLOB, 1, A2.row(ROW)), "KEYS[1]", "is not ns/blob/{<ARGV[1]>}"),
+    (changed(BLOB, 1, b"mi{ne2/blob/{" + DIGEST + b"}"), "KEYS[1]", "is not ns/blob/{<ARGV[1]>}"),
+    (changed(BLOB, 2, b"nope"), "ARGV[1]", NOT_A_DIGEST),
+    (shaped(BLOB, BLOB_CALL[:-1]), "ARGV[2]", "is missing"),
+    (shaped(BLOB, (*BLOB_CALL, b"more")), "ARGV[3]", "is one too many"),
+    (shaped(BLOB, (2, A2.blob(DIGEST), *BLOB_CALL[1:])), "KEYS[2]", "is one too many"),
+    (changed(DROP, 1, A2.blob(OTHER_DIGEST)), "KEYS[1]", "is not ns/blob/{<ARGV[1]>}"),
+    (changed(DROP, 3, b"-1"), "ARGV[2]", "is not a time in microseconds"),
+]
+
+
+async def test_fakeredis_blob_functions_refuse_a_call_of_another_shape_and_write_nothing() -> None:
+    await refuses_every_blob_misuse(fake_clients())
+
+
+async def test_servers_blob_functions_refuse_a_call_of_another_shape_and_write_nothing(
+    server: LocalServer,
+) -> None:
+    await refuses_every_blob_misuse(server_clients(server))
+
+
+async def refuses_every_blob_misuse(connect: Callable[[], Redis]) -> None:
+    client = connect()
+
+    async def snapshot() -> dict[Any, Any]:
+        keys = []
+        for pattern in ("{mine2}:*", "{theirs2}:*", "mine2/*", "theirs2/*", "mi{ne2*"):
+            keys += await client.keys(pattern)
+        return {key: await client.dump(key) for key in sorted(keys)}
+
+    try:
+        await load_library(client)
+        for pattern in ("{mine2}:*", "{theirs2}:*", "mine2/*", "theirs2/*"):
+            if found := await client.keys(pattern):
+                await client.delete(*found)
+        for namespace in ("mine2", "theirs2"):
+            async with RedisPackageStore(connect(), namespace=namespace, layout=2) as store:
+                await store.put_package(PackageRecord("order", "h0", b"PK", T0))
+                await store.client.aclose()
+        # The calls are well formed but for what each case changes.
+        for function in (BLOB_PUT, DIGEST_PUT, BLOB):
+            await client.execute_command("FCALL", function, *CALLS[function])  # type: ignore[no-untyped-call]
+        before = await snapshot()
+        for (function, call), argument, why in BLOB_MISUSES:
+            with pytest.raises(ResponseError) as raised:
+                await client.execute_command("FCALL", function, *call)  # type: ignore[no-untyped-call]
+            assert args_refusal(raised.value) == ArgsRefusal(argument, why), (function, call)
+            assert await snapshot() == before, (function, call)
+    finally:
+        await client.aclose()

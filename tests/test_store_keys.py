@@ -1,9 +1,11 @@
-"""Every key a store writes: one slot per namespace, the layout docs/keyspace.md documents,
+"""Every key a store writes: one slot per namespace but for the blobs of archives, each
+layout as docs/keyspace.md documents it,
 a route version that never goes back; and what the store does on finding a key it did
 not write: it refuses, names the key, and writes nothing."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -11,19 +13,24 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 
 from kvstore import PackageHead, PackageRecord, RedisPackageStore, SerializationError
-from kvstore.redis.keyspace import Keyspace, row_id
+from kvstore.redis.keyspace import Keyspace, archive_digest, row_id
 
 from .conftest import fresh_namespace
 from .support import pkg
 
 
-async def test_every_key_of_a_namespace_sits_in_one_slot(client: Redis) -> None:
+async def test_every_key_of_a_namespace_but_its_blobs_sits_in_one_slot(client: Redis) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace())
-    await store.put_package_with_routes(pkg("a:b", "{x}"), ["c d"])
-    await store.put_package(pkg("é", "h", n=1))
+    await store.put_package_with_routes(pkg("a:b", "{x}", b"one"), ["c d"])
+    await store.put_package(pkg("é", "h", b"two", n=1))
     keys = [k async for k in client.scan_iter(match=f"{{{store.namespace}}}:*")]
     assert len(keys) == 6  # format, index, routes, route version and two rows
     assert {key_slot(k) for k in keys} == {key_slot(store.namespace.encode())}
+    # Each blob's slot follows its digest, whatever the namespace.
+    blobs = [k async for k in client.scan_iter(match=f"{store.namespace}/blob/*")]
+    digests = {archive_digest(b"one"), archive_digest(b"two")}
+    assert {key_slot(k) for k in blobs} == {key_slot(d) for d in digests}
+    assert len({key_slot(d) for d in digests}) == 2
 
 
 async def test_two_namespaces_on_one_server_never_see_each_other(client: Redis) -> None:
@@ -37,19 +44,32 @@ async def test_two_namespaces_on_one_server_never_see_each_other(client: Redis) 
     assert await second.get_package_route("order") == "h2"
 
 
-async def test_keyspace_is_as_documented(client: Redis) -> None:
-    store = RedisPackageStore(client, namespace=fresh_namespace())
+@pytest.mark.parametrize("layout", [1, 2])
+async def test_keyspace_is_as_documented(client: Redis, layout: int) -> None:
+    store = RedisPackageStore(client, namespace=fresh_namespace(), layout=layout)
+    before = await server_microseconds(client)
     await store.put_package(pkg("order", "h1", b"bytes"))
     ns = store.namespace
-    assert await client.get(f"{{{ns}}}:format") == b"1"
+    assert await client.get(f"{{{ns}}}:format") == b"%d" % layout
     assert await client.zrange(f"{{{ns}}}:packages", 0, -1, withscores=True) == [
         (b"2026-03-01T00:00:00.000000Z order\x00h1", 0.0)
     ]
-    assert await client.hgetall(f"{{{ns}}}:pkg:order\x00h1") == {
-        b"archive": b"bytes",
-        b"deployed_at": b"2026-03-01T00:00:00.000000Z",
-    }
+    row = await client.hgetall(f"{{{ns}}}:pkg:order\x00h1")
     assert await client.hgetall(f"{{{ns}}}:routes") == {b"order": b"h1"}
+    if layout == 1:
+        assert row == {b"archive": b"bytes", b"deployed_at": b"2026-03-01T00:00:00.000000Z"}
+        assert [k async for k in client.scan_iter(match=f"{ns}/blob/*")] == []
+        return
+    digest = hashlib.sha256(b"bytes").hexdigest().encode()
+    assert row == {
+        b"deployed_at": b"2026-03-01T00:00:00.000000Z",
+        b"digest": digest,
+        b"size": b"5",
+    }
+    blob = await client.hgetall(f"{ns}/blob/{{{digest.decode()}}}")
+    assert blob.keys() == {b"archive", b"written"}
+    assert blob[b"archive"] == b"bytes"
+    assert before <= int(blob[b"written"]) <= await server_microseconds(client)
 
 
 async def server_microseconds(client: Redis) -> int:
@@ -92,7 +112,7 @@ def test_a_namespace_that_could_break_the_hash_tag_is_refused(namespace: str) ->
 async def test_a_newer_layout_is_refused_by_every_call(client: Redis) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace())
     await store.put_package(pkg("order", "h1"))
-    await client.set(f"{{{store.namespace}}}:format", b"2")
+    await client.set(f"{{{store.namespace}}}:format", b"3")
     calls = [
         store.put_package(pkg("order", "h2", n=1)),
         store.put_package_route("order", "h2"),
@@ -103,9 +123,9 @@ async def test_a_newer_layout_is_refused_by_every_call(client: Redis) -> None:
         store.list_package_routes(),
     ]
     for call in calls:
-        with pytest.raises(SerializationError, match=r"format.*layout b'2'"):
+        with pytest.raises(SerializationError, match=r"format.*layout b'3'"):
             await call
-    await client.set(f"{{{store.namespace}}}:format", b"1")
+    await client.set(f"{{{store.namespace}}}:format", b"2")
     assert [r.content_hash for r in await store.list_packages()] == ["h1"]
     assert await store.get_package_route("order") == "h1"
 
@@ -203,7 +223,7 @@ SPOILT_READS = [
     ("get", "row", "string", "hash", "HMGET"),
     ("list", "index", "string", "zset", "ZRANGEBYLEX"),
     ("list", "row", "zset", "hash", "HSTRLEN"),
-    ("heads", "row", "list", "hash", "HGET"),
+    ("heads", "row", "list", "hash", "HMGET"),
     ("route", "routes", "string", "hash", "HGET"),
     ("routes", "routes", "zset", "hash", "HGETALL"),
 ]

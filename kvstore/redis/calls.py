@@ -293,7 +293,7 @@ class Calls:
         reply = replies[0]
         if isinstance(reply, ResponseError):
             found = format_refusal(reply)
-            if found in LAYOUTS and found != self.layout:
+            if found in LAYOUTS:
                 # Migrated since this store last looked (or made anew by another release):
                 # the caller builds the call again for the layout found.
                 self.layout = found
@@ -359,7 +359,9 @@ class Calls:
         raises ``LayoutChanged``, and the next ``write_layout`` is the one found."""
         if self.layout is None:
             await self.unit([])
-        return self._new_layout if self.layout is None else self.layout
+            if self.layout is None:  # the write makes the namespace, in this layout
+                self.layout = self._new_layout
+        return self.layout
 
     async def sends_alone(self, size: int) -> bool:
         """Whether a put whose archive is ``size`` bytes must be sent alone, because

@@ -413,7 +413,7 @@ class RedisPackageStore:
         size = len(archive)
         alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
         digest: bytes | None = None
-        while True:
+        for attempt in _LAYOUT_ATTEMPTS:
             layout = await self._calls.write_layout()
             try:
                 if layout == INLINE_LAYOUT:
@@ -433,7 +433,9 @@ class RedisPackageStore:
                 version = await self._put_blob_and_row(row, stamp, archive, digest, routed, alone)
                 break
             except LayoutChanged:
-                continue  # nothing was written: again, in the layout found
+                if attempt == _LAYOUT_ATTEMPTS[-1]:
+                    raise self._unsettled_layout() from None
+                # Nothing was written: again, in the layout found.
         self._note_routes(version, record.content_hash, types)
 
     async def _put_blob_and_row(
@@ -474,12 +476,19 @@ class RedisPackageStore:
     async def _write(self, build: Any) -> Any:
         """The reply to the call ``build(layout)`` makes for the namespace's layout (a
         call whose shape is the same in both: only the layout it names differs)."""
-        while True:
+        for _ in _LAYOUT_ATTEMPTS:
             layout = await self._calls.write_layout()
             try:
                 return await self._calls.call(build(layout))
             except LayoutChanged:
                 continue
+        raise self._unsettled_layout()
+
+    def _unsettled_layout(self) -> SerializationError:
+        return SerializationError(
+            f"{self._keys.format!r} changed layout on each of {len(_LAYOUT_ATTEMPTS)} "
+            "attempts of one write; nothing was written"
+        )
 
     async def delete_package(self, workflow_type: str, content_hash: str) -> None:
         row = row_id(
@@ -665,6 +674,10 @@ class RedisPackageStore:
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
 
+
+# How often a write is built again for a layout that changed under it: a migration
+# changes it once.
+_LAYOUT_ATTEMPTS = range(3)
 
 # Archives from this size on are hashed on a thread of their own (hashlib lets go of the
 # GIL), so the event loop goes on serving other calls meanwhile; a smaller one costs less
