@@ -13,6 +13,7 @@ are marked ``slow``.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ BACKENDS = ["fakeredis", *SERVERS]
 # tests add Valkey reached by clients of that protocol.
 WITH_RESP2 = [*BACKENDS, "valkey-resp2"]
 # In the fast subset; every other server or protocol is marked slow by ``each``.
-FAST = ("memory", "fakeredis", "valkey")
+FAST = ("memory", "fakeredis", "valkey", "fakeredis-layout1")
 _namespaces = itertools.count()
 
 
@@ -183,9 +184,12 @@ async def stores(backend: Backend) -> AsyncIterator[StoreFactory]:
 StoreMaker = Callable[[], PackageStore]
 
 
-@pytest.fixture(params=each("memory", *BACKENDS))
+@pytest.fixture(params=each("memory", *BACKENDS, *[f"{b}-layout1" for b in BACKENDS]))
 def make_store(request: pytest.FixtureRequest) -> StoreMaker:
-    """A factory of fresh, isolated stores on one backend."""
+    """A factory of fresh, isolated stores on one backend; ``-layout1``: in namespaces of
+    layout 1, archives inside rows (``RedisPackageStore``'s ``layout``)."""
     if request.param == "memory":
         return InMemoryPackageStore
-    return backend_named(request, request.param).store
+    name, _, layout = request.param.partition("-layout")
+    made = backend_named(request, name)
+    return functools.partial(made.store, layout=int(layout or 2))

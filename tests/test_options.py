@@ -59,6 +59,11 @@ BAD: list[tuple[str, object, type[Exception]]] = [
     ("route_health_interval", -1, ValueError),
     ("route_health_interval", True, TypeError),
     ("route_health_interval", "1", TypeError),
+    ("layout", 3, ValueError),
+    ("layout", 0, ValueError),
+    ("layout", "2", TypeError),
+    ("layout", True, TypeError),
+    ("layout", 2.0, TypeError),
 ]
 
 

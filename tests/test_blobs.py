@@ -1,0 +1,167 @@
+"""Layout 2: each archive a blob named by its SHA-256, stored once however many rows
+refer to it, and verified on every read; a store follows its namespace's layout."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from redis.asyncio import Redis
+
+from kvstore import PackageRecord, SerializationError
+from kvstore.redis.keyspace import Keyspace, archive_digest, row_id
+
+from .conftest import StoreFactory
+from .support import pkg
+
+MIB = 1 << 20
+
+
+async def blobs(client: Redis, keys: Keyspace) -> dict[bytes, bytes]:
+    """Every blob of the namespace: digest -> archive."""
+    found = {}
+    async for key in client.scan_iter(match=keys.blob_pattern):
+        digest = keys.digest_of(key)
+        assert digest is not None, key
+        found[digest] = await client.hget(key, "archive")
+    return found
+
+
+async def test_the_same_archive_under_several_rows_is_stored_once(
+    stores: StoreFactory, client: Redis
+) -> None:
+    store = stores()
+    keys = Keyspace(store.namespace)
+    shared, other = b"PK shared" * 100, b"PK other"
+    await store.put_package_with_routes(pkg("order", "h1", shared), ["billing", "audit"])
+    await store.put_package(pkg("order", "h1", shared, n=1))  # re-deployed
+    await store.put_package(pkg("refund", "r9", shared, n=2))  # under a new name
+    await store.put_package(pkg("order", "h2", other, n=3))
+    assert await blobs(client, keys) == {
+        archive_digest(shared): shared,
+        archive_digest(other): other,
+    }
+    # Deleting a row leaves the blob another row refers to.
+    await store.delete_package("order", "h1")
+    assert await store.get_package("refund", "r9") == pkg("refund", "r9", shared, n=2)
+    assert [r.archive for r in await store.list_packages()] == [shared, other]
+
+
+@pytest.mark.parametrize("size", [0, 1, 5000, 2 * MIB + 3])
+async def test_a_flipped_byte_in_a_blob_is_reported_naming_the_row_never_returned(
+    stores: StoreFactory, client: Redis, size: int
+) -> None:
+    store = stores()
+    keys = Keyspace(store.namespace)
+    archive = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    await store.put_package(pkg("order", "h1", archive))
+    await store.put_package(pkg("order", "h2", b"fine", n=1))
+    digest = archive_digest(archive)
+    damaged = bytearray(archive or b"\x00")
+    damaged[len(damaged) // 2] ^= 0x01
+    await client.hset(keys.blob(digest), "archive", bytes(damaged))
+    row = keys.row(row_id("order", "h1"))
+    says = f"{row!r} refers to the archive {keys.blob(digest)!r}, whose bytes do not match"
+    for read in (
+        store.get_package("order", "h1"),
+        store.list_packages(),
+        store.iter_packages(max_bytes=MIB).__anext__(),
+    ):
+        with pytest.raises(SerializationError) as raised:
+            await read
+        assert str(raised.value).startswith(says), raised.value
+    # What reads no archive still answers, and the other package is whole.
+    assert (await store.get_package_head("order", "h1")) is not None
+    assert await store.get_package("order", "h2") == pkg("order", "h2", b"fine", n=1)
+    # A put of the same bytes mends the blob.
+    await store.put_package(pkg("order", "h1", archive))
+    assert await store.get_package("order", "h1") == pkg("order", "h1", archive)
+
+
+async def test_a_missing_blob_is_reported_naming_the_row(
+    stores: StoreFactory, client: Redis
+) -> None:
+    store = stores()
+    keys = Keyspace(store.namespace)
+    await store.put_package(pkg("order", "h1", b"PK gone"))
+    await client.delete(keys.blob(archive_digest(b"PK gone")))
+    row = keys.row(row_id("order", "h1"))
+    for read in (store.get_package("order", "h1"), store.list_packages()):
+        with pytest.raises(SerializationError, match="which is missing") as raised:
+            await read
+        assert str(raised.value).startswith(repr(row))
+
+
+@pytest.mark.parametrize(("field", "value"), [("digest", b"0" * 63), ("size", b"-1")])
+async def test_a_row_with_a_damaged_digest_or_size_is_reported_naming_it(
+    stores: StoreFactory, client: Redis, field: str, value: bytes
+) -> None:
+    store = stores()
+    keys = Keyspace(store.namespace)
+    await store.put_package(pkg("order", "h1", b"PK"))
+    row = keys.row(row_id("order", "h1"))
+    await client.hset(row, field, value)
+    for read in (store.get_package("order", "h1"), store.list_packages()):
+        with pytest.raises(SerializationError, match=f"holds a {field}") as raised:
+            await read
+        assert str(raised.value).startswith(repr(row))
+
+
+async def test_a_store_writes_in_the_layout_its_namespace_has(
+    stores: StoreFactory, client: Redis
+) -> None:
+    keys = Keyspace((old := stores(layout=1)).namespace)
+    await old.put_package(pkg("order", "h1", b"inline"))
+    # A store that would make layout 2 writes layout 1 where the namespace has it.
+    new = stores(layout=2)
+    await new.put_package(pkg("order", "h2", b"still inline", n=1))
+    assert await client.hget(keys.row(row_id("order", "h2")), "archive") == b"still inline"
+    assert await blobs(client, keys) == {}
+    # Migrated under it (the marker changed, as `kvstore migrate` changes it), the next
+    # put is refused once, then made again in layout 2; reads take rows of both layouts.
+    await client.set(keys.format, b"2")
+    await new.put_package(pkg("order", "h3", b"a blob", n=2))
+    await new.put_package_route("order", "h1")
+    await new.delete_package("order", "h2")
+    assert await blobs(client, keys) == {archive_digest(b"a blob"): b"a blob"}
+    expected = [pkg("order", "h1", b"inline"), pkg("order", "h3", b"a blob", n=2)]
+    assert await new.list_packages() == expected
+    assert await old.list_packages() == expected
+    assert [h.size async for h in new.iter_package_heads()] == [6, 6]
+    assert await new.get_package_route("order") == "h1"
+
+
+async def test_a_row_migrated_while_a_listing_walks_is_listed_once_as_it_became(
+    stores: StoreFactory, client: Redis
+) -> None:
+    store = stores(layout=1)
+    keys = Keyspace(store.namespace)
+    records = [pkg("order", f"h{i}", b"archive %d" % i, n=i) for i in range(8)]
+    for record in records:
+        await store.put_package(record)
+    listed = []
+    async for record in store.iter_packages(chunk=2):
+        listed.append(record)
+        if len(listed) == 1:
+            # Every row becomes a row of layout 2 under the walk, as a migration makes it.
+            await client.set(keys.format, b"2")
+            for r in records:
+                row = keys.row(row_id(r.workflow_type, r.content_hash))
+                digest = hashlib.sha256(r.archive).hexdigest().encode()
+                await client.hset(keys.blob(digest), mapping={"archive": r.archive, "written": 1})
+                await client.hdel(row, "archive")
+                await client.hset(row, mapping={"digest": digest, "size": len(r.archive)})
+    assert listed == records
+
+
+async def test_a_blob_s_key_is_named_by_the_digest_the_store_computed(
+    stores: StoreFactory, client: Redis
+) -> None:
+    store = stores()
+    record = PackageRecord("order", "h1", b"\x00\xff PK", pkg().deployed_at)
+    await store.put_package(record)
+    digest = hashlib.sha256(record.archive).hexdigest()
+    key = f"{store.namespace}/blob/{{{digest}}}"
+    assert await client.hget(key, "archive") == record.archive
+    row = await client.hgetall(f"{{{store.namespace}}}:pkg:order\x00h1")
+    assert row[b"digest"] == digest.encode() and row[b"size"] == b"5"
