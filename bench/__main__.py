@@ -71,6 +71,8 @@ async def run(url: str, binary: str | None, sizes: F.Sizes) -> dict[str, Any]:
     measured(await F.put_concurrent(url, sizes, cached=True))
     for size in sizes.archives:
         measured(await F.archive_figures(url, sizes, size))
+    for size in sizes.archives:
+        measured(await F.layout_figures(url, sizes, size))
     measured(await F.route_lookup(url, sizes))
     measured(await F.listing_memory(url, sizes))
     measured(await F.memory(binary, sizes))

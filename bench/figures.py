@@ -30,8 +30,8 @@ from redis.asyncio import Redis
 
 from bench.report import Figure
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, encode_stamp, row_id
-from kvstore.redis.scripts import PUT_PACKAGE, load_library
+from kvstore.redis.keyspace import BLOB_LAYOUT, Keyspace, archive_digest, encode_stamp, row_id
+from kvstore.redis.scripts import PUT_PACKAGE_BLOB, load_library
 from kvstore.server_process import LocalServer, valkey_binary
 
 T0 = datetime(2026, 3, 1, tzinfo=timezone.utc)
@@ -135,13 +135,16 @@ def archive_of(size: int) -> bytes:
     return (b"kvstore-bench-archive " * (size // 22 + 1))[:size]
 
 
-def records(count: int, size: int = KIB) -> list[PackageRecord]:
-    """``count`` records never made before in this run: each put inserts a new row."""
+def records(count: int, size: int = KIB, *, distinct: bool = False) -> list[PackageRecord]:
+    """``count`` records never made before in this run: each put inserts a new row.
+    Their archives are one object, or with ``distinct`` each of other bytes (layout 2
+    stores an archive once however many rows refer to it)."""
     archive = archive_of(size)
     out = []
     for _ in range(count):
         i = next(_rows)
-        out.append(PackageRecord(f"type-{i}", f"h{i}", archive, T0 + timedelta(microseconds=i)))
+        own = (b"%d " % i + archive)[:size] if distinct else archive
+        out.append(PackageRecord(f"type-{i}", f"h{i}", own, T0 + timedelta(microseconds=i)))
     return out
 
 
@@ -209,16 +212,21 @@ def put_call(
     content_hash: bytes,
     types: list[bytes],
 ) -> tuple[Any, ...]:
-    """The command the store sends for one put, as a raw client sends it."""
+    """The command the store sends for one put on one server (layout 2: the archive's
+    blob, named by its digest, and the row, in one call), as a raw client sends it;
+    the digest is computed here, as the store computes it for each put."""
+    digest = archive_digest(archive)
     return (
-        *(RAW_PUT, PUT_PACKAGE.name, PUT_PACKAGE.numkeys),
+        *(RAW_PUT, PUT_PACKAGE_BLOB.name, PUT_PACKAGE_BLOB.numkeys),
         *(keys.format, keys.index, keys.routes, keys.route_version, keys.row(row)),
-        *(FORMAT_VERSION, keys.route_changes, row, stamp, archive, content_hash, *types),
+        keys.blob(digest),
+        *(BLOB_LAYOUT, keys.route_changes, row, stamp, digest, b"%d" % len(archive)),
+        *(content_hash, archive, *types),
     )
 
 
 def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
-    """The put of ``r`` for raw redis-py, built outside the timing."""
+    """The put of ``r`` for raw redis-py."""
     return put_call(
         keys,
         row_id(r.workflow_type, r.content_hash),
@@ -227,6 +235,14 @@ def raw_put_command(keys: Keyspace, r: PackageRecord) -> tuple[Any, ...]:
         r.content_hash.encode(),
         [r.workflow_type.encode()],
     )
+
+
+async def raw_get(raw: Redis, keys: Keyspace, row_key: bytes) -> bytes:
+    """A verified get as raw redis-py makes it: the row, then its blob, hashed."""
+    _, _, digest, _ = await raw.hmget(row_key, [b"archive", b"deployed_at", b"digest", b"size"])
+    archive = await raw.hget(keys.blob(digest), b"archive")
+    assert archive_digest(archive) == digest
+    return cast(bytes, archive)
 
 
 def benchmark_binary() -> str | None:
@@ -526,18 +542,18 @@ async def archive_figures(url: str, sizes: Sizes, size: ArchiveSize) -> list[Fig
                 return (time.perf_counter() - start) / len(batch)
 
             async def raw_put() -> float:
-                commands = [raw_put_command(keys, r) for r in records(size.puts, size.size)]
+                batch = records(size.puts, size.size)
                 start = time.perf_counter()
-                for command in commands:
-                    await call(raw, command)
-                return (time.perf_counter() - start) / len(commands)
+                for r in batch:  # each hashed as it is put, as the store hashes it
+                    await call(raw, raw_put_command(keys, r))
+                return (time.perf_counter() - start) / len(batch)
 
             (store_t, raw_t), _ = await median_rounds(rounds, store_put, raw_put)
             figures.append(
                 Figure(
                     f"put_{label}",
                     f"put_package one at a time, {text}, route caching on "
-                    f"(time per call; floor: one raw {RAW_PUT})",
+                    f"(time per call; floor: the archive hashed and one raw {RAW_PUT})",
                     store_t * 1e6,
                     raw_t * 1e6,
                     "us",
@@ -559,17 +575,18 @@ async def archive_figures(url: str, sizes: Sizes, size: ArchiveSize) -> list[Fig
                 await store.get_package(r.workflow_type, r.content_hash)
             return (time.perf_counter() - start) / len(got)
 
-        async def raw_get() -> float:
+        async def raw_gets() -> float:
             start = time.perf_counter()
             for key in row_keys:
-                await raw.hmget(key, [b"archive", b"deployed_at"])
+                await raw_get(raw, keys, key)
             return (time.perf_counter() - start) / len(row_keys)
 
-        (store_t, raw_t), _ = await median_rounds(rounds, store_get, raw_get)
+        (store_t, raw_t), _ = await median_rounds(rounds, store_get, raw_gets)
         figures.append(
             Figure(
                 f"get_{label}",
-                f"get_package one at a time, {text} (time per call; floor: one raw HMGET)",
+                f"get_package one at a time, {text} (time per call; floor: a raw HMGET of "
+                "the row, an HGET of its blob and the archive hashed)",
                 store_t * 1e6,
                 raw_t * 1e6,
                 "us",
@@ -591,10 +608,16 @@ async def archive_figures(url: str, sizes: Sizes, size: ArchiveSize) -> list[Fig
             members = cast(list[bytes], await raw.zrange(keys.index, 0, -1))
             pipe = raw.pipeline(transaction=False)
             for member in members:
-                pipe.hmget(keys.row(member[28:]), "archive", "deployed_at")
+                pipe.hmget(keys.row(member[28:]), "deployed_at", "digest")
             rows = await pipe.execute()
+            pipe = raw.pipeline(transaction=False)
+            for _, digest in rows:
+                pipe.hget(keys.blob(digest), "archive")
+            archives = await pipe.execute()
+            for (_, digest), archive in zip(rows, archives, strict=True):
+                assert archive_digest(archive) == digest
             elapsed = time.perf_counter() - start
-            assert len(rows) == len(listed)
+            assert len(archives) == len(listed)
             return elapsed
 
         (store_t, raw_t), _ = await median_rounds(rounds, store_list, raw_list)
@@ -602,7 +625,7 @@ async def archive_figures(url: str, sizes: Sizes, size: ArchiveSize) -> list[Fig
             Figure(
                 f"list_{label}",
                 f"list_packages of {size.listed} x {text} (time per listing; floor: one "
-                "ZRANGE + one pipelined HMGET of every row)",
+                "ZRANGE, one pipelined HMGET of every row, one of every blob, each hashed)",
                 store_t * 1e3,
                 raw_t * 1e3,
                 "ms",
@@ -768,7 +791,7 @@ async def listing_memory(url: str, sizes: Sizes) -> Figure:
 
 
 async def memory(binary: str | None, sizes: Sizes) -> Figure:
-    batch = records(sizes.memory_packages)
+    batch = records(sizes.memory_packages, distinct=True)
     archive_bytes = sum(len(r.archive) for r in batch)
 
     async def store_layout(url: str) -> None:
@@ -804,10 +827,81 @@ async def memory(binary: str | None, sizes: Sizes) -> Figure:
         per_package[name] = (after - before - archive_bytes) / len(batch)
     return Figure(
         "memory",
-        f"server memory per package beyond its archive ({sizes.memory_packages} x 1 KiB; "
-        "floor: a hash + a zset entry + a route field)",
+        f"server memory per package beyond its archive ({sizes.memory_packages} x 1 KiB, "
+        "each of other bytes, layout 2: a row and a blob; floor: a hash + a zset entry + "
+        "a route field)",
         per_package["store"],
         per_package["raw"],
         "B",
         per_package["store"] / per_package["raw"],
     )
+
+
+# 7. What layout 2 (blobs named by digest, verified on every read) costs beside layout 1
+# (archives inside rows), store against store in the same run: reported, no target.
+
+
+async def layout_figures(url: str, sizes: Sizes, size: ArchiveSize) -> list[Figure]:
+    label, text = size_name(size.size), size_text(size.size)
+    rounds = sizes.rounds if size.rounds is None else min(size.rounds, sizes.rounds)
+    listed = records(size.listed, size.size)
+    got = [listed[i % len(listed)] for i in range(max(size.gets, 1))]
+    puts = max(size.puts, 1)
+    stores = [RedisPackageStore.from_url(url, namespace=namespace(), layout=n) for n in (2, 1)]
+    try:
+        for store in stores:
+            for start in range(0, len(listed), 100):
+                await asyncio.gather(*(store.put_package(r) for r in listed[start : start + 100]))
+
+        def timed_puts(store: RedisPackageStore) -> Callable[[], Awaitable[float]]:
+            async def round_() -> float:
+                batch = records(puts, size.size)
+                start = time.perf_counter()
+                for r in batch:
+                    await store.put_package(r)
+                elapsed = (time.perf_counter() - start) / len(batch)
+                for r in batch:
+                    await store.delete_package(r.workflow_type, r.content_hash)
+                return elapsed
+
+            return round_
+
+        def timed_gets(store: RedisPackageStore) -> Callable[[], Awaitable[float]]:
+            async def round_() -> float:
+                start = time.perf_counter()
+                for r in got:
+                    await store.get_package(r.workflow_type, r.content_hash)
+                return (time.perf_counter() - start) / len(got)
+
+            return round_
+
+        def timed_list(store: RedisPackageStore) -> Callable[[], Awaitable[float]]:
+            async def round_() -> float:
+                start = time.perf_counter()
+                await store.list_packages()
+                return time.perf_counter() - start
+
+            return round_
+
+        figures = []
+        for what, timed, unit, scale in (
+            ("put", timed_puts, "us", 1e6),
+            ("get", timed_gets, "us", 1e6),
+            ("list", timed_list, "ms", 1e3),
+        ):
+            (blobs, inline), _ = await median_rounds(rounds, *map(timed, stores))
+            figures.append(
+                Figure(
+                    f"layout_{what}_{label}",
+                    f"{what} of {text} archives in layout 2 (blobs, hashed on put, verified "
+                    "on read) beside layout 1 (archives inside rows), store against store",
+                    blobs * scale,
+                    inline * scale,
+                    unit,
+                    blobs / inline,
+                )
+            )
+        return figures
+    finally:
+        for store in stores:
+            await store.aclose()

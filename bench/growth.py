@@ -22,7 +22,7 @@ from bench.figures import (
     records,
     writer,
 )
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.keyspace import BLOB_LAYOUT, Keyspace
 
 
 async def catalogue_growth(url: str, sizes: Sizes) -> list[dict[str, Any]]:
@@ -104,7 +104,7 @@ async def _route_row(url: str, raw: Redis, sizes: Sizes, count: int) -> dict[str
     types = [f"type-{i}" for i in range(count)]
     fields = [t.encode() for t in types]
     await raw.hset(keys.routes, mapping={t: f"h{i}" for i, t in enumerate(types)})
-    await raw.set(keys.format, FORMAT_VERSION)
+    await raw.set(keys.format, BLOB_LAYOUT)
     lookups = min(sizes.lookups, 20_000)
     # A stride coprime with the table's size visits its types in a scattered order.
     order = [i * 7919 % count for i in range(max(lookups, sizes.raw_lookups))]

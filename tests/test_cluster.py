@@ -14,8 +14,9 @@ import redis.asyncio
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
-from kvstore import BackendError, PackageRecord, RedisPackageStore
+from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
 from kvstore.conformance import SCENARIOS, T0, run_scenario
+from kvstore.redis.keyspace import Keyspace, archive_digest
 from kvstore.redis.scripts import LIBRARY
 from kvstore.server_process import LocalServer, free_port
 
@@ -68,12 +69,55 @@ def cluster_url(nodes: list[LocalServer], password: str | None = None) -> str:
     return f"redis+cluster://{credentials}" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
 
 
+@pytest.mark.parametrize("layout", [1, 2])
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
-async def test_cluster_keeps_the_promise(cluster: list[LocalServer], scenario: str) -> None:
+async def test_cluster_keeps_the_promise(
+    cluster: list[LocalServer], scenario: str, layout: int
+) -> None:
     url = cluster_url(cluster)
     await run_scenario(
-        scenario, lambda: RedisPackageStore.from_url(url, namespace=fresh_namespace())
+        scenario,
+        lambda: RedisPackageStore.from_url(url, namespace=fresh_namespace(), layout=layout),
     )
+
+
+async def test_archives_spread_over_every_primary_stored_once_and_verified(
+    cluster: list[LocalServer],
+) -> None:
+    namespace = fresh_namespace()
+    keys = Keyspace(namespace)
+    archives = [bytes([i]) * 4096 for i in range(60)]
+    async with RedisPackageStore.from_url(cluster_url(cluster), namespace=namespace) as store:
+        for i, archive in enumerate(archives):
+            await store.put_package(PackageRecord("order", f"h{i}", archive, T0))
+        for i, archive in enumerate(archives[:20]):  # the same bytes under other names
+            await store.put_package_with_routes(PackageRecord("copy", f"c{i}", archive, T0), ["x"])
+        per_node = []
+        for node in cluster:
+            with redis.Redis(port=node.port) as raw:
+                per_node.append(list(raw.scan_iter(match=keys.blob_pattern, count=1000)))
+        # Each primary holds some of the namespace's archives, and each archive is held once.
+        assert all(len(held) >= 8 for held in per_node), [len(h) for h in per_node]
+        assert sorted(k for held in per_node for k in held) == sorted(
+            keys.blob(archive_digest(a)) for a in archives
+        )
+        listed = await store.list_packages()
+        assert len(listed) == 80
+        assert {r.content_hash: r.archive for r in listed} == {
+            **{f"h{i}": a for i, a in enumerate(archives)},
+            **{f"c{i}": a for i, a in enumerate(archives[:20])},
+        }
+        # A flipped byte on the blob's own node is reported, never returned.
+        victim = keys.blob(archive_digest(archives[7]))
+        owner = next(n for n, held in zip(cluster, per_node, strict=True) if victim in held)
+        with redis.Redis(port=owner.port) as raw:
+            raw.hset(victim, "archive", b"\x08" + archives[7][1:])
+        with pytest.raises(SerializationError, match="do not match its digest"):
+            await store.get_package("order", "h7")
+        with pytest.raises(SerializationError, match="do not match its digest"):
+            await store.list_packages()
+        await store.put_package(PackageRecord("order", "h7", archives[7], T0))  # mended
+        assert (await store.get_package("order", "h7")) is not None
 
 
 async def test_a_given_cluster_client_works_and_stays_open(cluster: list[LocalServer]) -> None:
@@ -184,7 +228,8 @@ async def test_a_write_costs_no_key_lookup_on_the_server(cluster: list[LocalServ
         for a, b in zip(after, before, strict=True)
         if "cmdstat_fcall" in a
     ]
-    assert sum(calls) == 22
+    # Each put of layout 2 is two calls: the blob on its node, then the row.
+    assert sum(calls) == 2 * 20 + 2
     assert lookups == [0, 0, 0]
 
 
