@@ -54,9 +54,10 @@ NOT_NEEDED = {"client|setinfo", "config|get", "function|list"}
 # docs/operators/least-privilege.md states it, with the library's name as ``kvstore setup``
 # prints it.
 NARROWED_FCALL = (
-    "+fcall|{library}_put_package +fcall|{library}_put_package_blob "
-    "+fcall|{library}_put_blob +fcall|{library}_put_package_digest "
-    "+fcall|{library}_put_route +fcall|{library}_delete_package"
+    "+fcall|{library}_put_package +fcall|{library}_put_package_inline "
+    "+fcall|{library}_put_package_blob +fcall|{library}_put_blob "
+    "+fcall|{library}_put_package_digest +fcall|{library}_put_route "
+    "+fcall|{library}_delete_package"
 )
 
 

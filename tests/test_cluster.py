@@ -86,7 +86,7 @@ async def test_archives_spread_over_every_primary_stored_once_and_verified(
 ) -> None:
     namespace = fresh_namespace()
     keys = Keyspace(namespace)
-    archives = [bytes([i]) * 4096 for i in range(60)]
+    archives = [bytes([i]) * 5000 for i in range(60)]  # kept as blobs
     async with RedisPackageStore.from_url(cluster_url(cluster), namespace=namespace) as store:
         for i, archive in enumerate(archives):
             await store.put_package(PackageRecord("order", f"h{i}", archive, T0))
@@ -213,8 +213,8 @@ async def test_a_write_costs_no_key_lookup_on_the_server(cluster: list[LocalServ
     ) as store:
         await store.put_package(PackageRecord("order", "h0", b"zip", T0))
         before = await node_stats(cluster)
-        for i in range(20):
-            await store.put_package(PackageRecord("order", f"h{i}", b"zip", T0))
+        for i in range(20):  # of archives kept as blobs: two calls each
+            await store.put_package(PackageRecord("order", f"h{i}", b"zip" * 2000, T0))
         await store.put_package_route("order", "h1")
         await store.delete_package("order", "h2")
         after = await node_stats(cluster)

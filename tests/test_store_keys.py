@@ -21,14 +21,15 @@ from .support import pkg
 
 async def test_every_key_of_a_namespace_but_its_blobs_sits_in_one_slot(client: Redis) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace())
-    await store.put_package_with_routes(pkg("a:b", "{x}", b"one"), ["c d"])
-    await store.put_package(pkg("é", "h", b"two", n=1))
+    one, two = b"one" * 2000, b"two" * 2000  # archives kept as blobs
+    await store.put_package_with_routes(pkg("a:b", "{x}", one), ["c d"])
+    await store.put_package(pkg("é", "h", two, n=1))
     keys = [k async for k in client.scan_iter(match=f"{{{store.namespace}}}:*")]
     assert len(keys) == 6  # format, index, routes, route version and two rows
     assert {key_slot(k) for k in keys} == {key_slot(store.namespace.encode())}
     # Each blob's slot follows its digest, whatever the namespace.
     blobs = [k async for k in client.scan_iter(match=f"{store.namespace}/blob/*")]
-    digests = {archive_digest(b"one"), archive_digest(b"two")}
+    digests = {archive_digest(one), archive_digest(two)}
     assert {key_slot(k) for k in blobs} == {key_slot(d) for d in digests}
     assert len({key_slot(d) for d in digests}) == 2
 
@@ -48,7 +49,8 @@ async def test_two_namespaces_on_one_server_never_see_each_other(client: Redis) 
 async def test_keyspace_is_as_documented(client: Redis, layout: int) -> None:
     store = RedisPackageStore(client, namespace=fresh_namespace(), layout=layout)
     before = await server_microseconds(client)
-    await store.put_package(pkg("order", "h1", b"bytes"))
+    archive = b"bytes" * 1000  # a blob in layout 2 (small ones stay inside their rows)
+    await store.put_package(pkg("order", "h1", archive))
     ns = store.namespace
     assert await client.get(f"{{{ns}}}:format") == b"%d" % layout
     assert await client.zrange(f"{{{ns}}}:packages", 0, -1, withscores=True) == [
@@ -57,18 +59,18 @@ async def test_keyspace_is_as_documented(client: Redis, layout: int) -> None:
     row = await client.hgetall(f"{{{ns}}}:pkg:order\x00h1")
     assert await client.hgetall(f"{{{ns}}}:routes") == {b"order": b"h1"}
     if layout == 1:
-        assert row == {b"archive": b"bytes", b"deployed_at": b"2026-03-01T00:00:00.000000Z"}
+        assert row == {b"archive": archive, b"deployed_at": b"2026-03-01T00:00:00.000000Z"}
         assert [k async for k in client.scan_iter(match=f"{ns}/blob/*")] == []
         return
-    digest = hashlib.sha256(b"bytes").hexdigest().encode()
+    digest = hashlib.sha256(archive).hexdigest().encode()
     assert row == {
         b"deployed_at": b"2026-03-01T00:00:00.000000Z",
         b"digest": digest,
-        b"size": b"5",
+        b"size": b"5000",
     }
     blob = await client.hgetall(f"{ns}/blob/{{{digest.decode()}}}")
     assert blob.keys() == {b"archive", b"written"}
-    assert blob[b"archive"] == b"bytes"
+    assert blob[b"archive"] == archive
     assert before <= int(blob[b"written"]) <= await server_microseconds(client)
 
 

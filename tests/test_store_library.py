@@ -157,7 +157,13 @@ async def test_a_write_after_a_restart_on_empty_data_loads_the_library_again() -
 # A library of this release's name is trusted only once its code is this release's.
 
 
-IMPOSTOR_PUTS = ("put_package", "put_package_blob", "put_package_digest", "put_blob")
+IMPOSTOR_PUTS = (
+    "put_package",
+    "put_package_inline",
+    "put_package_blob",
+    "put_package_digest",
+    "put_blob",
+)
 
 
 def impostor_text(functions: tuple[str, ...] = IMPOSTOR_PUTS) -> bytes:
@@ -393,7 +399,7 @@ async def test_a_library_removed_as_often_as_it_is_loaded_fails_the_put_with_its
             await store.put_package(pkg("order", "h1"))
         assert loads > 1  # loaded again after the first miss, until the budget was spent
         assert str(raised.value) == (
-            f"{store.server}: the function {LIBRARY.name}_put_package_blob of the kvstore library "
+            f"{store.server}: the function {LIBRARY.name}_put_package_inline of the kvstore library "
             f"{LIBRARY.name} was missing again after each of {loads} loads in 0.3 s: something "
             "removes the library (FUNCTION FLUSH or FUNCTION DELETE) as often as it is "
             "loaded, or another library of its name without that function is loaded where "

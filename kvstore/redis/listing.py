@@ -119,15 +119,19 @@ def archive_size(key: bytes) -> list[Command]:
     return [(_HSTRLEN, key, _ARCHIVE_FIELD), (_HMGET, key, _BLOB_FIELDS)]
 
 
-def read_size(keys: Keyspace, key: bytes, inline: Any, blob: Any) -> tuple[int, bytes | None]:
-    """``(size, digest)`` from the replies to ``archive_size(key)``: a blob's size and
-    digest, or the size of the archive inside the row and ``None``."""
+def read_size(key: bytes, inline: Any, blob: Any) -> tuple[int, bytes | None, bool]:
+    """``(size, digest, in a blob)`` from the replies to ``archive_size(key)``: the
+    archive's size, the digest it is verified against (``None`` for a row of layout 1),
+    and whether a blob holds it rather than the row."""
     digest, stored = blob if isinstance(blob, list) and len(blob) == 2 else (None, None)
     if digest is None:
-        return int(inline), None
+        return int(inline), None, False
     if not is_digest(digest):
         raise SerializationError(f"{key!r} holds a digest that is not one: {digest!r:.80}")
-    return decimal_size(key, stored), digest
+    size = decimal_size(key, stored)
+    # A row of layout 2 keeps a small archive inside it, an empty one included: a row
+    # whose archive is in a blob has none of its own, and its archive is never empty.
+    return size, digest, not (inline or size == 0)
 
 
 class Member(NamedTuple):
@@ -165,7 +169,7 @@ class RoundTrip:
 
     replies: asyncio.Task[list[Any]]
     rows: list[Member]
-    digests: list[bytes | None]  # of the blob each of ``rows`` was sized with, if any
+    digests: list[bytes | None]  # each of ``rows`` was sized with, if it has one
     sizing: list[Member]
     asks_members: bool
     size: int  # the bytes of the archives of ``rows``
@@ -174,8 +178,8 @@ class RoundTrip:
 class Walk:
     """One walk of the index; ``rows()`` is the walk itself (see the module's promise).
 
-    ``fetch_row(key, digest)`` is the commands that read a row (``digest``: the blob
-    sizing found it refers to, or ``None``), as many for every row, ``stamp_of(replies)``
+    ``fetch_row(key, digest)`` is the commands that read a row (``digest``: of the blob
+    sizing found holds its archive, or ``None``), as many for every row, ``stamp_of(replies)``
     the row's ``deployed_at`` as read by them. ``max_bytes``: the bound on archives held,
     or ``None`` for a walk that reads no archives (and sizes none: ``digest`` is then
     ``None``).
@@ -203,10 +207,10 @@ class Walk:
         # one are handed out, and memory is used and given back in small pieces.
         self._group = None if max_bytes is None else max(1, min(max_bytes // 2, LISTING_GROUP))
         # Members read from the index whose size is still to be asked for, and members
-        # with their archive's size (0 for every row without max_bytes) and the digest
-        # of the blob that holds it, if one does, in index order.
+        # with their archive's size (0 for every row without max_bytes), its digest if
+        # the row has one, and whether a blob holds it, in index order.
         self._unsized: list[Member] = []
-        self._sized: deque[tuple[Member, int, bytes | None]] = deque()
+        self._sized: deque[tuple[Member, int, bytes | None, bool]] = deque()
         self._more = True  # the index may hold members after ``_last``
         self._last = b""
         self._under_way: deque[RoundTrip] = deque()
@@ -214,8 +218,9 @@ class Walk:
         self._listed: set[bytes] = set()
 
     async def rows(self) -> AsyncIterator[tuple[bytes, Member, list[Any], bytes | None]]:
-        """``(key, index member, replies to fetch_row(key, digest), digest)`` for each row
-        in index order, each row at most once."""
+        """``(key, index member, replies to fetch_row(key, ...), digest)`` for each row in
+        index order, each row at most once; ``digest`` is the one the row's archive is to
+        be verified against (``None``: a row of layout 1, or a walk that sizes nothing)."""
         (members,) = await self._send([self._next_members(b"-")], large=False)
         self._take_members(members)
         try:
@@ -252,7 +257,7 @@ class Walk:
         self._last = members[-1] if members else self._last
         decoded = [decode_member(self._keys, m) for m in members]
         if self._max_bytes is None:
-            self._sized.extend((m, 0, None) for m in decoded)
+            self._sized.extend((m, 0, None, False) for m in decoded)
         else:
             self._unsized = decoded
 
@@ -272,12 +277,12 @@ class Walk:
             self._send_round_trip()
 
     def _send_round_trip(self) -> None:
-        rows, digests, size = self._take_rows()
+        rows, sources, size = self._take_rows()
         row_key = self._keys.row
         commands = [
             c
-            for row, digest in zip(rows, digests, strict=True)
-            for c in self._fetch_row(row_key(row.row), digest)
+            for row, (digest, in_blob) in zip(rows, sources, strict=True)
+            for c in self._fetch_row(row_key(row.row), digest if in_blob else None)
         ]
         # Once the rows sized are all read (by this round trip), the sizes of the
         # members read next, and the members after them: one chunk ahead, no more.
@@ -289,6 +294,7 @@ class Walk:
             self._more = False  # until the reply says
         # Archives of a MiB and more follow each other on one connection.
         task = asyncio.get_running_loop().create_task(self._send(commands, large=size >= SLICE))
+        digests = [digest for digest, _ in sources]
         self._under_way.append(RoundTrip(task, rows, digests, sizing, asks_members, size))
 
     def _read_sizes_and_members(self, trip: RoundTrip, replies: list[Any]) -> None:
@@ -297,7 +303,7 @@ class Walk:
         for i, member in enumerate(trip.sizing):
             inline, blob = replies[start + 2 * i : start + 2 * i + 2]
             key = self._keys.row(member.row)
-            self._sized.append((member, *read_size(self._keys, key, inline, blob)))
+            self._sized.append((member, *read_size(key, inline, blob)))
         if trip.asks_members:
             self._take_members(replies[-1])
 
@@ -308,23 +314,23 @@ class Walk:
             return 0
         return (len(replies) - 2 * len(trip.sizing) - trip.asks_members) // len(trip.rows)
 
-    def _take_rows(self) -> tuple[list[Member], list[bytes | None], int]:
-        """The next rows to read, the digests of their blobs, and their archives' bytes:
-        up to ``chunk`` rows, their archives within a group (at least one row, whatever
-        its size)."""
+    def _take_rows(self) -> tuple[list[Member], list[tuple[bytes | None, bool]], int]:
+        """The next rows to read, the digest of each and whether a blob holds its
+        archive, and their archives' bytes: up to ``chunk`` rows, their archives within a
+        group (at least one row, whatever its size)."""
         rows: list[Member] = []
-        digests: list[bytes | None] = []
+        sources: list[tuple[bytes | None, bool]] = []
         total = 0
         sized, group = self._sized, self._group
         while sized and len(rows) < self._chunk:
-            row, size, digest = sized[0]
+            row, size, digest, in_blob = sized[0]
             if group is not None and rows and total + size > group:
                 break
             sized.popleft()
             rows.append(row)
-            digests.append(digest)
+            sources.append((digest, in_blob))
             total += size
-        return rows, digests, total
+        return rows, sources, total
 
     def _next_members(self, after: bytes) -> Command:
         return ("ZRANGEBYLEX", self._keys.index, after, b"+", b"LIMIT", 0, self._chunk)

@@ -70,6 +70,7 @@ from kvstore.redis.scripts import (
     PUT_PACKAGE,
     PUT_PACKAGE_BLOB,
     PUT_PACKAGE_DIGEST,
+    PUT_PACKAGE_INLINE,
     PUT_ROUTE,
 )
 from kvstore.redis.target import target_for
@@ -218,6 +219,7 @@ class RedisPackageStore:
             BLOB_LAYOUT: PUT_PACKAGE_BLOB.call_prefix(*put_keys),
         }
         self._put_row_prefix = PUT_PACKAGE_DIGEST.call_prefix(*put_keys)
+        self._put_inline_prefix = PUT_PACKAGE_INLINE.call_prefix(*put_keys)
         self._put_shared = {
             layout: PrePacked(layout, k.route_changes) for layout in (INLINE_LAYOUT, BLOB_LAYOUT)
         }
@@ -447,11 +449,23 @@ class RedisPackageStore:
         routed: tuple[bytes, ...],
         alone: bool,
     ) -> int:
-        """Layout 2: the blob and the row, in one call where one call may write both (one
-        server), else the blob first, on its own node, then the row."""
+        """Layout 2: a small archive inside its row; a larger one as a blob, written with
+        its row in one call where one call may write both (one server), else first, on
+        its own node, then the row."""
         keys, size = self._keys, len(archive)
         blob = keys.blob(digest)
         shared = (self._put_shared[BLOB_LAYOUT], row, stamp, digest, b"%d" % size)
+        if size <= INLINE_LIMIT:
+            inline: Command = (
+                self._put_inline_prefix,
+                keys.row(row),
+                *shared,
+                routed[0],
+                archive,
+                *routed[1:],
+            )
+            version: int = await self._calls.call(inline, size, alone=alone)
+            return version
         if self._target.writes_across_slots:
             command: Command = (
                 self._put_prefix[BLOB_LAYOUT],
@@ -462,7 +476,7 @@ class RedisPackageStore:
                 archive,
                 *routed[1:],
             )
-            version: int = await self._calls.call(command, size, alone=alone)
+            version = await self._calls.call(command, size, alone=alone)
             return version
         await self._calls.call((PUT_BLOB.call_prefix(blob), digest, archive), size, alone=alone)
         version = await self._calls.call((self._put_row_prefix, keys.row(row), *shared, *routed))
@@ -523,10 +537,11 @@ class RedisPackageStore:
             if not is_digest(digest):
                 raise SerializationError(f"{key!r} holds a digest that is not one: {digest!r:.80}")
             expected = decimal_size(key, size)
-            big = expected >= LISTING_LARGE
-            (archive,) = await self._calls.unit(
-                [read_blob(self._keys.blob(digest))], large=big, archives=True
-            )
+            if archive is None:  # in a blob
+                big = expected >= LISTING_LARGE
+                (archive,) = await self._calls.unit(
+                    [read_blob(self._keys.blob(digest))], large=big, archives=True
+                )
             await _verify(self._keys, key, digest, archive)
         return self._record(key, row, archive, stamp)
 
@@ -675,6 +690,12 @@ class RedisPackageStore:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
 
 
+# Layout 2 keeps an archive of at most this many bytes inside its row: a blob would take
+# a get a second round trip, which costs a small archive twice what it costs to read it
+# (`python -m bench`: layout_get_1KiB), and such archives add little to the namespace's
+# node. Verified all the same: the row holds its digest.
+INLINE_LIMIT = 4 << 10
+
 # How often a write is built again for a layout that changed under it: a migration
 # changes it once.
 _LAYOUT_ATTEMPTS = range(3)
@@ -696,7 +717,7 @@ async def _digest(archive: bytes) -> bytes:
 
 async def _verify(keys: Keyspace, key: bytes, digest: bytes, archive: Any) -> None:
     """Raise ``SerializationError`` naming the row at ``key`` unless ``archive``, read from
-    the blob of ``digest``, is there and is the bytes that digest names."""
+    the row or from the blob of ``digest``, is there and is the bytes that digest names."""
     blob = keys.blob(digest)
     if not isinstance(archive, bytes):
         raise SerializationError(
@@ -705,6 +726,6 @@ async def _verify(keys: Keyspace, key: bytes, digest: bytes, archive: Any) -> No
         )
     if await _digest(archive) != digest:
         raise SerializationError(
-            f"{key!r} refers to the archive {blob!r}, whose bytes do not match its digest "
+            f"{key!r} holds an archive whose bytes do not match its digest {digest.decode()} "
             "(damaged on the server); the package must be deployed again"
         )
