@@ -26,7 +26,9 @@ async def blobs(client: Redis, keys: Keyspace) -> dict[bytes, bytes]:
     async for key in client.scan_iter(match=keys.blob_pattern):
         digest = keys.digest_of(key)
         assert digest is not None, key
-        found[digest] = await client.hget(key, "archive")
+        archive = await client.hget(key, "archive")
+        assert isinstance(archive, bytes)
+        found[digest] = archive
     return found
 
 

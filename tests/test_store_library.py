@@ -399,9 +399,9 @@ async def test_a_library_removed_as_often_as_it_is_loaded_fails_the_put_with_its
             await store.put_package(pkg("order", "h1"))
         assert loads > 1  # loaded again after the first miss, until the budget was spent
         assert str(raised.value) == (
-            f"{store.server}: the function {LIBRARY.name}_put_package_inline of the kvstore library "
-            f"{LIBRARY.name} was missing again after each of {loads} loads in 0.3 s: something "
-            "removes the library (FUNCTION FLUSH or FUNCTION DELETE) as often as it is "
+            f"{store.server}: the function {LIBRARY.name}_put_package_inline of the kvstore "
+            f"library {LIBRARY.name} was missing again after each of {loads} loads in 0.3 s: "
+            "something removes the library (FUNCTION FLUSH or FUNCTION DELETE) as often as it is "
             "loaded, or another library of its name without that function is loaded where "
             "this credential may not check its code (FUNCTION LIST); nothing was written"
         )
