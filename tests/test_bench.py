@@ -28,6 +28,7 @@ from kvstore.server_process import LocalServer
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
+SIZES = ("1KiB", "1MiB", "16MiB")
 FIGURES = {
     "put_one",
     "put_one_cached",
@@ -46,6 +47,7 @@ FIGURES = {
     "route_staleness",
     "iter_packages_rss",
     "memory",
+    *(f"layout_{what}_{size}" for what in ("put", "get", "list") for size in SIZES),
 }
 
 
