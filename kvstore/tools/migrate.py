@@ -75,7 +75,7 @@ _ROW_FIELDS = PrePacked(b"archive", b"deployed_at")
 
 # migrate_row-2.lua's replies.
 _MIGRATED, _NO_ROW, _NO_ARCHIVE, _OTHER_STAMP, _NO_MARKER = 1, 0, 2, 3, -1
-# set_layout-1.lua's replies.
+# set_layout-1.lua's replies (and _NO_MARKER).
 _SET, _ALREADY = 1, 0
 
 
@@ -206,17 +206,19 @@ class _Migration:
         found = self.calls.reply(await self.calls.send_one(read), read)
         if found is not None and found not in LAYOUTS:
             raise MigrationRefused(
-                f"{self.keys.format!r} says layout {found!r}, which this kvstore does not know; "
-                "it migrates layout 1 to layout 2 and changed nothing"
+                f"its layout marker {_text(self.keys.format)} says {_text(found)!r}, a layout "
+                "this kvstore does not know; it migrates layout 1 to layout 2 and changed "
+                "nothing"
             )
         return found  # type: ignore[no-any-return]
 
     async def _set_layout(self) -> bool:
         """Set the marker from 1 to 2; whether this call did (not: it was 2 already)."""
         reply = await self._call((self.set_prefix, INLINE_LAYOUT, BLOB_LAYOUT))
-        if reply == -1:
+        if reply == _NO_MARKER:
             raise MigrationRefused(
-                f"{self.keys.format!r} was removed while the migration began; nothing was changed"
+                f"its layout marker {_text(self.keys.format)} was removed as the migration "
+                "began; nothing was changed"
             )
         return bool(reply == _SET)
 
@@ -225,7 +227,8 @@ class _Migration:
             return await self.calls.call(command, size, alone=alone)
         except LayoutChanged as exc:
             raise MigrationRefused(
-                f"{self.keys.format!r} says layout {exc.args[0]!r} again: it was set back "
+                f"its layout marker {_text(self.keys.format)} says {_text(exc.args[0])!r}: "
+                "it was set back "
                 "while the migration ran, which stopped; the rows migrated stay migrated "
                 "and are read by every engine of this release"
             ) from None
@@ -319,7 +322,7 @@ class _Migration:
             report.skipped += 1  # deleted, or put again in layout 2, since it was sized
             return
         if not isinstance(stamp, bytes):
-            report.damaged.append(key.decode("utf-8", "backslashreplace").replace("\x00", "\\0"))
+            report.damaged.append(_text(key))
             return
         digest = (
             await asyncio.to_thread(archive_digest, archive) if large else archive_digest(archive)
@@ -338,7 +341,8 @@ class _Migration:
             self.progress("migrating", report.bytes, 0, report.migrated)
         elif reply == _NO_MARKER:
             raise MigrationRefused(
-                f"{self.keys.format!r} was removed while the migration ran, which stopped; "
+                f"its layout marker {_text(self.keys.format)} was removed while the migration "
+                "ran, which stopped; "
                 "the rows migrated stay migrated"
             )
         elif reply in (_NO_ROW, _NO_ARCHIVE, _OTHER_STAMP):
@@ -386,6 +390,11 @@ def describe(report: MigrationReport) -> list[str]:
             "see kvstore check"
         )
     return lines
+
+
+def _text(raw: bytes) -> str:
+    """Key bytes as text: UTF-8 with NUL written ``\\0`` and other bytes escaped."""
+    return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\0")
 
 
 def _size(n: int) -> str:
