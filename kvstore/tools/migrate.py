@@ -168,6 +168,7 @@ class _Migration:
         self.concurrency = concurrency
         self.pattern = keys.row(b"*")  # a namespace holds no glob character
         self.set_prefix = SET_LAYOUT.call_prefix(keys.format)
+        self.damaged: set[bytes] = set()  # row keys that cannot be migrated as they are
 
     async def aclose(self) -> None:
         await self.calls.aclose()
@@ -243,7 +244,11 @@ class _Migration:
             rows = [key for key in keys if self.keys.row_of(key) is not None]
             if rows:
                 sizes = await self._sizes(rows)
-                held = [(key, size) for key, size in zip(rows, sizes, strict=True) if size >= 0]
+                held = [
+                    (key, size)
+                    for key, size in zip(rows, sizes, strict=True)
+                    if size >= 0 and key not in self.damaged
+                ]
                 inline += len(held)
                 if first:
                     self.report.already += len(rows) - len(held)
@@ -322,6 +327,8 @@ class _Migration:
             report.skipped += 1  # deleted, or put again in layout 2, since it was sized
             return
         if not isinstance(stamp, bytes):
+            # Reported once and left alone: the next passes do not count it as to do.
+            self.damaged.add(key)
             report.damaged.append(_text(key))
             return
         digest = (
