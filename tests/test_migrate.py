@@ -201,6 +201,27 @@ async def test_a_row_without_deployed_at_is_reported_and_left(backend: Backend) 
     assert "holds an archive but no deployed_at" in describe(report)[-1]
 
 
+async def test_a_marker_set_back_stops_the_migration(backend: Backend) -> None:
+    records = [pkg("wf", f"h{i:02d}", b"back %d" % i, n=i) for i in range(30)]
+    namespace = await layout_1(backend, records)
+    format_key = Keyspace(namespace).format
+    setting: list[asyncio.Task[Any]] = []
+
+    def progress(phase: str, done: int, total: int, rows: int) -> None:
+        if rows == 10:  # by hand, or an engine of a release that writes layout 1 only
+            setting.append(asyncio.ensure_future(backend.raw.set(format_key, b"1")))
+
+    async with backend.store(namespace) as store:
+        with pytest.raises(MigrationRefused, match="it was set back while the migration ran"):
+            await migrate_namespace(store, progress=progress, concurrency=1)
+        await asyncio.gather(*setting)
+        assert records_by_id(await store.list_packages()) == records_by_id(records)
+        # Run again, it sets the marker to 2 again and completes.
+        report = await migrate_namespace(store)
+        assert report.layout_set and report.migrated == 20
+        await assert_all_migrated(backend.raw, namespace)
+
+
 # The library's two functions, called as a migration calls them.
 
 

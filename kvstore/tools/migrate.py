@@ -184,7 +184,6 @@ class _Migration:
             return report
         if not dry_run and found == INLINE_LAYOUT:
             report.layout_set = await self._set_layout()
-        self.calls.layout = BLOB_LAYOUT  # what every migrate_row call expects to find
         while True:
             inline = await self._pass(dry_run, first=report.passes == 0)
             report.passes += 1
@@ -224,6 +223,9 @@ class _Migration:
         return bool(reply == _SET)
 
     async def _call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
+        """The reply to ``command``, a call of the library made for layout 2."""
+        # A refusal naming layout 1 then raises LayoutChanged: the marker was set back.
+        self.calls.layout = BLOB_LAYOUT
         try:
             return await self.calls.call(command, size, alone=alone)
         except LayoutChanged as exc:
