@@ -83,7 +83,7 @@ def records_by_id(records: list[PackageRecord]) -> dict[tuple[str, str], Package
     return {(r.workflow_type, r.content_hash): r for r in records}
 
 
-@pytest.fixture(params=each("fakeredis", "valkey"))
+@pytest.fixture(params=each("fakeredis", "valkey", "redis"))
 async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     made = backend_named(request, request.param)
     yield made
