@@ -10,8 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import PackageRecord, SerializationError
-from kvstore.redis.keyspace import Keyspace, archive_digest, row_id
-from kvstore.redis.store import INLINE_LIMIT
+from kvstore.redis.keyspace import INLINE_LIMIT, Keyspace, archive_digest, row_id
 
 from .conftest import StoreFactory
 from .support import pkg

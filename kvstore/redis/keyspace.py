@@ -1,10 +1,12 @@
 """Where every key of a namespace lives, and how text becomes key bytes.
 
 A namespace has one of two layouts, named by its layout marker: ``1``, each archive
-inside its package's row; ``2``, each archive a blob named by its digest, stored once
-however many rows refer to it, in a key whose cluster slot follows the digest, so a
-namespace's archives spread over every primary of a cluster. Rows of both shapes are
-read by every call: a namespace being migrated (``kvstore migrate``) holds both.
+inside its package's row; ``2``, each archive (but the smallest, kept inside their rows)
+a blob named by its digest, stored once however many rows refer to it, in a key whose
+cluster slot follows the digest, so a namespace's archives spread over every primary of
+a cluster, and every archive verified against its digest when it is read. Rows of every
+shape are read by every call: a namespace being migrated (``kvstore migrate``) holds
+both layouts' rows.
 
 =========================  =======  ========================================================
 key                        type     holds
@@ -15,10 +17,12 @@ key                        type     holds
                                     the set is ordered by member bytes:
                                     ``<stamp> <type>\\0<hash>``
 ``{ns}:pkg:<id>``          hash     one package; ``<id>`` is ``<type>\\0<hash>``.
-                                    ``deployed_at`` (``<stamp>``), and either ``archive``
-                                    (the raw bytes: layout 1, or a row layout 2 has not
-                                    migrated yet) or ``digest`` (``<digest>``) and ``size``
-                                    (the archive's length in decimal): layout 2
+                                    ``deployed_at`` (``<stamp>``); in layout 1, ``archive``
+                                    (the raw bytes); in layout 2, ``digest``
+                                    (``<digest>``) and ``size`` (the archive's length in
+                                    decimal), and ``archive`` too for an archive of at
+                                    most ``INLINE_LIMIT`` (4 KiB), kept inside its row. A
+                                    namespace being migrated holds rows of both
 ``ns/blob/{<digest>}``     hash     one archive of layout 2: ``archive`` (the raw bytes,
                                     whose SHA-256 is ``<digest>``) and ``written`` (the
                                     server's ``TIME`` in microseconds when a put last wrote
@@ -78,6 +82,11 @@ LAYOUTS = (INLINE_LAYOUT, BLOB_LAYOUT)
 FORMAT_VERSION = INLINE_LAYOUT
 STAMP_LENGTH = 27
 DIGEST_LENGTH = 64
+# Layout 2 keeps an archive of at most this many bytes inside its row, with its digest
+# and size: a blob would take a get a second round trip, which costs a small archive
+# about twice what reading it costs (`python -m bench`: layout_get_1KiB), and such
+# archives add little to the namespace's node.
+INLINE_LIMIT = 4 << 10
 
 _NAMESPACE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
 

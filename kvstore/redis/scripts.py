@@ -256,3 +256,7 @@ PUT_PACKAGE_DIGEST = LIBRARY.functions["put_package_digest"]
 PUT_BLOB = LIBRARY.functions["put_blob"]
 DROP_BLOB = LIBRARY.functions["drop_blob"]
 PUT_PACKAGE_INLINE = LIBRARY.functions["put_package_inline"]
+# kvstore migrate (kvstore.tools.migrate): the layout marker flipped from 1 to 2, then
+# each row still holding its archive made a row of its blob, which is written first.
+SET_LAYOUT = LIBRARY.functions["set_layout"]
+MIGRATE_ROW = LIBRARY.functions["migrate_row"]

@@ -41,6 +41,7 @@ from kvstore.redis.calls import LARGE_ARGUMENT, Calls, LayoutChanged
 from kvstore.redis.keyspace import (
     BLOB_LAYOUT,
     INLINE_LAYOUT,
+    INLINE_LIMIT,
     Keyspace,
     archive_digest,
     decode_stamp,
@@ -689,12 +690,6 @@ class RedisPackageStore:
         except ValueError as exc:
             raise SerializationError(f"{key!r} cannot be decoded: {exc}") from exc
 
-
-# Layout 2 keeps an archive of at most this many bytes inside its row: a blob would take
-# a get a second round trip, which costs a small archive twice what it costs to read it
-# (`python -m bench`: layout_get_1KiB), and such archives add little to the namespace's
-# node. Verified all the same: the row holds its digest.
-INLINE_LIMIT = 4 << 10
 
 # How often a write is built again for a layout that changed under it: a migration
 # changes it once.

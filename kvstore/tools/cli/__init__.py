@@ -1,5 +1,5 @@
 """The operator's command line: ``kvstore deploy | ls | routes | route | rm | show |
-export | import | setup | status | check | demo``, and ``kvstore --version``.
+export | import | setup | status | check | migrate | demo``, and ``kvstore --version``.
 
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
 starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
@@ -43,6 +43,7 @@ from kvstore.tools.cli.commands import (
     cmd_export,
     cmd_import,
     cmd_ls,
+    cmd_migrate,
     cmd_rm,
     cmd_route,
     cmd_routes,
@@ -110,6 +111,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Action]] = {
     "setup": cmd_setup,
     "status": cmd_status,
     "check": cmd_check,
+    "migrate": cmd_migrate,
 }
 
 

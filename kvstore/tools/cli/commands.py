@@ -1,5 +1,5 @@
 """The commands besides deploy and demo: ``ls``, ``routes``, ``route``, ``rm``, ``show``,
-``export``, ``import``, ``setup``, ``status`` and ``check``.
+``export``, ``import``, ``setup``, ``status``, ``check`` and ``migrate``.
 
 Each ``cmd_*`` checks its arguments at once, before any server is started, and returns
 what to do with a store (an ``Action``).
@@ -298,6 +298,28 @@ def cmd_check(args: argparse.Namespace) -> Action:
         if not report.sound:
             sys.stdout.flush()
             raise SystemExit(EXIT_ERROR)  # the report is the message
+
+    return run
+
+
+def cmd_migrate(args: argparse.Namespace) -> Action:
+    async def run(store: RedisPackageStore) -> None:
+        from kvstore.tools import migrate
+
+        progress = ProgressLine(sys.stderr)
+        try:
+            report = await migrate.migrate_namespace(store, dry_run=args.dry_run, progress=progress)
+        except migrate.MigrationRefused as exc:
+            raise CliError(f"namespace {store.namespace!r}: {exc}") from None
+        finally:
+            progress.close()
+        if args.json:
+            print_json(report.as_json())
+        else:
+            print("\n".join(migrate.describe(report)))
+        if report.damaged:
+            sys.stdout.flush()
+            raise SystemExit(EXIT_ERROR)  # the report names them
 
     return run
 

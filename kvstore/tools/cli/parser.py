@@ -127,6 +127,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--repair", action="store_true", help="fix what needs no guessing")
     sub.add_argument("--json", action="store_true", help="JSON for scripts")
 
+    sub = command(
+        "migrate",
+        "move the namespace from layout 1 (archives inside rows) to layout 2 (archives as "
+        "blobs), online; every engine must first run a release that reads layout 2",
+    )
+    sub.add_argument(
+        "--dry-run", action="store_true", help="count what would be migrated; change nothing"
+    )
+    sub.add_argument("--json", action="store_true", help="JSON for scripts")
+
     command(
         "setup",
         "load this release's kvstore library (Redis functions) on the server, on every "
