@@ -725,9 +725,10 @@ class _Checker:
                 self.find(
                     "damaged-blob",
                     key,
-                    f"the blob's archive is {length} bytes, but {_named(wrong)} "
-                    f"referring to it say {', '.join(str(n) for n in sizes)}: listings show "
-                    "the wrong size; deploy the package(s) again",
+                    f"the blob's archive is {length} bytes, but {_named(wrong)} referring "
+                    f"to it {'says' if len(wrong) == 1 else 'say'} "
+                    f"{', '.join(str(n) for n in sizes)}: listings show the wrong size; "
+                    "deploy the package again",
                 )
             if key not in stamps and await self.admin.command("EXISTS", key):
                 self.find(
@@ -803,7 +804,7 @@ async def _hash(archive: bytes) -> bytes:
 
 def _named(rows: list[bytes]) -> str:
     """``rows`` (row keys) named, the first few shown and the rest counted."""
-    names = ", ".join(repr(shown(r)) for r in rows[:NAMED_ROWS])
+    names = ", ".join(f"'{shown(r)}'" for r in rows[:NAMED_ROWS])
     more = f" and {len(rows) - NAMED_ROWS} more" if len(rows) > NAMED_ROWS else ""
     return f"row{'s' if len(rows) > 1 else ''} {names}{more}"
 
@@ -817,9 +818,8 @@ def _readers(rows: dict[bytes, int | None]) -> str:
 def _redeploy(rows: dict[bytes, int | None]) -> str:
     if not rows:
         return "; kvstore gc collects it once older than its grace period"
-    return (
-        "; the package(s) must be deployed again (a put of the same archive writes the blob again)"
-    )
+    what = "the package must" if len(rows) == 1 else "the packages must"
+    return f"; {what} be deployed again (a put of the same archive writes the blob again)"
 
 
 def _is_stamp(stamp: bytes) -> bool:
