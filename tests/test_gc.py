@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from kvstore import PackageRecord, RedisPackageStore, SerializationError
+from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
 from kvstore.redis.keyspace import Keyspace, archive_digest
 from kvstore.redis.scripts import PUT_BLOB
 from kvstore.server_process import LocalServer
@@ -35,6 +35,7 @@ from .conftest import Backend, fresh_namespace
 from .support import T0, pkg
 from .test_cli import fails, kv, ok
 from .test_cluster import cluster_url, start_cluster
+from .test_store_library import impostor_text, replace_library
 
 
 async def blob_keys(raw: Redis, namespace: str) -> set[bytes]:
@@ -175,6 +176,20 @@ async def test_a_missing_library_is_loaded(backend: Backend) -> None:
         await settle()
         report = await collect_garbage(store, grace=0)
         assert report.collected == 1
+
+
+async def test_a_library_of_this_release_s_name_with_other_code_is_refused(
+    backend: Backend,
+) -> None:
+    async with backend.store() as store:
+        await store.put_package(pkg("a", "h1"))
+        await store.delete_package("a", "h1")
+        await replace_library(backend.raw, impostor_text(("drop_blob",)))
+        await settle()
+        with pytest.raises(BackendError, match="FUNCTION DELETE"):
+            await collect_garbage(store, grace=0)
+        assert len(await blob_keys(backend.raw, store.namespace)) == 1
+        assert (await collect_garbage(store, grace=0, dry_run=True)).collected == 1
 
 
 # gc racing writers.
