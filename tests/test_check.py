@@ -35,9 +35,11 @@ def at(seconds: float) -> datetime:
     return T0 + timedelta(seconds=seconds)
 
 
-async def check(backend: Backend, namespace: str, *, repair: bool = False) -> Any:
+async def check(
+    backend: Backend, namespace: str, *, repair: bool = False, grace: float = 3600.0
+) -> Any:
     async with backend.store(namespace) as store:
-        return await check_store(store, repair=repair)
+        return await check_store(store, repair=repair, grace=grace)
 
 
 async def contents(raw: Redis, namespace: str) -> dict[bytes, Any]:
@@ -62,10 +64,11 @@ C = PackageRecord("bill", "h3", b"three", at(3))
 D = PackageRecord("ship", "h4", b"four", at(4))
 
 
-async def damage_repairably(backend: Backend, namespace: str) -> None:
+async def damage_repairably(backend: Backend, namespace: str, layout: int = 1) -> None:
     """A: row deleted; B: index member removed; C: member at the wrong stamp; D: a second,
-    stale member. Plus a route to no archive and one to an archive of another type."""
-    async with backend.store(namespace) as store:
+    stale member. Plus a route to no archive and one to an archive of another type. In
+    ``layout`` 2, A's blob is left with no row to refer to it."""
+    async with backend.store(namespace, layout=layout) as store:
         for record in (A, B, D):
             await store.put_package(record)
         await store.put_package_with_routes(C, ["other"])
@@ -82,11 +85,15 @@ async def damage_repairably(backend: Backend, namespace: str) -> None:
     await raw.zadd(k.index, {member(D, at(9)): 0})
 
 
-async def test_repairable_damage_is_reported_repaired_and_then_gone(backend: Backend) -> None:
+@pytest.mark.parametrize("layout", [1, 2])
+async def test_repairable_damage_is_reported_repaired_and_then_gone(
+    backend: Backend, layout: int
+) -> None:
     namespace = fresh_namespace()
     neighbour = namespace + "-x"  # its keys share the text prefix, not the hash tag
-    await damage_repairably(backend, namespace)
-    await damage_repairably(backend, neighbour)
+    await damage_repairably(backend, namespace, layout)
+    await damage_repairably(backend, neighbour, layout)
+    orphan = ["orphan-blob"] if layout == 2 else []  # A's archive
     k = Keyspace(namespace)
     rows_before = {
         key: v for key, v in (await contents(backend.raw, namespace)).items() if b":pkg:" in key
@@ -102,12 +109,14 @@ async def test_repairable_damage_is_reported_repaired_and_then_gone(backend: Bac
         "stamp-mismatch",
     ]
     assert sorted(f.kind for f in report.findings if f.informational) == [
+        *orphan,
         "route-to-other-type",
         "route-without-archive",
     ]
     assert all(neighbour not in f.key for f in report.findings)
     assert report.repairs == []  # checking alone changes nothing
 
+    # Within the grace period, the orphan blob is kept.
     repaired = await check(backend, namespace, repair=True)
     assert repaired.sound and repaired.problems == []
     assert sorted(r.kind for r in repaired.repairs) == [
@@ -116,6 +125,11 @@ async def test_repairable_damage_is_reported_repaired_and_then_gone(backend: Bac
         "stamp-mismatch",
         "stamp-mismatch",
     ]
+    assert [f.kind for f in repaired.findings if f.kind == "orphan-blob"] == orphan
+    # Past it, collected; the blobs rows refer to are kept.
+    await asyncio.sleep(0.01)
+    collected = await check(backend, namespace, repair=True, grace=0.005)
+    assert [r.kind for r in collected.repairs] == orphan
 
     again = await check(backend, namespace)
     assert again.sound and again.repairs == []
@@ -132,7 +146,7 @@ async def test_repairable_damage_is_reported_repaired_and_then_gone(backend: Bac
 async def test_damage_that_needs_a_guess_is_reported_and_left_alone(backend: Backend) -> None:
     namespace = fresh_namespace()
     k, raw = Keyspace(namespace), backend.raw
-    async with backend.store(namespace) as store:
+    async with backend.store(namespace, layout=1) as store:  # damages a row's archive
         await store.put_package(A)
         await store.put_package(B)
     await raw.hdel(k.row(row_id("order", "h2")), "archive")
@@ -168,7 +182,7 @@ async def test_an_unknown_layout_is_reported_and_nothing_else_is_read_or_changed
     namespace = fresh_namespace()
     await damage_repairably(backend, namespace)
     k = Keyspace(namespace)
-    await backend.raw.set(k.format, b"2")
+    await backend.raw.set(k.format, b"9")
     before = await contents(backend.raw, namespace)
     report = await check(backend, namespace, repair=True)
     assert [f.kind for f in report.findings] == ["unknown-layout"]
@@ -272,7 +286,9 @@ async def test_repair_stands_back_when_a_put_lands_between_its_read_and_its_writ
     namespace = fresh_namespace()
     k = Keyspace(namespace)
     row, stamp = row_id("order", "h1"), encode_stamp(A.deployed_at)
-    async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
+    async with RedisPackageStore.from_url(
+        valkey_server.url, namespace=namespace, layout=1
+    ) as store:  # the put by hand writes a row of layout 1
         await store.put_package(A)
         sync = SyncRedis.from_url(valkey_server.url)
         sync.delete(k.row(row))  # the member is now an orphan
@@ -344,7 +360,7 @@ async def test_check_and_repair_need_only_the_store_rule_and_a_few_reads(
     async with Redis(port=server.port) as admin:
         await raw_command(admin, "ACL", "LOG", "RESET")
         maker = Backend("server", server.url)
-        await damage_repairably(maker, namespace)
+        await damage_repairably(maker, namespace, layout=2)  # and an orphan blob
         await maker.aclose()
         users = Users(server, admin)
         try:
@@ -352,13 +368,14 @@ async def test_check_and_repair_need_only_the_store_rule_and_a_few_reads(
             name = users.names[-1]
             await raw_command(admin, "ACL", "SETUSER", name, *CHECK_EXTRA_RULE.split())
             async with RedisPackageStore.from_url(url, namespace=namespace) as store:
-                repaired = await check_store(store, repair=True)
+                repaired = await check_store(store, repair=True, grace=0)
                 again = await check_store(store)
             refused = await users.refusals()
         finally:
             for name in users.names:
                 await raw_command(admin, "ACL", "DELUSER", name)
-    assert len(repaired.repairs) == 4 and again.sound
+    assert len(repaired.repairs) == 5 and again.sound and again.findings != []
+    assert [f.kind for f in again.findings if f.kind == "orphan-blob"] == []
     assert refused == []
 
 

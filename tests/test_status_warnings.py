@@ -161,9 +161,10 @@ TABLE = [
     ),
     # layout
     pytest.param({"layout": None}, [], id="nothing-written-yet"),
+    pytest.param({"layout": "2"}, [], id="blob-layout"),
     pytest.param(
-        {"layout": "2"},
-        [["the namespace holds layout '2'", "this kvstore neither reads nor writes"]],
+        {"layout": "3"},
+        [["the namespace holds layout '3'", "this kvstore neither reads nor writes"]],
         id="another-layout",
     ),
     # the library of this release's name

@@ -1,4 +1,4 @@
-"""Plain server commands for the operator's tools (``status``, ``check``).
+"""Plain server commands for the operator's tools (``status``, ``check``, ``gc``).
 
 The store has methods for the contract only; the tools also need ``INFO``, ``CONFIG
 GET``, ``SCAN`` and ``WATCH``. They borrow the store's own client for those: the store
@@ -7,15 +7,21 @@ another pooled connection and never interleaves with the store's pipelines. Each
 command is bounded by the store's ``timeout``, since a client made by ``from_url`` has no
 socket timeout of its own, and its failures become ``BackendError`` as the store's do
 (``kvstore.redis.failures``), password redacted.
+
+``Admin`` speaks to one server (``status`` and ``check`` refuse a cluster); ``Servers``
+to every server that holds a namespace's keys, each primary of a cluster included, as
+``gc`` needs: a namespace's blobs spread over all of them.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import re
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoPermissionError, RedisError, WatchError
 
 from kvstore.errors import BackendError
@@ -25,20 +31,27 @@ from kvstore.redis.target import target_for
 
 T = TypeVar("T")
 
+# Keys asked of SCAN at a time, and commands sent in one pipeline.
+CHUNK = 1000
+
+
+def glob_escape(raw: bytes) -> bytes:
+    """``raw`` as a ``MATCH`` pattern that matches exactly it (``*?[]\\`` escaped)."""
+    return re.sub(rb"([*?\[\]\\])", rb"\\\1", raw)
+
 
 def borrow_client(store: RedisPackageStore) -> Redis:
     """The store's client; ``TypeError`` for a cluster client (the tools speak to one node)."""
     return target_for(store.client).admin_client()
 
 
-class Admin:
-    """Commands on one server for one store's namespace, each bounded and translated."""
+class _Bounded:
+    """Commands of one store's tool, each bounded by the store's ``timeout`` and translated."""
 
-    def __init__(self, store: RedisPackageStore) -> None:
+    def __init__(self, store: RedisPackageStore, client: Redis | RedisCluster) -> None:
         self.store = store
-        self.client = borrow_client(store)
         self.timeout = store.options.timeout
-        self._secrets = client_secrets(self.client)
+        self._secrets = client_secrets(client)
 
     async def bounded(self, awaitable: Awaitable[T]) -> T:
         """``awaitable``'s result; ``BackendError`` on a timeout or any refusal but NOPERM.
@@ -60,5 +73,81 @@ class Admin:
         """``exc``, a failure of a command sent here, as ``BackendError`` naming the store."""
         return backend_error(exc, repr(self.store), self._secrets)
 
+
+class Admin(_Bounded):
+    """Commands on one server for one store's namespace, each bounded and translated."""
+
+    def __init__(self, store: RedisPackageStore) -> None:
+        self.client = borrow_client(store)
+        super().__init__(store, self.client)
+
     async def command(self, *args: Any) -> Any:
         return await self.bounded(self.client.execute_command(*args))  # type: ignore[no-untyped-call]
+
+
+# A server of ``Servers``: None for the one server, else a primary of the cluster.
+Node = ClusterNode | None
+
+
+class Servers(_Bounded):
+    """Commands to the servers of one store: its one server, or any primary of its
+    cluster, named by a ``Node``; each bounded and translated as ``Admin``'s."""
+
+    def __init__(self, store: RedisPackageStore) -> None:
+        self.client = store.client
+        super().__init__(store, self.client)
+        self.cluster: RedisCluster | None = (
+            self.client if isinstance(self.client, RedisCluster) else None
+        )
+
+    async def primaries(self) -> list[Node]:
+        """Every server that may hold a key: the one server, or each primary, as the
+        cluster's slot table has them now."""
+        if self.cluster is None:
+            return [None]
+        await self.bounded(self.cluster.initialize())
+        return list(self.cluster.get_primaries())
+
+    def node_of(self, key: bytes) -> Node:
+        """The server that holds ``key`` (call ``primaries`` first, on a cluster)."""
+        if self.cluster is None:
+            return None
+        node = self.cluster.get_node_from_key(key.decode("ascii"))
+        if node is None:
+            raise BackendError(f"{self.store!r}: no cluster node serves {key!r}")
+        return node
+
+    def name(self, node: Node) -> str:
+        return self.store.server if node is None else node.name
+
+    async def command(self, *args: Any, node: Node = None) -> Any:
+        """The reply to one command on ``node``."""
+        options: dict[str, Any] = {} if node is None else {"target_nodes": node}
+        return await self.bounded(self.client.execute_command(*args, **options))
+
+    async def batch(self, commands: Sequence[Sequence[Any]], node: Node = None) -> list[Any]:
+        """The replies to ``commands``, pipelined (to ``node``, or on a cluster each to
+        its key's slot when ``node`` is None), a refusal as its exception value."""
+        if not commands:
+            return []
+        options: dict[str, Any] = {} if node is None else {"target_nodes": node}
+        pipe: Any
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in commands:
+                pipe.execute_command(*command, **options)
+            replies: list[Any] = await self.bounded(pipe.execute(raise_on_error=False))
+        return replies
+
+    async def scan(self, pattern: bytes, node: Node = None) -> AsyncIterator[list[bytes]]:
+        """The keys ``SCAN MATCH pattern`` meets on ``node``, a batch at a time: every
+        key there from the first batch to the last, some perhaps twice (SCAN's promise)."""
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self.command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", CHUNK, node=node
+            )
+            if isinstance(cursor, dict):  # a cluster client's reply names the node
+                (cursor,) = cursor.values()
+            yield list(keys)
+            if int(cursor) == 0:
+                return

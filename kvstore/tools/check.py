@@ -1,32 +1,46 @@
 """``kvstore check [--repair]``: is the namespace's keyspace what the functions leave?
 
-``check_store(store)`` walks the index (``ZRANGEBYLEX``, a chunk at a time) and the
-namespace's keys (``SCAN`` with a ``MATCH`` on the escaped ``{ns}:`` prefix) and reports
-each finding of ``KINDS``. A finding about a package row is only reported after it was
-seen again in one ``MULTI``/``EXEC`` snapshot of the row and its index members, so
-writers that put or delete meanwhile are never mistaken for damage: a row and its
-members change together in one script, and one transaction sees them before or after
-that script, never half-way. Routes to versions without an archive are reported as
-informational: the contract allows them.
+``check_store(store)`` walks the index (``ZRANGEBYLEX``, a chunk at a time), the
+namespace's keys (``SCAN`` with a ``MATCH`` on the escaped ``{ns}:`` prefix) and its
+blobs (layout 2: ``SCAN`` of ``<ns>/blob/*``), and reports each finding of ``KINDS``.
+Both layouts are checked, and rows of both shapes in a namespace of layout 2 (one
+``kvstore migrate`` has not finished). Every blob is read and hashed: a blob whose bytes
+are not its digest's, or whose length is not the ``size`` its rows say, is reported with
+the rows that refer to it; a row whose blob is missing is reported once one snapshot
+(``MULTI``/``EXEC``) saw the row refer to it and the blob absent. A finding about a
+package row is only reported after it was seen again in one ``MULTI``/``EXEC`` snapshot
+of the row and its index members, so writers that put or delete meanwhile are never
+mistaken for damage: a row and its members change together in one script, and one
+transaction sees them before or after that script, never half-way. Routes to versions
+without an archive are reported as informational: the contract allows them.
 
 With ``repair=True`` it also fixes what needs no guessing, one row at a time, each fix
 one ``MULTI``/``EXEC`` under ``WATCH`` of the row and of the layout marker:
 
 * an index member whose row does not exist is removed;
 * a row that no index member names at its own ``deployed_at`` is indexed there, and
-  members naming it at another stamp are removed.
+  members naming it at another stamp are removed;
+* blobs no row refers to are collected by ``kvstore gc``'s mark and sweep
+  (``kvstore.tools.gc``), those written within ``grace`` seconds spared.
 
 ``WATCH`` on the row alone suffices because every function that changes a row's index
 members (put, delete) writes that row in the same step: if any did so after the fix
 read the row, ``EXEC`` does nothing and the fix is judged again from fresh reads. No
 Lua is involved, so the fix works with whatever scripts or Functions the writers use.
-Repair never deletes a row, never touches routes, and never writes to a namespace that
-holds another layout. Everything else is reported, not changed.
+Repair never deletes a row, never touches routes, never removes a blob a row refers to,
+and never writes to a namespace that holds a layout it does not know. Everything else is
+reported, not changed: a missing or damaged blob is mended only by deploying its
+package again.
+
+Blobs are read after they are listed, and rows after the blobs: a blob listed with no
+row seen to refer to it (``orphan-blob``) had none when the rows were read, since a put
+writes a blob's row with or after the blob. Hashing every blob takes time; that is what
+a check is for.
 """
 
 from __future__ import annotations
 
-import re
+import asyncio
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,17 +49,21 @@ from redis.exceptions import WatchError
 
 from kvstore.records import check_text
 from kvstore.redis.keyspace import (
-    FORMAT_VERSION,
+    INLINE_LAYOUT,
+    LAYOUTS,
     Keyspace,
+    archive_digest,
     decode_stamp,
     index_member,
+    is_digest,
     row_id,
     split_index_member,
     split_row_id,
 )
 from kvstore.redis.protocol import field_pairs, is_route_counter
 from kvstore.redis.store import RedisPackageStore
-from kvstore.tools.admin import Admin
+from kvstore.tools.admin import Admin, glob_escape
+from kvstore.tools.gc import DEFAULT_GRACE, check_grace, collect_garbage
 
 # Every kind of finding; those in INFORMATIONAL do not make a namespace unsound.
 KINDS = (
@@ -56,7 +74,19 @@ KINDS = (
     "member-without-row",  # repairable
     "row-without-member",  # repairable
     "stamp-mismatch",  # repairable: a member's stamp is not its row's deployed_at
-    "row-missing-field",  # a row without archive or a readable deployed_at
+    # a row without a readable deployed_at, without both archive and digest, or with a
+    # digest and no size
+    "row-missing-field",
+    # a row of neither layout's shape: both archive and digest, a digest that is not 64
+    # lowercase hex digits, a size that is not decimal, or a digest in a namespace of
+    # layout 1
+    "malformed-row",
+    "missing-blob",  # a row refers to a blob that does not exist: deploy the package again
+    # a blob whose archive does not hash to its digest, that lacks its archive or its
+    # written stamp, or whose length is not the size a row referring to it says
+    "damaged-blob",
+    "orphan-blob",  # informational: no row refers to the blob; repairable by collecting it
+    "malformed-blob-key",  # a key under <ns>/blob/ that is not <ns>/blob/{<64 hex>}
     "malformed-row-key",  # {ns}:pkg:<x> where x is not "<type>\0<hash>"
     "malformed-route",  # a route whose type or hash is not text
     "malformed-route-version",  # {ns}:route-version is not an integer
@@ -66,12 +96,20 @@ KINDS = (
     "unsettled",  # informational: changed on every look while the check ran
 )
 INFORMATIONAL = frozenset(
-    {"route-without-archive", "route-to-other-type", "unknown-key", "unsettled"}
+    {"route-without-archive", "route-to-other-type", "unknown-key", "unsettled", "orphan-blob"}
 )
-REPAIRABLE = frozenset({"member-without-row", "row-without-member", "stamp-mismatch"})
+REPAIRABLE = frozenset(
+    {"member-without-row", "row-without-member", "stamp-mismatch", "orphan-blob"}
+)
 
 CHUNK = 1000
 ATTEMPTS = 20  # looks at one row before it is called unsettled
+# Archive bytes read from the server at a time when blobs are verified (a larger blob
+# is read alone).
+VERIFY_BYTES = 32 << 20
+# Blobs from this size on are hashed on a thread, so a check shares its event loop.
+HASH_ON_A_THREAD = 1 << 20
+NAMED_ROWS = 5  # rows a finding about a blob names; the rest are counted
 
 
 @dataclass(frozen=True)
@@ -114,18 +152,19 @@ def shown(raw: bytes) -> str:
     return raw.decode("utf-8", "backslashreplace").replace("\x00", "\\0")
 
 
-def glob_escape(raw: bytes) -> bytes:
-    """``raw`` as a ``MATCH`` pattern that matches exactly it (``*?[]\\`` escaped)."""
-    return re.sub(rb"([*?\[\]\\])", rb"\\\1", raw)
-
-
-async def check_store(store: RedisPackageStore, *, repair: bool = False) -> CheckReport:
-    """Check ``store``'s namespace, and with ``repair`` fix what can be fixed.
+async def check_store(
+    store: RedisPackageStore, *, repair: bool = False, grace: float = DEFAULT_GRACE
+) -> CheckReport:
+    """Check ``store``'s namespace, and with ``repair`` fix what can be fixed: blobs no
+    row refers to are collected unless written within the last ``grace`` seconds (see
+    ``kvstore.tools.gc`` for what ``grace`` must exceed).
 
     The report lists what remains (after repair, what could not be fixed or changed
-    under the check), and each change made. ``BackendError`` if the server fails.
+    under the check), and each change made. ``BackendError`` if the server fails;
+    ``TypeError`` for a cluster's store (check speaks to one server).
     """
-    return await _Checker(store).run(repair)
+    grace = check_grace(grace)
+    return await _Checker(store).run(repair, grace)
 
 
 class _Checker:
@@ -136,6 +175,13 @@ class _Checker:
         # row id -> stamps its index members carry (as read; confirmed later)
         self.members: dict[bytes, set[bytes]] = {}
         self.rows: set[bytes] = set()  # row ids of {ns}:pkg:* keys met by SCAN
+        self.layout: bytes | None = None
+        # Blobs met by SCAN, by digest: the key of each that is a hash.
+        self.blobs: dict[bytes, bytes] = {}
+        # What each row refers to, as last seen: row key -> (digest, size it says, or
+        # None when it says none that is decimal).
+        self.refers: dict[bytes, tuple[bytes, int | None]] = {}
+        self.judged = False  # whether rows were judged (with a usable index)
 
     def find(self, kind: str, key: bytes, message: str) -> None:
         self.report.findings.append(Finding(kind, shown(key), message))
@@ -146,7 +192,7 @@ class _Checker:
         assert expected is not None, f"{key!r} is a key of the namespace"
         return expected.encode()
 
-    async def run(self, repair: bool) -> CheckReport:
+    async def run(self, repair: bool, grace: float) -> CheckReport:
         k = self.keys
         kind = await self.admin.command("TYPE", k.format)
         if kind not in (b"none", self.expected(k.format)):
@@ -158,14 +204,16 @@ class _Checker:
             )
             return self.report
         layout = await self._layout()
-        if layout not in (None, FORMAT_VERSION):
+        if layout is not None and layout not in LAYOUTS:
             self.find(
                 "unknown-layout",
                 k.format,
-                f"the namespace holds layout {shown(layout)!r}; this kvstore reads layout "
-                f"{FORMAT_VERSION.decode()} and checks nothing else",
+                f"the namespace holds layout {shown(layout)!r}; this kvstore reads layouts "
+                f"{b', '.join(LAYOUTS).decode()} and checks nothing else",
             )
             return self.report
+        self.layout = layout
+        await self._scan_blobs()  # before the rows: see the module's docstring
         types = await self._scan()
 
         def usable(key: bytes) -> bool:  # absent, or of its type
@@ -176,6 +224,9 @@ class _Checker:
             await self._walk_index()
             for row in sorted(set(self.members) | self.rows):
                 await self._judge_row(row, repair)
+            self.judged = True
+        else:
+            await self._read_references()
         if usable(k.routes):
             await self._routes()
         if usable(k.route_version):
@@ -188,12 +239,13 @@ class _Checker:
                     "the next write can raise: every route write will fail (remove the key; "
                     "the next write starts it again at the server's clock)",
                 )
+        await self._check_blobs(repair, grace)
         if types and await self._layout() is None:  # the marker is never deleted by writers
             self.find(
                 "no-layout-marker",
                 k.format,
-                "the namespace has keys but no layout marker; writers will set it to "
-                f"{FORMAT_VERSION.decode()} on their next write",
+                "the namespace has keys but no layout marker; the next write sets it to "
+                "the layout its store is made with, which may not be the one its rows have",
             )
         return self.report
 
@@ -273,14 +325,15 @@ class _Checker:
     async def _snapshot(
         self, row: bytes, stamps: Iterable[bytes]
     ) -> tuple[Any, Any, dict[bytes, bool]]:
-        """In one transaction: the row's type, its ``(archive present, deployed_at)``, and
-        which of the members ``<stamp> <row>`` for ``stamps`` the index holds."""
+        """In one transaction: the row's type, its ``(archive present, deployed_at,
+        digest, size)``, and which of the members ``<stamp> <row>`` for ``stamps`` the
+        index holds."""
         k = self.keys
         stamps = sorted(set(stamps))
         async with self.admin.client.pipeline(transaction=True) as pipe:
             pipe.type(k.row(row))
             pipe.hexists(k.row(row), b"archive")
-            pipe.hget(k.row(row), b"deployed_at")
+            pipe.hmget(k.row(row), [b"deployed_at", b"digest", b"size"])
             for stamp in stamps:
                 pipe.zscore(k.index, index_member(stamp, row))
             replies = await self.admin.bounded(pipe.execute(raise_on_error=False))
@@ -288,9 +341,10 @@ class _Checker:
         for reply in [replies[0], *replies[3:]]:
             if isinstance(reply, Exception):
                 raise self.admin.error(reply)
+        fields = replies[2] if isinstance(replies[2], list) else [None, None, None]
         return (
             replies[0],
-            (replies[1], replies[2]),
+            (replies[1], *fields),
             {s: r is not None for s, r in zip(stamps, replies[3:], strict=True)},
         )
 
@@ -300,7 +354,8 @@ class _Checker:
         key = k.row(row)
         stamps = set(self.members.get(row, ()))
         for _ in range(ATTEMPTS):
-            kind, (has_archive, stamp), present = await self._snapshot(row, stamps)
+            self.refers.pop(key, None)  # as this look sees it
+            kind, (has_archive, stamp, digest, size), present = await self._snapshot(row, stamps)
             held = {s for s, there in present.items() if there}
             if kind == b"none":
                 if held and repair and await self._fix(row, None, held):
@@ -320,20 +375,36 @@ class _Checker:
                     f"is a {kind.decode()}, not a {k.expected_type(key)}: a package row",
                 )
                 return
+            if is_digest(digest):
+                # Whatever else is wrong with the row, a read takes its archive there.
+                self.refers[key] = (digest, _decimal(size))
             good_stamp = isinstance(stamp, bytes) and _is_stamp(stamp)
-            if not has_archive or not good_stamp:
-                what = "no archive" if not has_archive else ""
+            archived = has_archive or digest is not None
+            if not archived or not good_stamp or (digest is not None and size is None):
+                missing = []
+                if not archived:
+                    missing.append(
+                        "no archive"
+                        if self.layout == INLINE_LAYOUT
+                        else "neither an archive nor a digest"
+                    )
+                elif digest is not None and size is None:
+                    missing.append("a digest but no size")
                 if not good_stamp:
-                    what += (" and " if what else "") + (
+                    missing.append(
                         "no deployed_at" if stamp is None else f"deployed_at {shown(stamp)!r}"
                     )
                 self.find(
                     "row-missing-field",
                     key,
-                    f"the row has {what}: listings "
-                    + ("fail on it" if not has_archive else "skip it")
+                    f"the row has {' and '.join(missing)}: listings "
+                    + ("skip it" if missing[0].startswith(("no dep", "dep")) else "fail on it")
                     + "; put the package again or delete it",
                 )
+                return
+            malformed = self._malformed(has_archive, digest, size)
+            if malformed is not None:
+                self.find("malformed-row", key, malformed)
                 return
             if stamp not in present:
                 stamps.add(stamp)  # look for its member in the same snapshot as the row
@@ -375,6 +446,33 @@ class _Checker:
             f"the row changed on each of {ATTEMPTS} looks while the check ran; check again",
         )
 
+    def _malformed(self, has_archive: Any, digest: Any, size: Any) -> str | None:
+        """What makes a row with all its fields of neither layout's shape, or None."""
+        if digest is None:
+            return None
+        if has_archive:
+            return (
+                "the row holds both an archive and a digest, which no write leaves: reads "
+                "take the blob and ignore the archive; put the package again"
+            )
+        if not is_digest(digest):
+            return (
+                f"the row's digest {shown(digest)!r} is not 64 lowercase hex digits: every "
+                "read of it fails; put the package again or delete it"
+            )
+        if _decimal(size) is None:
+            return (
+                f"the row's size {shown(size)!r} is not a decimal number: reads and "
+                "listings fail on it; put the package again or delete it"
+            )
+        if self.layout == INLINE_LAYOUT:
+            return (
+                "the row refers to a blob, but the namespace's layout is 1, whose rows hold "
+                "their archives: no write of layout 1 leaves such a row, and releases before "
+                "layout 2 cannot read it; put the package again"
+            )
+        return None
+
     async def _fix(self, row: bytes, stamp: bytes | None, stale: set[bytes]) -> bool:
         """Make the row's members exactly ``<stamp> <row>`` (none if ``stamp`` is None),
         removing ``stale`` ones, if the row still reads as it did; ``True`` if anything
@@ -388,11 +486,12 @@ class _Checker:
                 now = await self.admin.bounded(pipe.hget(key, b"deployed_at"))
                 exists = await self.admin.bounded(pipe.exists(key))
                 archived = await self.admin.bounded(pipe.hexists(key, b"archive"))
+                digested = await self.admin.bounded(pipe.hexists(key, b"digest"))
                 if (
-                    layout not in (None, FORMAT_VERSION)
+                    (layout is not None and layout not in LAYOUTS)
                     or now != stamp
                     or bool(exists) != (stamp is not None)
-                    or bool(archived) != (stamp is not None)
+                    or bool(archived or digested) != (stamp is not None)
                 ):
                     return True  # changed since the snapshot: judge again
                 pipe.multi()  # type: ignore[no-untyped-call]
@@ -431,6 +530,221 @@ class _Checker:
                 f"indexed the row at its own deployed_at {shown(stamp)!r}",
             )
         return True
+
+    # Blobs (layout 2).
+
+    async def _scan_blobs(self) -> None:
+        """The namespace's blob keys into ``blobs``; those that are no blob key, or no
+        hash, reported."""
+        k = self.keys
+        pattern = glob_escape(k.blob_prefix) + b"*"
+        seen: set[bytes] = set()
+        cursor: Any = 0
+        while True:
+            cursor, batch = await self.admin.command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", CHUNK
+            )
+            for key in batch:
+                if key in seen:
+                    continue
+                seen.add(key)
+                digest = k.digest_of(key)
+                if digest is None:
+                    self.find(
+                        "malformed-blob-key",
+                        key,
+                        "a key under the namespace's blob prefix that is not "
+                        f"{shown(k.blob_prefix)}{{<64 lowercase hex digits>}}: no call reads it "
+                        "and gc leaves it; remove it once looked at",
+                    )
+                    continue
+                kind = await self.admin.command("TYPE", key)
+                if kind == b"none":
+                    continue  # collected since the scan met it
+                if kind != b"hash":
+                    self.find(
+                        "wrong-type",
+                        key,
+                        f"is a {kind.decode()}, not a hash: a put of that archive fails, and "
+                        "so does every read of a row that refers to it",
+                    )
+                    continue
+                self.blobs[digest] = key
+            if int(cursor) == 0:
+                return
+
+    async def _read_references(self) -> None:
+        """What each row refers to, read directly: rows are not judged without an index."""
+        rows = sorted(self.rows)
+        for start in range(0, len(rows), CHUNK):
+            chunk = [self.keys.row(row) for row in rows[start : start + CHUNK]]
+            async with self.admin.client.pipeline(transaction=False) as pipe:
+                for key in chunk:
+                    pipe.hmget(key, [b"digest", b"size"])
+                replies = await self.admin.bounded(pipe.execute(raise_on_error=False))
+            for key, reply in zip(chunk, replies, strict=True):
+                if isinstance(reply, list) and is_digest(reply[0]):
+                    self.refers[key] = (reply[0], _decimal(reply[1]))
+
+    async def _check_blobs(self, repair: bool, grace: float) -> None:
+        """Report rows whose blob is missing, blobs that are damaged, and blobs no row
+        refers to; with ``repair``, collect those (``kvstore gc``)."""
+        rows_of: dict[bytes, dict[bytes, int | None]] = {}
+        for key, (digest, size) in self.refers.items():
+            rows_of.setdefault(digest, {})[key] = size
+        for digest in sorted(set(rows_of) - set(self.blobs)):
+            await self._confirm_missing(digest, sorted(rows_of[digest]))
+        stamps = await self._verify_blobs(rows_of)
+        orphans = sorted(
+            (key, digest) for digest, key in self.blobs.items() if digest not in rows_of
+        )
+        if not orphans:
+            return
+        seconds, micros = await self.admin.command("TIME")
+        now = int(seconds) * 1_000_000 + int(micros)
+        collected: set[bytes] = set()
+        if repair:
+            gc = await collect_garbage(self.admin.store, grace=grace)
+            collected = set(gc.collected_keys)
+            orphan_keys = {key for key, _ in orphans}
+            for key in gc.collected_keys:
+                if key not in orphan_keys:
+                    self._repaired(
+                        "orphan-blob", key, "collected a blob no row referred to any more"
+                    )
+            # A damaged blob no row refers to is gone with it.
+            self.report.findings = [
+                f
+                for f in self.report.findings
+                if not (f.kind == "damaged-blob" and f.key in {shown(c) for c in collected})
+            ]
+        for key, _ in orphans:
+            written = stamps.get(key)
+            age = "" if written is None else f", written {max(now - written, 0) / 1e6:.0f} s ago"
+            if key in collected:
+                self._repaired("orphan-blob", key, f"collected: no row referred to the blob{age}")
+                continue
+            kept = (
+                f"; kept: written within the last {grace:g} s, or referred to since"
+                if repair
+                else "; kvstore gc (or check --repair) collects it once older than its grace period"
+            )
+            self.find("orphan-blob", key, f"no row refers to this blob{age}{kept}")
+
+    async def _confirm_missing(self, digest: bytes, rows: list[bytes]) -> None:
+        """Report each of ``rows`` that, in one snapshot with the blob of ``digest``,
+        still refers to it while the blob does not exist."""
+        blob = self.keys.blob(digest)
+        async with self.admin.client.pipeline(transaction=True) as pipe:
+            pipe.exists(blob)
+            for key in rows:
+                pipe.hget(key, b"digest")
+            replies = await self.admin.bounded(pipe.execute(raise_on_error=False))
+        if replies[0]:
+            return  # written since the scan
+        for key, now in zip(rows, replies[1:], strict=True):
+            if now == digest:
+                self.find(
+                    "missing-blob",
+                    key,
+                    f"the row refers to the archive {shown(blob)!r}, which does not exist: "
+                    "every read of the package fails; the package must be deployed again "
+                    "(deploying the same archive writes its blob again)",
+                )
+
+    async def _verify_blobs(
+        self, rows_of: dict[bytes, dict[bytes, int | None]]
+    ) -> dict[bytes, int]:
+        """Read and hash every blob met, reporting those that are damaged; the
+        ``written`` stamp of each, by key."""
+        stamps: dict[bytes, int] = {}
+        blobs = sorted(self.blobs.items())
+        for start in range(0, len(blobs), CHUNK):
+            chunk = blobs[start : start + CHUNK]
+            async with self.admin.client.pipeline(transaction=False) as pipe:
+                for _, key in chunk:
+                    pipe.hstrlen(key, b"archive")
+                    pipe.hget(key, b"written")
+                replies = await self.admin.bounded(pipe.execute(raise_on_error=False))
+            group: list[tuple[bytes, bytes]] = []
+            total = 0
+            for (digest, key), length, written in zip(
+                chunk, replies[::2], replies[1::2], strict=True
+            ):
+                if isinstance(length, Exception) or isinstance(written, Exception):
+                    continue  # of another type since the scan: the next check says so
+                if isinstance(written, bytes) and written.isdigit():
+                    stamps[key] = int(written)
+                if group and total + length > VERIFY_BYTES:
+                    await self._verify_group(group, rows_of, stamps)
+                    group, total = [], 0
+                group.append((digest, key))
+                total += length
+            if group:
+                await self._verify_group(group, rows_of, stamps)
+        return stamps
+
+    async def _verify_group(
+        self,
+        group: list[tuple[bytes, bytes]],
+        rows_of: dict[bytes, dict[bytes, int | None]],
+        stamps: dict[bytes, int],
+    ) -> None:
+        archives = await self._read_archives([key for _, key in group])
+        for (digest, key), archive in zip(group, archives, strict=True):
+            rows = rows_of.get(digest, {})
+            if isinstance(archive, Exception):
+                continue  # of another type since the scan: the next check says so
+            if archive is None or await _hash(archive) != digest:
+                # A put may have written it again meanwhile (same digest, right bytes),
+                # or gc collected it: judged again from a fresh read.
+                (archive,) = await self._read_archives([key])
+                if isinstance(archive, Exception):
+                    continue
+                if archive is None:
+                    if await self.admin.command("EXISTS", key):
+                        self.find(
+                            "damaged-blob",
+                            key,
+                            "the blob has no archive: " + _readers(rows) + _redeploy(rows),
+                        )
+                    continue
+                if await _hash(archive) != digest:
+                    self.find(
+                        "damaged-blob",
+                        key,
+                        "the blob's bytes do not hash to its digest: "
+                        + _readers(rows)
+                        + _redeploy(rows),
+                    )
+                    continue
+            length = len(archive)
+            wrong = sorted(r for r, n in rows.items() if n is not None and n != length)
+            if wrong:
+                sizes = sorted({n for r, n in rows.items() if r in wrong and n is not None})
+                self.find(
+                    "damaged-blob",
+                    key,
+                    f"the blob's archive is {length} bytes, but {_named(wrong)} referring "
+                    f"to it {'says' if len(wrong) == 1 else 'say'} "
+                    f"{', '.join(str(n) for n in sizes)}: listings show the wrong size; "
+                    "deploy the package again",
+                )
+            if key not in stamps and await self.admin.command("EXISTS", key):
+                self.find(
+                    "damaged-blob",
+                    key,
+                    "the blob has no written stamp (or one that is no number): reads are "
+                    "served, but kvstore gc never collects it; a put of the same archive "
+                    "writes it again",
+                )
+
+    async def _read_archives(self, keys: list[bytes]) -> list[Any]:
+        async with self.admin.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.hget(key, b"archive")
+            replies: list[Any] = await self.admin.bounded(pipe.execute(raise_on_error=False))
+        return replies
 
     def _repaired(self, kind: str, key: bytes, message: str) -> None:
         self.report.repairs.append(Finding(kind, shown(key), message))
@@ -474,6 +788,40 @@ class _Checker:
                 )
 
 
+def _decimal(value: Any) -> int | None:
+    """A row's ``size``, or None when it is not a decimal number."""
+    if isinstance(value, bytes) and value.isdigit() and value.isascii():
+        return int(value)
+    return None
+
+
+async def _hash(archive: bytes) -> bytes:
+    """The archive's digest, hashed on a thread when it is large."""
+    if len(archive) < HASH_ON_A_THREAD:
+        return archive_digest(archive)
+    return await asyncio.to_thread(archive_digest, archive)
+
+
+def _named(rows: list[bytes]) -> str:
+    """``rows`` (row keys) named, the first few shown and the rest counted."""
+    names = ", ".join(f"'{shown(r)}'" for r in rows[:NAMED_ROWS])
+    more = f" and {len(rows) - NAMED_ROWS} more" if len(rows) > NAMED_ROWS else ""
+    return f"row{'s' if len(rows) > 1 else ''} {names}{more}"
+
+
+def _readers(rows: dict[bytes, int | None]) -> str:
+    if not rows:
+        return "no row refers to it now"
+    return f"every read of {_named(sorted(rows))} fails"
+
+
+def _redeploy(rows: dict[bytes, int | None]) -> str:
+    if not rows:
+        return "; kvstore gc collects it once older than its grace period"
+    what = "the package must" if len(rows) == 1 else "the packages must"
+    return f"; {what} be deployed again (a put of the same archive writes the blob again)"
+
+
 def _is_stamp(stamp: bytes) -> bool:
     try:
         decode_stamp(stamp)
@@ -506,4 +854,5 @@ __all__ = [
     "Finding",
     "check_store",
     "describe",
+    "glob_escape",
 ]

@@ -18,7 +18,7 @@ from typing import Any
 from redis.exceptions import NoPermissionError, ResponseError
 
 from kvstore.errors import BackendError, StoreError
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.keyspace import LAYOUTS, Keyspace
 from kvstore.redis.protocol import field_pairs
 from kvstore.redis.scripts import LIBRARY, Held, held
 from kvstore.redis.store import RedisPackageStore
@@ -49,7 +49,7 @@ class Status:
     layout: str | None  # the {ns}:format value; None when nothing was written yet
     packages: int | None
     routes: int | None
-    archive_bytes: int | None
+    archive_bytes: int | None  # the archives' sizes summed over packages (shared ones each time)
     functions: list[str] | None  # kvstore_* libraries; None when FUNCTION LIST is refused
     functions_note: str = ""  # why ``functions`` is None
     # Whether the library of this release's name holds this release's code, byte for
@@ -133,8 +133,8 @@ async def _namespace(admin: Admin, store: RedisPackageStore, status: Status) -> 
         status.notes.append(f"the layout marker cannot be read: {exc}")
         return
     status.layout = None if layout is None else layout.decode("utf-8", "backslashreplace")
-    if layout not in (None, FORMAT_VERSION):
-        return  # the store refuses to read another layout, and so do we
+    if layout is not None and layout not in LAYOUTS:
+        return  # the store refuses to read a layout it does not know, and so do we
     try:
         status.routes = len(await store.list_package_routes())
         count = size = 0
@@ -259,7 +259,7 @@ def warnings(status: Status) -> list[str]:
             "acknowledges puts it may not store, and any other fails every write; remove it "
             f"with `FUNCTION DELETE {LIBRARY.name}`, then run `kvstore setup`"
         )
-    if status.layout is not None and status.layout != FORMAT_VERSION.decode():
+    if status.layout is not None and status.layout.encode() not in LAYOUTS:
         found.append(
             f"the namespace holds layout {status.layout!r}, which this kvstore neither reads "
             "nor writes"

@@ -1,5 +1,5 @@
 """The operator's command line: ``kvstore deploy | ls | routes | route | rm | show |
-export | import | setup | status | check | migrate | demo``, and ``kvstore --version``.
+export | import | setup | status | check | gc | migrate | demo``, and ``kvstore --version``.
 
 With ``--url`` (or ``KVSTORE_URL``) every command talks to that server; without, it
 starts the embedded server (``kvstore.tools.embedded_server``) over its data folder,
@@ -41,6 +41,7 @@ from kvstore.distribution import DISTRIBUTION, pip_install
 from kvstore.tools.cli.commands import (
     cmd_check,
     cmd_export,
+    cmd_gc,
     cmd_import,
     cmd_ls,
     cmd_migrate,
@@ -111,6 +112,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], Action]] = {
     "setup": cmd_setup,
     "status": cmd_status,
     "check": cmd_check,
+    "gc": cmd_gc,
     "migrate": cmd_migrate,
 }
 

@@ -1,5 +1,5 @@
 """The commands besides deploy and demo: ``ls``, ``routes``, ``route``, ``rm``, ``show``,
-``export``, ``import``, ``setup``, ``status``, ``check`` and ``migrate``.
+``export``, ``import``, ``setup``, ``status``, ``check``, ``gc`` and ``migrate``.
 
 Each ``cmd_*`` checks its arguments at once, before any server is started, and returns
 what to do with a store (an ``Action``).
@@ -293,11 +293,21 @@ def cmd_check(args: argparse.Namespace) -> Action:
     async def run(store: RedisPackageStore) -> None:
         from kvstore.tools import check
 
-        reading = check.check_store(store, repair=args.repair)
+        reading = check.check_store(store, repair=args.repair, grace=args.grace)
         report = await _print_report(reading, check.describe, args.json)
         if not report.sound:
             sys.stdout.flush()
             raise SystemExit(EXIT_ERROR)  # the report is the message
+
+    return run
+
+
+def cmd_gc(args: argparse.Namespace) -> Action:
+    async def run(store: RedisPackageStore) -> None:
+        from kvstore.tools import gc
+
+        collecting = gc.collect_garbage(store, grace=args.grace, dry_run=args.dry_run)
+        await _print_report(collecting, gc.describe, args.json)
 
     return run
 
@@ -334,8 +344,8 @@ _R = TypeVar("_R", bound=_Report)
 async def _print_report(
     reading: Awaitable[_R], describe: Callable[[_R], list[str]], json: bool
 ) -> _R:
-    """What ``reading`` (of status or check, which speak to one server) found, printed
-    as JSON or as the lines ``describe`` makes of it."""
+    """What ``reading`` (of status or check, which speak to one server, or of gc) found,
+    printed as JSON or as the lines ``describe`` makes of it."""
     try:
         found = await reading
     except TypeError as exc:  # a cluster URL

@@ -6,6 +6,7 @@ A wrong command line is one line on stderr and exit 2, like every other failure.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any, NoReturn
 
 from kvstore.tools.cli.common import EXIT_USAGE
@@ -26,6 +27,22 @@ def _positive(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
     return value
+
+
+def _grace(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, 0 or more: {text!r}")
+    return value
+
+
+GRACE_HELP = (
+    "spare blobs written within this many seconds (default 3600); it must exceed the "
+    "writers' retry_budget + timeout"
+)
 
 
 def _add_connection(parser: argparse.ArgumentParser, top: bool) -> None:
@@ -125,6 +142,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub = command("check", "look for damage in the namespace (exit 1 if any); --repair fixes")
     sub.add_argument("--repair", action="store_true", help="fix what needs no guessing")
+    sub.add_argument(
+        "--grace",
+        type=_grace,
+        default=3600.0,
+        metavar="SECONDS",
+        help="with --repair: " + GRACE_HELP,
+    )
+    sub.add_argument("--json", action="store_true", help="JSON for scripts")
+
+    sub = command(
+        "gc",
+        "remove the archives (blobs, layout 2) no package refers to, but those written "
+        "within the grace period; on every primary of a cluster",
+    )
+    sub.add_argument("--grace", type=_grace, default=3600.0, metavar="SECONDS", help=GRACE_HELP)
+    sub.add_argument("--dry-run", action="store_true", help="count what would go; remove nothing")
     sub.add_argument("--json", action="store_true", help="JSON for scripts")
 
     sub = command(
