@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvstore import PackageRecord, PackageRouteRecord
+from kvstore.redis.keyspace import INLINE_LIMIT
 from kvstore.redis.route_watch import RouteWatch
 from kvstore.server_process import LocalServer
 
@@ -30,6 +31,12 @@ def pkg(
 ) -> PackageRecord:
     """A package deployed ``n`` microseconds after ``T0``."""
     return PackageRecord(workflow_type, content_hash, archive, T0 + timedelta(microseconds=n))
+
+
+def large(archive: bytes) -> bytes:
+    """``archive`` repeated past ``INLINE_LIMIT``: one layout 2 keeps as a blob (a smaller
+    one stays inside its row)."""
+    return archive * (INLINE_LIMIT // max(len(archive), 1) + 1)
 
 
 def as_map(reply: Any) -> dict[Any, Any]:

@@ -25,7 +25,7 @@ from kvstore.server_process import LocalServer
 from kvstore.tools.check import INFORMATIONAL, REPAIRABLE, check_store, glob_escape
 
 from .conftest import Backend, fresh_namespace
-from .support import T0
+from .support import T0, large
 from .test_acl import Users
 from .test_cli import kv
 from .topology import raw_command
@@ -58,10 +58,11 @@ async def contents(raw: Redis, namespace: str) -> dict[bytes, Any]:
     return found
 
 
-A = PackageRecord("order", "h1", b"one", at(1))
-B = PackageRecord("order", "h2", b"two", at(2))
-C = PackageRecord("bill", "h3", b"three", at(3))
-D = PackageRecord("ship", "h4", b"four", at(4))
+# Archives kept as blobs in layout 2 (a small one stays inside its row).
+A = PackageRecord("order", "h1", large(b"one"), at(1))
+B = PackageRecord("order", "h2", large(b"two"), at(2))
+C = PackageRecord("bill", "h3", large(b"three"), at(3))
+D = PackageRecord("ship", "h4", large(b"four"), at(4))
 
 
 async def damage_repairably(backend: Backend, namespace: str, layout: int = 1) -> None:

@@ -14,9 +14,9 @@ from kvstore.redis.keyspace import Keyspace, archive_digest, row_id
 from kvstore.tools.check import KINDS, check_store
 
 from .conftest import Backend
-from .support import pkg
+from .support import large, pkg
 
-ARCHIVE = b"the archive's bytes"
+ARCHIVE = large(b"the archive's bytes")
 DIGEST = archive_digest(ARCHIVE)
 
 
@@ -95,17 +95,19 @@ async def test_orphans_are_collected_past_the_grace_and_no_other_blob(backend: B
     async with backend.store() as store:
         k = Keyspace(store.namespace)
         raw = backend.raw
-        await store.put_package(pkg("a", "h1", b"old orphan"))
-        await store.put_package(pkg("a", "h2", b"young orphan"))
-        await store.put_package(pkg("a", "h3", b"referred to"))
+        await store.put_package(pkg("a", "h1", large(b"old orphan")))
+        await store.put_package(pkg("a", "h2", large(b"young orphan")))
+        await store.put_package(pkg("a", "h3", large(b"referred to")))
         await store.delete_package("a", "h1")
         await store.delete_package("a", "h2")
-        old = k.blob(archive_digest(b"old orphan"))
+        old = k.blob(archive_digest(large(b"old orphan")))
         await raw.hset(old, "written", b"1000000")  # written long ago
 
         report = await check_store(store)
         orphans = sorted(f.key for f in report.findings if f.kind == "orphan-blob")
-        assert orphans == sorted([old.decode(), k.blob(archive_digest(b"young orphan")).decode()])
+        assert orphans == sorted(
+            [old.decode(), k.blob(archive_digest(large(b"young orphan"))).decode()]
+        )
         assert report.sound and report.repairs == []
 
         repaired = await check_store(store, repair=True)  # an hour's grace
@@ -113,8 +115,8 @@ async def test_orphans_are_collected_past_the_grace_and_no_other_blob(backend: B
         (kept,) = [f for f in repaired.findings if f.kind == "orphan-blob"]
         assert "kept: written within the last 3600 s" in kept.message
         assert not await raw.exists(old)
-        assert await raw.exists(k.blob(archive_digest(b"young orphan")))
-        assert (await store.get_package("a", "h3")) == pkg("a", "h3", b"referred to")
+        assert await raw.exists(k.blob(archive_digest(large(b"young orphan"))))
+        assert (await store.get_package("a", "h3")) == pkg("a", "h3", large(b"referred to"))
 
 
 async def test_keys_under_the_blob_prefix_that_are_no_blobs(backend: Backend) -> None:
@@ -150,7 +152,7 @@ async def test_rows_of_neither_shape(backend: Backend) -> None:
         def row(n: int) -> bytes:
             return k.row(row_id("a", f"h{n}"))
 
-        await raw.hset(row(1), "archive", ARCHIVE)  # both shapes at once
+        await raw.hset(row(1), "archive", b"other bytes")  # inside, but not its digest's
         await raw.hset(row(2), "digest", b"not a digest")
         await raw.hset(row(3), "size", b"-3")
         await raw.hdel(row(4), "size")
@@ -158,13 +160,13 @@ async def test_rows_of_neither_shape(backend: Backend) -> None:
         report = await check_store(store, repair=True)
         found = {f.key.rpartition("\\0")[2]: (f.kind, f.message) for f in report.findings}
         assert {h: kind for h, (kind, _) in found.items()} == {
-            "h1": "malformed-row",
+            "h1": "damaged-archive",
             "h2": "malformed-row",
             "h3": "malformed-row",
             "h4": "row-missing-field",
             "h5": "row-missing-field",
         }
-        assert "both an archive and a digest" in found["h1"][1]
+        assert "does not hash to the row's digest" in found["h1"][1]
         assert "not 64 lowercase hex digits" in found["h2"][1]
         assert "not a decimal number" in found["h3"][1]
         assert "a digest but no size" in found["h4"][1]

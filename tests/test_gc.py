@@ -32,7 +32,7 @@ from kvstore.tools.check import check_store
 from kvstore.tools.gc import collect_garbage
 
 from .conftest import Backend, fresh_namespace
-from .support import T0, pkg
+from .support import T0, large, pkg
 from .test_cli import fails, kv, ok
 from .test_cluster import cluster_url, start_cluster
 from .test_store_library import impostor_text, replace_library
@@ -51,42 +51,42 @@ async def test_a_shared_archive_stays_while_any_row_refers_to_it(backend: Backen
     raw = backend.raw
     async with backend.store() as store:
         k = Keyspace(store.namespace)
-        await store.put_package(pkg("a", "h1", b"shared"))
-        await store.put_package(pkg("b", "h2", b"shared"))
-        await store.put_package(pkg("c", "h3", b"alone"))
+        await store.put_package(pkg("a", "h1", large(b"shared")))
+        await store.put_package(pkg("b", "h2", large(b"shared")))
+        await store.put_package(pkg("c", "h3", large(b"alone")))
         assert len(await blob_keys(raw, store.namespace)) == 2  # the same bytes: one blob
         await store.delete_package("a", "h1")
         await settle()
         report = await collect_garbage(store, grace=0)
         assert (report.seen, report.referenced, report.collected) == (2, 2, 0)
-        assert (await store.get_package("b", "h2")) == pkg("b", "h2", b"shared")
+        assert (await store.get_package("b", "h2")) == pkg("b", "h2", large(b"shared"))
 
         await store.delete_package("b", "h2")
         await settle()
         report = await collect_garbage(store, grace=0)
         assert (report.seen, report.referenced, report.collected) == (2, 1, 1)
-        assert report.bytes_freed == len(b"shared")
-        assert await blob_keys(raw, store.namespace) == {k.blob(archive_digest(b"alone"))}
-        assert await store.list_packages() == [pkg("c", "h3", b"alone")]
+        assert report.bytes_freed == len(large(b"shared"))
+        assert await blob_keys(raw, store.namespace) == {k.blob(archive_digest(large(b"alone")))}
+        assert await store.list_packages() == [pkg("c", "h3", large(b"alone"))]
         assert (await check_store(store)).problems == []
 
 
 async def test_a_young_orphan_is_spared_and_a_dry_run_removes_nothing(backend: Backend) -> None:
     raw = backend.raw
     async with backend.store() as store:
-        await store.put_package(pkg("a", "h1", b"gone soon"))
+        await store.put_package(pkg("a", "h1", large(b"gone soon")))
         await store.delete_package("a", "h1")
         await settle()
         young = await collect_garbage(store)  # an hour's grace
         assert (young.seen, young.collected, young.spared) == (1, 0, 1)
 
         dry = await collect_garbage(store, grace=0, dry_run=True)
-        assert (dry.collected, dry.spared, dry.bytes_freed) == (1, 0, len(b"gone soon"))
+        assert (dry.collected, dry.spared, dry.bytes_freed) == (1, 0, len(large(b"gone soon")))
         orphan = await blob_keys(raw, store.namespace)
         assert len(orphan) == 1 and set(dry.collected_keys) == orphan
 
         done = await collect_garbage(store, grace=0)
-        assert (done.collected, done.bytes_freed) == (1, len(b"gone soon"))
+        assert (done.collected, done.bytes_freed) == (1, len(large(b"gone soon")))
         assert set(done.collected_keys) == orphan
         assert await blob_keys(raw, store.namespace) == set()
         assert (await collect_garbage(store, grace=0)).seen == 0
@@ -98,16 +98,16 @@ async def test_a_blob_a_put_wrote_but_did_not_refer_to_yet_is_spared(backend: Ba
     raw = backend.raw
     async with backend.store() as store:
         k = Keyspace(store.namespace)
-        digest = archive_digest(b"in flight")
+        digest = archive_digest(large(b"in flight"))
         await store.load_library()
         await raw.fcall(PUT_BLOB.name, 1, k.blob(digest), digest, b"in flight")
         report = await collect_garbage(store, grace=60)
         assert (report.collected, report.spared) == (0, 1)
-        await store.put_package(pkg("a", "h1", b"in flight"))
+        await store.put_package(pkg("a", "h1", large(b"in flight")))
         await settle()
         report = await collect_garbage(store, grace=0)
         assert (report.referenced, report.collected) == (1, 0)
-        assert (await store.get_package("a", "h1")) == pkg("a", "h1", b"in flight")
+        assert (await store.get_package("a", "h1")) == pkg("a", "h1", large(b"in flight"))
 
 
 async def test_a_row_written_after_the_mark_keeps_its_blob(
@@ -116,20 +116,20 @@ async def test_a_row_written_after_the_mark_keeps_its_blob(
     """The mark reads the rows; a put lands after it, before the sweep. Its blob is
     unmarked, but written after the cut-off (``t0``, with no grace): the sweep keeps it."""
     async with backend.store() as store, backend.store(store.namespace) as writer:
-        await store.put_package(pkg("a", "h0", b"old"))
+        await store.put_package(pkg("a", "h0", large(b"old")))
         await store.delete_package("a", "h0")
         await settle()
         mark = gc_module._Collector._mark
 
         async def mark_then_put(self: Any, home: Any) -> set[bytes]:
             marked: set[bytes] = await mark(self, home)
-            await writer.put_package(pkg("a", "h1", b"after the mark"))
+            await writer.put_package(pkg("a", "h1", large(b"after the mark")))
             return marked
 
         monkeypatch.setattr(gc_module._Collector, "_mark", mark_then_put)
         report = await collect_garbage(store, grace=0)
         assert (report.seen, report.referenced, report.collected, report.spared) == (2, 0, 1, 1)
-        assert (await store.get_package("a", "h1")) == pkg("a", "h1", b"after the mark")
+        assert (await store.get_package("a", "h1")) == pkg("a", "h1", large(b"after the mark"))
 
 
 async def test_keys_that_are_no_blobs_are_left_alone(backend: Backend) -> None:
@@ -148,16 +148,16 @@ async def test_keys_that_are_no_blobs_are_left_alone(backend: Backend) -> None:
 
 async def test_a_layout_1_namespace_has_nothing_to_collect(backend: Backend) -> None:
     async with backend.store(layout=1) as store:
-        await store.put_package(pkg("a", "h1"))
+        await store.put_package(pkg("a", "h1", large(b"zip")))
         await store.delete_package("a", "h1")
-        await store.put_package(pkg("a", "h2"))
+        await store.put_package(pkg("a", "h2", large(b"zip")))
         report = await collect_garbage(store, grace=0)
         assert (report.rows, report.seen, report.collected) == (1, 0, 0)
 
 
 async def test_an_unknown_layout_or_grace_is_refused(backend: Backend) -> None:
     async with backend.store() as store:
-        await store.put_package(pkg("a", "h1"))
+        await store.put_package(pkg("a", "h1", large(b"zip")))
         await store.delete_package("a", "h1")
         for grace in (-1.0, math.nan, math.inf):
             with pytest.raises(ValueError, match="grace"):
@@ -170,7 +170,7 @@ async def test_an_unknown_layout_or_grace_is_refused(backend: Backend) -> None:
 
 async def test_a_missing_library_is_loaded(backend: Backend) -> None:
     async with backend.store() as store:
-        await store.put_package(pkg("a", "h1"))
+        await store.put_package(pkg("a", "h1", large(b"zip")))
         await store.delete_package("a", "h1")
         await backend.raw.function_flush()
         await settle()
@@ -182,7 +182,7 @@ async def test_a_library_of_this_release_s_name_with_other_code_is_refused(
     backend: Backend,
 ) -> None:
     async with backend.store() as store:
-        await store.put_package(pkg("a", "h1"))
+        await store.put_package(pkg("a", "h1", large(b"zip")))
         await store.delete_package("a", "h1")
         await replace_library(backend.raw, impostor_text(("drop_blob",)))
         await settle()
@@ -301,7 +301,7 @@ async def test_gc_on_a_cluster_collects_orphans_on_every_primary(
     k = Keyspace(namespace)
     async with RedisPackageStore.from_url(cluster_url(cluster), namespace=namespace) as store:
         for n in range(30):
-            await store.put_package(pkg("a", f"h{n}", b"archive %d" % n))
+            await store.put_package(pkg("a", f"h{n}", large(b"archive %d" % n)))
         for n in range(0, 30, 2):
             await store.delete_package("a", f"h{n}")
         orphans = {k.blob(archive_digest(b"archive %d" % n)) for n in range(0, 30, 2)}
@@ -335,8 +335,8 @@ def test_the_command_line_collects_counts_and_refuses(valkey_server: LocalServer
 
     async def deploy_and_delete() -> None:
         async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
-            await store.put_package(pkg("a", "h1", b"kept"))
-            await store.put_package(pkg("a", "h2", b"orphan"))
+            await store.put_package(pkg("a", "h1", large(b"kept")))
+            await store.put_package(pkg("a", "h2", large(b"orphan")))
             await store.delete_package("a", "h2")
 
     asyncio.run(deploy_and_delete())
@@ -348,7 +348,7 @@ def test_the_command_line_collects_counts_and_refuses(valkey_server: LocalServer
     assert dry[-1] == "dry run: nothing was removed"
     found = json.loads(ok("gc", "--grace", "0", "--json", *target))
     assert (found["blobs_seen"], found["referenced"], found["collected"]) == (2, 1, 1)
-    assert found["bytes_freed"] == len(b"orphan")
+    assert found["bytes_freed"] == len(large(b"orphan"))
     lines = ok("gc", "--grace", "0", *target).splitlines()
     assert lines[0] == f"namespace {namespace!r}: 1 rows read, 1 blobs seen, 1 referenced"
 
@@ -367,7 +367,7 @@ def test_check_repair_on_the_command_line_takes_a_grace(valkey_server: LocalServ
 
     async def orphan() -> None:
         async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as store:
-            await store.put_package(pkg("a", "h1", b"orphan"))
+            await store.put_package(pkg("a", "h1", large(b"orphan")))
             await store.delete_package("a", "h1")
 
     asyncio.run(orphan())

@@ -77,10 +77,12 @@ KINDS = (
     # a row without a readable deployed_at, without both archive and digest, or with a
     # digest and no size
     "row-missing-field",
-    # a row of neither layout's shape: both archive and digest, a digest that is not 64
-    # lowercase hex digits, a size that is not decimal, or a digest in a namespace of
-    # layout 1
+    # a row of neither layout's shape: a digest that is not 64 lowercase hex digits, a
+    # size that is not decimal, or a digest in a namespace of layout 1
     "malformed-row",
+    # an archive kept inside its row (layout 2, a small one) that does not hash to the
+    # row's digest, or whose length is not the row's size
+    "damaged-archive",
     "missing-blob",  # a row refers to a blob that does not exist: deploy the package again
     # a blob whose archive does not hash to its digest, that lacks its archive or its
     # written stamp, or whose length is not the size a row referring to it says
@@ -375,7 +377,7 @@ class _Checker:
                     f"is a {kind.decode()}, not a {k.expected_type(key)}: a package row",
                 )
                 return
-            if is_digest(digest):
+            if is_digest(digest) and not has_archive:
                 # Whatever else is wrong with the row, a read takes its archive there.
                 self.refers[key] = (digest, _decimal(size))
             good_stamp = isinstance(stamp, bytes) and _is_stamp(stamp)
@@ -406,6 +408,11 @@ class _Checker:
             if malformed is not None:
                 self.find("malformed-row", key, malformed)
                 return
+            if has_archive and digest is not None:
+                damage = await self._inline_damage(key, digest, size)
+                if damage is not None:
+                    self.find("damaged-archive", key, damage)
+                    return
             if stamp not in present:
                 stamps.add(stamp)  # look for its member in the same snapshot as the row
                 continue
@@ -450,11 +457,6 @@ class _Checker:
         """What makes a row with all its fields of neither layout's shape, or None."""
         if digest is None:
             return None
-        if has_archive:
-            return (
-                "the row holds both an archive and a digest, which no write leaves: reads "
-                "take the blob and ignore the archive; put the package again"
-            )
         if not is_digest(digest):
             return (
                 f"the row's digest {shown(digest)!r} is not 64 lowercase hex digits: every "
@@ -467,9 +469,23 @@ class _Checker:
             )
         if self.layout == INLINE_LAYOUT:
             return (
-                "the row refers to a blob, but the namespace's layout is 1, whose rows hold "
+                "the row holds a digest, but the namespace's layout is 1, whose rows hold "
                 "their archives: no write of layout 1 leaves such a row, and releases before "
                 "layout 2 cannot read it; put the package again"
+            )
+        return None
+
+    async def _inline_damage(self, key: bytes, digest: bytes, size: Any) -> str | None:
+        """What is wrong with the archive a row of layout 2 keeps inside it (a small one),
+        or None: its bytes must hash to the row's digest, and be the row's size long."""
+        archive = await self.admin.bounded(self.admin.client.hget(key, b"archive"))
+        if not isinstance(archive, bytes):
+            return None  # gone since the snapshot: the row is judged by its next look
+        if archive_digest(archive) != digest or len(archive) != _decimal(size):
+            return (
+                f"the archive inside the row ({len(archive)} bytes) does not hash to the "
+                f"row's digest {shown(digest)!r} or is not its size {shown(size)!r}: reads "
+                "of it fail; put the package again"
             )
         return None
 
