@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
 from kvstore.redis.keyspace import Keyspace, archive_digest
-from kvstore.redis.scripts import PUT_BLOB
+from kvstore.redis.scripts import LIBRARY, PUT_BLOB
 from kvstore.server_process import LocalServer
 from kvstore.tools import gc as gc_module
 from kvstore.tools.check import check_store
@@ -185,18 +185,21 @@ async def test_a_library_of_this_release_s_name_with_other_code_is_refused(
         await store.put_package(pkg("a", "h1", large(b"zip")))
         await store.delete_package("a", "h1")
         await replace_library(backend.raw, impostor_text(("drop_blob",)))
-        await settle()
-        with pytest.raises(BackendError, match="FUNCTION DELETE"):
-            await collect_garbage(store, grace=0)
-        assert len(await blob_keys(backend.raw, store.namespace)) == 1
-        assert (await collect_garbage(store, grace=0, dry_run=True)).collected == 1
+        try:
+            await settle()
+            with pytest.raises(BackendError, match="FUNCTION DELETE"):
+                await collect_garbage(store, grace=0)
+            assert len(await blob_keys(backend.raw, store.namespace)) == 1
+            assert (await collect_garbage(store, grace=0, dry_run=True)).collected == 1
+        finally:  # the server is shared with the tests after this one
+            await replace_library(backend.raw, LIBRARY.text)
 
 
 # gc racing writers.
 
 # Writers whose calls end within this (retry_budget + timeout), gc with a grace above it.
 WRITER_TIMEOUT, WRITER_BUDGET, RACE_GRACE = 0.5, 0.5, 2.0
-SHARED = [b"shared archive %d " % i * 200 for i in range(3)]
+SHARED = [b"shared archive %d " % i * 400 for i in range(3)]  # blobs, not inside rows
 
 
 async def _write(url: str, namespace: str, name: str, seconds: float) -> dict[str, Any]:
@@ -220,7 +223,7 @@ async def _write(url: str, namespace: str, name: str, seconds: float) -> dict[st
                 counts["deletes"] += 1
             else:
                 content_hash = f"h{rng.randrange(10)}"
-                archive = rng.choice(SHARED) if rng.random() < 0.5 else os.urandom(48)
+                archive = rng.choice(SHARED) if rng.random() < 0.5 else os.urandom(5000)
                 at = T0 + timedelta(microseconds=n)
                 await store.put_package(PackageRecord(name, content_hash, archive, at))
                 held[content_hash] = archive
@@ -304,7 +307,7 @@ async def test_gc_on_a_cluster_collects_orphans_on_every_primary(
             await store.put_package(pkg("a", f"h{n}", large(b"archive %d" % n)))
         for n in range(0, 30, 2):
             await store.delete_package("a", f"h{n}")
-        orphans = {k.blob(archive_digest(b"archive %d" % n)) for n in range(0, 30, 2)}
+        orphans = {k.blob(archive_digest(large(b"archive %d" % n))) for n in range(0, 30, 2)}
         client: Any = store.client
         holders = {client.get_node_from_key(key.decode()).name for key in orphans}
         assert len(holders) == 3  # every primary holds some
@@ -344,7 +347,7 @@ def test_the_command_line_collects_counts_and_refuses(valkey_server: LocalServer
     young = json.loads(ok("gc", "--json", *target))
     assert (young["collected"], young["spared"], young["dry_run"]) == (0, 1, False)
     dry = ok("gc", "--dry-run", "--grace", "0", *target).splitlines()
-    assert dry[1].startswith("would collect 1 unreferenced blobs (6 bytes")
+    assert dry[1].startswith(f"would collect 1 unreferenced blobs ({len(large(b'orphan'))} bytes")
     assert dry[-1] == "dry run: nothing was removed"
     found = json.loads(ok("gc", "--grace", "0", "--json", *target))
     assert (found["blobs_seen"], found["referenced"], found["collected"]) == (2, 1, 1)

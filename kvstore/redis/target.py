@@ -19,6 +19,8 @@ question                       one server, Sentinel        a Redis Cluster
                                blob and its row            then the row's
 ``admin_client``               the store's client          refused: the tools speak to
                                                            one server
+``primaries``, ``node_of``     ``[None]``, ``None``        each primary, and the one
+                                                           that serves a key's slot
 =============================  ==========================  ============================
 
 No other module asks which kind of deployment it is: each asks its target.
@@ -112,6 +114,16 @@ class Target(ABC):
     def admin_client(self) -> Redis:
         """The client the operator's tools send plain commands through."""
 
+    @abstractmethod
+    async def primaries(self) -> list[Any]:
+        """Every server that may hold a key, as ``target_nodes`` of a command names it:
+        ``[None]`` for the one server (the client's own), each primary of a cluster as
+        its slot table has them now."""
+
+    @abstractmethod
+    def node_of(self, key: bytes) -> Any:
+        """The server that holds ``key``, as ``primaries`` names it (call that first)."""
+
 
 class SingleNode(Target):
     """One server, through a ``Redis`` client (fakeredis included)."""
@@ -171,6 +183,12 @@ class SingleNode(Target):
 
     def admin_client(self) -> Redis:
         return self._client
+
+    async def primaries(self) -> list[Any]:
+        return [None]
+
+    def node_of(self, key: bytes) -> Any:
+        return None
 
 
 class Sentinel(SingleNode):
@@ -261,6 +279,16 @@ class Cluster(Target):
 
     def admin_client(self) -> Redis:
         raise TypeError("status and check speak to one server, not to a Redis Cluster")
+
+    async def primaries(self) -> list[Any]:
+        await self._client.initialize()
+        return list(self._client.get_primaries())
+
+    def node_of(self, key: bytes) -> Any:
+        node = self._client.get_node_from_key(key.decode("ascii"))
+        if node is None:
+            raise LookupError(f"no cluster node serves {key!r}")
+        return node
 
 
 def target_for(client: object) -> Target:

@@ -96,25 +96,20 @@ class Servers(_Bounded):
     def __init__(self, store: RedisPackageStore) -> None:
         self.client = store.client
         super().__init__(store, self.client)
-        self.cluster: RedisCluster | None = (
-            self.client if isinstance(self.client, RedisCluster) else None
-        )
+        self._target = target_for(self.client)
 
     async def primaries(self) -> list[Node]:
         """Every server that may hold a key: the one server, or each primary, as the
         cluster's slot table has them now."""
-        if self.cluster is None:
-            return [None]
-        await self.bounded(self.cluster.initialize())
-        return list(self.cluster.get_primaries())
+        nodes: list[Node] = await self.bounded(self._target.primaries())
+        return nodes
 
     def node_of(self, key: bytes) -> Node:
         """The server that holds ``key`` (call ``primaries`` first, on a cluster)."""
-        if self.cluster is None:
-            return None
-        node = self.cluster.get_node_from_key(key.decode("ascii"))
-        if node is None:
-            raise BackendError(f"{self.store!r}: no cluster node serves {key!r}")
+        try:
+            node: Node = self._target.node_of(key)
+        except LookupError as exc:
+            raise BackendError(f"{self.store!r}: {exc}") from None
         return node
 
     def name(self, node: Node) -> str:

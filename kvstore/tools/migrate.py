@@ -44,8 +44,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from redis.asyncio.cluster import RedisCluster
-
 from kvstore.errors import SerializationError
 from kvstore.redis.calls import Calls, LayoutChanged
 from kvstore.redis.keyspace import (
@@ -59,7 +57,7 @@ from kvstore.redis.keyspace import (
 from kvstore.redis.retry import Budget, call_with_retry
 from kvstore.redis.scripts import MIGRATE_ROW, PUT_BLOB, SET_LAYOUT
 from kvstore.redis.store import RedisPackageStore
-from kvstore.redis.target import Cluster, target_for
+from kvstore.redis.target import target_for
 from kvstore.redis.wire import Command, PrePacked
 
 # Called with (phase, archive bytes migrated, 0, rows migrated), as the export's progress.
@@ -271,25 +269,19 @@ class _Migration:
                 return inline
 
     async def _scan(self, cursor: Any) -> tuple[Any, list[bytes]]:
-        """One ``SCAN`` step over the namespace's row keys, on the server that holds them."""
-        if not isinstance(self.target, Cluster):
-            command = ("SCAN", cursor, "MATCH", self.pattern, "COUNT", SCAN_COUNT)
-            reply = self.calls.reply(await self.calls.send_one(command))
-            return reply[0], list(reply[1])
-        client: RedisCluster = self.target.client
+        """One ``SCAN`` step over the namespace's row keys, on the server that holds them,
+        found anew at each step so a failover or a moved slot is followed between steps."""
+        target = self.target
 
         async def step() -> tuple[Any, list[bytes]]:
-            await client.initialize()
-            # Found anew at each step, so a failover is followed between steps.
-            node = client.get_node_from_key(self.keys.format.decode("ascii"))
-            if node is None:
-                raise LookupError(f"no cluster node serves {self.keys.format!r}")
-            # A cluster client's SCAN replies each node's cursor by the node's name.
-            reply: Any = await client.scan(
-                cursor, match=self.pattern, count=SCAN_COUNT, target_nodes=node
-            )
-            cursors, keys = reply
-            return cursors[node.name], list(keys)
+            await target.primaries()
+            node = target.node_of(self.keys.format)
+            options: dict[str, Any] = {} if node is None else {"target_nodes": node}
+            command = ("SCAN", cursor, "MATCH", self.pattern, "COUNT", SCAN_COUNT)
+            found, keys = await target.client.execute_command(*command, **options)
+            if isinstance(found, dict):  # a cluster client's reply names the node
+                (found,) = found.values()
+            return found, list(keys)
 
         return await call_with_retry(step, self.budget, self.calls.backend_error)
 
