@@ -409,7 +409,7 @@ class _Checker:
                 self.find("malformed-row", key, malformed)
                 return
             if has_archive and digest is not None:
-                damage = await self._inline_damage(key, digest, size)
+                damage = await self._inline_damage(key)
                 if damage is not None:
                     self.find("damaged-archive", key, damage)
                     return
@@ -475,16 +475,18 @@ class _Checker:
             )
         return None
 
-    async def _inline_damage(self, key: bytes, digest: bytes, size: Any) -> str | None:
+    async def _inline_damage(self, key: bytes) -> str | None:
         """What is wrong with the archive a row of layout 2 keeps inside it (a small one),
-        or None: its bytes must hash to the row's digest, and be the row's size long."""
-        archive = await self.admin.bounded(self.admin.client.hget(key, b"archive"))
-        if not isinstance(archive, bytes):
-            return None  # gone since the snapshot: the row is judged by its next look
+        or None: its bytes must hash to the row's digest, and be the row's size long. The
+        three are read in one command, so a put landing meanwhile is never damage."""
+        fields = [b"archive", b"digest", b"size"]
+        archive, digest, size = await self.admin.bounded(self.admin.client.hmget(key, fields))
+        if not isinstance(archive, bytes) or not isinstance(digest, bytes) or not is_digest(digest):
+            return None  # changed since the snapshot: the row is judged by its next look
         if archive_digest(archive) != digest or len(archive) != _decimal(size):
             return (
                 f"the archive inside the row ({len(archive)} bytes) does not hash to the "
-                f"row's digest {shown(digest)!r} or is not its size {shown(size)!r}: reads "
+                f"row's digest {shown(digest)!r} or is not its size {size!r}: reads "
                 "of it fail; put the package again"
             )
         return None
