@@ -23,7 +23,7 @@ from redis.exceptions import NoPermissionError, ResponseError
 
 from kvstore import BackendError, PackageRouteRecord, RedisPackageStore
 from kvstore.conformance import run_package_store_suite
-from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace
+from kvstore.redis.keyspace import FORMAT_VERSION, Keyspace, archive_digest
 from kvstore.redis.protocol import ArgsRefusal, args_refusal
 from kvstore.redis.scripts import LIBRARY, PUT_ROUTE, load_library
 from kvstore.server_process import LocalServer
@@ -296,8 +296,9 @@ async def test_a_read_the_server_refuses_raises_backend_error(users: Users) -> N
 async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> None:
     mine, theirs = fresh_namespace(), fresh_namespace()
     owner = RedisPackageStore(users.admin, namespace=theirs)
-    record = pkg("order", "h1", b"theirs")
+    record = pkg("order", "h1", b"theirs" * 1000)  # a blob, outside {theirs}
     await owner.put_package(record)
+    blob = Keyspace(theirs).blob(archive_digest(record.archive))
     url = await users.add(mine)
     async with Redis.from_url(url) as raw:
         with pytest.raises(NoPermissionError):
@@ -305,7 +306,15 @@ async def test_the_rule_keeps_a_user_out_of_other_namespaces(users: Users) -> No
         with pytest.raises(NoPermissionError):
             await raw.hset(f"{{{theirs}}}:routes", "order", "forged")
         with pytest.raises(NoPermissionError):
+            await raw.hget(blob, "archive")
+        with pytest.raises(NoPermissionError):
+            await raw.hset(blob, "archive", b"forged")
+        with pytest.raises(NoPermissionError):
             await raw_command(raw, "KEYS", "*")
+        # Its own blobs it may read and write, through the library's functions.
+        async with RedisPackageStore.from_url(url, namespace=mine) as store:
+            await store.put_package(pkg("order", "h1", b"mine" * 2000))
+        assert await raw.hget(Keyspace(mine).blob(archive_digest(b"mine" * 2000)), "archive")
     async with RedisPackageStore.from_url(url, namespace=theirs, retry_budget=0) as intruder:
         with pytest.raises(BackendError):
             await intruder.get_package_route("order")
