@@ -211,17 +211,22 @@ class Calls:
 
     # Writes: one function call each.
 
-    async def call(self, command: Command, size: int = 0, *, alone: bool = False) -> Any:
+    async def call(
+        self, command: Command, size: int = 0, *, alone: bool = False, made: float | None = None
+    ) -> Any:
         """The reply to ``command``, an ``FCALL`` of the library, loading the library
-        first if the server lacks it. ``alone``: sent with nothing else in flight. Every
-        write of the store comes this way.
+        first if the server lacks it. ``alone``: sent with nothing else in flight.
+        ``made``: when the write this call is a step of was made (the loop's time; now,
+        if not given), from which its hard end counts. Every write of the store comes
+        this way.
 
         The first call checks the library the server holds under this release's name
         (``_check_library``); while it is another library, every call raises
         ``BackendError`` saying so and sends nothing. With ``min_replicas`` or
         ``durability="fsync"`` the unit is durable: the wait that follows its batch ends
         its replies."""
-        made = asyncio.get_running_loop().time()  # every step of the call counts from here
+        if made is None:
+            made = asyncio.get_running_loop().time()  # every step of the call counts from here
         if not self._library_checked:
             await self._by_hard_end(self._check(), made)
         unit = (command,)

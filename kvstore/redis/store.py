@@ -414,6 +414,8 @@ class RedisPackageStore:
         routed = (record.content_hash.encode("utf-8"), *[t.encode("utf-8") for t in types])
         archive = record.archive
         size = len(archive)
+        # Each step of the put (the blob, then the row, on a cluster) ends by one hard end.
+        made = asyncio.get_running_loop().time()
         alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
         digest: bytes | None = None
         for attempt in _LAYOUT_ATTEMPTS:
@@ -429,11 +431,13 @@ class RedisPackageStore:
                         archive,
                         *routed,
                     )
-                    version = await self._calls.call(command, size, alone=alone)
+                    version = await self._calls.call(command, size, alone=alone, made=made)
                     break
                 if digest is None:
                     digest = await _digest(archive)
-                version = await self._put_blob_and_row(row, stamp, archive, digest, routed, alone)
+                version = await self._put_blob_and_row(
+                    row, stamp, archive, digest, routed, alone, made
+                )
                 break
             except LayoutChanged:
                 if attempt == _LAYOUT_ATTEMPTS[-1]:
@@ -449,6 +453,7 @@ class RedisPackageStore:
         digest: bytes,
         routed: tuple[bytes, ...],
         alone: bool,
+        made: float,
     ) -> int:
         """Layout 2: a small archive inside its row; a larger one as a blob, written with
         its row in one call where one call may write both (one server), else first, on
@@ -465,7 +470,7 @@ class RedisPackageStore:
                 archive,
                 *routed[1:],
             )
-            version: int = await self._calls.call(inline, size, alone=alone)
+            version: int = await self._calls.call(inline, size, alone=alone, made=made)
             return version
         if self._target.writes_across_slots:
             command: Command = (
@@ -477,10 +482,12 @@ class RedisPackageStore:
                 archive,
                 *routed[1:],
             )
-            version = await self._calls.call(command, size, alone=alone)
+            version = await self._calls.call(command, size, alone=alone, made=made)
             return version
-        await self._calls.call((PUT_BLOB.call_prefix(blob), digest, archive), size, alone=alone)
-        version = await self._calls.call((self._put_row_prefix, keys.row(row), *shared, *routed))
+        put_blob = (PUT_BLOB.call_prefix(blob), digest, archive)
+        await self._calls.call(put_blob, size, alone=alone, made=made)
+        row_call = (self._put_row_prefix, keys.row(row), *shared, *routed)
+        version = await self._calls.call(row_call, made=made)
         return version
 
     def _note_routes(self, version: int, content_hash: str, types: tuple[str, ...]) -> None:
