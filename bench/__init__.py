@@ -7,4 +7,8 @@ measured in the same run on the same server; absolute times depend on the machin
 ratios much less. ``figures`` holds the figures (and the one place that says how the
 raw side calls the put), ``growth`` the tables of how cost grows, ``processes`` the
 other processes a figure needs, ``report`` how figures are judged and printed.
+
+Beside it, modules with a ``python -m`` entry of their own: ``bench.durability`` (what
+``durability="fsync"`` costs) and ``bench.cluster`` (what layout 2 does for a namespace
+on a cluster of three primaries: archives spread, memory, engines listing at once).
 """

@@ -15,18 +15,30 @@ caching routes as an engine's does. It walks ``iter_packages()`` once and prints
 JSON, its resident memory before the walk and its peak during it (``VmRSS`` and
 ``VmHWM`` of ``/proc/self/status``, the peak reset first where the kernel allows;
 elsewhere ``ru_maxrss``), with what it listed.
+
+``python -m bench.processes list-on-signal URL NAMESPACE``: an engine that lists when
+told (``python -m bench.cluster``). It opens a store of ``NAMESPACE`` as ``from_url``
+makes it by default, reads the namespace's routes once, so that it is connected, and
+prints ``ready``; then, for each line of its standard input, lists with
+``list_packages()`` and prints, as JSON, how long that took (``seconds``, from reading
+the line to holding the list), the CPU time the process spent meanwhile (``cpu``), its
+``time.monotonic()`` at the start and at the end, and what it listed. The line ``check``
+adds ``catalogue``, the SHA-256 (hex) of the lines ``<type>\0<hash>\0<archive SHA-256
+hex>\n`` of every record in sorted order, computed after the timing: a bench compares it
+with the catalogue it put. It ends when its standard input closes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import resource
 import sys
 import time
 from pathlib import Path
 
-from kvstore import RedisPackageStore
+from kvstore import PackageRecord, RedisPackageStore
 
 _STATUS = Path("/proc/self/status")
 
@@ -107,15 +119,62 @@ async def list_rss(url: str, namespace: str) -> dict[str, object]:
     }
 
 
+def catalogue_digest(lines: list[bytes]) -> str:
+    """The SHA-256 (hex) of ``lines``, each ``<type>\\0<hash>\\0<archive SHA-256 hex>``,
+    in sorted order, each ended by a newline: what a listing holds, in 64 digits."""
+    return hashlib.sha256(b"".join(line + b"\n" for line in sorted(lines))).hexdigest()
+
+
+def catalogue_line(workflow_type: str, content_hash: str, archive_digest: str) -> bytes:
+    return f"{workflow_type}\0{content_hash}\0{archive_digest}".encode()
+
+
+def _listed(records: list[PackageRecord]) -> str:
+    return catalogue_digest(
+        [
+            catalogue_line(r.workflow_type, r.content_hash, hashlib.sha256(r.archive).hexdigest())
+            for r in records
+        ]
+    )
+
+
+async def list_on_signal(url: str, namespace: str) -> int:
+    async with RedisPackageStore.from_url(url, namespace=namespace) as store:
+        await store.list_package_routes()
+        print("ready", flush=True)
+        loop = asyncio.get_running_loop()
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return 0
+            cpu, started = time.process_time(), time.monotonic()
+            records = await store.list_packages()
+            ended = time.monotonic()
+            report: dict[str, object] = {
+                "seconds": ended - started,
+                "cpu": time.process_time() - cpu,
+                "started": started,
+                "ended": ended,
+                "listed": len(records),
+                "archive_bytes": sum(len(r.archive) for r in records),
+            }
+            if line.strip() == "check":
+                report["catalogue"] = _listed(records)
+            del records
+            print(json.dumps(report), flush=True)
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] == ["changes"] and len(argv) == 4:
         return asyncio.run(changes(*argv[1:]))
-    if len(argv) != 3 or argv[0] not in ("subscribe", "list-rss"):
+    if len(argv) != 3 or argv[0] not in ("subscribe", "list-rss", "list-on-signal"):
         print(__doc__, file=sys.stderr)
         return 2
     what, url, namespace = argv
     if what == "subscribe":
         return asyncio.run(subscribe(url, namespace))
+    if what == "list-on-signal":
+        return asyncio.run(list_on_signal(url, namespace))
     print(json.dumps(asyncio.run(list_rss(url, namespace))), flush=True)
     return 0
 

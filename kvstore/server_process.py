@@ -7,6 +7,9 @@ line, except secrets (``requirepass``, ``masterauth``), which any local user cou
 there (``/proc/PID/cmdline``, ``ps``) before the server rewrites its process title: they
 go in a file of mode 0600 in ``data_dir``, named with ``--include`` and removed once the
 server has read it. Data and log live in ``data_dir``.
+
+``start_cluster`` starts several such servers as the primaries of one Redis Cluster (the
+tests' clusters and ``python -m bench.cluster``'s), and ``cluster_url`` names it.
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType, TracebackType
 
 # Settings whose values are secrets: never on a command line.
 SECRET_SETTINGS = frozenset({"requirepass", "masterauth"})
+# The slots of a Redis Cluster, numbered from 0.
+CLUSTER_SLOTS = 16384
 
 
 def valkey_binary() -> Path:
@@ -305,3 +311,57 @@ class LocalServer:
     ) -> None:
         self.stop()
         self.remove_data()
+
+
+def start_cluster(
+    stack: ExitStack,
+    password: str | None = None,
+    *,
+    primaries: int = 3,
+    settings: dict[str, str] | None = None,
+    timeout: float = 30.0,
+) -> list[LocalServer]:
+    """``primaries`` servers of the bundled Valkey, each serving an equal share of the
+    slots, in order (the first serves slot 0), with no replicas, as one cluster.
+
+    Each server is entered into ``stack``, which stops it and removes its data.
+    ``settings`` are given to each server beside those a cluster needs. Returns once
+    every node reports ``cluster_state:ok``, or raises ``LocalServerError`` after
+    ``timeout`` seconds.
+    """
+    # Imported here: starting a single server needs no client.
+    import redis
+
+    common = {**(settings or {}), "cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}
+    if password is not None:
+        common["requirepass"] = password
+    # The bus port defaults to port + 10000, which may not exist for a high free port.
+    nodes = [
+        stack.enter_context(LocalServer(settings={**common, "cluster-port": str(free_port())}))
+        for _ in range(primaries)
+    ]
+    clients = [redis.Redis(port=n.port, password=password) for n in nodes]
+    try:
+        bus = nodes[0].settings["cluster-port"]
+        for i, client in enumerate(clients):
+            first, last = i * CLUSTER_SLOTS // primaries, (i + 1) * CLUSTER_SLOTS // primaries
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last - 1)  # type: ignore[no-untyped-call]
+            client.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus)  # type: ignore[no-untyped-call]
+        deadline = time.monotonic() + timeout
+        while not all(
+            b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+            for c in clients
+        ):
+            if time.monotonic() > deadline:
+                raise LocalServerError(f"the cluster did not converge in {timeout} s")
+            time.sleep(0.1)
+    finally:
+        for client in clients:
+            client.close()
+    return nodes
+
+
+def cluster_url(nodes: list[LocalServer], password: str | None = None) -> str:
+    """The ``redis+cluster://`` URL of ``nodes`` (every one named as a seed)."""
+    credentials = "" if password is None else f":{password}@"
+    return f"redis+cluster://{credentials}" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)

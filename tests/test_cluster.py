@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -18,7 +17,7 @@ from kvstore import BackendError, PackageRecord, RedisPackageStore, Serializatio
 from kvstore.conformance import SCENARIOS, T0, run_scenario
 from kvstore.redis.keyspace import Keyspace, archive_digest
 from kvstore.redis.scripts import LIBRARY
-from kvstore.server_process import LocalServer, free_port
+from kvstore.server_process import CLUSTER_SLOTS, LocalServer, cluster_url, start_cluster
 
 from .conftest import fresh_namespace
 from .test_cli import ok
@@ -27,46 +26,17 @@ from .test_store_library import impostor_text, replace_library
 # A cluster of its own.
 pytestmark = pytest.mark.slow
 
-SLOTS = 16384
+SLOTS = CLUSTER_SLOTS
 
 
 def command(client: redis.Redis, *args: object) -> Any:
     return client.execute_command(*args)  # type: ignore[no-untyped-call]
 
 
-def start_cluster(stack: ExitStack, password: str | None = None) -> list[LocalServer]:
-    """Three primaries of the bundled Valkey, each serving a third of the slots."""
-    settings = {"cluster-enabled": "yes", "cluster-config-file": "nodes.conf"}
-    if password is not None:
-        settings["requirepass"] = password
-    # The bus port defaults to port + 10000, which may not exist for a high free port.
-    nodes = [
-        stack.enter_context(LocalServer(settings={**settings, "cluster-port": str(free_port())}))
-        for _ in range(3)
-    ]
-    clients = [redis.Redis(port=n.port, password=password) for n in nodes]
-    for i, client in enumerate(clients):
-        command(client, "CLUSTER", "ADDSLOTSRANGE", i * SLOTS // 3, (i + 1) * SLOTS // 3 - 1)
-        bus = nodes[0].settings["cluster-port"]
-        command(client, "CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus)
-    deadline = time.monotonic() + 30
-    while not all(b"cluster_state:ok" in command(c, "CLUSTER", "INFO") for c in clients):
-        assert time.monotonic() < deadline, "the cluster did not converge in 30 s"
-        time.sleep(0.1)
-    for client in clients:
-        client.close()
-    return nodes
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[list[LocalServer]]:
     with ExitStack() as stack:
         yield start_cluster(stack)
-
-
-def cluster_url(nodes: list[LocalServer], password: str | None = None) -> str:
-    credentials = "" if password is None else f":{password}@"
-    return f"redis+cluster://{credentials}" + ",".join(f"127.0.0.1:{n.port}" for n in nodes)
 
 
 @pytest.mark.parametrize("layout", [1, 2])

@@ -11,11 +11,11 @@ import redis
 from redis.crc import key_slot
 
 from kvstore import PackageRecord, RedisPackageStore
-from kvstore.server_process import LocalServer
+from kvstore.server_process import LocalServer, cluster_url, start_cluster
 
 from .conftest import fresh_namespace
 from .support import T0
-from .test_cluster import cluster_url, command, start_cluster
+from .test_cluster import command
 
 pytestmark = pytest.mark.slow
 

@@ -31,7 +31,7 @@ from redis.exceptions import ResponseError
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import INLINE_LIMIT, Keyspace, archive_digest, encode_stamp, row_id
 from kvstore.redis.scripts import MIGRATE_ROW, PUT_BLOB, SET_LAYOUT
-from kvstore.server_process import LocalServer
+from kvstore.server_process import LocalServer, cluster_url, start_cluster
 from kvstore.tools.export_import import export_file, import_file
 from kvstore.tools.migrate import (
     MigrationRefused,
@@ -694,16 +694,12 @@ async def test_the_command_says_what_it_did_and_refuses_an_unknown_layout(
 
 @pytest.fixture(scope="module")
 def cluster() -> Any:
-    from .test_cluster import start_cluster
-
     with ExitStack() as stack:
         yield start_cluster(stack)
 
 
 @pytest.mark.slow
 async def test_a_cluster_namespace_migrates_beside_writers(cluster: list[LocalServer]) -> None:
-    from .test_cluster import cluster_url
-
     url = cluster_url(cluster)
     raw = RedisCluster(host="127.0.0.1", port=cluster[0].port)
     try:
@@ -719,8 +715,6 @@ async def test_a_cluster_namespace_migrates_beside_writers(cluster: list[LocalSe
 
 @pytest.mark.slow
 async def test_the_command_migrates_a_cluster_namespace(cluster: list[LocalServer]) -> None:
-    from .test_cluster import cluster_url
-
     url = cluster_url(cluster)
     namespace = fresh_namespace()
     records = [pkg("wf", f"h{i}", b"cluster %d " % i * 30, n=i) for i in range(30)]
