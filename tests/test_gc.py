@@ -26,7 +26,7 @@ from redis.asyncio import Redis
 from kvstore import BackendError, PackageRecord, RedisPackageStore, SerializationError
 from kvstore.redis.keyspace import Keyspace, archive_digest
 from kvstore.redis.scripts import LIBRARY, PUT_BLOB
-from kvstore.server_process import LocalServer
+from kvstore.server_process import LocalServer, cluster_url, start_cluster
 from kvstore.tools import gc as gc_module
 from kvstore.tools.check import check_store
 from kvstore.tools.gc import collect_garbage
@@ -34,7 +34,6 @@ from kvstore.tools.gc import collect_garbage
 from .conftest import Backend, fresh_namespace
 from .support import T0, large, pkg
 from .test_cli import fails, kv, ok
-from .test_cluster import cluster_url, start_cluster
 from .test_store_library import impostor_text, replace_library
 
 
