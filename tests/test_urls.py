@@ -101,6 +101,8 @@ def said(url: str) -> str:
         "redis://host:badport?password=pw-secret-1",
         "redis+sentinel:/:pw-secret-1@h/svc",
         "redis://u:pw-secret-1@h:1?password=pw-secret-1&db=x",
+        "pw-secret-1@host:6379",  # no scheme: what looks like one is the password
+        "pw-secret-1//:x@host",
     ],
 )
 def test_malformed_urls_are_refused_without_their_password(url: str) -> None:

@@ -31,8 +31,10 @@ from redis.asyncio.sentinel import Sentinel
 
 from kvstore.redis.failures import MASK
 
-# A scheme and its slashes, however mistyped (``redis:/``, ``redis//``, ``unix:///``).
-_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:?/*")
+# A scheme and its slashes, however mistyped (``redis:/``, ``unix:///``). Without its
+# colon nothing is taken for a scheme (``pw-secret@host`` is a password with no scheme),
+# so all before the last ``@`` is masked.
+_PREFIX = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*:/*")
 # Query parameters whose values are secrets; matched inside the lowercased name.
 _SECRET_PARAMETERS = ("pass", "secret", "token", "auth", "cred")
 
