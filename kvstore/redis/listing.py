@@ -70,6 +70,7 @@ _HGET = PrePacked("HGET")
 _STAMP_FIELD = PrePacked(b"deployed_at")
 _HSTRLEN = PrePacked("HSTRLEN")
 _ARCHIVE_FIELD = PrePacked(b"archive")
+_DIGEST_FIELD = PrePacked(b"digest")
 
 
 def read_row(key: bytes) -> Command:
@@ -106,10 +107,19 @@ def decimal_size(key: bytes, stored: Any) -> int:
     return int(stored)
 
 
-def read_archive(keys: Keyspace, key: bytes, digest: bytes | None) -> list[Command]:
+def read_archive(
+    keys: Keyspace, key: bytes, digest: bytes | None, *, held: bool = False
+) -> list[Command]:
     """The commands that read a row's archive in a listing: ``deployed_at``, then the
-    archive, from the row or (``digest``) from the blob it names."""
-    archive = (_HGET, key, _ARCHIVE_FIELD) if digest is None else read_blob(keys.blob(digest))
+    archive, from the row or (``digest``) from the blob it names. ``held``: the blob's
+    archive is held elsewhere (a local cache), and is not read: the second reply is then
+    ``[digest]``, the digest the row names now, a list, never taken for an archive."""
+    if digest is None:
+        archive: Command = (_HGET, key, _ARCHIVE_FIELD)
+    elif held:
+        archive = (_HMGET, key, _DIGEST_FIELD)
+    else:
+        archive = read_blob(keys.blob(digest))
     return [(_HGET, key, _STAMP_FIELD), archive]
 
 
