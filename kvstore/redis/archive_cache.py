@@ -34,8 +34,10 @@ Reading and hashing a file of ``ON_A_THREAD`` (256 KiB) or more is done on a thr
 costs less than handing it to a thread. Writes are always made on a thread, behind the
 call that fetched the archive: a get returns without waiting for its write, and at most
 ``BACKLOG`` bytes of writes are under way per store (a get whose write would exceed it
-leaves the archive uncached; a listing waits for room). ``aclose`` waits for the writes
-under way; a process that ends meanwhile leaves at most a temporary file behind.
+leaves the archive uncached; a listing waits for room, and for the writes of a round
+trip's archives before it lets go of their room under its ``max_bytes``). The store's
+``aclose`` waits for the writes under way; a process that ends meanwhile leaves at most a
+temporary file behind.
 """
 
 from __future__ import annotations
@@ -179,20 +181,21 @@ class ArchiveCache:
         ):
             self._start_write(digest, archive)
 
-    async def write(self, digest: bytes, archive: bytes) -> None:
+    async def write(self, digest: bytes, archive: bytes) -> asyncio.Task[None] | None:
         """Write ``archive`` (verified against ``digest`` by the caller) on a thread,
-        waiting only until the writes under way have room for it."""
+        waiting only until the writes under way have room for it: the write, under way
+        (it never raises), or ``None`` if the archive is not to be cached."""
         if not self._writable(archive):
-            return
+            return None
         while self._writes and self._backlog + len(archive) > BACKLOG:
             await asyncio.wait(set(self._writes), return_when=asyncio.FIRST_COMPLETED)
-        self._start_write(digest, archive)
+        return self._start_write(digest, archive)
 
     def _writable(self, archive: bytes) -> bool:
         # An archive the cache could not keep past its next eviction is not written.
         return len(archive) <= self._low_water
 
-    def _start_write(self, digest: bytes, archive: bytes) -> None:
+    def _start_write(self, digest: bytes, archive: bytes) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(self._write_on_thread(digest, archive))
         self._writes.add(task)
         self._backlog += len(archive)
@@ -203,6 +206,7 @@ class ArchiveCache:
             self._backlog -= size
 
         task.add_done_callback(done)
+        return task
 
     async def _write_on_thread(self, digest: bytes, archive: bytes) -> None:
         await asyncio.to_thread(self.write_now, digest, archive)
@@ -219,22 +223,30 @@ class ArchiveCache:
             return
         with self._lock:
             self._written += len(archive)
-            known = self._files_bytes
-            due = (
-                known is None
-                or known + self._written > self.max_bytes
-                or self._written > self.max_bytes // 8
-            )
-            if not due or self._evicting:
-                return
+            if self._evicting or not self._eviction_due():
+                return  # one that is under way looks again once it is done
             self._evicting = True
         try:
-            self.evict()
+            while True:
+                self.evict()
+                with self._lock:
+                    if not self._eviction_due():  # after writes made during the look
+                        break
         except OSError as exc:
             self._failed("evicting archives", exc)
         finally:
             with self._lock:
                 self._evicting = False
+
+    def _eviction_due(self) -> bool:
+        """Whether this process's writes since it last looked could have taken the files
+        past the bound, or add up to an eighth of it (others write too). Under the lock."""
+        known = self._files_bytes
+        return (
+            known is None
+            or known + self._written > self.max_bytes
+            or self._written > self.max_bytes // 8
+        )
 
     def _write_file(self, digest: bytes, archive: bytes) -> None:
         name = digest.decode("ascii")
@@ -296,7 +308,7 @@ class ArchiveCache:
             self._files_bytes = total
             self._written -= counted  # what was written during the look is counted again
 
-    async def aclose(self) -> None:
+    async def settle(self) -> None:
         """Wait for the writes under way (each a thread, which cannot be stopped)."""
         while self._writes:
             await asyncio.gather(*self._writes, return_exceptions=True)

@@ -375,7 +375,7 @@ class RedisPackageStore:
             await self._route_cache.aclose()
         await self._calls.aclose()
         if self._archive_cache is not None:
-            await self._archive_cache.aclose()  # the writes under way, each on a thread
+            await self._archive_cache.settle()  # the writes under way, each on a thread
         if self._owns_client:
             await self._target.client.aclose()
 
@@ -676,6 +676,13 @@ class RedisPackageStore:
         the next while the caller reads one; small archives take one round trip per
         chunk, the sizes of the next chunk asked for with the rows of this one.
         ``max_bytes`` must be a positive int.
+
+        With an archive cache, a row whose blob the cache holds is read without its
+        archive, which comes from the cache instead and counts within ``max_bytes`` as
+        if it had been read (a file gone or damaged by then: the row is read again, as
+        ``get_package`` reads it); an archive read from its blob is written to the cache
+        on a thread, and the walk lets go of a round trip's room under ``max_bytes``
+        only once the writes of its archives are done.
         """
         check_chunk(max_bytes, "max_bytes")
         keys, cache = self._keys, self._archive_cache
@@ -686,6 +693,15 @@ class RedisPackageStore:
             held = digest is not None and cache is not None and cache.holds(digest)
             return read_archive(keys, key, digest, held=held)
 
+        # The writes to the cache of the archives of the round trip being handed out:
+        # the walk waits for them before it lets go of their room under max_bytes.
+        writes: list[asyncio.Task[None]] = []
+
+        async def settle() -> None:
+            while writes:
+                await asyncio.gather(*writes, return_exceptions=True)
+                writes.clear()
+
         walk = Walk(
             keys,
             self._send_listing,
@@ -693,6 +709,7 @@ class RedisPackageStore:
             fetch_row,
             lambda replies: replies[0],
             max_bytes=max_bytes,
+            settle=None if cache is None else settle,
         )
         async for key, member, (_, archive), digest in walk.rows():
             if isinstance(archive, list):  # a row whose blob the cache held when it was read
@@ -715,7 +732,9 @@ class RedisPackageStore:
             if digest is not None:
                 await _verify(keys, key, digest, archive)
                 if cache is not None and len(archive) > INLINE_LIMIT:  # read from its blob
-                    await cache.write(digest, archive)
+                    write = await cache.write(digest, archive)
+                    if write is not None:
+                        writes.append(write)
             yield PackageRecord(member.workflow_type, member.content_hash, archive, member.at)
 
     async def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
