@@ -22,6 +22,7 @@ import redis
 from redis.asyncio import Redis
 
 from bench import figures as F
+from bench.cache import cache_figures
 from bench.growth import catalogue_growth, route_growth
 from bench.report import Figure, grid, missed, shown, table
 from kvstore.server_process import LocalServer
@@ -76,6 +77,7 @@ async def run(url: str, binary: str | None, sizes: F.Sizes) -> dict[str, Any]:
     measured(await F.route_lookup(url, sizes))
     measured(await F.listing_memory(url, sizes))
     measured(await F.memory(binary, sizes))
+    measured(await cache_figures(url, sizes.cache_archives, sizes.rounds))
     catalogue = await catalogue_growth(url, sizes)
     log("  measured growth with the catalogue")
     routes = await route_growth(url, sizes)

@@ -69,6 +69,7 @@ class Sizes:
     growth_packages: tuple[int, ...]
     growth_puts: int
     growth_routes: tuple[int, ...]
+    cache_archives: int = 64  # 1 MiB archives listed with a warm and a cold archive cache
 
 
 FULL = Sizes(
@@ -112,6 +113,7 @@ SMALL = Sizes(
     growth_packages=(1000, 10_000),
     growth_puts=50,
     growth_routes=(10, 10_000),
+    cache_archives=8,
 )
 
 

@@ -47,6 +47,8 @@ FIGURES = {
     "route_staleness",
     "iter_packages_rss",
     "memory",
+    "cache_list_1MiB",
+    "cache_list_1MiB_sent",
     *(f"layout_{what}_{size}" for what in ("put", "get", "list") for size in SIZES),
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+from pathlib import Path
 from typing import Any
 
 import fakeredis
@@ -64,6 +65,15 @@ BAD: list[tuple[str, object, type[Exception]]] = [
     ("layout", "2", TypeError),
     ("layout", True, TypeError),
     ("layout", 2.0, TypeError),
+    ("archive_cache", "", ValueError),
+    ("archive_cache", "a\0b", ValueError),
+    ("archive_cache", b"/tmp/cache", TypeError),
+    ("archive_cache", 7, TypeError),
+    ("archive_cache_bytes", 0, ValueError),
+    ("archive_cache_bytes", -1, ValueError),
+    ("archive_cache_bytes", 1.5, TypeError),
+    ("archive_cache_bytes", True, TypeError),
+    ("archive_cache_bytes", None, TypeError),
 ]
 
 
@@ -104,6 +114,8 @@ def test_store_options_refuse_the_same_values(
         {"min_replicas": 2, "replica_timeout": 0.001},
         {"cache_routes": True, "route_health_interval": 0.05},
         {"namespace": "a.b:c-d_e"},
+        {"archive_cache": "/nonexistent/archives", "archive_cache_bytes": 1},
+        {"archive_cache": Path("relative/archives")},
     ],
 )
 async def test_good_options_are_kept_as_given(changes: dict[str, Any]) -> None:

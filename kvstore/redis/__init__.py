@@ -15,6 +15,8 @@ module              holds
 ``retry``           the retry policy: what is transient, backoff, the budget
 ``route_table``     the route cache's version rules, with no I/O
 ``route_cache``     every route in memory, kept true by the server's announcements
+``archive_cache``   archives held in blobs kept on local disk, named by their
+                    digest, verified on every read (``archive_cache=DIR``)
 ``failures``        every failure as ``BackendError`` naming the server, no password
                     in it
 ``urls``            clients made from URLs

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple, Protocol
@@ -70,6 +70,7 @@ _HGET = PrePacked("HGET")
 _STAMP_FIELD = PrePacked(b"deployed_at")
 _HSTRLEN = PrePacked("HSTRLEN")
 _ARCHIVE_FIELD = PrePacked(b"archive")
+_DIGEST_FIELD = PrePacked(b"digest")
 
 
 def read_row(key: bytes) -> Command:
@@ -106,10 +107,19 @@ def decimal_size(key: bytes, stored: Any) -> int:
     return int(stored)
 
 
-def read_archive(keys: Keyspace, key: bytes, digest: bytes | None) -> list[Command]:
+def read_archive(
+    keys: Keyspace, key: bytes, digest: bytes | None, *, held: bool = False
+) -> list[Command]:
     """The commands that read a row's archive in a listing: ``deployed_at``, then the
-    archive, from the row or (``digest``) from the blob it names."""
-    archive = (_HGET, key, _ARCHIVE_FIELD) if digest is None else read_blob(keys.blob(digest))
+    archive, from the row or (``digest``) from the blob it names. ``held``: the blob's
+    archive is held elsewhere (a local cache), and is not read: the second reply is then
+    ``[digest]``, the digest the row names now, a list, never taken for an archive."""
+    if digest is None:
+        archive: Command = (_HGET, key, _ARCHIVE_FIELD)
+    elif held:
+        archive = (_HMGET, key, _DIGEST_FIELD)
+    else:
+        archive = read_blob(keys.blob(digest))
     return [(_HGET, key, _STAMP_FIELD), archive]
 
 
@@ -182,7 +192,9 @@ class Walk:
     sizing found holds its archive, or ``None``), as many for every row, ``stamp_of(replies)``
     the row's ``deployed_at`` as read by them. ``max_bytes``: the bound on archives held,
     or ``None`` for a walk that reads no archives (and sizes none: ``digest`` is then
-    ``None``).
+    ``None``). ``settle``: awaited once the rows of a round trip are handed out, before
+    the walk stops counting their archives (the store waits there for the writes of
+    those archives to its archive cache, so that they are held within the bound).
     """
 
     def __init__(
@@ -194,8 +206,10 @@ class Walk:
         stamp_of: Callable[[Sequence[Any]], Any],
         *,
         max_bytes: int | None = None,
+        settle: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self._keys = keys
+        self._settle = settle
         self._send = send
         self._chunk = check_chunk(chunk)
         self._fetch_row = fetch_row
@@ -245,6 +259,8 @@ class Walk:
                     yield self._keys.row(row.row), row, found, digest
                 # Not held while the next round trip is awaited.
                 replies = found = []
+                if self._settle is not None:
+                    await self._settle()
                 self._handing_out = 0
         finally:
             for trip in self._under_way:

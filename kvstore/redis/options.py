@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import os
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -73,6 +74,12 @@ class StoreOptions:
     by its SHA-256, stored once, spread over a cluster's primaries and verified on every
     read; ``1``, each archive inside its row, the only layout releases before layout 2
     read (for a new namespace that engines of such a release share).
+    ``archive_cache``: a directory on local disk where archives held in blobs are kept,
+    named by their digest, shared by every engine of the host given it (made by the
+    first write; see ``kvstore.redis.archive_cache``): a get or a listing fetches from
+    the server only the archives it lacks. ``None``: no cache.
+    ``archive_cache_bytes``: the most bytes of archives the cache keeps, the least
+    recently used removed past it (at least 1).
     """
 
     namespace: str = "aion"
@@ -86,6 +93,8 @@ class StoreOptions:
     route_health_interval: float = 1.0
     telemetry: bool = False
     layout: int = 2
+    archive_cache: str | os.PathLike[str] | None = None
+    archive_cache_bytes: int = 1 << 30
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -118,6 +127,19 @@ class StoreOptions:
             raise TypeError(f"layout must be an int, not {type(self.layout).__name__}")
         if self.layout not in LAYOUT_NUMBERS:
             raise ValueError(f"layout must be 1 or 2, not {self.layout!r}")
+
+        if self.archive_cache is not None:
+            if not isinstance(self.archive_cache, (str, os.PathLike)):
+                raise TypeError(
+                    "archive_cache must be a str or path of a directory, or None, "
+                    f"not {type(self.archive_cache).__name__}"
+                )
+            path = os.fspath(self.archive_cache)
+            if not isinstance(path, str):
+                raise TypeError(f"archive_cache must be a path of str, not {type(path).__name__}")
+            if not path or "\0" in path:
+                raise ValueError(f"archive_cache must name a directory, not {path!r}")
+        _count(self.archive_cache_bytes, "archive_cache_bytes", 1)
 
     def keywords(self) -> dict[str, Any]:
         """The options as keyword arguments of ``RedisPackageStore``."""

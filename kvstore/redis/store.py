@@ -18,6 +18,7 @@ The keys are laid out in ``kvstore.redis.keyspace``.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from datetime import timezone
@@ -37,6 +38,7 @@ from kvstore.records import (
     check_route_types,
     check_text,
 )
+from kvstore.redis.archive_cache import ArchiveCache
 from kvstore.redis.calls import LARGE_ARGUMENT, Calls, LayoutChanged
 from kvstore.redis.keyspace import (
     BLOB_LAYOUT,
@@ -155,6 +157,14 @@ class RedisPackageStore:
     server holds within about ``2 * route_health_interval`` seconds of reaching it.
     ``watch_routes`` then yields route writes as they happen.
 
+    With ``archive_cache=DIR`` the store keeps the archives it reads from blobs in files
+    of ``DIR``, named by their digest, at most about ``archive_cache_bytes`` of them, the
+    least recently used removed past it; every engine of a host may share the directory
+    (``kvstore.redis.archive_cache``). ``get_package`` of an archive the cache holds reads
+    the row alone, and ``iter_packages`` reads no blob the cache holds; every file is
+    verified against its digest when it is read, and one that is not the archive (or a
+    failing disk) only sends the store to the server, as if there were no cache.
+
     With ``telemetry=True`` every call is a span and a measurement through OpenTelemetry
     (``kvstore.redis.telemetry``); it logs through ``logging.getLogger("kvstore")``
     either way. ``ping`` and ``health`` tell a readiness probe whether the store can
@@ -189,6 +199,8 @@ class RedisPackageStore:
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
         layout: int = DEFAULTS.layout,
+        archive_cache: str | os.PathLike[str] | None = DEFAULTS.archive_cache,
+        archive_cache_bytes: int = DEFAULTS.archive_cache_bytes,
     ) -> None:
         self._options = options = StoreOptions(
             namespace=namespace,
@@ -202,6 +214,8 @@ class RedisPackageStore:
             route_health_interval=route_health_interval,
             telemetry=telemetry,
             layout=layout,
+            archive_cache=archive_cache,
+            archive_cache_bytes=archive_cache_bytes,
         )
         self._target = target = target_for(client)
         if target.connection_options().get("decode_responses"):
@@ -239,6 +253,9 @@ class RedisPackageStore:
             self._route_cache = RouteCache(
                 target, k, timeout=timeout, health_interval=route_health_interval
             )
+        self._archive_cache: ArchiveCache | None = None
+        if archive_cache is not None:
+            self._archive_cache = ArchiveCache(archive_cache, archive_cache_bytes)
         self._observer: Observer | None = None
         if telemetry:
             # Imported only here: without telemetry, opentelemetry is never loaded.
@@ -264,6 +281,8 @@ class RedisPackageStore:
         route_health_interval: float = DEFAULTS.route_health_interval,
         telemetry: bool = DEFAULTS.telemetry,
         layout: int = DEFAULTS.layout,
+        archive_cache: str | os.PathLike[str] | None = DEFAULTS.archive_cache,
+        archive_cache_bytes: int = DEFAULTS.archive_cache_bytes,
         **client_options: Any,
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
@@ -289,6 +308,8 @@ class RedisPackageStore:
             route_health_interval=route_health_interval,
             telemetry=telemetry,
             layout=layout,
+            archive_cache=archive_cache,
+            archive_cache_bytes=archive_cache_bytes,
         )
         # No socket timeout: the pipeliner's deadline already bounds every attempt, and
         # redis-py would pay for a second timer on every send and every read.
@@ -336,6 +357,11 @@ class RedisPackageStore:
         return self._observer
 
     @property
+    def archive_cache(self) -> ArchiveCache | None:
+        """The store's archive cache: ``None`` unless made with ``archive_cache``."""
+        return self._archive_cache
+
+    @property
     def route_cache(self) -> RouteCache | None:
         """The store's route cache: ``None`` unless made with ``cache_routes=True``."""
         return self._route_cache
@@ -348,6 +374,8 @@ class RedisPackageStore:
         if self._route_cache is not None:
             await self._route_cache.aclose()
         await self._calls.aclose()
+        if self._archive_cache is not None:
+            await self._archive_cache.settle()  # the writes under way, each on a thread
         if self._owns_client:
             await self._target.client.aclose()
 
@@ -545,12 +573,21 @@ class RedisPackageStore:
             if not is_digest(digest):
                 raise SerializationError(f"{key!r} holds a digest that is not one: {digest!r:.80}")
             expected = decimal_size(key, size)
+            cache = self._archive_cache
             if archive is None:  # in a blob
+                if cache is not None:
+                    cached = await cache.read(digest, expected)
+                    if cached is not None:  # verified against its digest
+                        return self._record(key, row, cached, stamp)
                 big = expected >= LISTING_LARGE
                 (archive,) = await self._calls.unit(
                     [read_blob(self._keys.blob(digest))], large=big, archives=True
                 )
-            await _verify(self._keys, key, digest, archive)
+                await _verify(self._keys, key, digest, archive)
+                if cache is not None:
+                    cache.write_soon(digest, archive)
+            else:
+                await _verify(self._keys, key, digest, archive)
         return self._record(key, row, archive, stamp)
 
     async def get_package_head(self, workflow_type: str, content_hash: str) -> PackageHead | None:
@@ -646,18 +683,52 @@ class RedisPackageStore:
         the next while the caller reads one; small archives take one round trip per
         chunk, the sizes of the next chunk asked for with the rows of this one.
         ``max_bytes`` must be a positive int.
+
+        With an archive cache, a row whose blob the cache holds is read without its
+        archive, which comes from the cache instead and counts within ``max_bytes`` as
+        if it had been read (a file gone or damaged by then: the row is read again, as
+        ``get_package`` reads it); an archive read from its blob is written to the cache
+        on a thread, and the walk lets go of a round trip's room under ``max_bytes``
+        only once the writes of its archives are done.
         """
         check_chunk(max_bytes, "max_bytes")
-        keys = self._keys
+        keys, cache = self._keys, self._archive_cache
+
+        def fetch_row(key: bytes, digest: bytes | None) -> list[Command]:
+            # A blob the cache holds is not fetched: the row's digest is, to check that
+            # the row still names it.
+            held = digest is not None and cache is not None and cache.holds(digest)
+            return read_archive(keys, key, digest, held=held)
+
+        # The writes to the cache of the archives of the round trip being handed out:
+        # the walk waits for them before it lets go of their room under max_bytes.
+        writes: list[asyncio.Task[None]] = []
+
+        async def settle() -> None:
+            while writes:
+                await asyncio.gather(*writes, return_exceptions=True)
+                writes.clear()
+
         walk = Walk(
             keys,
             self._send_listing,
             chunk,
-            lambda key, digest: read_archive(keys, key, digest),
+            fetch_row,
             lambda replies: replies[0],
             max_bytes=max_bytes,
+            settle=None if cache is None else settle,
         )
         async for key, member, (_, archive), digest in walk.rows():
+            if isinstance(archive, list):  # a row whose blob the cache held when it was read
+                assert cache is not None and digest is not None
+                # The file may have gone since (evicted, damaged): then, or if the row
+                # names another archive now, the row is read again as a get reads it.
+                archive = await cache.read(digest) if archive == [digest] else None
+                if archive is not None:
+                    yield PackageRecord(
+                        member.workflow_type, member.content_hash, archive, member.at
+                    )
+                    continue
             if archive is None:
                 # The row changed shape since it was sized (migrated), or its blob is
                 # missing: read as get_package reads it, which says which.
@@ -667,6 +738,10 @@ class RedisPackageStore:
                 continue
             if digest is not None:
                 await _verify(keys, key, digest, archive)
+                if cache is not None and len(archive) > INLINE_LIMIT:  # read from its blob
+                    write = await cache.write(digest, archive)
+                    if write is not None:
+                        writes.append(write)
             yield PackageRecord(member.workflow_type, member.content_hash, archive, member.at)
 
     async def iter_package_heads(self, *, chunk: int = 1000) -> AsyncIterator[PackageHead]:
