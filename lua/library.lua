@@ -264,11 +264,16 @@ local function store_package(keys, argv, fields, drop, hash_at, types_from)
   if refused then
     return refused
   end
-  refused = not_of_type(keys, 3, 'hash') or not_of_type(keys, 2, 'zset')
+  refused = not_of_type(keys, 3, 'hash')
   if refused then
     return refused
   end
-  redis.call('ZADD', keys[2], 0, argv[4] .. ' ' .. argv[3])
+  -- The first write also checks the index's type.
+  local _
+  _, refused = checked(keys, 2, 'zset', 'ZADD', keys[2], 0, argv[4] .. ' ' .. argv[3])
+  if refused then
+    return refused
+  end
   if old and old ~= argv[4] then
     redis.call('ZREM', keys[2], old .. ' ' .. argv[3])
   end

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 
 from kvstore import PackageRecord, RedisPackageStore
 from kvstore.redis.keyspace import Keyspace
-from kvstore.redis.listing import Walk, read_archive, read_head
+from kvstore.redis.listing import Walk, fetched, read_archive, read_head
 from kvstore.redis.wire import Command, flatten
 
 from .conftest import fresh_namespace
@@ -48,34 +48,42 @@ class Recorder:
         finally:
             self.reading.remove(rows)
         read = [r for c, r in zip(commands, replies, strict=True) if reads_an_archive(c)]
-        self.brought.append(sum(len(r) for r in read if r is not None))
+        # An HGET of an archive, or an HMGET of a row's deployed_at and archive.
+        archives = [r[-1] if isinstance(r, list) else r for r in read]
+        self.brought.append(sum(len(a) for a in archives if a is not None))
         return replies
 
 
 def reads_an_archive(command: Command) -> bool:
     """Whether ``command`` reads an archive, from its row or from its blob."""
     name, _, *fields = flatten(command)
-    return name == "HGET" and fields == [b"archive"]
+    return name in ("HGET", "HMGET") and b"archive" in fields
 
 
 def walk_of(
-    store: RedisPackageStore, recorder: Recorder, chunk: int = 1000, max_bytes: int | None = None
+    store: RedisPackageStore,
+    recorder: Recorder,
+    chunk: int = 1000,
+    max_bytes: int | None = None,
+    layout: int = 2,
 ) -> Walk:
-    """The walk ``iter_packages`` makes, sent through ``recorder``."""
+    """The walk ``iter_packages`` makes, sent through ``recorder``, in a namespace of
+    ``layout``."""
     keys = Keyspace(store.namespace)
     return Walk(
         keys,
         recorder.send,
         chunk,
         lambda key, digest: read_archive(keys, key, digest),
-        lambda replies: replies[0],
+        lambda replies: fetched(replies)[0],
         max_bytes=max_bytes,
+        layout=lambda: b"%d" % layout,
     )
 
 
 async def records(walk: Walk) -> list[PackageRecord]:
     return [
-        PackageRecord(member.workflow_type, member.content_hash, replies[1], member.at)
+        PackageRecord(member.workflow_type, member.content_hash, fetched(replies)[1], member.at)
         async for _, member, replies, _ in walk.rows()
     ]
 
@@ -91,7 +99,8 @@ async def test_iter_packages_bounds_the_archives_of_each_round_trip(
     for record in puts:
         await store.put_package(record)
     recorder = Recorder(client)
-    assert await records(walk_of(store, recorder, chunk=16, max_bytes=2 * MIB)) == puts
+    walk = walk_of(store, recorder, chunk=16, max_bytes=2 * MIB, layout=layout)
+    assert await records(walk) == puts
     assert [r async for r in store.iter_packages(chunk=16, max_bytes=2 * MIB)] == puts
     brought = recorder.brought
     assert max(brought) == 3 * MIB  # the large one, alone
@@ -149,7 +158,8 @@ async def test_iter_packages_takes_one_round_trip_per_chunk_of_small_archives(
     for record in puts:
         await store.put_package(record)
     recorder = Recorder(client)
-    assert await records(walk_of(store, recorder, chunk=100, max_bytes=64 * MIB)) == puts
+    walk = walk_of(store, recorder, chunk=100, max_bytes=64 * MIB, layout=layout)
+    assert await records(walk) == puts
     # The first members, then their sizes with the next members: two more than chunks.
     assert len(recorder.brought) == 3 + 2
 

@@ -224,7 +224,7 @@ SPOILT_READS = [
     ("get", "format", "list", "string", "GET"),
     ("get", "row", "string", "hash", "HMGET"),
     ("list", "index", "string", "zset", "ZRANGEBYLEX"),
-    ("list", "row", "zset", "hash", "HSTRLEN"),
+    ("list", "row", "zset", "hash", "HMGET"),
     ("heads", "row", "list", "hash", "HMGET"),
     ("route", "routes", "string", "hash", "HGET"),
     ("routes", "routes", "zset", "hash", "HGETALL"),

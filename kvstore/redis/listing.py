@@ -38,6 +38,8 @@ from typing import Any, NamedTuple, Protocol
 from kvstore.errors import SerializationError
 from kvstore.records import check_chunk
 from kvstore.redis.keyspace import (
+    INLINE_LAYOUT,
+    INLINE_LIMIT,
     Keyspace,
     decode_stamp,
     is_digest,
@@ -64,6 +66,7 @@ class Send(Protocol):
 
 _HMGET = PrePacked("HMGET")
 _ROW_FIELDS = PrePacked(b"archive", b"deployed_at", b"digest", b"size")
+_INLINE_FIELDS = PrePacked(b"deployed_at", b"archive")
 _HEAD_FIELDS = PrePacked(b"deployed_at", b"size")
 _BLOB_FIELDS = PrePacked(b"digest", b"size")
 _HGET = PrePacked("HGET")
@@ -110,38 +113,55 @@ def decimal_size(key: bytes, stored: Any) -> int:
 def read_archive(
     keys: Keyspace, key: bytes, digest: bytes | None, *, held: bool = False
 ) -> list[Command]:
-    """The commands that read a row's archive in a listing: ``deployed_at``, then the
-    archive, from the row or (``digest``) from the blob it names. ``held``: the blob's
-    archive is held elsewhere (a local cache), and is not read: the second reply is then
-    ``[digest]``, the digest the row names now, a list, never taken for an archive."""
+    """The commands that read a row's archive in a listing (``fetched`` reads their
+    replies): ``deployed_at`` and the archive inside the row, in one command; or, with the
+    ``digest`` of the blob that holds it, ``deployed_at``, then the blob's archive.
+    ``held``: the blob's archive is held elsewhere (a local cache), and is not read: the
+    second reply is then ``[digest]``, the digest the row names now, a list, never taken
+    for an archive."""
     if digest is None:
-        archive: Command = (_HGET, key, _ARCHIVE_FIELD)
-    elif held:
-        archive = (_HMGET, key, _DIGEST_FIELD)
-    else:
-        archive = read_blob(keys.blob(digest))
-    return [(_HGET, key, _STAMP_FIELD), archive]
+        return [(_HMGET, key, _INLINE_FIELDS)]
+    if held:
+        return [(_HGET, key, _STAMP_FIELD), (_HMGET, key, _DIGEST_FIELD)]
+    return [(_HGET, key, _STAMP_FIELD), read_blob(keys.blob(digest))]
 
 
-def archive_size(key: bytes) -> list[Command]:
-    """The commands that size a row's archive ahead of reading it: the length of one
-    inside the row, then a blob's ``[digest, size]``."""
-    return [(_HSTRLEN, key, _ARCHIVE_FIELD), (_HMGET, key, _BLOB_FIELDS)]
+def fetched(replies: Sequence[Any]) -> tuple[Any, Any]:
+    """``(deployed_at, archive)`` from the replies to ``read_archive``."""
+    if len(replies) == 1:
+        pair = replies[0]
+        return (pair[0], pair[1]) if isinstance(pair, list) and len(pair) == 2 else (None, None)
+    return replies[0], replies[1]
 
 
-def read_size(key: bytes, inline: Any, blob: Any) -> tuple[int, bytes | None, bool]:
-    """``(size, digest, in a blob)`` from the replies to ``archive_size(key)``: the
-    archive's size, the digest it is verified against (``None`` for a row of layout 1),
-    and whether a blob holds it rather than the row."""
-    digest, stored = blob if isinstance(blob, list) and len(blob) == 2 else (None, None)
+def archive_size(key: bytes, layout: bytes | None) -> Command:
+    """The command that sizes a row's archive ahead of reading it, in a namespace of
+    ``layout``: the length of the archive inside a row of layout 1; a row of layout 2's
+    ``[digest, size]``."""
+    if layout == INLINE_LAYOUT:
+        return (_HSTRLEN, key, _ARCHIVE_FIELD)
+    return (_HMGET, key, _BLOB_FIELDS)
+
+
+def read_size(
+    key: bytes, reply: Any, layout: bytes | None
+) -> tuple[int | None, bytes | None, bool]:
+    """``(size, digest, in a blob)`` from the reply to ``archive_size(key, layout)``: the
+    archive's size (``None``: not known, a row of layout 1 in a namespace of layout 2,
+    not migrated yet, or a row gone), the digest it is verified against (``None`` for a
+    row of layout 1), and whether a blob holds it rather than the row."""
+    if layout == INLINE_LAYOUT:
+        return int(reply), None, False
+    digest, stored = reply if isinstance(reply, list) and len(reply) == 2 else (None, None)
     if digest is None:
-        return int(inline), None, False
+        return None, None, False
     if not is_digest(digest):
         raise SerializationError(f"{key!r} holds a digest that is not one: {digest!r:.80}")
     size = decimal_size(key, stored)
-    # A row of layout 2 keeps a small archive inside it, an empty one included: a row
-    # whose archive is in a blob has none of its own, and its archive is never empty.
-    return size, digest, not (inline or size == 0)
+    # Layout 2 keeps an archive of at most INLINE_LIMIT inside its row, a larger one in
+    # its blob. A row that is not as its size says (another release's limit, damage) is
+    # read again as get_package reads it, when its archive is not where it was looked for.
+    return size, digest, size > INLINE_LIMIT
 
 
 class Member(NamedTuple):
@@ -172,15 +192,17 @@ def decode_member(keys: Keyspace, member: Any) -> Member:
 class RoundTrip:
     """One round trip of a walk under way: what it reads, and what brings its replies.
 
-    Its replies are, in order: ``len(fetch_row(key, digest))`` for each of ``rows``, the
-    two of ``archive_size`` for each of ``sizing``, and the next members of the index if
-    ``asks_members``.
+    Its replies are, in order: ``widths[i]`` for each of ``rows`` (those of
+    ``fetch_row``), one for each of ``sizing`` (``archive_size`` in a namespace of
+    ``layout``), and the next members of the index if ``asks_members``.
     """
 
     replies: asyncio.Task[list[Any]]
     rows: list[Member]
+    widths: list[int]
     digests: list[bytes | None]  # each of ``rows`` was sized with, if it has one
     sizing: list[Member]
+    layout: bytes | None
     asks_members: bool
     size: int  # the bytes of the archives of ``rows``
 
@@ -189,12 +211,14 @@ class Walk:
     """One walk of the index; ``rows()`` is the walk itself (see the module's promise).
 
     ``fetch_row(key, digest)`` is the commands that read a row (``digest``: of the blob
-    sizing found holds its archive, or ``None``), as many for every row, ``stamp_of(replies)``
-    the row's ``deployed_at`` as read by them. ``max_bytes``: the bound on archives held,
-    or ``None`` for a walk that reads no archives (and sizes none: ``digest`` is then
-    ``None``). ``settle``: awaited once the rows of a round trip are handed out, before
-    the walk stops counting their archives (the store waits there for the writes of
-    those archives to its archive cache, so that they are held within the bound).
+    sizing found holds its archive, or ``None``), ``stamp_of(replies)`` the row's
+    ``deployed_at`` as read by them. ``layout()``: the namespace's layout as last seen
+    (``None``: not known), which says how a round trip sizes its rows. ``max_bytes``: the
+    bound on archives held, or ``None`` for a walk that reads no archives (and sizes
+    none: ``digest`` is then ``None``). ``settle``: awaited once the rows of a round trip
+    are handed out, before the walk stops counting their archives (the store waits
+    there for the writes of those archives to its archive cache, so that they are held
+    within the bound).
     """
 
     def __init__(
@@ -207,8 +231,10 @@ class Walk:
         *,
         max_bytes: int | None = None,
         settle: Callable[[], Awaitable[None]] | None = None,
+        layout: Callable[[], bytes | None] = lambda: None,
     ) -> None:
         self._keys = keys
+        self._layout = layout
         self._settle = settle
         self._send = send
         self._chunk = check_chunk(chunk)
@@ -249,10 +275,10 @@ class Walk:
                 replies = await trip.replies
                 self._read_sizes_and_members(trip, replies)
                 self._send_ahead()  # the next round trips go before these rows are handed out
-                width = self._row_width(trip, replies)
                 found: list[Any] = []
-                for i, (row, digest) in enumerate(zip(trip.rows, trip.digests, strict=True)):
-                    found = replies[i * width : (i + 1) * width]
+                start = 0
+                for row, width, digest in zip(trip.rows, trip.widths, trip.digests, strict=True):
+                    found, start = replies[start : start + width], start + width
                     if self._stamp_of(found) != row.stamp or row.row in self._listed:
                         continue
                     self._listed.add(row.row)
@@ -288,6 +314,11 @@ class Walk:
         held = self._handing_out + sum(trip.size for trip in self._under_way)
         return held + max(self._group, self._sized[0][1]) <= self._max_bytes
 
+    def _size_held(self, size: int | None) -> int:
+        """What a row's archive counts for under the bound: its size, or, not known,
+        all of the bound, so that it is read alone with nothing else under way."""
+        return size if size is not None else (self._max_bytes or 0)
+
     def _send_ahead(self) -> None:
         while self._room():
             self._send_round_trip()
@@ -295,15 +326,17 @@ class Walk:
     def _send_round_trip(self) -> None:
         rows, sources, size = self._take_rows()
         row_key = self._keys.row
-        commands = [
-            c
-            for row, (digest, in_blob) in zip(rows, sources, strict=True)
-            for c in self._fetch_row(row_key(row.row), digest if in_blob else None)
-        ]
+        commands: list[Command] = []
+        widths = []
+        for row, (digest, in_blob) in zip(rows, sources, strict=True):
+            reads = self._fetch_row(row_key(row.row), digest if in_blob else None)
+            commands += reads
+            widths.append(len(reads))
         # Once the rows sized are all read (by this round trip), the sizes of the
         # members read next, and the members after them: one chunk ahead, no more.
         sizing, self._unsized = ([], self._unsized) if self._sized else (self._unsized, [])
-        commands.extend(c for row in sizing for c in archive_size(row_key(row.row)))
+        layout = self._layout()
+        commands.extend(archive_size(row_key(row.row), layout) for row in sizing)
         asks_members = self._more and not self._sized
         if asks_members:
             commands.append(self._next_members(b"(" + self._last))
@@ -311,24 +344,18 @@ class Walk:
         # Archives of a MiB and more follow each other on one connection.
         task = asyncio.get_running_loop().create_task(self._send(commands, large=size >= SLICE))
         digests = [digest for digest, _ in sources]
-        self._under_way.append(RoundTrip(task, rows, digests, sizing, asks_members, size))
+        self._under_way.append(
+            RoundTrip(task, rows, widths, digests, sizing, layout, asks_members, size)
+        )
 
     def _read_sizes_and_members(self, trip: RoundTrip, replies: list[Any]) -> None:
-        width = self._row_width(trip, replies)
-        start = len(trip.rows) * width
+        start = sum(trip.widths)
         for i, member in enumerate(trip.sizing):
-            inline, blob = replies[start + 2 * i : start + 2 * i + 2]
             key = self._keys.row(member.row)
-            self._sized.append((member, *read_size(key, inline, blob)))
+            size, digest, in_blob = read_size(key, replies[start + i], trip.layout)
+            self._sized.append((member, self._size_held(size), digest, in_blob))
         if trip.asks_members:
             self._take_members(replies[-1])
-
-    @staticmethod
-    def _row_width(trip: RoundTrip, replies: list[Any]) -> int:
-        """How many replies each row of ``trip`` has."""
-        if not trip.rows:
-            return 0
-        return (len(replies) - 2 * len(trip.sizing) - trip.asks_members) // len(trip.rows)
 
     def _take_rows(self) -> tuple[list[Member], list[tuple[bytes | None, bool]], int]:
         """The next rows to read, the digest of each and whether a blob holds its

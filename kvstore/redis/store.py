@@ -56,6 +56,7 @@ from kvstore.redis.listing import (
     LISTING_BYTES,
     Walk,
     decimal_size,
+    fetched,
     head_size,
     read_archive,
     read_blob,
@@ -714,11 +715,13 @@ class RedisPackageStore:
             self._send_listing,
             chunk,
             fetch_row,
-            lambda replies: replies[0],
+            lambda replies: fetched(replies)[0],
             max_bytes=max_bytes,
             settle=None if cache is None else settle,
+            layout=lambda: self._calls.layout,
         )
-        async for key, member, (_, archive), digest in walk.rows():
+        async for key, member, replies, digest in walk.rows():
+            _, archive = fetched(replies)
             if isinstance(archive, list):  # a row whose blob the cache held when it was read
                 assert cache is not None and digest is not None
                 # The file may have gone since (evicted, damaged): then, or if the row
