@@ -81,7 +81,6 @@ LAYOUTS = (INLINE_LAYOUT, BLOB_LAYOUT)
 # The layout releases before layout 2 wrote, and the only one they read.
 FORMAT_VERSION = INLINE_LAYOUT
 STAMP_LENGTH = 27
-DIGEST_LENGTH = 64
 # Layout 2 keeps an archive of at most this many bytes inside its row, with its digest
 # and size: a blob would take a get a second round trip, which costs a small archive
 # about twice what reading it costs (`python -m bench`: layout_get_1KiB), and such
@@ -131,13 +130,12 @@ def archive_digest(archive: bytes) -> bytes:
     return hashlib.sha256(archive).hexdigest().encode("ascii")
 
 
+_DIGEST = re.compile(rb"[0-9a-f]{64}")
+
+
 def is_digest(value: object) -> bool:
     """Whether ``value`` is a digest as rows and blob keys hold it."""
-    return (
-        isinstance(value, bytes)
-        and len(value) == DIGEST_LENGTH
-        and all(c in b"0123456789abcdef" for c in value)
-    )
+    return isinstance(value, bytes) and _DIGEST.fullmatch(value) is not None
 
 
 def row_id(workflow_type: str, content_hash: str) -> bytes:

@@ -448,7 +448,8 @@ class RedisPackageStore:
         alone = size > LARGE_ARGUMENT and await self._calls.sends_alone(size)
         digest: bytes | None = None
         for attempt in _LAYOUT_ATTEMPTS:
-            layout = await self._calls.write_layout()
+            # Known after the store's first call: no coroutine on a put's common path.
+            layout = self._calls.layout or await self._calls.write_layout()
             try:
                 if layout == INLINE_LAYOUT:
                     command: Command = (
@@ -463,7 +464,11 @@ class RedisPackageStore:
                     version = await self._calls.call(command, size, alone=alone, made=made)
                     break
                 if digest is None:
-                    digest = await _digest(archive)
+                    digest = (
+                        archive_digest(archive)
+                        if size < HASH_ON_A_THREAD
+                        else await _digest(archive)
+                    )
                 version = await self._put_blob_and_row(
                     row, stamp, archive, digest, routed, alone, made
                 )
@@ -740,7 +745,8 @@ class RedisPackageStore:
                     yield record
                 continue
             if digest is not None:
-                await _verify(keys, key, digest, archive)
+                if len(archive) >= HASH_ON_A_THREAD or archive_digest(archive) != digest:
+                    await _verify(keys, key, digest, archive)  # raises, or hashes on a thread
                 if cache is not None and len(archive) > INLINE_LIMIT:  # read from its blob
                     write = await cache.write(digest, archive)
                     if write is not None:
