@@ -450,28 +450,18 @@ class RedisPackageStore:
         for attempt in _LAYOUT_ATTEMPTS:
             # Known after the store's first call: no coroutine on a put's common path.
             layout = self._calls.layout or await self._calls.write_layout()
-            try:
-                if layout == INLINE_LAYOUT:
-                    command: Command = (
-                        self._put_prefix[layout],
-                        self._keys.row(row),
-                        self._put_shared[layout],
-                        row,
-                        stamp,
-                        archive,
-                        *routed,
-                    )
-                    version = await self._calls.call(command, size, alone=alone, made=made)
-                    break
-                if digest is None:
-                    digest = (
-                        archive_digest(archive)
-                        if size < HASH_ON_A_THREAD
-                        else await _digest(archive)
-                    )
-                version = await self._put_blob_and_row(
-                    row, stamp, archive, digest, routed, alone, made
+            if layout != INLINE_LAYOUT and digest is None:
+                digest = (
+                    archive_digest(archive) if size < HASH_ON_A_THREAD else await _digest(archive)
                 )
+            try:
+                for command, carries in self._put_calls(
+                    layout, row, stamp, archive, digest, routed
+                ):
+                    # The archive's call is sent alone when it must be; the row's after it not.
+                    version = await self._calls.call(
+                        command, size if carries else 0, alone=alone and carries, made=made
+                    )
                 break
             except LayoutChanged:
                 if attempt == _LAYOUT_ATTEMPTS[-1]:
@@ -479,50 +469,36 @@ class RedisPackageStore:
                 # Nothing was written: again, in the layout found.
         self._note_routes(version, record.content_hash, types)
 
-    async def _put_blob_and_row(
+    def _put_calls(
         self,
+        layout: bytes,
         row: bytes,
         stamp: bytes,
         archive: bytes,
-        digest: bytes,
+        digest: bytes | None,
         routed: tuple[bytes, ...],
-        alone: bool,
-        made: float,
-    ) -> int:
-        """Layout 2: a small archive inside its row; a larger one as a blob, written with
-        its row in one call where one call may write both (one server), else first, on
-        its own node, then the row."""
+    ) -> list[tuple[Command, bool]]:
+        """The calls a put makes, in order, each with whether it carries the archive: in
+        layout 1, one; in layout 2, a small archive inside its row, a larger one as a
+        blob, written with its row in one call where one call may write both (one
+        server), else first, on its own node, then the row. The last call's reply is the
+        routes table's new version."""
         keys, size = self._keys, len(archive)
-        blob = keys.blob(digest)
+        if layout == INLINE_LAYOUT:
+            shared = (self._put_shared[layout], row, stamp, archive, *routed)
+            return [((self._put_prefix[layout], keys.row(row), *shared), True)]
+        assert digest is not None
         shared = (self._put_shared[BLOB_LAYOUT], row, stamp, digest, b"%d" % size)
+        tail = (routed[0], archive, *routed[1:])
         if size <= INLINE_LIMIT:
-            inline: Command = (
-                self._put_inline_prefix,
-                keys.row(row),
-                *shared,
-                routed[0],
-                archive,
-                *routed[1:],
-            )
-            version: int = await self._calls.call(inline, size, alone=alone, made=made)
-            return version
+            return [((self._put_inline_prefix, keys.row(row), *shared, *tail), True)]
+        blob = keys.blob(digest)
         if self._target.writes_across_slots:
-            command: Command = (
-                self._put_prefix[BLOB_LAYOUT],
-                keys.row(row),
-                blob,
-                *shared,
-                routed[0],
-                archive,
-                *routed[1:],
-            )
-            version = await self._calls.call(command, size, alone=alone, made=made)
-            return version
-        put_blob = (PUT_BLOB.call_prefix(blob), digest, archive)
-        await self._calls.call(put_blob, size, alone=alone, made=made)
-        row_call = (self._put_row_prefix, keys.row(row), *shared, *routed)
-        version = await self._calls.call(row_call, made=made)
-        return version
+            return [((self._put_prefix[BLOB_LAYOUT], keys.row(row), blob, *shared, *tail), True)]
+        return [
+            ((PUT_BLOB.call_prefix(blob), digest, archive), True),
+            ((self._put_row_prefix, keys.row(row), *shared, *routed), False),
+        ]
 
     def _note_routes(self, version: int, content_hash: str, types: tuple[str, ...]) -> None:
         # A store reads its own acknowledged writes, whatever its subscription has seen.
