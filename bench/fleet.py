@@ -393,6 +393,15 @@ def figures(results: list[dict[str, Any]]) -> list[Figure]:
     ]
 
 
+def load_average() -> str:
+    """The machine's load average over the last minute (``/proc/loadavg``): other work
+    sharing the machine shows there."""
+    try:
+        return Path("/proc/loadavg").read_text().split()[0]
+    except (OSError, IndexError):
+        return "unknown"
+
+
 def percent(value: float | None) -> str:
     return "unknown" if value is None else f"{100 * value:.0f}"
 
@@ -524,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or (args.archives is not None and args.archives < 1):
         parser.error("--rounds and --archives must be at least 1")
     catalogues = [Catalogue(args.archives or default_count(s), s) for s in args.sizes]
-    started = time.monotonic()
+    started, load_before = time.monotonic(), load_average()
     root = Path(tempfile.mkdtemp(prefix="kvstore-bench-fleet-"))
     try:
         with LocalServer(args.server_binary) as server:
@@ -534,6 +543,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     elapsed = time.monotonic() - started
+    load = {"before": load_before, "after": load_average()}
     found = figures(results)
     cores = os.cpu_count()
     print(
@@ -548,6 +558,11 @@ def main(argv: list[str] | None = None) -> int:
         print(catalogue_table(catalogue))
     print()
     print(limit_text(results, args))
+    print(
+        f"The machine's load average (1 min) was {load['before']} before the run and "
+        f"{load['after']} at its end: the load before it is work not this bench's, which "
+        "shared the cores with it."
+    )
     failed = missed(found)
     print()
     print(
@@ -556,6 +571,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.json is not None:
         report = report_json(results, found, args, elapsed, version)
+        report["load_average"] = load
         args.json.write_text(json.dumps(report, indent=2) + "\n")
     return 0
 
