@@ -12,6 +12,12 @@ Reads what ``python -m bench --json RESULTS.json`` writes and draws, into ``DIR`
 - ``bench-stall.svg``: the event loop's longest stall during a put and a get of the run's
   largest archive, store beside raw (when the run measured it).
 
+``python -m bench.charts --fleet FLEET.json [--out DIR]`` (or a fleet's JSON given as
+``RESULTS.json``: its ``kind`` says so) draws, from what ``python -m bench.fleet --json``
+writes, ``bench-fleet.svg``: an engine's time and the bytes the server sent against the
+engines restarting at once, without a cache, with a cold one and with a warm one, for
+the 1 MiB catalogue (else the largest).
+
 Needs matplotlib, which the ``docs`` extra brings. The charts are drawn as they are in
 the JSON: nothing is measured here.
 """
@@ -212,10 +218,75 @@ def stall(results: dict[str, Any], out: Path) -> Path | None:
     return _save(chart, out, "bench-stall.svg")
 
 
+FLEET_LINES = (
+    ("none", "s--", RAW, "no cache"),
+    ("cold", "^-", "#7986cb", "cold cache"),
+    ("warm", "o-", STORE, "warm cache"),
+)
+
+
+def fleet(results: dict[str, Any], out: Path) -> Path:
+    """``python -m bench.fleet``: an engine's time and the server's bytes against the
+    engines restarting at once, for the 1 MiB catalogue (else the largest)."""
+    sizes = {c["size"]: c for c in results["catalogues"]}
+    catalogue = sizes.get(1 << 20) or sizes[max(sizes)]
+    fleets = catalogue["fleets"]
+    engines = [f["engines"] for f in fleets]
+    chart, (times, sent) = plt.subplots(1, 2, figsize=(8, 3.4))
+    for config, style, colour, label in FLEET_LINES:
+        times.plot(
+            engines,
+            [f[config]["median_s"] for f in fleets],
+            style,
+            color=colour,
+            label=f"{label}, median engine",
+        )
+        times.plot(
+            engines,
+            [f[config]["max_s"] for f in fleets],
+            ":",
+            color=colour,
+            linewidth=1,
+            label=f"{label}, slowest",
+        )
+        sent.plot(
+            engines,
+            [f[config]["sent_bytes"] / (1 << 20) for f in fleets],
+            style,
+            color=colour,
+            label=label,
+        )
+    for axes in (times, sent):
+        axes.set_xticks(engines, [str(k) for k in engines])
+        axes.minorticks_off()
+        axes.set_xlabel("engines restarting at once")
+    times.set_ylim(bottom=0)
+    times.set_ylabel("s")
+    times.set_title("time per engine: listing and routes", loc="left", fontsize=9)
+    times.legend(frameon=False, fontsize=7)
+    sent.set_yscale("log")
+    sent.set_ylabel("MiB (log scale)")
+    sent.set_title("bytes the server sent, per fleet", loc="left", fontsize=9)
+    sent.legend(frameon=False, fontsize=7)
+    size = catalogue["size"]
+    mib = f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
+    rounds = fleets[0]["none"]["rounds"]
+    chart.suptitle(
+        f"A fleet restarting: {catalogue['archives']} archives of {mib}, one server\n"
+        f"{results['server_version']}, Python {results['python']}; {results['cores']} cores "
+        f"shared by the server and every engine; medians of {rounds} rounds",
+        fontsize=10,
+    )
+    chart.tight_layout()
+    return _save(chart, out, "bench-fleet.svg")
+
+
 def draw(results: dict[str, Any], out: Path) -> list[Path]:
     """Every chart the results hold, written into ``out``; their paths."""
     _style()
     out.mkdir(parents=True, exist_ok=True)
+    if results.get("kind") == "fleet":
+        return [fleet(results, out)]
     drawn = [
         ratios(results, out),
         catalogue_growth(results, out),
@@ -225,18 +296,38 @@ def draw(results: dict[str, Any], out: Path) -> list[Path]:
     return [path for path in drawn if path is not None]
 
 
+def _read(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    try:
+        results: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        parser.error(f"cannot read {path}: {exc}")
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.charts", description=__doc__)
-    parser.add_argument("results", type=Path, help="the JSON of python -m bench --json")
+    parser.add_argument(
+        "results",
+        type=Path,
+        nargs="?",
+        help="the JSON of python -m bench --json (or of python -m bench.fleet --json)",
+    )
+    parser.add_argument("--fleet", type=Path, help="the JSON of python -m bench.fleet --json")
     parser.add_argument(
         "--out", type=Path, default=Path("docs/assets"), help="folder for the SVG files"
     )
     args = parser.parse_args(argv)
-    try:
-        results = json.loads(args.results.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        parser.error(f"cannot read {args.results}: {exc}")
-    for path in draw(results, args.out):
+    if args.results is None and args.fleet is None:
+        parser.error("give RESULTS.json, --fleet FLEET.json, or both")
+    drawn: list[Path] = []
+    if args.results is not None:
+        drawn += draw(_read(parser, args.results), args.out)
+    if args.fleet is not None:
+        fleet_results = _read(parser, args.fleet)
+        if fleet_results.get("kind") != "fleet":
+            parser.error(f"{args.fleet} is not the JSON of python -m bench.fleet")
+        drawn += draw(fleet_results, args.out)
+    for path in drawn:
         print(path)
     return 0
 

@@ -26,10 +26,20 @@ the line to holding the list), the CPU time the process spent meanwhile (``cpu``
 adds ``catalogue``, the SHA-256 (hex) of the lines ``<type>\0<hash>\0<archive SHA-256
 hex>\n`` of every record in sorted order, computed after the timing: a bench compares it
 with the catalogue it put. It ends when its standard input closes.
+
+``python -m bench.processes list-on-signal URL NAMESPACE [--archive-cache DIR]
+[--archive-cache-bytes N] [--start-up]``: the same engine with options. ``--archive-cache``
+gives its store that archive cache (``archive_cache_bytes`` N, else the store's default);
+``--start-up`` has each listing do what an engine does when it starts,
+``list_packages()`` then ``list_package_routes()``, timed together, and adds ``routes``,
+how many it read. The line ``digest`` lists nothing: it reports ``catalogue`` for the
+last listing, so that a bench can have every engine of a fleet report its time before
+any of them spends CPU on a digest.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
@@ -39,6 +49,7 @@ import time
 from pathlib import Path
 
 from kvstore import PackageRecord, RedisPackageStore
+from kvstore.redis.options import DEFAULTS
 
 _STATUS = Path("/proc/self/status")
 
@@ -138,17 +149,34 @@ def _listed(records: list[PackageRecord]) -> str:
     )
 
 
-async def list_on_signal(url: str, namespace: str) -> int:
-    async with RedisPackageStore.from_url(url, namespace=namespace) as store:
+async def list_on_signal(
+    url: str,
+    namespace: str,
+    archive_cache: str | None = None,
+    archive_cache_bytes: int = DEFAULTS.archive_cache_bytes,
+    start_up: bool = False,
+) -> int:
+    async with RedisPackageStore.from_url(
+        url,
+        namespace=namespace,
+        archive_cache=archive_cache,
+        archive_cache_bytes=archive_cache_bytes,
+    ) as store:
         await store.list_package_routes()
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
+        last: list[PackageRecord] = []
         while True:
             line = await loop.run_in_executor(None, sys.stdin.readline)
             if not line:
                 return 0
+            if line.strip() == "digest":
+                print(json.dumps({"catalogue": _listed(last)}), flush=True)
+                continue
+            last = []  # the listing before, let go of before this one
             cpu, started = time.process_time(), time.monotonic()
             records = await store.list_packages()
+            routes = await store.list_package_routes() if start_up else None
             ended = time.monotonic()
             report: dict[str, object] = {
                 "seconds": ended - started,
@@ -158,23 +186,45 @@ async def list_on_signal(url: str, namespace: str) -> int:
                 "listed": len(records),
                 "archive_bytes": sum(len(r.archive) for r in records),
             }
+            if routes is not None:
+                report["routes"] = len(routes)
             if line.strip() == "check":
                 report["catalogue"] = _listed(records)
+            last = records
             del records
             print(json.dumps(report), flush=True)
 
 
+def _list_on_signal(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.processes list-on-signal")
+    parser.add_argument("url")
+    parser.add_argument("namespace")
+    parser.add_argument("--archive-cache")
+    parser.add_argument("--archive-cache-bytes", type=int, default=DEFAULTS.archive_cache_bytes)
+    parser.add_argument("--start-up", action="store_true")
+    args = parser.parse_args(argv)
+    return asyncio.run(
+        list_on_signal(
+            args.url,
+            args.namespace,
+            args.archive_cache,
+            args.archive_cache_bytes,
+            args.start_up,
+        )
+    )
+
+
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["list-on-signal"]:
+        return _list_on_signal(argv[1:])
     if argv[:1] == ["changes"] and len(argv) == 4:
         return asyncio.run(changes(*argv[1:]))
-    if len(argv) != 3 or argv[0] not in ("subscribe", "list-rss", "list-on-signal"):
+    if len(argv) != 3 or argv[0] not in ("subscribe", "list-rss"):
         print(__doc__, file=sys.stderr)
         return 2
     what, url, namespace = argv
     if what == "subscribe":
         return asyncio.run(subscribe(url, namespace))
-    if what == "list-on-signal":
-        return asyncio.run(list_on_signal(url, namespace))
     print(json.dumps(asyncio.run(list_rss(url, namespace))), flush=True)
     return 0
 
