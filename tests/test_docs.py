@@ -54,7 +54,8 @@ def test_the_charts_command_draws_every_chart_the_page_shows(tmp_path: Path) -> 
     (line,) = block.group(1).splitlines()
     # Run as written, from a checkout's root, on the committed run's JSON.
     (tmp_path / "docs" / "assets").mkdir(parents=True)
-    shutil.copy(ASSETS / "bench-results.json", tmp_path / "docs" / "assets")
+    for committed in ("bench-results.json", "bench-fleet.json"):
+        shutil.copy(ASSETS / committed, tmp_path / "docs" / "assets")
     done = subprocess.run(
         ["bash", "-c", line],
         cwd=tmp_path,
