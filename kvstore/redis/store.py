@@ -158,6 +158,18 @@ class RedisPackageStore:
     server holds within about ``2 * route_health_interval`` seconds of reaching it.
     ``watch_routes`` then yields route writes as they happen.
 
+    A namespace is of one of two layouts (``kvstore.redis.keyspace``), and the store
+    reads both and writes the one its namespace has. In layout 2, what a namespace gets
+    when this store writes it first (``layout``), each archive larger than 4 KiB is a
+    blob named by its SHA-256, computed by the put, stored once however many packages
+    refer to it, in a key whose cluster slot follows its digest; a smaller one stays
+    inside its row with its digest. On one server a put writes blob and row in one call;
+    on a cluster the blob first, then the row, both within the put's hard end, so no
+    reader finds a row before its blob. Every archive a read returns was verified against
+    its digest: one damaged or missing on the server raises ``SerializationError`` naming
+    the row. A write refused because the namespace changed layout under the store (a
+    migration) wrote nothing and is sent again in the layout found.
+
     With ``archive_cache=DIR`` the store keeps the archives it reads from blobs in files
     of ``DIR``, named by their digest, at most about ``archive_cache_bytes`` of them, the
     least recently used removed past it; every engine of a host may share the directory
