@@ -170,4 +170,4 @@ def test_a_walk_refuses_a_bad_chunk(chunk: Any) -> None:
         raise AssertionError("nothing is sent")
 
     with pytest.raises((TypeError, ValueError), match="chunk"):
-        Walk(Keyspace("ns"), never, chunk, read_head, lambda r: r[0][0])
+        Walk(Keyspace("ns"), never, chunk, lambda key, _: read_head(key), lambda r: r[0][0])

@@ -87,7 +87,7 @@ def read_blob(blob: bytes) -> Command:
     return (_HGET, blob, _ARCHIVE_FIELD)
 
 
-def read_head(key: bytes, digest: bytes | None = None) -> list[Command]:
+def read_head(key: bytes) -> list[Command]:
     """The commands that read a row of either layout without its archive: ``[deployed_at,
     size]`` (a blob's size; ``None`` for an archive inside the row), then the size of an
     archive inside the row (0 for a blob's)."""

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import timezone
 from types import TracebackType
@@ -79,7 +79,7 @@ from kvstore.redis.scripts import (
 )
 from kvstore.redis.target import target_for
 from kvstore.redis.urls import client_from_url
-from kvstore.redis.wire import Command, PrePacked
+from kvstore.redis.wire import SLICE, Command, PrePacked
 
 if TYPE_CHECKING:
     from kvstore.redis.telemetry import Observer
@@ -248,11 +248,12 @@ class RedisPackageStore:
         }
         self._put_row_prefix = PUT_PACKAGE_DIGEST.call_prefix(*put_keys)
         self._put_inline_prefix = PUT_PACKAGE_INLINE.call_prefix(*put_keys)
+        # The layout a write names and the channel it announces on: every write that
+        # re-points routes takes them after its keys.
         self._put_shared = {
             layout: PrePacked(layout, k.route_changes) for layout in (INLINE_LAYOUT, BLOB_LAYOUT)
         }
         self._route_prefix = PUT_ROUTE.call_prefix(k.format, k.routes, k.route_version)
-        self._route_shared = self._put_shared
         self._delete_prefix = DELETE_PACKAGE.call_prefix(k.format, k.index)
         self._owns_client = False
         # What else takes connections of the pool: the route cache, if any (the library
@@ -517,7 +518,7 @@ class RedisPackageStore:
         if self._route_cache is not None:
             self._route_cache.note_write(version, content_hash, types)
 
-    async def _write(self, build: Any) -> Any:
+    async def _write(self, build: Callable[[bytes], Command]) -> Any:
         """The reply to the call ``build(layout)`` makes for the namespace's layout (a
         call whose shape is the same in both: only the layout it names differs)."""
         for _ in _LAYOUT_ATTEMPTS:
@@ -545,7 +546,7 @@ class RedisPackageStore:
         route = PackageRouteRecord(workflow_type, content_hash)
         fields = (route.workflow_type.encode("utf-8"), route.content_hash.encode("utf-8"))
         version = await self._write(
-            lambda layout: (self._route_prefix, self._route_shared[layout], *fields)
+            lambda layout: (self._route_prefix, self._put_shared[layout], *fields)
         )
         self._note_routes(version, route.content_hash, (route.workflow_type,))
 
@@ -573,7 +574,7 @@ class RedisPackageStore:
                     cached = await cache.read(digest, expected)
                     if cached is not None:  # verified against its digest
                         return self._record(key, row, cached, stamp)
-                big = expected >= LISTING_LARGE
+                big = expected >= SLICE  # read in slices, behind the others
                 (archive,) = await self._calls.unit(
                     [read_blob(self._keys.blob(digest))], large=big, archives=True
                 )
@@ -749,7 +750,9 @@ class RedisPackageStore:
         promise while others write and the same memory bound as ``iter_packages``.
         Beyond the ``PackageStore`` contract: the command line lists with it.
         """
-        walk = Walk(self._keys, self._send_listing, chunk, read_head, lambda r: r[0][0])
+        walk = Walk(
+            self._keys, self._send_listing, chunk, lambda key, _: read_head(key), lambda r: r[0][0]
+        )
         async for key, member, ((_, stored), inline), _ in walk.rows():
             size = head_size(key, stored, inline)
             yield PackageHead(member.workflow_type, member.content_hash, member.at, size)
@@ -778,8 +781,6 @@ _LAYOUT_ATTEMPTS = range(3)
 # GIL), so the event loop goes on serving other calls meanwhile; a smaller one costs less
 # to hash than to hand to a thread.
 HASH_ON_A_THREAD = 1 << 20
-# A blob from this size on is read behind the others on one connection, in slices.
-LISTING_LARGE = 1 << 20
 
 
 async def _digest(archive: bytes) -> bytes:

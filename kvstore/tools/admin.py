@@ -25,11 +25,15 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import NoPermissionError, RedisError, WatchError
 
 from kvstore.errors import BackendError
+from kvstore.redis.calls import Calls
 from kvstore.redis.failures import backend_error, client_secrets
+from kvstore.redis.keyspace import Keyspace
 from kvstore.redis.store import RedisPackageStore
 from kvstore.redis.target import target_for
 
 T = TypeVar("T")
+# A server of ``Servers``: None for the one server, else a primary of the cluster.
+Node = ClusterNode | None
 
 # Keys asked of SCAN at a time, and commands sent in one pipeline.
 CHUNK = 1000
@@ -38,6 +42,14 @@ CHUNK = 1000
 def glob_escape(raw: bytes) -> bytes:
     """``raw`` as a ``MATCH`` pattern that matches exactly it (``*?[]\\`` escaped)."""
     return re.sub(rb"([*?\[\]\\])", rb"\\\1", raw)
+
+
+def library_calls(store: RedisPackageStore) -> Calls:
+    """Calls of the library's functions for a tool of ``store``'s namespace, made the way
+    the store makes its writes (``kvstore.redis.calls``), on connections of their own;
+    close them with ``aclose``."""
+    target = target_for(store.client)
+    return Calls(target, Keyspace(store.namespace), store.options, spare_connections=0)
 
 
 def borrow_client(store: RedisPackageStore) -> Redis:
@@ -73,6 +85,27 @@ class _Bounded:
         """``exc``, a failure of a command sent here, as ``BackendError`` naming the store."""
         return backend_error(exc, repr(self.store), self._secrets)
 
+    async def command(self, *args: Any, node: Node = None) -> Any:
+        raise NotImplementedError
+
+    async def scan(self, pattern: bytes, node: Node = None) -> AsyncIterator[list[bytes]]:
+        """The keys ``SCAN MATCH pattern`` meets on ``node``, a batch at a time, each key
+        once: every key there from the first batch to the last (SCAN's promise; it may
+        meet a key twice, which is not handed out again)."""
+        seen: set[bytes] = set()
+        cursor: Any = 0
+        while True:
+            cursor, keys = await self.command(
+                "SCAN", cursor, "MATCH", pattern, "COUNT", CHUNK, node=node
+            )
+            if isinstance(cursor, dict):  # a cluster client's reply names the node
+                (cursor,) = cursor.values()
+            new = [key for key in keys if key not in seen]
+            seen.update(new)
+            yield new
+            if int(cursor) == 0:
+                return
+
 
 class Admin(_Bounded):
     """Commands on one server for one store's namespace, each bounded and translated."""
@@ -81,12 +114,9 @@ class Admin(_Bounded):
         self.client = borrow_client(store)
         super().__init__(store, self.client)
 
-    async def command(self, *args: Any) -> Any:
+    async def command(self, *args: Any, node: Node = None) -> Any:
+        """The reply to one command on the one server (``node`` is always ``None``)."""
         return await self.bounded(self.client.execute_command(*args))  # type: ignore[no-untyped-call]
-
-
-# A server of ``Servers``: None for the one server, else a primary of the cluster.
-Node = ClusterNode | None
 
 
 class Servers(_Bounded):
@@ -132,17 +162,3 @@ class Servers(_Bounded):
                 pipe.execute_command(*command, **options)
             replies: list[Any] = await self.bounded(pipe.execute(raise_on_error=False))
         return replies
-
-    async def scan(self, pattern: bytes, node: Node = None) -> AsyncIterator[list[bytes]]:
-        """The keys ``SCAN MATCH pattern`` meets on ``node``, a batch at a time: every
-        key there from the first batch to the last, some perhaps twice (SCAN's promise)."""
-        cursor: Any = 0
-        while True:
-            cursor, keys = await self.command(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", CHUNK, node=node
-            )
-            if isinstance(cursor, dict):  # a cluster client's reply names the node
-                (cursor,) = cursor.values()
-            yield list(keys)
-            if int(cursor) == 0:
-                return

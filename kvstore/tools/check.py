@@ -260,16 +260,8 @@ class _Checker:
         k = self.keys
         pattern = glob_escape(k.prefix) + b"*"
         types: dict[bytes, bytes] = {}
-        cursor: Any = 0
-        seen: set[bytes] = set()
-        while True:
-            cursor, batch = await self.admin.command(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", CHUNK
-            )
+        async for batch in self.admin.scan(pattern):
             for key in batch:
-                if key in seen:  # SCAN may return a key twice
-                    continue
-                seen.add(key)
                 row = k.row_of(key)
                 if row is not None:
                     try:
@@ -297,8 +289,7 @@ class _Checker:
                         key,
                         f"is a {kind.decode()}, not a {expected}: calls on the namespace will fail",
                     )
-            if int(cursor) == 0:
-                return types
+        return types
 
     async def _walk_index(self) -> None:
         index = self.keys.index
@@ -555,17 +546,8 @@ class _Checker:
         """The namespace's blob keys into ``blobs``; those that are no blob key, or no
         hash, reported."""
         k = self.keys
-        pattern = glob_escape(k.blob_prefix) + b"*"
-        seen: set[bytes] = set()
-        cursor: Any = 0
-        while True:
-            cursor, batch = await self.admin.command(
-                "SCAN", cursor, "MATCH", pattern, "COUNT", CHUNK
-            )
+        async for batch in self.admin.scan(glob_escape(k.blob_prefix) + b"*"):
             for key in batch:
-                if key in seen:
-                    continue
-                seen.add(key)
                 digest = k.digest_of(key)
                 if digest is None:
                     self.find(
@@ -588,8 +570,6 @@ class _Checker:
                     )
                     continue
                 self.blobs[digest] = key
-            if int(cursor) == 0:
-                return
 
     async def _read_references(self) -> None:
         """What each row refers to, read directly: rows are not judged without an index."""

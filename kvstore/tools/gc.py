@@ -38,6 +38,7 @@ collection would remove now.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from collections.abc import Sequence
@@ -46,22 +47,13 @@ from typing import Any
 
 from redis.exceptions import ResponseError
 
-from kvstore.errors import BackendError, SerializationError
+from kvstore.errors import SerializationError
 from kvstore.redis.keyspace import LAYOUTS, Keyspace, is_digest, split_index_member
-from kvstore.redis.scripts import (
-    DROP_BLOB,
-    Held,
-    check_library,
-    is_missing_function,
-    mismatch_error,
-)
-from kvstore.redis.scripts import LIBRARY as _LIBRARY
+from kvstore.redis.scripts import DROP_BLOB
 from kvstore.redis.store import RedisPackageStore
-from kvstore.tools.admin import CHUNK, Node, Servers, glob_escape
+from kvstore.tools.admin import CHUNK, Node, Servers, glob_escape, library_calls
 
 DEFAULT_GRACE = 3600.0
-# How often a sweep loads the library again when its functions are found missing.
-_LOADS = 3
 
 
 @dataclass
@@ -132,9 +124,17 @@ class _Collector:
         self.servers = Servers(store)
         self.keys = Keyspace(store.namespace)
         self.report = GcReport(store.namespace, grace, dry_run)
-        self.library_ready = False
 
     async def run(self) -> GcReport:
+        # The library's calls go the way every write goes (the library checked before it
+        # is trusted, loaded where it is missing, refusals raised as the store raises them).
+        self.calls = library_calls(self.store)
+        try:
+            return await self._run()
+        finally:
+            await self.calls.aclose()
+
+    async def _run(self) -> GcReport:
         started = time.monotonic()
         servers, k, report = self.servers, self.keys, self.report
         primaries = await servers.primaries()
@@ -203,13 +203,9 @@ class _Collector:
 
     async def _sweep(self, node: Node, marked: set[bytes]) -> None:
         k, report = self.keys, self.report
-        met: set[bytes] = set()  # SCAN may return a key twice
         async for batch in self.servers.scan(glob_escape(k.blob_prefix) + b"*", node):
             candidates: list[tuple[bytes, bytes]] = []
             for key in batch:
-                if key in met:
-                    continue
-                met.add(key)
                 digest = k.digest_of(key)
                 if digest is None:
                     report.ignored += 1
@@ -246,56 +242,28 @@ class _Collector:
             # else: gone since the scan met it
 
     async def _drop(self, candidates: Sequence[tuple[bytes, bytes]], node: Node) -> None:
-        """Each candidate handed to ``drop_blob``, its archive's size read just before."""
+        """Each candidate handed to ``drop_blob``, its archive's size read just before;
+        the calls in flight together, pipelined."""
         report = self.report
         cutoff = b"%d" % report.cutoff
-        pending = list(candidates)
-        for _ in range(_LOADS + 1):
-            await self._library()
-            commands: list[tuple[Any, ...]] = []
-            for key, digest in pending:
-                commands += [
-                    ("HSTRLEN", key, b"archive"),
-                    ("FCALL", DROP_BLOB.name, 1, key, digest, cutoff),
-                ]
-            replies = await self.servers.batch(commands, node)
-            missing: list[tuple[bytes, bytes]] = []
-            for (key, digest), size, dropped in zip(
-                pending, replies[::2], replies[1::2], strict=True
-            ):
-                if is_missing_function(dropped):
-                    missing.append((key, digest))
-                elif isinstance(dropped, ResponseError) and "KVSTORE_TYPE" in str(dropped):
-                    report.ignored += 1  # another type: kvstore check reports it
-                elif isinstance(dropped, Exception):
-                    raise self.servers.error(dropped)
-                elif dropped == 1:
-                    self._collected(key, 0 if isinstance(size, Exception) else size)
-                else:
-                    report.spared += 1  # written since the cut-off (or gone meanwhile)
-            if not missing:
-                return
-            # The library went away (a restart without persistence, FUNCTION FLUSH).
-            self.library_ready = False
-            pending = missing
-        raise BackendError(
-            f"{self.store.server}: the function {DROP_BLOB.name} was missing again after "
-            f"each of {_LOADS} loads of the kvstore library; nothing more was collected"
+        sizes = await self.servers.batch(
+            [("HSTRLEN", key, b"archive") for key, _ in candidates], node
         )
 
-    async def _library(self) -> None:
-        """This release's library on every primary: checked once, loaded where absent."""
-        if self.library_ready:
-            return
-        # Where the credential may not FUNCTION LIST, trusted by its name, as a store
-        # trusts it (kvstore setup checks it with an operator's credential).
-        held = await self.servers.bounded(check_library(self.store.client))
-        other = [server for server, found in held if found is Held.OTHER]
-        if other:
-            raise mismatch_error(_LIBRARY, other)
-        if any(found is Held.ABSENT for _, found in held):
-            await self.store.load_library()
-        self.library_ready = True
+        async def drop(key: bytes, digest: bytes) -> Any:
+            try:
+                return await self.calls.call((DROP_BLOB.call_prefix(key), digest, cutoff))
+            except SerializationError:
+                return None  # another type: kvstore check reports it
+
+        dropped = await asyncio.gather(*(drop(key, digest) for key, digest in candidates))
+        for (key, _), size, done in zip(candidates, sizes, dropped, strict=True):
+            if done is None:
+                report.ignored += 1
+            elif done == 1:
+                self._collected(key, 0 if isinstance(size, Exception) else size)
+            else:
+                report.spared += 1  # written since the cut-off (or gone meanwhile)
 
     def _collected(self, key: bytes, size: Any) -> None:
         report = self.report

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from kvstore.errors import SerializationError
-from kvstore.redis.calls import Calls, LayoutChanged
+from kvstore.redis.calls import LayoutChanged
 from kvstore.redis.keyspace import (
     BLOB_LAYOUT,
     INLINE_LAYOUT,
@@ -59,6 +59,7 @@ from kvstore.redis.scripts import MIGRATE_ROW, PUT_BLOB, SET_LAYOUT
 from kvstore.redis.store import RedisPackageStore
 from kvstore.redis.target import target_for
 from kvstore.redis.wire import Command, PrePacked
+from kvstore.tools.admin import library_calls
 
 # Called with (phase, archive bytes migrated, 0, rows migrated), as the export's progress.
 Progress = Callable[[str, int, int, int], None]
@@ -167,7 +168,7 @@ class _Migration:
     def __init__(self, store: RedisPackageStore, progress: Progress, concurrency: int) -> None:
         self.keys = keys = Keyspace(store.namespace)
         self.target = target_for(store.client)
-        self.calls = Calls(self.target, keys, store.options, spare_connections=0)
+        self.calls = library_calls(store)
         self.budget = Budget(store.options.retry_budget, store.options.timeout)
         self.report = MigrationReport(store.namespace)
         self.progress = progress
