@@ -5,7 +5,9 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
 - **Reads** (``read``, ``unit``): plain commands, each unit led by a ``GET`` of the
   layout marker, so a namespace of another layout is refused before anything is read
   from it. A key of another type (``WRONGTYPE``) is damage: ``SerializationError``
-  naming the key.
+  naming the key. With ``read_from_replicas``, the units of a read that began with
+  ``read_mark()`` go to a replica that has applied every write acknowledged before it,
+  where one has (``kvstore.redis.replicas``).
 - **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``); when
   writes wait for replicas or for the fsync, its batch is followed by one ``WAIT`` or
   ``WAITAOF`` (the pipeliner's trailer), shared by the writes of the batch. The first
@@ -46,6 +48,7 @@ from kvstore.redis.protocol import (
     format_refusal,
     type_refusal,
 )
+from kvstore.redis.replicas import Mark, ReplicaReads
 from kvstore.redis.retry import Budget, call_with_retry
 from kvstore.redis.scripts import (
     LIBRARY,
@@ -144,6 +147,15 @@ class Calls:
             trailer=self._wait,
         )
         self._format_check = (PrePacked("GET", keys.format),)
+        self.replicas: ReplicaReads | None = None
+        if options.read_from_replicas:
+            self.replicas = ReplicaReads(
+                target,
+                self.pipeliner.run,
+                lanes=options.lanes,
+                timeout=options.replica_read_timeout,
+                translate=lambda exc, where: backend_error(exc, where, self._secrets),
+            )
         # The namespace's layout as the last call found it (None: not seen yet), and the
         # one a write gives a namespace it is the first to write.
         self.layout: bytes | None = None
@@ -174,6 +186,8 @@ class Calls:
     async def aclose(self) -> None:
         self._check.cancel()
         self._load.cancel()
+        if self.replicas is not None:
+            await self.replicas.aclose()
         await self.pipeliner.aclose()
 
     # Health.
@@ -461,19 +475,34 @@ class Calls:
 
     # Reads: plain commands, each unit led by a check of the layout marker.
 
-    async def read(self, command: Command) -> Any:
-        (reply,) = await self.unit([command])
+    def read_mark(self) -> Mark | None:
+        """The start of a read whose units may go to replicas (``None``: they go to the
+        primary): made when the read begins, given to each of its units."""
+        return None if self.replicas is None else self.replicas.mark()
+
+    async def read(self, command: Command, *, mark: Mark | None = None) -> Any:
+        (reply,) = await self.unit([command], mark=mark)
         return reply
 
     async def unit(
-        self, commands: list[Command], *, large: bool = False, archives: bool = False
+        self,
+        commands: list[Command],
+        *,
+        large: bool = False,
+        archives: bool = False,
+        mark: Mark | None = None,
     ) -> list[Any]:
         """Replies to ``commands``, sent with a check that the layout is ours.
         ``archives``: the replies may hold archives (read in slices when large);
-        ``large``: they are of a MiB or more, sent behind each other on one connection."""
-        found, *replies = await self.pipeliner.run(
-            [self._format_check, *commands], large_reply=large, streamed=archives
-        )
+        ``large``: they are of a MiB or more, sent behind each other on one connection.
+        ``mark``: of the read they are part of, so a replica may send them."""
+        unit = [self._format_check, *commands]
+        sent = None
+        if mark is not None and self.replicas is not None:
+            sent = await self.replicas.run(mark, unit, large=large, archives=archives)
+        if sent is None:
+            sent = await self.pipeliner.run(unit, large_reply=large, streamed=archives)
+        found, *replies = sent
         found = self.fitting(self._format_check, self.reply(found, self._format_check))
         if found is not None:
             if found not in LAYOUTS:

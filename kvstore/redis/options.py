@@ -80,6 +80,11 @@ class StoreOptions:
     the server only the archives it lacks. ``None``: no cache.
     ``archive_cache_bytes``: the most bytes of archives the cache keeps, the least
     recently used removed past it (at least 1).
+    ``read_from_replicas``: send reads to the primary's replicas where one has applied
+    every write acknowledged before the read began, to the primary otherwise (one server
+    or a Sentinel's primary; see ``kvstore.redis.replicas``).
+    ``replica_read_timeout``: seconds a replica may take to answer a round trip of a
+    read before the read goes to the primary instead.
     """
 
     namespace: str = "aion"
@@ -95,6 +100,8 @@ class StoreOptions:
     layout: int = 2
     archive_cache: str | os.PathLike[str] | None = None
     archive_cache_bytes: int = 1 << 30
+    read_from_replicas: bool = False
+    replica_read_timeout: float = 1.0
 
     def __post_init__(self) -> None:
         check_namespace(self.namespace)
@@ -140,6 +147,11 @@ class StoreOptions:
             if not path or "\0" in path:
                 raise ValueError(f"archive_cache must name a directory, not {path!r}")
         _count(self.archive_cache_bytes, "archive_cache_bytes", 1)
+        if not isinstance(self.read_from_replicas, bool):
+            raise TypeError(
+                f"read_from_replicas must be a bool, not {type(self.read_from_replicas).__name__}"
+            )
+        _seconds(self.replica_read_timeout, "replica_read_timeout")
 
     def keywords(self) -> dict[str, Any]:
         """The options as keyword arguments of ``RedisPackageStore``."""

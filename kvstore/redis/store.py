@@ -54,6 +54,7 @@ from kvstore.redis.keyspace import (
 )
 from kvstore.redis.listing import (
     LISTING_BYTES,
+    Send,
     Walk,
     decimal_size,
     fetched,
@@ -65,6 +66,7 @@ from kvstore.redis.listing import (
 )
 from kvstore.redis.options import DEFAULTS, StoreOptions
 from kvstore.redis.protocol import field_pairs, stored_text
+from kvstore.redis.replicas import Mark
 from kvstore.redis.retry import no_client_retries
 from kvstore.redis.route_cache import ASK_SERVER, POOL_CONNECTIONS, RouteCache
 from kvstore.redis.route_watch import RouteWatch
@@ -214,6 +216,8 @@ class RedisPackageStore:
         layout: int = DEFAULTS.layout,
         archive_cache: str | os.PathLike[str] | None = DEFAULTS.archive_cache,
         archive_cache_bytes: int = DEFAULTS.archive_cache_bytes,
+        read_from_replicas: bool = DEFAULTS.read_from_replicas,
+        replica_read_timeout: float = DEFAULTS.replica_read_timeout,
     ) -> None:
         self._options = options = StoreOptions(
             namespace=namespace,
@@ -229,6 +233,8 @@ class RedisPackageStore:
             layout=layout,
             archive_cache=archive_cache,
             archive_cache_bytes=archive_cache_bytes,
+            read_from_replicas=read_from_replicas,
+            replica_read_timeout=replica_read_timeout,
         )
         self._target = target = target_for(client)
         if target.connection_options().get("decode_responses"):
@@ -238,6 +244,10 @@ class RedisPackageStore:
             # so a cluster client cannot send them where the writes went.
             raise ValueError(
                 "min_replicas and durability need a single-primary client, not a cluster"
+            )
+        if read_from_replicas and not target.reads_replicas:
+            raise ValueError(
+                "read_from_replicas needs one server or a Sentinel's primary, not a cluster"
             )
         self._keys = k = Keyspace(namespace)
         # What every call of a kind shares, formatted once (see each lua/ file's header).
@@ -297,6 +307,8 @@ class RedisPackageStore:
         layout: int = DEFAULTS.layout,
         archive_cache: str | os.PathLike[str] | None = DEFAULTS.archive_cache,
         archive_cache_bytes: int = DEFAULTS.archive_cache_bytes,
+        read_from_replicas: bool = DEFAULTS.read_from_replicas,
+        replica_read_timeout: float = DEFAULTS.replica_read_timeout,
         **client_options: Any,
     ) -> RedisPackageStore:
         """A store with a client of its own, which ``aclose`` closes.
@@ -324,6 +336,8 @@ class RedisPackageStore:
             layout=layout,
             archive_cache=archive_cache,
             archive_cache_bytes=archive_cache_bytes,
+            read_from_replicas=read_from_replicas,
+            replica_read_timeout=replica_read_timeout,
         )
         # No socket timeout: the pipeliner's deadline already bounds every attempt, and
         # redis-py would pay for a second timer on every send and every read.
@@ -558,10 +572,17 @@ class RedisPackageStore:
         )
         return await self._read_package(self._keys.row(row), row)
 
-    async def _read_package(self, key: bytes, row: bytes) -> PackageRecord | None:
+    async def _read_package(
+        self, key: bytes, row: bytes, mark: Mark | None = None
+    ) -> PackageRecord | None:
         """The package in the row at ``key`` of id ``row``, of either layout, its archive
-        verified against its digest when a blob holds it; ``None`` if there is no row."""
-        ((archive, stamp, digest, size),) = await self._calls.unit([read_row(key)], archives=True)
+        verified against its digest when a blob holds it; ``None`` if there is no row.
+        ``mark``: of the read this is part of (a listing's), if not a read of its own."""
+        if mark is None:
+            mark = self._calls.read_mark()
+        ((archive, stamp, digest, size),) = await self._calls.unit(
+            [read_row(key)], archives=True, mark=mark
+        )
         if archive is None and stamp is None and digest is None:
             return None
         if digest is not None:
@@ -576,7 +597,7 @@ class RedisPackageStore:
                         return self._record(key, row, cached, stamp)
                 big = expected >= SLICE  # read in slices, behind the others
                 (archive,) = await self._calls.unit(
-                    [read_blob(self._keys.blob(digest))], large=big, archives=True
+                    [read_blob(self._keys.blob(digest))], large=big, archives=True, mark=mark
                 )
                 await _verify(self._keys, key, digest, archive)
                 if cache is not None:
@@ -600,7 +621,9 @@ class RedisPackageStore:
             check_text(content_hash, "content_hash"),
         )
         key = self._keys.row(row_id(*checked))
-        (stamp, stored), inline = await self._calls.unit(read_head(key))
+        (stamp, stored), inline = await self._calls.unit(
+            read_head(key), mark=self._calls.read_mark()
+        )
         if stamp is None:
             if inline or stored is not None:
                 raise SerializationError(f"{key!r} is missing its deployed_at")
@@ -618,7 +641,9 @@ class RedisPackageStore:
                 return found
             # Not live yet, recovering, or unsure of this type: the server answers.
         field = checked.encode("utf-8")
-        value = await self._calls.read(("HGET", self._keys.routes, field))
+        value = await self._calls.read(
+            ("HGET", self._keys.routes, field), mark=self._calls.read_mark()
+        )
         return (
             None if value is None else stored_text(value, f"{self._keys.routes!r} field {field!r}")
         )
@@ -645,7 +670,8 @@ class RedisPackageStore:
         return await self._route_cache.wait_live(timeout)
 
     async def list_package_routes(self) -> list[PackageRouteRecord]:
-        pairs = field_pairs(await self._calls.read(("HGETALL", self._keys.routes)))
+        read = ("HGETALL", self._keys.routes)
+        pairs = field_pairs(await self._calls.read(read, mark=self._calls.read_mark()))
         where = repr(self._keys.routes)
         routes = [
             PackageRouteRecord(
@@ -704,9 +730,10 @@ class RedisPackageStore:
                 await asyncio.gather(*writes, return_exceptions=True)
                 writes.clear()
 
+        mark = self._calls.read_mark()
         walk = Walk(
             keys,
-            self._send_listing,
+            self._listing_send(mark),
             chunk,
             fetch_row,
             lambda replies: fetched(replies)[0],
@@ -729,7 +756,7 @@ class RedisPackageStore:
             if archive is None:
                 # The row changed shape since it was sized (migrated), or its blob is
                 # missing: read as get_package reads it, which says which.
-                record = await self._read_package(key, member.row)
+                record = await self._read_package(key, member.row, mark)
                 if record is not None and record.deployed_at == member.at:
                     yield record
                 continue
@@ -750,16 +777,21 @@ class RedisPackageStore:
         promise while others write and the same memory bound as ``iter_packages``.
         Beyond the ``PackageStore`` contract: the command line lists with it.
         """
-        walk = Walk(
-            self._keys, self._send_listing, chunk, lambda key, _: read_head(key), lambda r: r[0][0]
-        )
+        send = self._listing_send(self._calls.read_mark())
+        walk = Walk(self._keys, send, chunk, lambda key, _: read_head(key), lambda r: r[0][0])
         async for key, member, ((_, stored), inline), _ in walk.rows():
             size = head_size(key, stored, inline)
             yield PackageHead(member.workflow_type, member.content_hash, member.at, size)
 
-    async def _send_listing(self, commands: list[Command], *, large: bool) -> list[Any]:
-        # Archives of a MiB and more follow each other on one connection, read in slices.
-        return await self._calls.unit(commands, large=large, archives=large)
+    def _listing_send(self, mark: Mark | None) -> Send:
+        """How the round trips of a listing that began at ``mark`` are sent."""
+        calls = self._calls
+
+        async def send(commands: list[Command], *, large: bool) -> list[Any]:
+            # Archives of a MiB and more follow each other on one connection, in slices.
+            return await calls.unit(commands, large=large, archives=large, mark=mark)
+
+        return send
 
     # Decoding what the server holds.
 

@@ -34,17 +34,20 @@ from typing import Any, Final, TypeVar
 
 from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import SSLConnection
 from redis.exceptions import ResponseError
 
+from kvstore.redis.retry import no_client_retries
 from kvstore.redis.transports import ClusterTransport, PooledTransport, Transport
 from kvstore.redis.wire import Command
 
 Send = Callable[[Command], Awaitable[Any]]
 T = TypeVar("T")
 
-# The options of a cluster's connections that a connection to one of its nodes takes:
-# credentials, socket settings and, by prefix, TLS (``ssl_*``). The cluster's own
-# options (pool sizes, reply callbacks) stay with it.
+# The options of a client's connections that a connection to another node of its
+# deployment (a cluster's node, a primary's replica) takes: credentials, socket settings
+# and, by prefix, TLS (``ssl_*``). The client's own options (pool sizes, reply
+# callbacks, a Sentinel's) stay with it.
 _NODE_OPTIONS: Final = frozenset(
     {
         "username",
@@ -60,6 +63,15 @@ _NODE_OPTIONS: Final = frozenset(
 )
 
 
+def _node_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Of a client's connection options, those a connection to another of its nodes takes."""
+    return {
+        name: value
+        for name, value in options.items()
+        if name in _NODE_OPTIONS or name.startswith("ssl_")
+    }
+
+
 class Target(ABC):
     """What a store needs to know of its deployment, asked of one object."""
 
@@ -67,6 +79,8 @@ class Target(ABC):
     reads_server_config: bool
     # Whether one function call may write keys of any slot (a blob and its row).
     writes_across_slots: bool
+    # Whether reads may go to the primary's replicas (``kvstore.redis.replicas``).
+    reads_replicas: bool
 
     @property
     @abstractmethod
@@ -124,6 +138,11 @@ class Target(ABC):
     def node_of(self, key: bytes) -> Any:
         """The server that holds ``key``, as ``primaries`` names it (call that first)."""
 
+    def replica_pool(self, host: str, port: int) -> ConnectionPool:
+        """A pool of connections to the replica at ``host:port``, made with the
+        primary's credentials and TLS settings; the pool's own retries are off."""
+        raise TypeError("reads from replicas need one server or a Sentinel's primary")
+
 
 class SingleNode(Target):
     """One server, through a ``Redis`` client (fakeredis included)."""
@@ -131,6 +150,7 @@ class SingleNode(Target):
     waits_for_replicas = True
     reads_server_config = True
     writes_across_slots = True
+    reads_replicas = True
 
     def __init__(self, client: Redis) -> None:
         self._client = client
@@ -190,6 +210,17 @@ class SingleNode(Target):
     def node_of(self, key: bytes) -> Any:
         return None
 
+    def replica_pool(self, host: str, port: int) -> ConnectionPool:
+        primary = self._client.connection_pool
+        tls = issubclass(primary.connection_class, SSLConnection)
+        return ConnectionPool(
+            connection_class=SSLConnection if tls else Connection,
+            host=host,
+            port=port,
+            **_node_options(primary.connection_kwargs),
+            retry=no_client_retries(),
+        )
+
 
 class Sentinel(SingleNode):
     """The primary a Sentinel names, through a client whose pool follows failovers."""
@@ -205,6 +236,7 @@ class Cluster(Target):
     waits_for_replicas = False
     reads_server_config = False
     writes_across_slots = False
+    reads_replicas = False
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
@@ -264,16 +296,11 @@ class Cluster(Target):
         if node is None:
             raise LookupError(f"no cluster node serves {key!r}")
         cluster_options = client.get_connection_kwargs()
-        options = {
-            name: value
-            for name, value in cluster_options.items()
-            if name in _NODE_OPTIONS or name.startswith("ssl_")
-        }
         pool = ConnectionPool(
             connection_class=cluster_options.get("connection_class") or Connection,
             host=node.host,
             port=node.port,
-            **options,
+            **_node_options(cluster_options),
         )
         return Redis.from_pool(pool)  # closing the client closes the pool
 
