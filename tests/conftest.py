@@ -24,9 +24,9 @@ import pytest
 from redis.asyncio import Redis
 
 from kvstore import InMemoryPackageStore, PackageStore, RedisPackageStore
-from kvstore.server_process import LocalServer
+from kvstore.server_process import LocalServer, valkey_binary
 
-from .topology import server_binary
+from .topology import replicated_pair, server_binary, wait_in_sync
 
 SERVERS = ["valkey", "redis"]
 # fakeredis first: a failure there needs no server to reproduce.
@@ -69,6 +69,15 @@ def valkey_server() -> Iterator[LocalServer]:
 def redis_server() -> Iterator[LocalServer]:
     with LocalServer(server_binary("redis")) as running:
         yield running
+
+
+@pytest.fixture(scope="session")
+def valkey_replicated(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalServer]:
+    """A Valkey primary with a replica of it, in sync: the primary is yielded."""
+    primary, replica = replicated_pair(valkey_binary(), tmp_path_factory.mktemp("replicated"))
+    with primary, replica:
+        wait_in_sync(replica.port, within=15.0)
+        yield primary
 
 
 @pytest.fixture(params=each(*SERVERS))
@@ -184,12 +193,18 @@ async def stores(backend: Backend) -> AsyncIterator[StoreFactory]:
 StoreMaker = Callable[[], PackageStore]
 
 
-@pytest.fixture(params=each("memory", *BACKENDS, *[f"{b}-layout1" for b in BACKENDS]))
+@pytest.fixture(
+    params=each("memory", *BACKENDS, *[f"{b}-layout1" for b in BACKENDS], "valkey-replicas")
+)
 def make_store(request: pytest.FixtureRequest) -> StoreMaker:
     """A factory of fresh, isolated stores on one backend; ``-layout1``: in namespaces of
-    layout 1, archives inside rows (``RedisPackageStore``'s ``layout``)."""
+    layout 1, archives inside rows (``RedisPackageStore``'s ``layout``); ``-replicas``:
+    stores that read from the replica of a primary (``read_from_replicas``)."""
     if request.param == "memory":
         return InMemoryPackageStore
+    if request.param == "valkey-replicas":
+        primary: LocalServer = request.getfixturevalue("valkey_replicated")
+        return functools.partial(Backend("valkey", primary.url).store, read_from_replicas=True)
     name, _, layout = request.param.partition("-layout")
     made = backend_named(request, name)
     return functools.partial(made.store, layout=int(layout or 2))

@@ -177,16 +177,22 @@ async def test_a_row_that_names_another_archive_by_the_time_it_is_read_is_read_a
     await store.get_package("wf", "h1")
     await cache_of(store).settle()
     other = stores()
-    send = store._send_listing
+    listing_send = store._listing_send
     re_put: list[bool] = []
 
-    async def re_put_first(commands: list[Command], *, large: bool) -> list[Any]:
-        if not re_put and any(flatten(c)[2:] == (b"digest",) for c in commands):
-            re_put.append(True)  # after the walk chose to read the digest alone
-            await other.put_package(pkg("wf", "h1", new))  # the same stamp
-        return await send(commands, large=large)
+    def re_putting_first(mark: Any) -> Any:
+        send = listing_send(mark)
 
-    monkeypatch.setattr(store, "_send_listing", re_put_first)
+        async def re_put_first(commands: list[Command], *, large: bool) -> list[Any]:
+            if not re_put and any(flatten(c)[2:] == (b"digest",) for c in commands):
+                re_put.append(True)  # after the walk chose to read the digest alone
+                await other.put_package(pkg("wf", "h1", new))  # the same stamp
+            replies: list[Any] = await send(commands, large=large)
+            return replies
+
+        return re_put_first
+
+    monkeypatch.setattr(store, "_listing_send", re_putting_first)
     assert await store.list_packages() == [pkg("wf", "h1", new)]
     assert re_put == [True]
 

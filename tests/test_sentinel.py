@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +19,7 @@ from kvstore import BackendError, RedisPackageStore
 from kvstore.server_process import free_port
 
 from .conftest import fresh_namespace
-from .support import pkg
+from .support import large, pkg
 from .topology import (
     SentinelGroup,
     Writer,
@@ -181,3 +181,54 @@ async def test_a_password_in_a_sentinel_or_cluster_url_never_shows(tmp_path: Pat
             RedisPackageStore.from_url(bad, namespace=fresh_namespace())
         for text in messages(refused_url.value):
             assert secret not in text, bad
+
+
+async def test_reads_from_the_replicas_a_sentinel_primary_names_follow_a_failover(
+    group: SentinelGroup,
+) -> None:
+    namespace = fresh_namespace()
+    writer = sentinel_store(group, namespace)
+    reader = RedisPackageStore.from_url(
+        group.url(), namespace=namespace, read_from_replicas=True, replica_read_timeout=0.5
+    )
+
+    async def replica_reads(port: int) -> int:
+        async with Redis(port=port) as replica:
+            stats = await replica.info("commandstats")
+        return int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+    try:
+        before = pkg("order", "before", large(b"PK"))
+        await writer.put_package(before)  # min_replicas=1: the replica has it
+        assert await reader.get_package("order", "before") == before
+        assert await replica_reads(group.replica.port) > 0
+
+        old_port = group.primary.port
+        group.primary.kill()
+        new_port = await group.wait_promoted(old_port, within=30)
+        group.primary.settings["replicaof"] = f"127.0.0.1 {new_port}"
+        await asyncio.to_thread(group.primary.start)
+        after = pkg("order", "after", large(b"KP"), n=1)
+        # Acknowledged by the new primary alone: its replica may not have it yet.
+        async with RedisPackageStore.from_url(group.url(), namespace=namespace) as alone:
+            await alone.put_package(after)
+
+        assert await reader.get_package("order", "after") == after
+        assert await reader.list_packages() == [before, after]
+        # The old primary, now a replica of the new one, serves the reads.
+        await eventually(
+            lambda: _served_by(reader, old_port, replica_reads),
+            within=20,
+            what="the rejoined node serving reads",
+        )
+    finally:
+        await writer.aclose()
+        await reader.aclose()
+
+
+async def _served_by(
+    reader: RedisPackageStore, port: int, reads: Callable[[int], Awaitable[int]]
+) -> bool:
+    before = await reads(port)
+    assert [p.content_hash for p in await reader.list_packages()] == ["before", "after"]
+    return await reads(port) > before

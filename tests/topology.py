@@ -390,3 +390,79 @@ async def check_outcome(store: PackageStore, writers: Iterable[Writer]) -> int:
     owned = {t for w in writers for t in w.types}
     assert set(routes) <= owned, "no route of a type nobody wrote"
     return len(stored)
+
+
+class Relay:
+    """A TCP relay on loopback to ``port``, in the test's own event loop: a replica made
+    to follow its primary through it (``REPLICAOF 127.0.0.1 <relay.port>``) is held
+    behind the primary at will, its link up and its clients served, by ``hold()``ing
+    what flows from the primary until ``release()``."""
+
+    def __init__(self, port: int) -> None:
+        self._target = port
+        self._flowing = asyncio.Event()
+        self._flowing.set()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def start(self) -> Relay:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
+        for task in (
+            asyncio.create_task(self._pump(reader, upstream_writer, gated=False)),
+            asyncio.create_task(self._pump(upstream_reader, writer, gated=True)),
+        ):
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _pump(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gated: bool
+    ) -> None:
+        try:
+            while data := await reader.read(1 << 16):
+                if gated:
+                    await self._flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def caught_up(primary_port: int, replica_port: int, *, within: float = 15.0) -> None:
+    """Return once the replica on ``replica_port`` has applied everything the primary on
+    ``primary_port`` has written, in the primary's history."""
+    async with (
+        Redis(port=primary_port, socket_timeout=_PROBE_TIMEOUT) as primary,
+        Redis(port=replica_port, socket_timeout=_PROBE_TIMEOUT) as replica,
+    ):
+
+        async def check() -> bool:
+            wrote = await primary.info("replication")
+            applied = await replica.info("replication")
+            return bool(
+                applied.get("master_link_status") == "up"
+                and applied.get("master_replid") == wrote["master_replid"]
+                and applied.get("slave_repl_offset", -1) >= wrote["master_repl_offset"]
+            )
+
+        await eventually(check, within=within, what=f"replica {replica_port} caught up")
