@@ -376,3 +376,167 @@ async def test_without_the_right_to_info_every_read_goes_to_the_primary(
     finally:
         await writer.aclose()
         await reader.aclose()
+
+
+# ---------------------------------------------------------------------------------------
+# A replica that is not a Redis: it joins the primary as replicas do, so the primary names
+# it, and answers its clients as the test says.
+
+
+async def _request(reader: asyncio.StreamReader) -> list[bytes]:
+    """One command a client sent, as RESP carries it."""
+    header = await reader.readline()
+    if not header.startswith(b"*"):
+        raise ConnectionError("not a RESP command")
+    args = []
+    for _ in range(int(header[1:])):
+        length = int((await reader.readline())[1:])
+        args.append((await reader.readexactly(length + 2))[:-2])
+    return args
+
+
+class NotRedis:
+    """Joins the primary at ``primary_port`` as a replica (``REPLCONF``, ``PSYNC``, then
+    an ``ACK`` every 100 ms, whatever the primary sends), and answers each client's
+    command with ``answer(command)``: bytes, or ``None`` to answer nothing, ever."""
+
+    def __init__(self, primary_port: int, answer: Any) -> None:
+        self._primary_port = primary_port
+        self._answer = answer
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+        self.asked = 0  # commands its clients sent
+
+    async def start(self) -> NotRedis:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self._spawn(self._join(port))
+        return self
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _join(self, port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", self._primary_port)
+        for command in (
+            [b"REPLCONF", b"listening-port", str(port).encode()],
+            [b"REPLCONF", b"capa", b"eof", b"capa", b"psync2"],
+            [b"PSYNC", b"?", b"-1"],
+        ):
+            writer.write(b"".join(_resp(command)))
+            await writer.drain()
+            await reader.readline()
+        self._spawn(_drain(reader))
+        while True:
+            writer.write(b"".join(_resp([b"REPLCONF", b"ACK", b"0"])))
+            await writer.drain()
+            await asyncio.sleep(0.1)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                command = await _request(reader)
+                self.asked += 1
+                answer = self._answer(command)
+                if answer is None:
+                    await asyncio.Event().wait()  # a server that stalls
+                writer.write(answer)
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            writer.close()
+
+    async def online(self, primary: LocalServer) -> None:
+        async with Redis(port=primary.port) as client:
+            for _ in range(200):
+                said = await client.info("replication")
+                if said.get("slave0", {}).get("state") == "online":
+                    return
+                await asyncio.sleep(0.05)
+        raise AssertionError("the primary never put the fake replica online")
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _resp(command: list[bytes]) -> list[bytes]:
+    return [b"*%d\r\n" % len(command)] + [b"$%d\r\n%s\r\n" % (len(a), a) for a in command]
+
+
+async def _drain(reader: asyncio.StreamReader) -> None:
+    while await reader.read(1 << 16):
+        pass
+
+
+def _bulk(data: bytes) -> bytes:
+    return b"$%d\r\n%s\r\n" % (len(data), data)
+
+
+def caught_up_info(history: bytes) -> bytes:
+    """A replica's INFO replication, far along ``history``."""
+    return _bulk(
+        b"role:slave\r\nmaster_link_status:up\r\nmaster_replid:"
+        + history
+        + b"\r\nslave_repl_offset:999999999\r\n"
+    )
+
+
+HOSTILE = {
+    # Says it is caught up, then answers a read with what no Redis gives.
+    "an integer for a row": lambda info: lambda c: info if c[0] == b"INFO" else b":42\r\n",
+    # Says it is caught up, then refuses every read.
+    "MASTERDOWN": lambda info: (
+        lambda c: info if c[0] == b"INFO" else b"-MASTERDOWN Link with MASTER is down\r\n"
+    ),
+    # Says it is a primary.
+    "a primary": lambda info: lambda c: _bulk(b"role:master\r\nmaster_replid:x\r\n"),
+    # Answers nothing at all.
+    "silence": lambda info: lambda c: None,
+    # Answers garbage that is not RESP.
+    "not RESP": lambda info: lambda c: b"HTTP/1.1 400 Bad Request\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("hostile", list(HOSTILE))
+async def test_a_replica_that_is_not_a_redis_never_changes_what_a_read_returns(
+    valkey_server_of_own: LocalServer, hostile: str
+) -> None:
+    primary = valkey_server_of_own
+    namespace = fresh_namespace()
+    writer = RedisPackageStore.from_url(primary.url, namespace=namespace)
+    async with Redis(port=primary.port) as client:
+        history = (await client.info("replication"))["master_replid"].encode()
+    fake = await NotRedis(primary.port, HOSTILE[hostile](caught_up_info(history))).start()
+    reader = RedisPackageStore.from_url(
+        primary.url, namespace=namespace, read_from_replicas=True, replica_read_timeout=0.3
+    )
+    try:
+        await fake.online(primary)
+        records = [pkg("wf", f"h{i}", large(b"%d" % i), n=i) for i in range(3)]
+        for record in records:
+            await writer.put_package(record)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert await reader.get_package("wf", "h0") == records[0]
+        assert await reader.list_packages() == records
+        assert await reader.get_package_route("wf") == "h2"
+        assert loop.time() - started < 10.0  # one replica_read_timeout at most, not 10 s
+        replicas = reader._calls.replicas
+        assert replicas is not None and replicas.served == 0 and replicas.to_primary > 0
+        assert fake.asked > 0  # it was asked, and not believed
+    finally:
+        await reader.aclose()
+        await writer.aclose()
+        await fake.aclose()
+
+
+@pytest.fixture
+def valkey_server_of_own() -> Any:
+    """A Valkey primary of the test's own: a fake replica joins it."""
+    with LocalServer(settings=DATA_NODE_SETTINGS) as running:
+        yield running
