@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -400,7 +400,7 @@ class NotRedis:
     an ``ACK`` every 100 ms, whatever the primary sends), and answers each client's
     command with ``answer(command)``: bytes, or ``None`` to answer nothing, ever."""
 
-    def __init__(self, primary_port: int, answer: Any) -> None:
+    def __init__(self, primary_port: int, answer: Answer) -> None:
         self._primary_port = primary_port
         self._answer = answer
         self._tasks: set[asyncio.Task[None]] = set()
@@ -442,6 +442,7 @@ class NotRedis:
                 answer = self._answer(command)
                 if answer is None:
                     await asyncio.Event().wait()  # a server that stalls
+                    continue
                 writer.write(answer)
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -486,7 +487,9 @@ def caught_up_info(history: bytes) -> bytes:
     )
 
 
-HOSTILE = {
+Answer = Callable[[list[bytes]], "bytes | None"]
+
+HOSTILE: dict[str, Callable[[bytes], Answer]] = {
     # Says it is caught up, then answers a read with what no Redis gives.
     "an integer for a row": lambda info: lambda c: info if c[0] == b"INFO" else b":42\r\n",
     # Says it is caught up, then refuses every read.
