@@ -180,6 +180,15 @@ class RedisPackageStore:
     verified against its digest when it is read, and one that is not the archive (or a
     failing disk) only sends the store to the server, as if there were no cache.
 
+    With ``read_from_replicas=True`` (one server or a Sentinel's primary, with
+    replicas) reads go to the primary's replicas, which the primary names, and keep the
+    primary's promise: a read that begins after a write was acknowledged, by any store,
+    returns it. Each read first asks the primary its replication position (``INFO
+    replication``), and a replica's replies are taken only if that replica has applied
+    the primary's history that far; otherwise the primary answers. A replica that lags
+    costs a read one more round trip; one that fails to answer within
+    ``replica_read_timeout`` costs that once, and rests (``kvstore.redis.replicas``).
+
     With ``telemetry=True`` every call is a span and a measurement through OpenTelemetry
     (``kvstore.redis.telemetry``); it logs through ``logging.getLogger("kvstore")``
     either way. ``ping`` and ``health`` tell a readiness probe whether the store can
