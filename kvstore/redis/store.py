@@ -187,7 +187,9 @@ class RedisPackageStore:
     replication``), and a replica's replies are taken only if that replica has applied
     the primary's history that far; otherwise the primary answers. A replica that lags
     costs a read one more round trip; one that fails to answer within
-    ``replica_read_timeout`` costs that once, and rests (``kvstore.redis.replicas``).
+    ``replica_read_timeout`` costs that once, and rests (``kvstore.redis.replicas``):
+    such a read takes at most about ``replica_read_timeout + retry_budget + timeout``,
+    and a replica's failure never changes what it returns or raises.
 
     With ``telemetry=True`` every call is a span and a measurement through OpenTelemetry
     (``kvstore.redis.telemetry``); it logs through ``logging.getLogger("kvstore")``
