@@ -26,7 +26,7 @@ from kvstore.server_process import LocalServer
 from .conftest import fresh_namespace
 from .support import pkg
 from .test_acl import rule_for
-from .topology import raw_command
+from .topology import Relay, raw_command
 
 
 @contextmanager
@@ -279,3 +279,36 @@ async def test_a_connection_dropped_while_slices_are_sent_loses_nothing(
             assert killed > 0
     finally:
         await killer.aclose()
+
+
+async def test_a_reply_behind_large_ones_on_its_connection_is_not_cut_short_by_their_time(
+    valkey_server: LocalServer,
+) -> None:
+    # Large replies follow each other on one connection. Over a slow link each takes
+    # 0.4 s, within the 0.7 s timeout, but the fourth arrives 1.6 s after it was sent:
+    # its timeout runs from the moment the replies before it were read, so nothing is
+    # cut short and sent again.
+    archive_size, count = 2 << 20, 4
+    relay = await Relay(valkey_server.port, rate=5 << 20).start()
+    namespace = fresh_namespace()
+    try:
+        async with RedisPackageStore.from_url(valkey_server.url, namespace=namespace) as writer:
+            records = [pkg("t", f"h{i}", os.urandom(archive_size), i) for i in range(count)]
+            for record in records:
+                await writer.put_package(record)
+        url = f"redis://127.0.0.1:{relay.port}"
+        async with (
+            RedisPackageStore.from_url(
+                url, namespace=namespace, timeout=0.7, retry_budget=10.0
+            ) as store,
+            Redis.from_url(valkey_server.url) as raw,
+        ):
+            await store.get_package("t", "h0")  # connected, and the layout known
+            sent = (await raw.info("stats"))["total_net_output_bytes"]
+            got = await asyncio.gather(*(store.get_package("t", r.content_hash) for r in records))
+            assert got == records
+            resent = (await raw.info("stats"))["total_net_output_bytes"] - sent
+            assert resent < (count + 0.5) * archive_size, "a reply was cut short and sent again"
+            assert store.health().last_error is None
+    finally:
+        await relay.aclose()

@@ -396,10 +396,12 @@ class Relay:
     """A TCP relay on loopback to ``port``, in the test's own event loop: a replica made
     to follow its primary through it (``REPLICAOF 127.0.0.1 <relay.port>``) is held
     behind the primary at will, its link up and its clients served, by ``hold()``ing
-    what flows from the primary until ``release()``."""
+    what flows from the primary until ``release()``. ``rate``: the bytes per second
+    that flow from ``port`` at most (a slow link)."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, *, rate: float | None = None) -> None:
         self._target = port
+        self._rate = rate
         self._flowing = asyncio.Event()
         self._flowing.set()
         self._server: asyncio.Server | None = None
@@ -435,6 +437,8 @@ class Relay:
                     await self._flowing.wait()
                 writer.write(data)
                 await writer.drain()
+                if gated and self._rate is not None:
+                    await asyncio.sleep(len(data) / self._rate)
         except (ConnectionError, OSError):
             pass
         finally:

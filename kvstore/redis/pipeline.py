@@ -48,7 +48,8 @@ class Pipeliner(Recovery):
     Awaited, ``run(unit)`` gives one reply per command of the unit; a command the server
     refused comes back as its ``ResponseError`` value, so it fails no neighbour. A
     failure of the connection or of the deadline (``timeout`` seconds from the moment a
-    unit is sent) is retried with capped, jittered exponential backoff for up to
+    unit is sent, or from the moment the replies before it on its connection were read,
+    whichever is later) is retried with capped, jittered exponential backoff for up to
     ``retry_budget`` seconds after the call began, then raises ``translate(exc)``. Every
     call ends within about ``retry_budget + timeout`` of when it was made, however many
     are in flight or queued before it: past that it raises ``translate(TimeoutError)``
@@ -447,7 +448,15 @@ class Pipeliner(Recovery):
                     units = [(len(p.commands), p.streamed) for p in batch.units]
                 else:
                     units = [(1, False)]  # a trailer
-                replies = await self._within(transport.receive(connection, units), batch.deadline)
+                # Behind others on its connection, a batch's replies come after theirs:
+                # its timeout runs from its sending or from the moment its replies are
+                # next to read, whichever is later, so a batch is never cut short for
+                # the time a large reply before it took to arrive. A stall still ends
+                # the first batch, and with it every batch on the connection.
+                deadline = batch.deadline
+                if deadline is not None and self._deadlines is not None:
+                    deadline = max(deadline, self._deadlines.deadline())
+                replies = await self._within(transport.receive(connection, units), deadline)
                 lane.in_flight.popleft()
                 self._release(lane, batch)
                 if batch.durable and not any(is_protocol_error(r) for r in replies):

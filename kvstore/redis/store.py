@@ -99,13 +99,17 @@ class StoreHealth:
     from memory (``None``: the store does not cache routes). ``last_error``: the last
     failure to reach the server, password redacted, or ``None`` since the last reply.
     ``library_loaded``: whether the last write found this release's library on the
-    server, or could load it (``None``: no write yet).
+    server, or could load it (``None``: no write yet). ``replica_reads``: with
+    ``read_from_replicas``, how many round trips of reads a replica answered, and how
+    many the primary answered instead (a replica behind the read, failing or resting,
+    or none known), since the store was made; ``None`` without.
     """
 
     connected: bool
     route_cache_live: bool | None
     last_error: str | None
     library_loaded: bool | None
+    replica_reads: tuple[int, int] | None = None
 
 
 class RedisPackageStore:
@@ -447,6 +451,11 @@ class RedisPackageStore:
             route_cache_live=None if self._route_cache is None else self._route_cache.live,
             last_error=calls.last_error,
             library_loaded=calls.library_found,
+            replica_reads=(
+                None
+                if calls.replicas is None
+                else (calls.replicas.served, calls.replicas.to_primary)
+            ),
         )
 
     async def load_library(self) -> list[str]:
