@@ -28,11 +28,14 @@ hex>\n`` of every record in sorted order, computed after the timing: a bench com
 with the catalogue it put. It ends when its standard input closes.
 
 ``python -m bench.processes list-on-signal URL NAMESPACE [--archive-cache DIR]
-[--archive-cache-bytes N] [--start-up]``: the same engine with options. ``--archive-cache``
-gives its store that archive cache (``archive_cache_bytes`` N, else the store's default);
-``--start-up`` has each listing do what an engine does when it starts,
-``list_packages()`` then ``list_package_routes()``, timed together, and adds ``routes``,
-how many it read. The line ``digest`` lists nothing: it reports ``catalogue`` for the
+[--archive-cache-bytes N] [--start-up] [--read-from-replicas]``: the same engine with
+options. ``--archive-cache`` gives its store that archive cache (``archive_cache_bytes``
+N, else the store's default); ``--start-up`` has each listing do what an engine does when
+it starts, ``list_packages()`` then ``list_package_routes()``, timed together, and adds
+``routes``, how many it read. ``--read-from-replicas`` opens the store with
+``read_from_replicas=True`` and adds ``replica_units`` and ``primary_units``: how many
+units of the listing a replica sent, and how many went to the primary instead (a replica
+behind or failing). The line ``digest`` lists nothing: it reports ``catalogue`` for the
 last listing, so that a bench can have every engine of a fleet report its time before
 any of them spends CPU on a digest.
 """
@@ -155,13 +158,17 @@ async def list_on_signal(
     archive_cache: str | None = None,
     archive_cache_bytes: int = DEFAULTS.archive_cache_bytes,
     start_up: bool = False,
+    read_from_replicas: bool = False,
 ) -> int:
     async with RedisPackageStore.from_url(
         url,
         namespace=namespace,
         archive_cache=archive_cache,
         archive_cache_bytes=archive_cache_bytes,
+        read_from_replicas=read_from_replicas,
     ) as store:
+        # The store's own count of the units replicas sent, and of those they did not.
+        replicas = store._calls.replicas
         await store.list_package_routes()
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
@@ -174,6 +181,7 @@ async def list_on_signal(
                 print(json.dumps({"catalogue": _listed(last)}), flush=True)
                 continue
             last = []  # the listing before, let go of before this one
+            units = (0, 0) if replicas is None else (replicas.served, replicas.to_primary)
             cpu, started = time.process_time(), time.monotonic()
             records = await store.list_packages()
             routes = await store.list_package_routes() if start_up else None
@@ -188,6 +196,9 @@ async def list_on_signal(
             }
             if routes is not None:
                 report["routes"] = len(routes)
+            if replicas is not None:
+                report["replica_units"] = replicas.served - units[0]
+                report["primary_units"] = replicas.to_primary - units[1]
             if line.strip() == "check":
                 report["catalogue"] = _listed(records)
             last = records
@@ -202,6 +213,7 @@ def _list_on_signal(argv: list[str]) -> int:
     parser.add_argument("--archive-cache")
     parser.add_argument("--archive-cache-bytes", type=int, default=DEFAULTS.archive_cache_bytes)
     parser.add_argument("--start-up", action="store_true")
+    parser.add_argument("--read-from-replicas", action="store_true")
     args = parser.parse_args(argv)
     return asyncio.run(
         list_on_signal(
@@ -210,6 +222,7 @@ def _list_on_signal(argv: list[str]) -> int:
             args.archive_cache,
             args.archive_cache_bytes,
             args.start_up,
+            args.read_from_replicas,
         )
     )
 
