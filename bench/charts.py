@@ -14,9 +14,10 @@ Reads what ``python -m bench --json RESULTS.json`` writes and draws, into ``DIR`
 
 ``python -m bench.charts --fleet FLEET.json [--out DIR]`` (or a fleet's JSON given as
 ``RESULTS.json``: its ``kind`` says so) draws, from what ``python -m bench.fleet --json``
-writes, ``bench-fleet.svg``: an engine's time and the bytes the server sent against the
-engines restarting at once, without a cache, with a cold one and with a warm one, for
-the 1 MiB catalogue (else the largest).
+writes, ``bench-fleet.svg``: an engine's time and the bytes the primary sent against the
+engines restarting at once, without a cache, with a cold one, with a warm one and, where
+the JSON has it, reading from replicas without a cache (with the bytes the replicas
+sent beside the primary's), for the 1 MiB catalogue (else the largest).
 
 Needs matplotlib, which the ``docs`` extra brings. The charts are drawn as they are in
 the JSON: nothing is measured here.
@@ -222,18 +223,23 @@ FLEET_LINES = (
     ("none", "s--", RAW, "no cache"),
     ("cold", "^-", "#7986cb", "cold cache"),
     ("warm", "o-", STORE, "warm cache"),
+    ("replicas", "D-", "#00897b", "replicas"),
 )
 
 
 def fleet(results: dict[str, Any], out: Path) -> Path:
-    """``python -m bench.fleet``: an engine's time and the server's bytes against the
-    engines restarting at once, for the 1 MiB catalogue (else the largest)."""
+    """``python -m bench.fleet``: an engine's time and the primary's bytes against the
+    engines restarting at once, for the 1 MiB catalogue (else the largest); reading from
+    replicas only if the run measured it (runs before it did not)."""
     sizes = {c["size"]: c for c in results["catalogues"]}
     catalogue = sizes.get(1 << 20) or sizes[max(sizes)]
     fleets = catalogue["fleets"]
     engines = [f["engines"] for f in fleets]
+    replicas = all("replicas" in f for f in fleets)
     chart, (times, sent) = plt.subplots(1, 2, figsize=(8, 3.4))
     for config, style, colour, label in FLEET_LINES:
+        if config == "replicas" and not replicas:
+            continue
         times.plot(
             engines,
             [f[config]["median_s"] for f in fleets],
@@ -254,7 +260,16 @@ def fleet(results: dict[str, Any], out: Path) -> Path:
             [f[config]["sent_bytes"] / (1 << 20) for f in fleets],
             style,
             color=colour,
-            label=label,
+            label=f"{label}, the primary" if config == "replicas" else label,
+        )
+    if replicas:
+        sent.plot(
+            engines,
+            [sum(f["replicas"]["replica_sent_bytes"]) / (1 << 20) for f in fleets],
+            ":",
+            color=FLEET_LINES[-1][2],
+            linewidth=1,
+            label="replicas, the replicas",
         )
     for axes in (times, sent):
         axes.set_xticks(engines, [str(k) for k in engines])
@@ -266,15 +281,24 @@ def fleet(results: dict[str, Any], out: Path) -> Path:
     times.legend(frameon=False, fontsize=7)
     sent.set_yscale("log")
     sent.set_ylabel("MiB (log scale)")
-    sent.set_title("bytes the server sent, per fleet", loc="left", fontsize=9)
+    sent.set_title(
+        "bytes the primary sent, per fleet (dotted: the replicas)"
+        if replicas
+        else "bytes the server sent, per fleet",
+        loc="left",
+        fontsize=9,
+    )
     sent.legend(frameon=False, fontsize=7)
     size = catalogue["size"]
     mib = f"{size >> 20} MiB" if size % (1 << 20) == 0 else f"{size} bytes"
     rounds = fleets[0]["none"]["rounds"]
+    servers, shared = ("one server", "the server")
+    if replicas:
+        servers, shared = (f"one primary and {results.get('replicas', 2)} replicas", "the servers")
     chart.suptitle(
-        f"A fleet restarting: {catalogue['archives']} archives of {mib}, one server\n"
+        f"A fleet restarting: {catalogue['archives']} archives of {mib}, {servers}\n"
         f"{results['server_version']}, Python {results['python']}; {results['cores']} cores "
-        f"shared by the server and every engine; medians of {rounds} rounds",
+        f"shared by {shared} and every engine; medians of {rounds} rounds",
         fontsize=10,
     )
     chart.tight_layout()

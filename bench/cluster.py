@@ -197,14 +197,22 @@ def flush(nodes: list[LocalServer]) -> None:
 
 
 def server_counters(nodes: list[LocalServer]) -> list[dict[str, float]]:
-    """Each primary's bytes sent and CPU seconds so far."""
+    """Each server's bytes sent and CPU seconds so far. ``net_output_bytes`` counts every
+    byte it sent; ``client_output_bytes`` those it sent to clients, its replication
+    stream to its replicas taken out (``total_net_repl_output_bytes``; a server that does
+    not report it, older than Redis 7, has all its bytes counted, as ``repl_counted`` 0
+    says)."""
     counters = []
     for client in clients(nodes):
         with client:
             stats, cpu = client.info("stats"), client.info("cpu")
+            sent = float(stats["total_net_output_bytes"])
+            to_replicas = stats.get("total_net_repl_output_bytes")
             counters.append(
                 {
-                    "net_output_bytes": float(stats["total_net_output_bytes"]),
+                    "net_output_bytes": sent,
+                    "client_output_bytes": sent - float(to_replicas or 0),
+                    "repl_counted": float(to_replicas is not None),
                     "cpu": float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"]),
                 }
             )

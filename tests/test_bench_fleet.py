@@ -1,6 +1,6 @@
-"""``python -m bench.fleet``, tiny: it runs to the end on a server of its own, reports
-every figure, every engine of every fleet lists the whole catalogue, and a warm cache
-spares the server the archives. How fast anything was is never checked."""
+"""``python -m bench.fleet``, tiny: it runs to the end on servers of its own, reports
+every figure, every engine of every fleet lists the whole catalogue, a warm cache spares
+the primary the archives, and so do replicas. How fast anything was is never checked."""
 
 from __future__ import annotations
 
@@ -24,7 +24,12 @@ FIGURES = {
     "fleet_cold_time",
     "fleet_cold_sent",
     "fleet_whole",
+    "fleet_replicas_primary_sent",
+    "fleet_replicas_time",
+    "fleet_replicas_whole",
 }
+CONFIGS = ("none", "cold", "warm", "replicas")
+REPLICAS = 2
 ENGINES = (1, 2)
 ARCHIVES = 20
 SIZE = 65536
@@ -53,6 +58,9 @@ def test_the_fleet_bench_runs_tiny_and_reports_every_figure(tmp_path: Path) -> N
     report = json.loads(out.read_text())
     assert report["kind"] == "fleet"
     assert set(report["figures"]) == FIGURES
+    assert report["replicas"] == REPLICAS
+    # The server reports its replication stream apart, so its clients' bytes are exact.
+    assert report["repl_counted"] is True
     # Judged where the run allows: its only size, its most engines up to 8.
     assert report["judged"] == {"size": SIZE, "engines": max(ENGINES)}
     (catalogue,) = report["catalogues"]
@@ -60,21 +68,31 @@ def test_the_fleet_bench_runs_tiny_and_reports_every_figure(tmp_path: Path) -> N
     assert [f["engines"] for f in catalogue["fleets"]] == list(ENGINES)
     for found in catalogue["fleets"]:
         k = found["engines"]
-        for config in ("none", "cold", "warm"):
+        for config in CONFIGS:
             fleet = found[config]
             # Every engine listed the whole catalogue, byte for byte, and the routes.
             assert fleet["whole"] == fleet["listings"] == k, (k, config)
             assert fleet["listed"] == [ARCHIVES] and fleet["routes"] == [1]
             assert fleet["median_s"] > 0 and fleet["max_s"] >= fleet["median_s"]
+            assert len(fleet["replica_sent_bytes"]) == REPLICAS
         # Without a cache or with a cold one, every engine is sent every archive ...
         for config in ("none", "cold"):
             assert found[config]["sent_bytes"] >= k * ARCHIVES * SIZE
         # ... which the cold fleet leaves in the host's directory, and the warm one finds.
         assert found["cold"]["cached_files"] == [ARCHIVES]
         assert found["warm"]["sent_bytes"] < 0.1 * found["none"]["sent_bytes"]
+        # Reading from replicas, the replicas sent the archives, not the primary; reading
+        # from the primary, the replicas sent next to nothing.
+        replicas = found["replicas"]
+        assert replicas["replica_units"] > 0
+        assert replicas["sent_bytes"] < found["none"]["sent_bytes"]
+        assert sum(replicas["replica_sent_bytes"]) >= k * ARCHIVES * SIZE - replicas["sent_bytes"]
+        assert sum(found["none"]["replica_sent_bytes"]) < 0.1 * ARCHIVES * SIZE
     figures = report["figures"]
     assert figures["fleet_whole"]["met"] is True
+    assert figures["fleet_replicas_whole"]["met"] is True
     assert figures["fleet_warm_sent"]["ratio"] < 0.1
+    assert figures["fleet_replicas_primary_sent"]["ratio"] < 1
 
 
 def test_the_fleet_chart_draws_from_a_fleet_json(tmp_path: Path) -> None:
@@ -87,6 +105,13 @@ def test_the_fleet_chart_draws_from_a_fleet_json(tmp_path: Path) -> None:
                 config: {"median_s": t * k, "max_s": t * k * 1.1, "sent_bytes": b * k, "rounds": 1}
                 for config, t, b in (("none", 1.0, 2e8), ("cold", 1.2, 2e8), ("warm", 0.5, 4e5))
             },
+            "replicas": {
+                "median_s": 0.8 * k,
+                "max_s": 0.9 * k,
+                "sent_bytes": 3e4 * k,
+                "replica_sent_bytes": [1e8 * k, 1e8 * k],
+                "rounds": 1,
+            },
         }
         for k in (1, 4, 8)
     ]
@@ -95,6 +120,7 @@ def test_the_fleet_chart_draws_from_a_fleet_json(tmp_path: Path) -> None:
         "server_version": "valkey 9",
         "python": "3.11",
         "cores": 2,
+        "replicas": 2,
         "catalogues": [{"size": 1 << 20, "archives": 200, "fleets": fleets}],
     }
     path = tmp_path / "fleet.json"
