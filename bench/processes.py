@@ -188,8 +188,6 @@ async def list_on_signal(
         read_from_replicas=read_from_replicas,
         replica_read_timeout=replica_read_timeout,
     ) as store:
-        # The store's own count of the units replicas sent, and of those they did not.
-        replicas = store._calls.replicas
         await store.list_package_routes()
         print("ready", flush=True)
         loop = asyncio.get_running_loop()
@@ -202,7 +200,8 @@ async def list_on_signal(
                 print(json.dumps({"catalogue": _listed(last)}), flush=True)
                 continue
             last = []  # the listing before, let go of before this one
-            units = (0, 0) if replicas is None else (replicas.served, replicas.to_primary)
+            # The round trips replicas answered, and those the primary answered instead.
+            units = store.health().replica_reads
             warned = warnings.count
             cpu, started = time.process_time(), time.monotonic()
             records = await store.list_packages()
@@ -219,9 +218,10 @@ async def list_on_signal(
             }
             if routes is not None:
                 report["routes"] = len(routes)
-            if replicas is not None:
-                report["replica_units"] = replicas.served - units[0]
-                report["primary_units"] = replicas.to_primary - units[1]
+            now = store.health().replica_reads
+            if units is not None and now is not None:
+                report["replica_units"] = now[0] - units[0]
+                report["primary_units"] = now[1] - units[1]
             if line.strip() == "check":
                 report["catalogue"] = _listed(records)
             last = records
