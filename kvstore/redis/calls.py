@@ -154,6 +154,8 @@ class Calls:
                 self.pipeliner.run,
                 lanes=options.lanes,
                 timeout=options.replica_read_timeout,
+                # As long as the store's own calls may take: retry_budget + timeout.
+                hard_bound=self._budget.hard_end(0.0),
                 translate=lambda exc, where: backend_error(exc, where, self._secrets),
             )
         # The namespace's layout as the last call found it (None: not seen yet), and the

@@ -26,7 +26,7 @@ from kvstore.redis.deadlines import Deadlines
 from kvstore.redis.failures import describe
 from kvstore.redis.lanes import Batch, Lane, Pending
 from kvstore.redis.recovery import DROPS_BEFORE_REFUSAL, Recovery, dropped, is_protocol_error
-from kvstore.redis.retry import Budget, Curve
+from kvstore.redis.retry import DEFAULT_CURVE, Budget, Curve
 from kvstore.redis.transports import (
     BATCHES_PER_CONNECTION,
     ClusterTransport,
@@ -99,6 +99,10 @@ class Pipeliner(Recovery):
     after the first call finds every lane ready; unless the pool (its ``max_connections``)
     would then lack room for the ``spare_connections`` its client needs for itself.
 
+    ``hard_bound``: the seconds after which a call has failed wherever it waits, if not
+    ``retry_budget + timeout`` (a replica's reads are never retried, each attempt bounded
+    by a short ``timeout``, yet may wait behind each other as long as the store's calls).
+
     Units may be sent again (after a transient failure), so every unit must be idempotent.
     """
 
@@ -115,16 +119,15 @@ class Pipeliner(Recovery):
         max_bytes: int = 8 << 20,
         spare_connections: int = 0,
         trailer: Command | None = None,
+        hard_bound: float | None = None,
     ) -> None:
         if trailer is not None and not isinstance(transport, PooledTransport):
             raise ValueError("a trailer goes on the connection of its writes: a pooled one")
         self._transport = transport
         self._trailer = trailer
         self._translate = translate
-        self._budget = (
-            Budget(retry_budget, timeout)
-            if backoff is None
-            else Budget(retry_budget, timeout, backoff)
+        self._budget = Budget(
+            retry_budget, timeout, DEFAULT_CURVE if backoff is None else backoff, hard_bound
         )
         self._deadlines = None if timeout is None else Deadlines(timeout, self._expire_due)
         self._room = transport.room(max_units, max_bytes)

@@ -154,7 +154,9 @@ class ReplicaReads:
     ``primary(commands)``: the replies to ``commands`` from the primary, on the store's
     own connections. The replicas' connections are made with the target's options;
     ``lanes`` per replica, each attempt bounded by ``timeout`` seconds and never
-    retried (the primary is the retry).
+    retried (the primary is the retry). A round trip may wait behind others on its
+    replica's connection (large replies follow each other) for ``hard_bound`` seconds,
+    the store's own bound: its ``timeout`` runs from the moment its replies are next.
     """
 
     def __init__(
@@ -164,9 +166,11 @@ class ReplicaReads:
         *,
         lanes: int,
         timeout: float,
+        hard_bound: float,
         translate: Callable[[BaseException, str], BackendError],
     ) -> None:
         self._target = target
+        self._hard_bound = hard_bound
         self._primary = primary
         self._lanes = lanes
         self._timeout = timeout
@@ -281,6 +285,7 @@ class ReplicaReads:
                 PooledTransport(pool),
                 lanes=self._lanes,
                 timeout=self._timeout,
+                hard_bound=self._hard_bound,
                 translate=lambda exc: self._translate(exc, where),
             )
             replica = self._replicas[address] = _Replica(pipeliner, pool)

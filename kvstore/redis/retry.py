@@ -114,11 +114,13 @@ class Backoff:
 class Budget:
     """How long a call may keep trying: ``retry_budget`` seconds of retries, each attempt
     bounded by ``timeout`` (``None``: unbounded, and so is the call), waiting out
-    ``curve`` between tries."""
+    ``curve`` between tries; it has failed ``retry_budget + timeout`` after it was made,
+    or ``hard_bound`` seconds after, if given."""
 
     retry_budget: float
     timeout: float | None
     curve: Curve = field(default=DEFAULT_CURVE)
+    hard_bound: float | None = None
 
     def retry_until(self, made: float) -> float:
         """After this, a call made at ``made`` is not tried again."""
@@ -126,6 +128,8 @@ class Budget:
 
     def hard_end(self, made: float) -> float:
         """When a call made at ``made`` has failed, wherever it waits."""
+        if self.hard_bound is not None:
+            return made + self.hard_bound
         if self.timeout is None:
             return math.inf
         return made + self.retry_budget + self.timeout
