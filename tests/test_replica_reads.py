@@ -548,3 +548,40 @@ def valkey_server_of_own() -> Any:
     """A Valkey primary of the test's own: a fake replica joins it."""
     with LocalServer(settings=DATA_NODE_SETTINGS) as running:
         yield running
+
+
+async def test_round_trips_queued_behind_each_other_on_a_slow_replica_link_are_served_by_it(
+    tmp_path: Path,
+) -> None:
+    # Each 2 MiB reply takes 0.4 s over the replica's slow link, within the 0.7 s bound,
+    # and the fourth of the gets sent together arrives about 1.6 s after it was sent:
+    # a replica that keeps sending is not taken for a dead one.
+    primary = LocalServer(data_dir=tmp_path / "primary", settings=DATA_NODE_SETTINGS)
+    replica = LocalServer(data_dir=tmp_path / "replica")
+    relay = await Relay(replica.port, rate=5 << 20).start()
+    replica.settings = {
+        **DATA_NODE_SETTINGS,
+        "replicaof": f"127.0.0.1 {primary.port}",
+        "replica-announce-port": str(relay.port),  # the primary names the slow way in
+    }
+    try:
+        with primary, replica:
+            namespace = fresh_namespace()
+            records = [pkg("t", f"h{i}", os.urandom(2 << 20), n=i) for i in range(4)]
+            async with RedisPackageStore.from_url(primary.url, namespace=namespace) as writer:
+                for record in records:
+                    await writer.put_package(record)
+            await caught_up(primary.port, replica.port)
+            async with RedisPackageStore.from_url(
+                primary.url,
+                namespace=namespace,
+                read_from_replicas=True,
+                replica_read_timeout=0.7,
+            ) as reader:
+                got = await asyncio.gather(
+                    *(reader.get_package("t", r.content_hash) for r in records)
+                )
+                assert got == records
+                assert reader.health().replica_reads == (2 * len(records), 0)
+    finally:
+        await relay.aclose()
