@@ -34,6 +34,7 @@ from kvstore.redis.scripts import MIGRATE_ROW, PUT_BLOB, SET_LAYOUT
 from kvstore.server_process import LocalServer, cluster_url, start_cluster
 from kvstore.tools.export_import import export_file, import_file
 from kvstore.tools.migrate import (
+    PASSES,
     MigrationRefused,
     MigrationReport,
     describe,
@@ -708,7 +709,10 @@ async def test_a_cluster_namespace_migrates_beside_writers(cluster: list[LocalSe
             return RedisPackageStore.from_url(url, namespace=namespace, **options)
 
         report = await migrate_beside_writers(make, raw, writers=3, rows_each=80, stable=100)
-        assert report.passes == 2
+        # At least one pass that found rows holding their archives, then one that found
+        # none. Once in many runs, on a loaded machine, a second pass still found some
+        # (every package read back whole all the same); the third then found none.
+        assert 2 <= report.passes < PASSES, report
     finally:
         await raw.aclose()
 

@@ -35,7 +35,7 @@ from kvstore.server_process import LocalServer
 
 from .conftest import fresh_namespace
 from .support import large, pkg
-from .topology import DATA_NODE_SETTINGS, Relay, caught_up, raw_command
+from .topology import DATA_NODE_SETTINGS, LoopbackServer, Relay, caught_up, raw_command
 
 # ---------------------------------------------------------------------------------------
 # What INFO replication says, read by the rules the promise rests on.
@@ -399,28 +399,21 @@ async def _request(reader: asyncio.StreamReader) -> list[bytes]:
     return args
 
 
-class NotRedis:
+class NotRedis(LoopbackServer):
     """Joins the primary at ``primary_port`` as a replica (``REPLCONF``, ``PSYNC``, then
     an ``ACK`` every 100 ms, whatever the primary sends), and answers each client's
     command with ``answer(command)``: bytes, or ``None`` to answer nothing, ever."""
 
     def __init__(self, primary_port: int, answer: Answer) -> None:
+        super().__init__()
         self._primary_port = primary_port
         self._answer = answer
-        self._tasks: set[asyncio.Task[None]] = set()
-        self._server: asyncio.Server | None = None
         self.asked = 0  # commands its clients sent
 
     async def start(self) -> NotRedis:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self._spawn(self._join(port))
+        await self._listen(self._serve)
+        self._spawn(self._join(self.port))
         return self
-
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _join(self, port: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", self._primary_port)
@@ -460,13 +453,6 @@ class NotRedis:
                     return
                 await asyncio.sleep(0.05)
         raise AssertionError("the primary never put the fake replica online")
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 def _resp(command: list[bytes]) -> list[bytes]:

@@ -392,7 +392,35 @@ async def check_outcome(store: PackageStore, writers: Iterable[Writer]) -> int:
     return len(stored)
 
 
-class Relay:
+class LoopbackServer:
+    """A TCP server of the test's own on 127.0.0.1, in the test's event loop, and the
+    tasks it runs; ``aclose()`` ends them all."""
+
+    def __init__(self) -> None:
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.port = 0
+
+    async def _listen(
+        self, serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+    ) -> None:
+        self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+class Relay(LoopbackServer):
     """A TCP relay on loopback to ``port``, in the test's own event loop: a replica made
     to follow its primary through it (``REPLICAOF 127.0.0.1 <relay.port>``) is held
     behind the primary at will, its link up and its clients served, by ``hold()``ing
@@ -400,17 +428,14 @@ class Relay:
     that flow from ``port`` at most (a slow link)."""
 
     def __init__(self, port: int, *, rate: float | None = None) -> None:
+        super().__init__()
         self._target = port
         self._rate = rate
         self._flowing = asyncio.Event()
         self._flowing.set()
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.port = 0
 
     async def start(self) -> Relay:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
+        await self._listen(self._serve)
         return self
 
     def hold(self) -> None:
@@ -421,12 +446,8 @@ class Relay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self._target)
-        for task in (
-            asyncio.create_task(self._pump(reader, upstream_writer, gated=False)),
-            asyncio.create_task(self._pump(upstream_reader, writer, gated=True)),
-        ):
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._spawn(self._pump(reader, upstream_writer, gated=False))
+        self._spawn(self._pump(upstream_reader, writer, gated=True))
 
     async def _pump(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, gated: bool
@@ -443,13 +464,6 @@ class Relay:
             pass
         finally:
             writer.close()
-
-    async def aclose(self) -> None:
-        if self._server is not None:
-            self._server.close()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
 async def caught_up(primary_port: int, replica_port: int, *, within: float = 15.0) -> None:
