@@ -709,9 +709,10 @@ async def test_a_cluster_namespace_migrates_beside_writers(cluster: list[LocalSe
             return RedisPackageStore.from_url(url, namespace=namespace, **options)
 
         report = await migrate_beside_writers(make, raw, writers=3, rows_each=80, stable=100)
-        # At least one pass that found rows holding their archives, then one that found
-        # none. Once in many runs, on a loaded machine, a second pass still found some
-        # (every package read back whole all the same); the third then found none.
+        # A pass that found rows holding their archives, then one that found none; a
+        # third when a row is deleted between the commands of a pass that size it
+        # (found holding an archive, then without a digest: counted, then skipped),
+        # which the writers here do now and then.
         assert 2 <= report.passes < PASSES, report
     finally:
         await raw.aclose()
