@@ -23,7 +23,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from types import FrameType, TracebackType
@@ -318,16 +318,19 @@ def start_cluster(
     password: str | None = None,
     *,
     primaries: int = 3,
+    replicas: int = 0,
     settings: dict[str, str] | None = None,
     timeout: float = 30.0,
 ) -> list[LocalServer]:
     """``primaries`` servers of the bundled Valkey, each serving an equal share of the
-    slots, in order (the first serves slot 0), with no replicas, as one cluster.
+    slots, in order (the first serves slot 0), and ``replicas`` replicas of each, as
+    one cluster: the primaries in order, then the replicas of the first, of the
+    second, and so on.
 
     Each server is entered into ``stack``, which stops it and removes its data.
     ``settings`` are given to each server beside those a cluster needs. Returns once
-    every node reports ``cluster_state:ok``, or raises ``LocalServerError`` after
-    ``timeout`` seconds.
+    every node reports ``cluster_state:ok`` and every replica's link to its primary is
+    up, or raises ``LocalServerError`` after ``timeout`` seconds.
     """
     # Imported here: starting a single server needs no client.
     import redis
@@ -338,23 +341,48 @@ def start_cluster(
     # The bus port defaults to port + 10000, which may not exist for a high free port.
     nodes = [
         stack.enter_context(LocalServer(settings={**common, "cluster-port": str(free_port())}))
-        for _ in range(primaries)
+        for _ in range(primaries * (1 + replicas))
     ]
     clients = [redis.Redis(port=n.port, password=password) for n in nodes]
     try:
         bus = nodes[0].settings["cluster-port"]
         for i, client in enumerate(clients):
-            first, last = i * CLUSTER_SLOTS // primaries, (i + 1) * CLUSTER_SLOTS // primaries
-            client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last - 1)  # type: ignore[no-untyped-call]
+            if i < primaries:
+                first = i * CLUSTER_SLOTS // primaries
+                last = (i + 1) * CLUSTER_SLOTS // primaries
+                client.execute_command("CLUSTER", "ADDSLOTSRANGE", first, last - 1)  # type: ignore[no-untyped-call]
             client.execute_command("CLUSTER", "MEET", "127.0.0.1", nodes[0].port, bus)  # type: ignore[no-untyped-call]
         deadline = time.monotonic() + timeout
-        while not all(
-            b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-            for c in clients
-        ):
-            if time.monotonic() > deadline:
-                raise LocalServerError(f"the cluster did not converge in {timeout} s")
-            time.sleep(0.1)
+
+        def converge(done: Callable[[], bool], what: str) -> None:
+            while not done():
+                if time.monotonic() > deadline:
+                    raise LocalServerError(f"the cluster did not {what} in {timeout} s")
+                time.sleep(0.1)
+
+        ids = [c.execute_command("CLUSTER", "MYID") for c in clients[:primaries]]  # type: ignore[no-untyped-call]
+        for i, client in enumerate(clients[primaries:]):
+            primary = ids[i // replicas]
+
+            # A replica may name its primary once it has heard of it over the bus.
+            def heard(client: redis.Redis = client, primary: bytes = primary) -> bool:
+                return primary in client.execute_command("CLUSTER", "NODES")  # type: ignore[no-untyped-call]
+
+            converge(heard, "meet")
+            client.execute_command("CLUSTER", "REPLICATE", primary)  # type: ignore[no-untyped-call]
+        converge(
+            lambda: all(
+                b"cluster_state:ok" in c.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                for c in clients
+            ),
+            "converge",
+        )
+        converge(
+            lambda: all(
+                c.info("replication").get("master_link_status") == "up" for c in clients[primaries:]
+            ),
+            "sync its replicas",
+        )
     finally:
         for client in clients:
             client.close()

@@ -111,14 +111,6 @@ def test_the_options_are_checked() -> None:
         RedisPackageStore(client, replica_read_timeout=float("inf"))
 
 
-def test_a_cluster_client_is_refused() -> None:
-    from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-    cluster = RedisCluster(startup_nodes=[ClusterNode("127.0.0.1", 1)])
-    with pytest.raises(ValueError, match="read_from_replicas needs one server"):
-        RedisPackageStore(cluster, read_from_replicas=True)
-
-
 async def test_on_fakeredis_every_read_goes_to_the_one_server() -> None:
     store = RedisPackageStore(fakeredis.FakeAsyncRedis(), read_from_replicas=True)
     try:

@@ -7,7 +7,8 @@ Two kinds of call go through here, and nothing else speaks to the server for a s
   from it. A key of another type (``WRONGTYPE``) is damage: ``SerializationError``
   naming the key. With ``read_from_replicas``, the units of a read that began with
   ``read_mark()`` go to a replica that has applied every write acknowledged before it,
-  where one has (``kvstore.redis.replicas``).
+  where one has (on a cluster, each shard's part of a unit to a replica of that shard;
+  ``kvstore.redis.replicas``).
 - **Writes** (``call``): one ``FCALL`` of the library (``kvstore.redis.scripts``); when
   writes wait for replicas or for the fsync, its batch is followed by one ``WAIT`` or
   ``WAITAOF`` (the pipeliner's trailer), shared by the writes of the batch. The first
@@ -48,7 +49,7 @@ from kvstore.redis.protocol import (
     format_refusal,
     type_refusal,
 )
-from kvstore.redis.replicas import Mark, ReplicaReads
+from kvstore.redis.replicas import FROM_PRIMARY, Mark, ReplicaReads
 from kvstore.redis.retry import Budget, call_with_retry
 from kvstore.redis.scripts import (
     LIBRARY,
@@ -504,6 +505,15 @@ class Calls:
             sent = await self.replicas.run(mark, unit, large=large, archives=archives)
         if sent is None:
             sent = await self.pipeliner.run(unit, large_reply=large, streamed=archives)
+        else:
+            # On a cluster, the part of the unit no replica of its shard could send.
+            rest = [i for i, reply in enumerate(sent) if reply is FROM_PRIMARY]
+            if rest:
+                again = await self.pipeliner.run(
+                    [unit[i] for i in rest], large_reply=large, streamed=archives
+                )
+                for i, reply in zip(rest, again, strict=True):
+                    sent[i] = reply
         found, *replies = sent
         found = self.fitting(self._format_check, self.reply(found, self._format_check))
         if found is not None:

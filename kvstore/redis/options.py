@@ -81,8 +81,8 @@ class StoreOptions:
     ``archive_cache_bytes``: the most bytes of archives the cache keeps, the least
     recently used removed past it (at least 1).
     ``read_from_replicas``: send reads to the primary's replicas where one has applied
-    every write acknowledged before the read began, to the primary otherwise (one server
-    or a Sentinel's primary; see ``kvstore.redis.replicas``).
+    every write acknowledged before the read began, to the primary otherwise (on one
+    server, Sentinel or a cluster; see ``kvstore.redis.replicas``).
     ``replica_read_timeout``: seconds a replica may take to answer a round trip of a
     read before the read goes to the primary instead.
     """

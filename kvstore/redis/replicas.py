@@ -12,17 +12,17 @@ the primary would. How:
    began. The same answer names the replicas the primary has (``slaveN:ip=…,port=…,
    state=online``): they are found there, and followed as they come and go (a
    Sentinel's failover included: the store's client follows the primary).
-2. Each unit of the read goes to a replica led by the same question, on the same
+2. Each round trip of the read goes to a replica led by the same question, on the same
    connection, so the answer is the replica's as it was just before it read the
-   unit's keys. The replies are used only if the replica follows the primary's history
+   round trip's keys. The replies are used only if the replica follows the primary's history
    (the same ``master_replid``: a primary that restarted empty begins a new one) and
    has applied it up to the primary's offset (``slave_repl_offset``, which counts a
    transaction or a function's writes once all of them are applied). A replica only
    moves forward, so what it read then holds every write the position covers.
-3. Otherwise the unit goes to the primary, as every read does without replicas.
+3. Otherwise the round trip goes to the primary, as every read does without replicas.
 
-The bound a replica can cost: a replica behind the position costs its unit one more
-round trip (to the primary), and is not asked again during that read; one that fails to
+The bound a replica can cost: a replica behind the position costs its round trip one
+more (to the primary), and is not asked again during that read; one that fails to
 answer within ``replica_read_timeout`` (dead, paused, unreachable, not a Redis) costs
 that once, after which the rest of the read goes to the primary, and the replica rests
 ``REPLICA_REST`` seconds before any read of the store tries it again. A primary that will
@@ -30,10 +30,18 @@ not say its position (a credential without ``+info``) sends every read to the pr
 and says so in the log once a minute. Replica reads never change what a read returns,
 only which server sends it.
 
+On a Redis Cluster each shard is its own primary with its own replicas and its own
+history: a round trip's commands are grouped by the primary that serves their keys
+(a listing reads rows on the namespace's shard and blobs on every shard), each group
+goes to a replica of its shard, led by ``READONLY``, and is checked against that
+primary's position, asked for (on a connection of the store's own to it) when the read
+first needs it; a group no replica could send goes to the primaries with the others.
+A write acknowledged before the read began is in the position of the shard it wrote
+to, so the promise holds shard by shard: a put's blob and row both.
+
 Replicas are reached with the primary's credentials and TLS settings, at the address
 the primary gives (``replica-announce-ip`` and ``replica-announce-port`` set it where
-the replica's own is not reachable). One server or a Sentinel's primary: a cluster's
-replicas are not read (``kvstore.redis.target``).
+the replica's own is not reachable).
 """
 
 from __future__ import annotations
@@ -53,7 +61,7 @@ from kvstore.redis.pipeline import Pipeliner
 from kvstore.redis.protocol import fits
 from kvstore.redis.target import Target
 from kvstore.redis.transports import PooledTransport
-from kvstore.redis.wire import Command, PrePacked
+from kvstore.redis.wire import Command, PrePacked, flatten
 
 _log = logging.getLogger("kvstore.redis.store")
 
@@ -131,12 +139,20 @@ def is_caught_up(replica: Position | None, primary: Position) -> bool:
     )
 
 
+# In the replies ``ReplicaReads.run`` gives: this command is to be sent to the primary.
+FROM_PRIMARY: Final = object()
+
+# A shard: the primary that serves a command's key, by name (``None``: the one server).
+Shard = str | None
+
+
 @dataclass(eq=False)
 class Mark:
-    """One read's start: the primary's position, asked for when the read began, and
-    what the read learned of replicas since."""
+    """One read's start: each primary's position, asked for when the read first needs
+    it (a cluster's, when a round trip first reads a key of its slots), and what the
+    read learned of replicas since."""
 
-    position: asyncio.Task[Position | None]
+    positions: dict[Shard, asyncio.Task[Position | None]] = field(default_factory=dict)
     behind: set[Address] = field(default_factory=set)  # replicas not to ask again
     primary_only: bool = False  # a replica failed this read: the rest goes to the primary
 
@@ -148,13 +164,24 @@ class _Replica:
     resting_until: float = -math.inf
 
 
+@dataclass(eq=False)
+class _Shard:
+    """A primary's replicas as its last answer named them, and the next to ask."""
+
+    online: list[Address] = field(default_factory=list)
+    next: int = field(default_factory=lambda: random.randrange(1 << 16))
+
+
 class ReplicaReads:
-    """The replicas of one store's primary, and the reads they serve.
+    """The replicas of one store's primaries (a cluster's, each shard's), and the reads
+    they serve.
 
     ``primary(commands)``: the replies to ``commands`` from the primary, on the store's
-    own connections. The replicas' connections are made with the target's options;
-    ``lanes`` per replica, each attempt bounded by ``timeout`` seconds and never
-    retried (the primary is the retry). A round trip may wait behind others on its
+    own connections (one server; a cluster's primaries are asked their position on
+    connections of their own). The replicas' connections are made with the target's
+    options, each round trip led by the target's ``replica_lead`` (``READONLY`` on a
+    cluster); ``lanes`` per replica, each attempt bounded by ``timeout`` seconds and
+    never retried (the primary is the retry). A round trip may wait behind others on its
     replica's connection (large replies follow each other) for ``hard_bound`` seconds,
     the store's own bound: its ``timeout`` runs from the moment its replies are next.
     """
@@ -175,25 +202,41 @@ class ReplicaReads:
         self._lanes = lanes
         self._timeout = timeout
         self._translate = translate
-        self._online: list[Address] = []
+        self._lead = target.replica_lead
+        self._shards: dict[Shard, _Shard] = {}
+        # The servers' connections: replicas by address, a cluster's primaries by name.
         self._replicas: dict[Address, _Replica] = {}
-        self._next = random.randrange(1 << 16)  # engines start on different replicas
+        self._primaries: dict[Shard, _Replica] = {}
         self._said_at = -math.inf
         self._closed = False
-        # Units served by a replica, and sent to the primary instead (behind, failed).
+        # Round trips (a shard's part of one) a replica served, and those sent to the
+        # primary instead (behind, failed, or no replica).
         self.served = 0
         self.to_primary = 0
 
     def mark(self) -> Mark:
-        """The start of a read: its units may go to replicas once the position asked
-        for here is known."""
-        position = asyncio.ensure_future(self._position())
-        # Retrieved here: a read that ends before it needs the position never awaits it.
-        position.add_done_callback(lambda task: task.cancelled() or task.exception())
-        return Mark(position)
+        """The start of a read: its round trips may go to replicas once the positions
+        of their primaries, asked for from here on, are known."""
+        return Mark()
 
-    async def _position(self) -> Position | None:
-        (info,) = await self._primary([POSITION])
+    def _position(self, mark: Mark, shard: Shard, node: Any) -> asyncio.Task[Position | None]:
+        """The position of ``shard``'s primary for ``mark``'s read, asked for once."""
+        task = mark.positions.get(shard)
+        if task is None:
+            task = asyncio.ensure_future(self._ask_position(shard, node))
+            # Retrieved here: a read that ends first never awaits it.
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
+            mark.positions[shard] = task
+        return task
+
+    async def _ask_position(self, shard: Shard, node: Any) -> Position | None:
+        if node is None:
+            (info,) = await self._primary([POSITION])
+        else:
+            primary = self._primaries.get(shard)
+            if primary is None:
+                primary = self._primaries[shard] = self._connect((node.host, node.port))
+            (info,) = await primary.pipeliner.run([POSITION])
         found = primary_position(info)
         if found is None:
             self._say(
@@ -202,44 +245,97 @@ class ReplicaReads:
                 + "; reads go to the primary"
             )
             return None
-        position, self._online = found
+        position, self._shard(shard).online = found
         return position
+
+    def _shard(self, shard: Shard) -> _Shard:
+        found = self._shards.get(shard)
+        if found is None:
+            found = self._shards[shard] = _Shard()
+        return found
 
     async def run(
         self, mark: Mark, commands: Sequence[Command], *, large: bool, archives: bool
     ) -> list[Any] | None:
-        """The replies to ``commands`` from a replica that has applied every write
-        ``mark`` covers, or ``None``: they are to be read from the primary."""
-        replies = await self._from_replica(mark, commands, large, archives)
-        if replies is None:
+        """The replies to ``commands``, each from a replica that has applied every write
+        of its primary that ``mark`` covers, or ``FROM_PRIMARY`` where none did (it is to
+        be sent to the primary); ``None`` when no replica served any."""
+        if mark.primary_only or self._closed:
             self.to_primary += 1
-        else:
+            return None
+        groups = await self._by_shard(commands)
+        if groups is None:
+            self.to_primary += 1
+            return None
+        served = await asyncio.gather(
+            *(
+                self._from_replica(mark, shard, node, [commands[i] for i in at], large, archives)
+                for shard, (node, at) in groups.items()
+            )
+        )
+        replies: list[Any] = [FROM_PRIMARY] * len(commands)
+        for (_, at), got in zip(groups.values(), served, strict=True):
+            if got is None:
+                self.to_primary += 1
+                continue
             self.served += 1
-        return replies
+            for i, reply in zip(at, got, strict=True):
+                replies[i] = reply
+        return None if all(r is FROM_PRIMARY for r in replies) else replies
+
+    async def _by_shard(
+        self, commands: Sequence[Command]
+    ) -> dict[Shard, tuple[Any, list[int]]] | None:
+        """The commands' places, by the primary that serves the key each reads (its
+        first argument); ``None`` if one cannot be placed (the slot table renewing)."""
+        target = self._target
+        groups: dict[Shard, tuple[Any, list[int]]] = {}
+        await target.primaries()  # a cluster's slot table, known
+        for i, command in enumerate(commands):
+            key = flatten(command)[1]
+            try:
+                node = target.node_of(key) if isinstance(key, bytes) else None
+            except LookupError:
+                return None
+            shard = None if node is None else node.name
+            groups.setdefault(shard, (node, []))[1].append(i)
+        return groups
 
     async def _from_replica(
-        self, mark: Mark, commands: Sequence[Command], large: bool, archives: bool
+        self,
+        mark: Mark,
+        shard: Shard,
+        node: Any,
+        commands: Sequence[Command],
+        large: bool,
+        archives: bool,
     ) -> list[Any] | None:
-        if mark.primary_only or self._closed:
-            return None
-        position = await _position_of(mark)
-        address = None if position is None else self._choose(mark)
+        try:
+            position = await asyncio.shield(self._position(mark, shard, node))
+        except BackendError:
+            return None  # the primary says why, if it fails too
+        address = None if position is None else self._choose(mark, shard)
         if position is None or address is None:
             return None
-        replica = self._replica(address)
+        replica = self._replicas.get(address)
+        if replica is None:
+            replica = self._replicas[address] = self._connect(address)
+        lead = len(self._lead)
         try:
-            info, *replies = await replica.pipeliner.run(
-                [POSITION, *commands], large_reply=large, streamed=archives
+            sent = await replica.pipeliner.run(
+                [*self._lead, POSITION, *commands], large_reply=large, streamed=archives
             )
         except BackendError as exc:
             self._failed(mark, address, replica, str(exc))
             return None
+        info, replies = sent[lead], sent[lead + 1 :]
         if not is_caught_up(replica_position(info), position):
             mark.behind.add(address)
             return None
         for command, reply in zip(commands, replies, strict=True):
             if isinstance(reply, ResponseError):
-                # MASTERDOWN, LOADING, WRONGTYPE: the primary's answer is the one given.
+                # MASTERDOWN, LOADING, MOVED, WRONGTYPE: the primary's answer is the one
+                # given.
                 mark.behind.add(address)
                 return None
             if not fits(command, reply):
@@ -260,36 +356,35 @@ class ReplicaReads:
             REPLICA_REST,
         )
 
-    def _choose(self, mark: Mark) -> Address | None:
-        """The next online replica, round robin, that neither rests nor was found behind
-        during this read."""
+    def _choose(self, mark: Mark, shard: Shard) -> Address | None:
+        """The next online replica of ``shard``, round robin, that neither rests nor
+        was found behind during this read."""
         now = asyncio.get_running_loop().time()
-        online = self._online
+        state = self._shard(shard)
+        online = state.online
         for i in range(len(online)):
-            address = online[(self._next + i) % len(online)]
+            address = online[(state.next + i) % len(online)]
             if address in mark.behind:
                 continue
             replica = self._replicas.get(address)
             if replica is not None and replica.resting_until > now:
                 continue
-            self._next = (self._next + i + 1) % (1 << 16)
+            state.next = (state.next + i + 1) % (1 << 16)
             return address
         return None
 
-    def _replica(self, address: Address) -> _Replica:
-        replica = self._replicas.get(address)
-        if replica is None:
-            pool = self._target.replica_pool(*address)
-            where = f"replica {address[0]}:{address[1]}"
-            pipeliner = Pipeliner(
-                PooledTransport(pool),
-                lanes=self._lanes,
-                timeout=self._timeout,
-                hard_bound=self._hard_bound,
-                translate=lambda exc: self._translate(exc, where),
-            )
-            replica = self._replicas[address] = _Replica(pipeliner, pool)
-        return replica
+    def _connect(self, address: Address) -> _Replica:
+        """Connections of the store's own to the server at ``address``."""
+        pool = self._target.replica_pool(*address)
+        where = f"replica {address[0]}:{address[1]}"
+        pipeliner = Pipeliner(
+            PooledTransport(pool),
+            lanes=self._lanes,
+            timeout=self._timeout,
+            hard_bound=self._hard_bound,
+            translate=lambda exc: self._translate(exc, where),
+        )
+        return _Replica(pipeliner, pool)
 
     def _say(self, message: str) -> None:
         now = asyncio.get_running_loop().time()
@@ -299,16 +394,8 @@ class ReplicaReads:
 
     async def aclose(self) -> None:
         self._closed = True
-        replicas, self._replicas = list(self._replicas.values()), {}
-        for replica in replicas:
-            await replica.pipeliner.aclose()
-            await replica.pool.disconnect()
-
-
-async def _position_of(mark: Mark) -> Position | None:
-    """The primary's position the read began at; ``None`` if it could not be read (the
-    read's unit to the primary then says why, if it fails too)."""
-    try:
-        return await asyncio.shield(mark.position)
-    except BackendError:
-        return None
+        servers = [*self._replicas.values(), *self._primaries.values()]
+        self._replicas, self._primaries = {}, {}
+        for server in servers:
+            await server.pipeliner.aclose()
+            await server.pool.disconnect()

@@ -184,9 +184,9 @@ class RedisPackageStore:
     verified against its digest when it is read, and one that is not the archive (or a
     failing disk) only sends the store to the server, as if there were no cache.
 
-    With ``read_from_replicas=True`` (one server or a Sentinel's primary, with
-    replicas) reads go to the primary's replicas, which the primary names, and keep the
-    primary's promise: a read that begins after a write was acknowledged, by any store,
+    With ``read_from_replicas=True`` (one server or a Sentinel's primary with replicas,
+    or a cluster whose shards have them) reads go to the replicas each primary names,
+    and keep the primary's promise: a read that begins after a write was acknowledged, by any store,
     returns it. Each read first asks the primary its replication position (``INFO
     replication``), and a replica's replies are taken only if that replica has applied
     the primary's history that far; otherwise the primary answers. A replica that lags
@@ -259,10 +259,6 @@ class RedisPackageStore:
             # so a cluster client cannot send them where the writes went.
             raise ValueError(
                 "min_replicas and durability need a single-primary client, not a cluster"
-            )
-        if read_from_replicas and not target.reads_replicas:
-            raise ValueError(
-                "read_from_replicas needs one server or a Sentinel's primary, not a cluster"
             )
         self._keys = k = Keyspace(namespace)
         # What every call of a kind shares, formatted once (see each lua/ file's header).

@@ -21,6 +21,11 @@ question                       one server, Sentinel        a Redis Cluster
                                                            one server
 ``primaries``, ``node_of``     ``[None]``, ``None``        each primary, and the one
                                                            that serves a key's slot
+``replica_pool``               connections to a replica    the same, to a replica or a
+                               the primary names           primary of the cluster
+``replica_lead``               nothing                     ``READONLY``: a cluster's
+                                                           replica refuses reads
+                                                           without it
 =============================  ==========================  ============================
 
 No other module asks which kind of deployment it is: each asks its target.
@@ -79,8 +84,8 @@ class Target(ABC):
     reads_server_config: bool
     # Whether one function call may write keys of any slot (a blob and its row).
     writes_across_slots: bool
-    # Whether reads may go to the primary's replicas (``kvstore.redis.replicas``).
-    reads_replicas: bool
+    # What leads each round trip of reads sent to a replica (``kvstore.redis.replicas``).
+    replica_lead: tuple[Command, ...] = ()
 
     @property
     @abstractmethod
@@ -138,10 +143,11 @@ class Target(ABC):
     def node_of(self, key: bytes) -> Any:
         """The server that holds ``key``, as ``primaries`` names it (call that first)."""
 
+    @abstractmethod
     def replica_pool(self, host: str, port: int) -> ConnectionPool:
-        """A pool of connections to the replica at ``host:port``, made with the
-        primary's credentials and TLS settings; the pool's own retries are off."""
-        raise TypeError("reads from replicas need one server or a Sentinel's primary")
+        """A pool of connections to the server at ``host:port`` (a replica, or a
+        cluster's primary), made with the client's credentials and TLS settings; the
+        pool's own retries are off."""
 
 
 class SingleNode(Target):
@@ -150,7 +156,6 @@ class SingleNode(Target):
     waits_for_replicas = True
     reads_server_config = True
     writes_across_slots = True
-    reads_replicas = True
 
     def __init__(self, client: Redis) -> None:
         self._client = client
@@ -236,7 +241,7 @@ class Cluster(Target):
     waits_for_replicas = False
     reads_server_config = False
     writes_across_slots = False
-    reads_replicas = False
+    replica_lead = (("READONLY",),)
 
     def __init__(self, client: RedisCluster) -> None:
         self._client = client
@@ -307,12 +312,22 @@ class Cluster(Target):
     def admin_client(self) -> Redis:
         raise TypeError("status and check speak to one server, not to a Redis Cluster")
 
+    def replica_pool(self, host: str, port: int) -> ConnectionPool:
+        options = self._client.get_connection_kwargs()
+        return ConnectionPool(
+            connection_class=options.get("connection_class") or Connection,
+            host=host,
+            port=port,
+            **_node_options(options),
+            retry=no_client_retries(),
+        )
+
     async def primaries(self) -> list[Any]:
         await self._client.initialize()
         return list(self._client.get_primaries())
 
     def node_of(self, key: bytes) -> Any:
-        node = self._client.get_node_from_key(key.decode("ascii"))
+        node = self._client.get_node_from_key(key)  # type: ignore[arg-type]
         if node is None:
             raise LookupError(f"no cluster node serves {key!r}")
         return node
