@@ -21,6 +21,7 @@ from kvstore.server_process import LocalServer, cluster_url, start_cluster
 
 from .conftest import fresh_namespace
 from .support import large, pkg
+from .test_replica_reads import reads_follow_writes
 
 # A cluster of its own.
 pytestmark = pytest.mark.slow
@@ -100,16 +101,7 @@ async def test_reads_racing_writes_on_a_cluster_see_every_acknowledged_write(
 ) -> None:
     writer, reader = stores(cluster)
     try:
-        for i in range(150):
-            record = pkg("race", f"h{i}", large(b"%d" % i) if i % 2 else b"%d" % i, n=i)
-            await writer.put_package(record)
-            assert await reader.get_package("race", f"h{i}") == record
-            assert await reader.get_package_route("race") == f"h{i}"
-            if i % 3 == 0:
-                await writer.delete_package("race", f"h{i}")
-                assert await reader.get_package("race", f"h{i}") is None
-        listed = await reader.list_packages()
-        assert [p.content_hash for p in listed] == [f"h{i}" for i in range(150) if i % 3]
+        await reads_follow_writes(writer, reader, 150)
         served, _ = reader.health().replica_reads or (0, 0)
         assert served > 0
     finally:
