@@ -235,7 +235,8 @@ class ReplicaReads:
         else:
             primary = self._primaries.get(shard)
             if primary is None:
-                primary = self._primaries[shard] = self._connect((node.host, node.port))
+                address = (node.host, node.port)
+                primary = self._primaries[shard] = self._connect(address, "primary")
             (info,) = await primary.pipeliner.run([POSITION])
         found = primary_position(info)
         if found is None:
@@ -319,7 +320,7 @@ class ReplicaReads:
             return None
         replica = self._replicas.get(address)
         if replica is None:
-            replica = self._replicas[address] = self._connect(address)
+            replica = self._replicas[address] = self._connect(address, "replica")
         lead = len(self._lead)
         try:
             sent = await replica.pipeliner.run(
@@ -373,10 +374,10 @@ class ReplicaReads:
             return address
         return None
 
-    def _connect(self, address: Address) -> _Replica:
-        """Connections of the store's own to the server at ``address``."""
+    def _connect(self, address: Address, role: str) -> _Replica:
+        """Connections of the store's own to the server at ``address``, a ``role``."""
         pool = self._target.replica_pool(*address)
-        where = f"replica {address[0]}:{address[1]}"
+        where = f"{role} {address[0]}:{address[1]}"
         pipeliner = Pipeliner(
             PooledTransport(pool),
             lanes=self._lanes,
