@@ -290,8 +290,9 @@ class ReplicaReads:
         """The commands' places, by the primary that serves the key each reads (its
         first argument); ``None`` if one cannot be placed (the slot table renewing)."""
         target = self._target
+        if await target.primaries() == [None]:  # one server: one shard, nothing to place
+            return {None: (None, list(range(len(commands))))}
         groups: dict[Shard, tuple[Any, list[int]]] = {}
-        await target.primaries()  # a cluster's slot table, known
         for i, command in enumerate(commands):
             key = flatten(command)[1]
             try:
@@ -311,13 +312,16 @@ class ReplicaReads:
         large: bool,
         archives: bool,
     ) -> list[Any] | None:
-        try:
-            position = await asyncio.shield(self._position(mark, shard, node))
-        except BackendError:
-            return None  # the primary says why, if it fails too
-        address = None if position is None else self._choose(mark, shard)
-        if position is None or address is None:
-            return None
+        asked = self._position(mark, shard, node)
+        # Among the replicas the primary's last answer named, the round trip goes
+        # together with the question to the primary, not after it: the replica's answer
+        # is checked against the primary's whichever comes first, since the primary's
+        # is read after the read began and the replica only moves forward.
+        address = self._choose(mark, shard)
+        if address is None:  # none named yet (the store's first read): this answer will
+            address = None if await _answer(asked) is None else self._choose(mark, shard)
+            if address is None:
+                return None
         replica = self._replicas.get(address)
         if replica is None:
             replica = self._replicas[address] = self._connect(address, "replica")
@@ -328,6 +332,9 @@ class ReplicaReads:
             )
         except BackendError as exc:
             self._failed(mark, address, replica, str(exc))
+            return None
+        position = await _answer(asked)
+        if position is None:
             return None
         info, replies = sent[lead], sent[lead + 1 :]
         if not is_caught_up(replica_position(info), position):
@@ -400,3 +407,12 @@ class ReplicaReads:
         for server in servers:
             await server.pipeliner.aclose()
             await server.pool.disconnect()
+
+
+async def _answer(asked: asyncio.Task[Position | None]) -> Position | None:
+    """The primary's position, or ``None`` if it could not be read (the read's round
+    trip to the primary then says why, if it fails too)."""
+    try:
+        return await asyncio.shield(asked)
+    except BackendError:
+        return None
